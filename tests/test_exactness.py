@@ -1,0 +1,108 @@
+"""The method's definition, checked on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from griffin_export import ExportSettings, TorchRuntime, export_ids, from_model
+from griffin_export.arch import ff_blocks
+from griffin_export.export import layer_scores
+from griffin_export.prefill import forward, prefill
+from tiny import ARCHS, prompt_ids, tiny_model
+
+STEPS = 20
+
+
+def decode_tokens(seed: int = 5) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 96, (STEPS,), generator=g).tolist()
+
+
+def reference_logits(model, ids, tokens) -> torch.Tensor:
+    """Prefill + teacher-forced decode on an unmodified model: [1 + STEPS - 1, vocab]."""
+    cache, last = prefill(model, ids)
+    return torch.stack([last, *(forward(model, torch.tensor([[t]]), cache)[-1] for t in tokens[:-1])])
+
+
+def pruned_logits(lm, bundle, tokens) -> torch.Tensor:
+    rt = TorchRuntime(lm, bundle)
+    cache, last = rt.start()
+    out = [last]
+    for t in tokens[:-1]:
+        out.append(rt.step(cache, t))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_density_one_is_the_full_model(arch):
+    lm = tiny_model(arch)
+    ref = copy.deepcopy(lm.model)
+    ids, tokens = prompt_ids(), decode_tokens()
+    bundle = export_ids(lm, ids, ExportSettings(density=1.0))
+    assert bundle.info.k == [lm.d_ff] * lm.num_layers
+    want = reference_logits(ref, ids, tokens)
+    got = pruned_logits(lm, bundle, tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_decode_equals_masked_full_model(arch):
+    lm = tiny_model(arch)
+    ref = copy.deepcopy(lm.model)
+    ids, tokens = prompt_ids(), decode_tokens()
+    bundle = export_ids(lm, ids, ExportSettings(density=0.5))
+    masks = []
+    for idx in bundle.indices:
+        m = torch.zeros(lm.d_ff)
+        m[idx] = 1.0
+        masks.append(m)
+    want_full = reference_logits(ref, ids, tokens)
+    got = pruned_logits(lm, bundle, tokens)
+    # the prompt (and its KV) goes through the full model; only decode steps are pruned
+    torch.testing.assert_close(got[0], want_full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:], _masked_decode(ref, ids, tokens, masks), rtol=1e-4, atol=1e-4)
+    # pruning really changed the logits, so the comparison above can fail
+    assert (got[1:] - want_full[1:]).abs().max() > 1e-3
+
+
+def _masked_decode(model, ids, tokens, masks) -> torch.Tensor:
+    """Full-model prefill, then decode steps with the unselected neurons zeroed."""
+    spec = from_model(model).spec
+    cache, _ = prefill(model, ids)
+    handles = [b.output.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,))
+               for b, mask in zip(ff_blocks(model, spec), masks)]
+    try:
+        return torch.stack([forward(model, torch.tensor([[t]]), cache)[-1] for t in tokens[:-1]])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_statistic_matches_direct_computation(arch):
+    lm = tiny_model(arch)
+    ids = prompt_ids(30)
+    stored: list[torch.Tensor] = []
+    blocks = ff_blocks(lm.model, lm.spec)
+    handles = [b.output.register_forward_pre_hook(lambda m, a: stored.append(a[0].reshape(-1, a[0].shape[-1]).clone())) for b in blocks]
+    with torch.no_grad():
+        lm.model(ids)
+    for h in handles:
+        h.remove()
+    direct = torch.stack([(z / z.norm(dim=-1, keepdim=True)).norm(dim=0) for z in stored])  # [L, D_ff]
+    scores, _, _ = layer_scores(lm, ids, ExportSettings(chunk_size=7))
+    torch.testing.assert_close(scores, direct, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_gives_the_same_selection(arch):
+    lm = tiny_model(arch)
+    ids = prompt_ids(40)
+    one = export_ids(lm, ids, ExportSettings(chunk_size=512))
+    chunked = export_ids(lm, ids, ExportSettings(chunk_size=9))
+    for a, b in zip(one.indices, chunked.indices):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(one.last_logits, chunked.last_logits, rtol=1e-4, atol=1e-4)

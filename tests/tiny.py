@@ -1,0 +1,41 @@
+"""Tiny randomly initialized models of every supported architecture (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers import GemmaConfig, Gemma2Config, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config
+
+from griffin_export import from_model
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "gemma": lambda: GemmaConfig(**COMMON, head_dim=8),
+    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=8, sliding_window=16),
+    "phi3": lambda: Phi3Config(**{**COMMON, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32),
+}
+ARCHS = sorted(CONFIGS)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.float32)
+    # Random init leaves OPT/Gemma activations tiny; scale up so selections are not ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return from_model(model.eval(), identity=f"tiny-{arch}")
+
+
+def prompt_ids(n: int = 24, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (1, n), generator=g)
