@@ -1,0 +1,1 @@
+"""Quality evaluation: metrics, the resumable runner, and the report (tables + plots)."""
