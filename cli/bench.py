@@ -1,3 +1,5 @@
+"""The griffin-export command line (installed as `griffin_export_cli`). No logic lives here:
+each command parses options and calls the griffin_export API."""
 from __future__ import annotations
 
 import click
@@ -13,21 +15,34 @@ from .options import dtype_option, model_options
 @click.option("--row", default=0, show_default=True, help="row of --data used as the prompt")
 @click.option("--new-tokens", default=64, show_default=True, help="decode steps timed per repeat")
 @click.option("--repeats", default=5, show_default=True, help="timed repeats (median reported), after one warm-up")
-@click.option("--threads", default=None, type=int, help="torch threads [default: torch's choice]")
-def command(model, gguf_file, device, dtype, density, data, row, new_tokens, repeats, threads):
+@click.option("--threads", default=None, type=int, help="torch (and ONNX Runtime) threads [default: their choice]")
+@click.option("--runtime", default="torch", show_default=True,
+              help="comma-separated runtimes: torch, onnx (ONNX Runtime, CPU provider; exports a graph per config)")
+@click.option("-o", "--output", default=None, metavar="DIR", help="also write DIR/bench.json and DIR/bench.md")
+@click.option("--force", is_flag=True, help="overwrite an existing DIR/bench.json / bench.md")
+def command(model, gguf_file, device, dtype, density, data, row, new_tokens, repeats, threads, runtime, output, force):
     """Decode speed of the full model vs bundles, side by side in one process.
 
     Prints decode tokens/s for the full model and each density, their ratio, the
     bytes-read bound, export time vs a plain prefill, bundle size and peak memory.
+    With --runtime torch,onnx the ONNX Runtime rows (full graph and one pruned graph
+    per density) are timed in the same process, interleaved with the torch ones.
 
     \b
     Examples:
       griffin-export bench
       griffin-export bench --density 0.5 --repeats 9 --threads 2
+      griffin-export bench --runtime torch,onnx -o bench_out/
     """
-    from griffin_export.bench import BenchSettings, format_table, run_bench
+    from griffin_export.bench import BenchSettings, check_results_dir, format_table, run_bench, write_results
 
     settings = BenchSettings(densities=[float(d) for d in density.split(",")], data=data, row=row,
-                             new_tokens=new_tokens, repeats=repeats, threads=threads)
+                             new_tokens=new_tokens, repeats=repeats, threads=threads,
+                             runtimes=[r.strip() for r in runtime.split(",") if r.strip()])
+    if output is not None:  # refuse an existing result before the long run
+        check_results_dir(output, force)
     result = run_bench(model, gguf_file=gguf_file, dtype=dtype, device=device, settings=settings)
     click.echo(format_table(result))
+    if output is not None:
+        json_path, md_path = write_results(result, output, force=force)
+        click.echo(f"wrote {json_path} and {md_path}")

@@ -6,7 +6,7 @@ import click
 
 from .options import dtype_option, human_bytes, model_options, status
 
-METHODS = ["topk", "sample", "topk_sample", "random", "magnitude"]
+from griffin_export.select import METHODS
 
 
 @click.command("export")
@@ -15,14 +15,17 @@ METHODS = ["topk", "sample", "topk_sample", "random", "magnitude"]
 @model_options
 @dtype_option
 @click.option("--density", default=0.5, show_default=True, help="fraction of FF neurons kept per layer, in (0, 1]")
-@click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True, help="neuron selection")
+@click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True,
+              help="neuron selection (topk is the paper's; topk_refit also refits the kept down-projection columns)")
+@click.option("--refit-lambda", default=1.0, show_default=True, help="ridge strength of topk_refit")
 @click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample / random")
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("--no-kv", is_flag=True, help="leave the prompt's KV cache out of the bundle")
 @click.option("--chunk-size", default=512, show_default=True, help="prefill chunk length (tokens)")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
-def command(prompt, output, model, gguf_file, device, dtype, density, method, seed, chat, no_kv, chunk_size, force, quiet):
+def command(prompt, output, model, gguf_file, device, dtype, density, method, refit_lambda, seed, chat, no_kv, chunk_size,
+            force, quiet):
     """Prefill PROMPT_FILE (UTF-8 text, or - for stdin) with the full model and write an expert bundle.
 
     \b
@@ -38,7 +41,7 @@ def command(prompt, output, model, gguf_file, device, dtype, density, method, se
 
     t0 = time.perf_counter()
     settings = ExportSettings(density=density, method=method, seed=seed, chunk_size=chunk_size,
-                              keep_kv=not no_kv, chat=chat)
+                              keep_kv=not no_kv, chat=chat, refit_lambda=refit_lambda)
     check_output_path(output, force)  # fail before loading anything
     text = read_prompt(prompt)
     status(f"loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)

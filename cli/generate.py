@@ -12,8 +12,17 @@ from .options import decode_options, model_options, status
 @model_options
 @decode_options
 @click.option("--prompt-file", default=None, help="a new prompt: full-model prefill, then decode with the bundle's experts")
+@click.option("--pruned-prefill", is_flag=True,
+              help="prefill the prompt through the experts too (as a standalone pruned checkpoint does): "
+                   "no full FF weights in memory, lower quality")
+@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="onnx: ONNX Runtime on a graph from `griffin-export onnx` (CUDA if a GPU answers, else CPU)")
+@click.option("--onnx", "onnx_dir", default=None, metavar="DIR", help="--runtime onnx: the bundle's graph directory")
+@click.option("--onnx-full", default=None, metavar="DIR",
+              help="--runtime onnx: a graph from `griffin-export onnx --full`, for the prefill of --prompt-file")
 @click.option("-q", "--quiet", is_flag=True, help="print only the generated text")
-def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file, quiet):
+def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file,
+            pruned_prefill, runtime, onnx_dir, onnx_full, quiet):
     """Decode from BUNDLE with its experts, resuming from the bundle's cached KV.
 
     The base model is the one recorded in the bundle unless --model says otherwise; it must
@@ -24,9 +33,14 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
       griffin-export generate expert.safetensors --max-new-tokens 64
       griffin-export generate expert.safetensors --temperature 0.7 --top-p 0.9 --stop "###"
       griffin-export generate expert.safetensors --prompt-file new_article.txt
+      griffin-export generate news.safetensors --prompt-file new_article.txt   # a class bundle
+      griffin-export generate news.safetensors --prompt-file new_article.txt --pruned-prefill
+      griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
+      griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/ --onnx-full full_onnx/ --prompt-file new.txt
     """
     from griffin_export.bundle import read_info
     from griffin_export.decoding import DecodeOptions
+    from griffin_export.errors import GriffinError
     from griffin_export.export import read_prompt
     from griffin_export.runtime.pytorch import load_runtime
 
@@ -34,8 +48,21 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
                          stop=tuple(stop), seed=seed)
     prompt = read_prompt(prompt_file) if prompt_file else None
     info = read_info(bundle)
-    status(f"loading base model {model or info.base_model} ...", quiet)
-    rt = load_runtime(bundle, model, gguf_file=gguf_file, device=device, new_prompts=prompt is not None)
+    if info.kind == "class" and prompt is None:
+        raise GriffinError(f"{bundle} is a class bundle ({info.extra.get('class', '?')}): it has no prompt of its "
+                           "own; give one with --prompt-file")
+    if runtime == "onnx":
+        from griffin_export.runtime.onnx import load_onnx_runtime
+
+        if onnx_dir is None:
+            raise GriffinError("--runtime onnx needs --onnx DIR (a graph from `griffin-export onnx BUNDLE -o DIR`)")
+        rt = load_onnx_runtime(onnx_dir, bundle, full=onnx_full, new_prompts=prompt is not None,
+                               pruned_prefill=pruned_prefill)
+        status(rt.describe(), quiet)
+    else:
+        status(f"loading base model {model or info.base_model} ...", quiet)
+        rt = load_runtime(bundle, model, gguf_file=gguf_file, device=device, new_prompts=prompt is not None,
+                          pruned_prefill=pruned_prefill)
     t0 = time.perf_counter()
     out = rt.generate(opts, prompt=prompt)
     dt = time.perf_counter() - t0

@@ -9,14 +9,21 @@ import click
 @click.argument("path", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def command(path, as_json):
-    """Summarize a bundle (.safetensors) from its header alone: no weights are loaded.
+    """Summarize a bundle (.safetensors) or an ONNX graph (.onnx, or its directory) from its
+    header alone: no weights are loaded.
+
+    For a graph: inputs and outputs with dtypes and symbolic shapes, per-layer FF widths
+    found in the initializers, operator histogram, initializer bytes inline vs external,
+    opset and metadata.
 
     \b
     Examples:
       griffin-export inspect expert.safetensors
       griffin-export inspect expert.safetensors --json | jq .metadata
+      griffin-export inspect expert_onnx/model.onnx
+      griffin-export inspect expert_onnx/ --json | jq .ff_width_per_layer
     """
-    from griffin_export.inspect import describe_bundle, format_bundle
+    from griffin_export.inspect import inspect_path
 
-    summary = describe_bundle(path)
-    click.echo(json.dumps(summary, indent=2) if as_json else format_bundle(summary))
+    summary, text = inspect_path(path)
+    click.echo(json.dumps(summary, indent=2) if as_json else text)

@@ -37,9 +37,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import bench, export, generate, inspect
+    from . import bench, checkpoint, classes, eval, export, generate, inspect, onnx
 
-    for module in (export, generate, inspect, bench):
+    for module in (export, generate, inspect, bench, classes, checkpoint, eval, onnx):
         cli.add_command(module.command)
 
 

@@ -11,7 +11,9 @@ smaller ones. No architecture gets its own MLP class.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -145,6 +147,26 @@ def install_slice(block: FFBlock, spec: FFSpec, tensors: dict[str, torch.Tensor]
         weight = tensors[f"{block.prefix}{name}.weight"]
         bias = tensors.get(f"{block.prefix}{name}.bias")
         setattr(block.owner, name, _linear(weight, bias))
+
+
+def per_layer(blocks: list[FFBlock], weights: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Split a flat {parameter name: tensor} dict (a bundle's weights) by layer."""
+    return [{k: v for k, v in weights.items() if k.startswith(b.prefix)} for b in blocks]
+
+
+@contextmanager
+def sliced(blocks: list[FFBlock], spec: FFSpec, tensors: list[dict[str, torch.Tensor]]) -> Iterator[None]:
+    """Each layer's sliced linears installed for the block's duration; the originals come back after."""
+    names = (*spec.inputs, spec.output)
+    saved = [{n: getattr(b.owner, n) for n in names} for b in blocks]
+    try:
+        for block, t in zip(blocks, tensors):
+            install_slice(block, spec, t)
+        yield
+    finally:
+        for block, mods in zip(blocks, saved):
+            for name, mod in mods.items():
+                setattr(block.owner, name, mod)
 
 
 def magnitude_scores(block: FFBlock, spec: FFSpec, d: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""Speed benchmark: full model vs bundles, side by side in one process, same runtime.
+"""Speed benchmark: full model vs bundles, side by side in one process, per runtime.
 
-Every ratio is measured within one run: configurations are interleaved repeat by repeat
-so drift on a noisy machine hits them alike, and medians are reported.
+Every ratio is measured within one run: configurations (of every runtime) are interleaved
+repeat by repeat so drift on a noisy machine hits them alike, and medians are reported.
+Each "vs full" ratio compares a runtime's pruned decode with the same runtime's full model.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .prefill import cache_tensors, forward, prefill, restore_cache
 from .runtime.pytorch import TorchRuntime
 
 DEFAULT_DATA = Path("shared") / "data" / "xsum_dev.jsonl"
+RUNTIMES = ("torch", "onnx")
 
 
 @dataclass
@@ -38,6 +40,12 @@ class BenchSettings:
     new_tokens: int = 64
     repeats: int = 5
     threads: int | None = None
+    runtimes: list[str] = field(default_factory=lambda: ["torch"])  # torch and/or onnx (ORT, CPU provider)
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        if unknown or not self.runtimes:
+            raise GriffinError(f"unknown runtime {', '.join(unknown) or '(none)'}; choose from {', '.join(RUNTIMES)}")
 
 
 def find_data(data: str | None) -> Path:
@@ -114,6 +122,37 @@ def _decode_seconds(model, kv, prompt_len: int, first: int, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def _onnx_decode_seconds(rt, kv, prompt_len: int, first: int, n: int) -> float:
+    """The same n greedy steps with ONNX Runtime, from a fresh copy of the prompt's KV."""
+    state = rt.state_from_kv(kv, prompt_len)
+    tok = first
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = int(rt.step(state, tok).argmax())
+    return time.perf_counter() - t0
+
+
+def _ff_elements(lm: LoadedModel) -> int:
+    """Elements of the full model's FF weights and biases."""
+    from .arch import ff_blocks
+
+    total = 0
+    for b in ff_blocks(lm.model, lm.spec):
+        for lin in (*b.inputs.values(), b.output):
+            total += lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
+    return total
+
+
+def _onnx_config(lm: LoadedModel, directory: Path, bundle, threads: int | None):
+    """Export a graph (the full model's when bundle is None) and open it on the CPU provider."""
+    from .onnx_export import DATA_FILE, MODEL_FILE, export_onnx
+    from .runtime.onnx import OnnxRuntime
+
+    export_onnx(lm, directory, bundle)
+    size = sum((directory / f).stat().st_size for f in (MODEL_FILE, DATA_FILE))
+    return OnnxRuntime(directory, None, provider="cpu", threads=threads), size
+
+
 def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: str = "float32",
               device: str = "cpu", settings: BenchSettings | None = None, lm: LoadedModel | None = None) -> dict:
     s = settings or BenchSettings()
@@ -127,7 +166,10 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
     check_context(lm, ids.shape[1] + s.new_tokens)
 
     base = copy.deepcopy(lm.model)  # untouched full model for the plain-prefill baseline
+    full_read, full_ff = read_elements(base), _ff_elements(lm)
     export_settings = ExportSettings(density=0.5)
+    # (runtime, config) -> (decode-seconds fn(n), k, bundle bytes, weight elements read per token, graph bytes)
+    configs: dict[tuple[str, str], tuple] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.safetensors"
 
@@ -139,36 +181,57 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
 
         cache, last = prefill(base, ids)
         kv = cache_tensors(cache)
-        first = int(last.argmax())
-        configs = {"full": (base, None, 0)}
-        for d in s.densities:
+        first, T = int(last.argmax()), ids.shape[1]
+        torch_fn = lambda m: lambda n: _decode_seconds(m, kv, T, first, n)  # noqa: E731
+        onnx_fn = lambda rt: lambda n: _onnx_decode_seconds(rt, kv, T, first, n)  # noqa: E731
+        if "torch" in s.runtimes:
+            configs[("torch", "full")] = (torch_fn(base), None, 0, full_read, None)
+        if "onnx" in s.runtimes:
+            rt, size = _onnx_config(lm, Path(tmp) / "onnx-full", None, s.threads)
+            configs[("onnx", "full")] = (onnx_fn(rt), None, 0, full_read, size)
+        for d in tqdm(s.densities, desc="bundles (and graphs)", leave=False):
             bundle = export_ids(lm, ids, ExportSettings(density=d))
             write_bundle(bundle, out, force=True)
-            rt = TorchRuntime(LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.identity, lm.spec, lm.fingerprint),
-                              bundle)
-            configs[f"{d:g}"] = (rt.lm.model, bundle.info.k[0], out.stat().st_size)
+            bundle_bytes = out.stat().st_size
+            read = full_read - full_ff + sum(t.numel() for t in bundle.weights.values())
+            if "torch" in s.runtimes:
+                rt = TorchRuntime(LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.identity, lm.spec,
+                                              lm.fingerprint), bundle)
+                configs[("torch", f"{d:g}")] = (torch_fn(rt.lm.model), bundle.info.k[0], bundle_bytes,
+                                                read_elements(rt.lm.model), None)
+            if "onnx" in s.runtimes:
+                ort_rt, size = _onnx_config(lm, Path(tmp) / f"onnx-{d:g}", bundle, s.threads)
+                configs[("onnx", f"{d:g}")] = (onnx_fn(ort_rt), bundle.info.k[0], bundle_bytes, read, size)
 
-    full_read = read_elements(base)
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    for name, (m, _, _) in configs.items():  # warm-up, excluded
-        _decode_seconds(m, kv, ids.shape[1], first, min(8, s.new_tokens))
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
+    for fn, *_ in configs.values():  # warm-up, excluded
+        fn(min(8, s.new_tokens))
     for _ in tqdm(range(s.repeats), desc="decode repeats", leave=False):
-        for name, (m, _, _) in configs.items():
-            times[name].append(_decode_seconds(m, kv, ids.shape[1], first, s.new_tokens))
+        for key, (fn, *_) in configs.items():
+            times[key].append(fn(s.new_tokens))
 
     rows = []
-    full_tps = s.new_tokens / statistics.median(times["full"])
-    for name, (m, k, size) in configs.items():
-        tps = s.new_tokens / statistics.median(times[name])
-        rows.append({"config": name, "k": k or lm.d_ff, "decode_tok_s": tps, "speedup": tps / full_tps,
-                     "bound": full_read / read_elements(m), "bundle_bytes": size,
-                     "weight_bytes": read_elements(m) * lm.dtype.itemsize})
+    for (runtime, name), (_, k, size, read, graph_bytes) in configs.items():
+        tps = s.new_tokens / statistics.median(times[(runtime, name)])
+        full_tps = s.new_tokens / statistics.median(times[(runtime, "full")])
+        row = {"runtime": runtime, "config": name, "k": k or lm.d_ff, "decode_tok_s": tps, "speedup": tps / full_tps,
+               "bound": full_read / read, "bundle_bytes": size, "weight_bytes": read * lm.dtype.itemsize}
+        if graph_bytes is not None:
+            row["graph_bytes"] = graph_bytes
+        rows.append(row)
+    rows.sort(key=lambda row: RUNTIMES.index(row["runtime"]))  # grouped by runtime, full model first
+    onnx_info = {}
+    if "onnx" in s.runtimes:
+        import onnxruntime
+
+        onnx_info = {"onnxruntime": onnxruntime.__version__, "onnx_provider": "CPUExecutionProvider"}
     return {
         "model": lm.identity, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).replace("torch.", ""),
         "device": str(lm.device), "machine": machine(), "data": str(data), "row": s.row,
         "prompt_tokens": ids.shape[1], "new_tokens": s.new_tokens, "repeats": s.repeats,
         "prefill_s": prefill_s, "export_s": export_s, "export_over_prefill": export_s / prefill_s,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "runtimes": list(s.runtimes), **onnx_info,
         "rows": rows,
     }
 
@@ -180,14 +243,19 @@ def format_table(r: dict) -> str:
         f"prompt: row {r['row']} of {Path(r['data']).name} ({r['prompt_tokens']} tokens); "
         f"decode {r['new_tokens']} tokens, median of {r['repeats']} interleaved repeats",
         "",
-        "| config | k / layer | decode tok/s | vs full | bytes-read bound | bundle size |",
-        "|---|---|---|---|---|---|",
+    ]
+    if "onnxruntime" in r:
+        lines[-1:-1] = [f"onnx rows: ONNX Runtime {r['onnxruntime']}, {r['onnx_provider']}; "
+                        "'vs full' compares with the same runtime's full model"]
+    lines += [
+        "| runtime | config | k / layer | decode tok/s | vs full | bytes-read bound | bundle size |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         name = "full model" if row["config"] == "full" else f"density {row['config']}"
         size = f"{row['bundle_bytes'] / 1e6:.1f} MB" if row["bundle_bytes"] else "—"
-        lines.append(f"| {name} | {row['k']} | {row['decode_tok_s']:.1f} | {row['speedup']:.2f}× | "
-                     f"{row['bound']:.2f}× | {size} |")
+        lines.append(f"| {row.get('runtime', 'torch')} | {name} | {row['k']} | {row['decode_tok_s']:.1f} | "
+                     f"{row['speedup']:.2f}× | {row['bound']:.2f}× | {size} |")
     lines += [
         "",
         f"export (prefill + statistic + selection + write, density 0.5): {r['export_s']:.2f} s; "
@@ -195,3 +263,29 @@ def format_table(r: dict) -> str:
         f"peak RSS of the benchmark process (holds all configurations at once): {r['peak_rss_bytes'] / 1e9:.2f} GB",
     ]
     return "\n".join(lines)
+
+
+def check_results_dir(directory: str | os.PathLike, force: bool = False) -> tuple[Path, Path]:
+    """DIR/bench.json and DIR/bench.md, refused if they exist (without force) or DIR cannot be made."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise GriffinError(f"{directory} exists and is not a directory")
+    if not directory.parent.is_dir():
+        raise GriffinError(f"output directory {directory.parent} does not exist")
+    paths = directory / "bench.json", directory / "bench.md"
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise GriffinError(f"{', '.join(existing)} exists; pass --force to overwrite")
+    return paths
+
+
+def write_results(r: dict, directory: str | os.PathLike, *, force: bool = False) -> tuple[Path, Path]:
+    """DIR/bench.json (the run_bench dict) and DIR/bench.md (the table), each written atomically."""
+    from .bundle import atomic_output
+
+    paths = check_results_dir(directory, force)
+    Path(directory).mkdir(exist_ok=True)
+    for path, text in zip(paths, (json.dumps(r, indent=2) + "\n", format_table(r) + "\n")):
+        with atomic_output(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return paths

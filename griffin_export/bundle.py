@@ -14,16 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from .arch import block_prefix, expected_shapes, spec_for
 from .errors import GriffinError
+from .outputs import atomic_output, check_output_path
 
 FORMAT = "griffin-expert"
 FORMAT_VERSION = "1"
@@ -135,38 +133,6 @@ class Bundle:
 
 
 # -- writing -----------------------------------------------------------------------------
-
-
-def check_output_path(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse before any heavy work: existing file without --force, missing or unwritable dir."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise GriffinError(f"{path} exists; pass --force to overwrite")
-    if path.is_dir():
-        raise GriffinError(f"{path} is a directory; give a file name such as {path / 'expert.safetensors'}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise GriffinError(f"output directory {parent} does not exist")
-    try:  # os.access lies for root; really create a file
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        raise GriffinError(f"output directory {parent} is not writable: {e.strerror}") from None
-    return path
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename into place only if the block succeeds."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_bundle(bundle: Bundle, path: str | os.PathLike, *, force: bool = False) -> Path:

@@ -14,7 +14,8 @@ from .bundle import Bundle, BundleInfo
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
 from .prefill import cache_tensors, prefill
-from .select import check_density, check_method, k_for, select_all
+from .refit import DEFAULT_LAMBDA, refit_down
+from .select import REFIT, check_density, check_method, k_for, select_all
 from .statistic import FFStatistic, recording
 
 
@@ -26,12 +27,15 @@ class ExportSettings:
     chunk_size: int = 512  # prefill chunk; the statistic is the same for any chunking
     keep_kv: bool = True
     chat: bool = False
+    refit_lambda: float = DEFAULT_LAMBDA  # ridge strength of topk_refit
 
     def __post_init__(self) -> None:
         check_method(self.method)
         check_density(self.density)
         if self.chunk_size < 1:
             raise GriffinError(f"chunk size must be >= 1, got {self.chunk_size}")
+        if not self.refit_lambda > 0:
+            raise GriffinError(f"refit lambda must be > 0, got {self.refit_lambda}")
 
 
 def read_prompt(source: str | os.PathLike) -> str:
@@ -82,25 +86,52 @@ def check_context(lm: LoadedModel, n_tokens: int, reserve: int = 1) -> None:
         raise GriffinError(f"prompt has {n_tokens} tokens; the model's context is {ctx} (leave room to generate)")
 
 
+def prompt_statistic(lm: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 512, gram: bool = False,
+                     progress: bool = False) -> tuple[FFStatistic, object, torch.Tensor]:
+    """Prefill the prompt once, full model, recording the FF statistic (and the Gram
+    matrices for refit methods). Returns (statistic, cache, last logits [vocab])."""
+    blocks = ff_blocks(lm.model, lm.spec)
+    stat = FFStatistic(len(blocks), lm.d_ff, gram=gram)
+    with recording(blocks, stat):
+        cache, last_logits = prefill(lm.model, ids, chunk_size=chunk_size, progress=progress)
+    return stat, cache, last_logits
+
+
 def layer_scores(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, progress: bool = False):
     """Prefill the prompt once, full model. Returns (scores [L, D_ff], cache, last logits [vocab])."""
-    blocks = ff_blocks(lm.model, lm.spec)
-    stat = FFStatistic(len(blocks), lm.d_ff)
-    with recording(blocks, stat):
-        cache, last_logits = prefill(lm.model, ids, chunk_size=settings.chunk_size, progress=progress)
-    if settings.method == "magnitude":
-        scores = torch.stack([magnitude_scores(b, lm.spec, lm.d_ff) for b in blocks])
-    else:
-        scores = stat.scores()
-    return scores, cache, last_logits
+    stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, progress=progress)
+    return method_scores(lm, settings.method, stat.scores()), cache, last_logits
+
+
+def method_scores(lm: LoadedModel, method: str, prompt_scores: torch.Tensor) -> torch.Tensor:
+    """[L, D_ff] scores a method ranks by: the prompt statistic, or `magnitude`'s static weight score."""
+    if method != "magnitude":
+        return prompt_scores
+    return torch.stack([magnitude_scores(b, lm.spec, lm.d_ff) for b in ff_blocks(lm.model, lm.spec)])
+
+
+def expert_weights(lm: LoadedModel, indices: list[torch.Tensor], *, gram: torch.Tensor | None = None,
+                   refit_lambda: float = DEFAULT_LAMBDA) -> dict[str, torch.Tensor]:
+    """The kept neurons' FF tensors of every layer, keyed by parameter name. With `gram`
+    ([L, D_ff, D_ff]) the down-projection columns are refit on the prompt (refit.py)."""
+    spec = lm.spec
+    weights: dict[str, torch.Tensor] = {}
+    for i, (block, idx) in enumerate(zip(ff_blocks(lm.model, spec), indices)):
+        idx = idx.to(block.output.weight.device)
+        layer = slice_block(block, idx, spec, lm.d_ff)
+        if gram is not None:
+            name = f"{block.prefix}{spec.output}.weight"
+            layer[name] = refit_down(block.output.weight, gram[i], idx.cpu(), refit_lambda).to(block.output.weight)
+        weights.update(layer)
+    return weights
 
 
 def bundle_from_indices(lm: LoadedModel, indices: list[torch.Tensor], settings: ExportSettings, *,
-                        prompt_tokens: int, kind: str = "prompt", extra: dict[str, str] | None = None) -> Bundle:
+                        prompt_tokens: int, kind: str = "prompt", extra: dict[str, str] | None = None,
+                        weights: dict[str, torch.Tensor] | None = None) -> Bundle:
     blocks = ff_blocks(lm.model, lm.spec)
-    weights: dict[str, torch.Tensor] = {}
-    for block, idx in zip(blocks, indices):
-        weights.update(slice_block(block, idx.to(block.output.weight.device), lm.spec, lm.d_ff))
+    if weights is None:
+        weights = expert_weights(lm, indices)
     info = BundleInfo(
         base_model=lm.identity,
         base_fingerprint=lm.fingerprint,
@@ -127,10 +158,13 @@ def bundle_from_indices(lm: LoadedModel, indices: list[torch.Tensor], settings: 
 def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, progress: bool = False) -> Bundle:
     """The whole GRIFFIN export for token ids [1, T]."""
     check_context(lm, ids.shape[1])
-    scores, cache, last_logits = layer_scores(lm, ids, settings, progress=progress)
+    refit = settings.method in REFIT
+    stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, gram=refit, progress=progress)
     k = k_for(settings.density, lm.d_ff)
-    indices = select_all(scores, k, settings.method, settings.seed)
-    bundle = bundle_from_indices(lm, indices, settings, prompt_tokens=ids.shape[1])
+    indices = select_all(method_scores(lm, settings.method, stat.scores()), k, settings.method, settings.seed)
+    weights = expert_weights(lm, indices, gram=stat.gram, refit_lambda=settings.refit_lambda)
+    extra = {"refit_lambda": str(settings.refit_lambda)} if refit else None
+    bundle = bundle_from_indices(lm, indices, settings, prompt_tokens=ids.shape[1], weights=weights, extra=extra)
     bundle.prompt_ids = ids[0].cpu()
     bundle.last_logits = last_logits.float().cpu()
     if settings.keep_kv:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 
 @lru_cache(maxsize=None)
-def _cache_kwarg(forward_cls: type) -> str:
+def cache_kwarg(forward_cls: type) -> str:
     # transformers 5.x renamed forward's `past_key_values` to `cache`.
     params = inspect.signature(forward_cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -69,7 +69,7 @@ def new_cache(model: nn.Module):
 @torch.inference_mode()
 def forward(model: nn.Module, ids: torch.Tensor, cache, *, last_only: bool = True) -> torch.Tensor:
     """ids [1, T] -> float32 logits [T, vocab] (or [1, vocab] with last_only); updates cache."""
-    kw = {_cache_kwarg(type(model)): cache, "use_cache": True}
+    kw = {cache_kwarg(type(model)): cache, "use_cache": True}
     if last_only:
         kw["logits_to_keep"] = 1
     out = model(input_ids=ids, **kw)

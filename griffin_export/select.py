@@ -6,7 +6,10 @@ import torch
 
 from .errors import GriffinError
 
-METHODS = ("topk", "sample", "topk_sample", "random", "magnitude")
+METHODS = ("topk", "sample", "topk_sample", "random", "magnitude", "topk_refit")
+# Methods that select like another one, then refit the kept down-projection columns on the
+# prompt's activations (refit.py); they need the activations' Gram matrix from the prefill.
+REFIT = {"topk_refit": "topk"}
 
 
 def check_density(density: float) -> float:
@@ -43,6 +46,7 @@ def select(scores: torch.Tensor, k: int, method: str, gen: torch.Generator) -> t
     here as `scores`, so `magnitude` selects like `topk`.
     """
     d = scores.numel()
+    method = REFIT.get(method, method)
     if method in ("topk", "magnitude"):
         idx = torch.topk(scores, k).indices
     elif method == "sample":

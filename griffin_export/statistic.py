@@ -18,15 +18,21 @@ from .arch import FFBlock
 
 
 class FFStatistic:
-    """Running sum over tokens of the squared, row-normalized FF activations, per layer."""
+    """Running sum over tokens of the squared, row-normalized FF activations, per layer.
 
-    def __init__(self, num_layers: int, d_ff: int):
+    With gram=True it also keeps the raw activations' Gram matrix ZᵀZ per layer
+    ([D_ff, D_ff]: O(D_ff²) memory, only for the `topk_refit` method)."""
+
+    def __init__(self, num_layers: int, d_ff: int, *, gram: bool = False):
         self.sumsq = torch.zeros(num_layers, d_ff, dtype=torch.float64)
+        self.gram = torch.zeros(num_layers, d_ff, d_ff) if gram else None
         self.tokens = 0
 
     def add(self, layer: int, z: torch.Tensor) -> None:
         # z: [B, T, D_ff]; float32 so bf16/fp16 activations don't lose the small columns
         z = z.detach().float().flatten(0, -2)
+        if self.gram is not None:
+            self.gram[layer] += z.T @ z
         z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         self.sumsq[layer] += z.square().sum(dim=0).to(self.sumsq)
         if layer == 0:

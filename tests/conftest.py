@@ -29,6 +29,10 @@ def tiny_dir(tmp_path_factory):
     """Factory: arch -> a saved HF model directory (random tiny weights + word tokenizer)."""
     made: dict[tuple[str, int], Path] = {}
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # saving must not print into the first test's captured stderr
+
     def make(arch: str = "llama", seed: int = 0) -> Path:
         if (arch, seed) not in made:
             d = tmp_path_factory.mktemp(f"tiny-{arch}-{seed}")

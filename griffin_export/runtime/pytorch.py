@@ -22,9 +22,12 @@ from ..prefill import forward, prefill, restore_cache
 
 class TorchRuntime:
     """Decodes with a bundle's experts; prefill of a new prompt runs the full model
-    (the GRIFFIN regime) when the full FF weights were kept."""
+    (the GRIFFIN regime) when the full FF weights were kept. With pruned_prefill every
+    prompt (a new one, or the bundle's own instead of its KV) is prefilled through the
+    experts too: what a standalone pruned checkpoint computes."""
 
-    def __init__(self, lm: LoadedModel, bundle: Bundle, *, keep_full: bool = False, source: str = "bundle"):
+    def __init__(self, lm: LoadedModel, bundle: Bundle, *, keep_full: bool = False, source: str = "bundle",
+                 pruned_prefill: bool = False):
         if getattr(lm.model, "_griffin_experts", False):
             raise GriffinError("this model already has experts installed; load a fresh base model")
         info = bundle.info
@@ -33,6 +36,7 @@ class TorchRuntime:
         if info.dtype != dtype_name(lm.dtype):
             raise GriffinError(f"{source} holds {info.dtype} weights; the base model is loaded as {dtype_name(lm.dtype)}")
         self.lm, self.bundle = lm, bundle
+        self.pruned_prefill = pruned_prefill
         self.blocks = ff_blocks(lm.model, lm.spec)
         names = (*lm.spec.inputs, lm.spec.output)
         self._full = [{n: getattr(b.owner, n) for n in names} for b in self.blocks] if keep_full else None
@@ -66,6 +70,12 @@ class TorchRuntime:
     def start(self, ids: torch.Tensor | None = None):
         """(cache, first logits): a new prompt's full prefill, else the bundle's own KV."""
         b = self.bundle
+        if self.pruned_prefill:
+            if ids is None and b.prompt_ids is None:
+                raise GriffinError("this bundle has no prompt (a class bundle): give a prompt to generate from")
+            ids = ids if ids is not None else b.prompt_ids[None].to(self.lm.device)
+            check_context(self.lm, ids.shape[1])
+            return prefill(self.lm.model, ids)
         if ids is not None:
             return self.full_prefill(ids)
         if b.kv is not None and b.last_logits is not None:
@@ -89,18 +99,19 @@ class TorchRuntime:
 
 def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | None = None, *,
                  gguf_file: str | None = None, device: str = "cpu", new_prompts: bool = False,
-                 quiet: bool = True) -> TorchRuntime:
+                 quiet: bool = True, pruned_prefill: bool = False) -> TorchRuntime:
     """Base model + bundle -> TorchRuntime. `model` defaults to the bundle's recorded base model.
 
     With new_prompts (or a bundle without KV) the full FF weights stay in memory for the
     prefill of new prompts; otherwise they are dropped once the experts are installed and
-    the bundle's KV cache is not even read when it will not be used.
+    the bundle's KV cache is not even read when it will not be used. With pruned_prefill
+    prompts are prefilled through the experts: the full FF weights and the KV are never kept.
     """
     source = "bundle" if isinstance(bundle, Bundle) else str(bundle)
     if not isinstance(bundle, Bundle):
-        bundle = read_bundle(bundle, load_kv=not new_prompts)
+        bundle = read_bundle(bundle, load_kv=not (new_prompts or pruned_prefill))
     if not isinstance(model, LoadedModel):
         model = load_model(model or bundle.info.base_model, gguf_file=gguf_file, dtype=bundle.info.dtype,
                            device=device, quiet=quiet)
-    keep_full = new_prompts or bundle.kv is None
-    return TorchRuntime(model, bundle, keep_full=keep_full, source=source)
+    keep_full = (new_prompts or bundle.kv is None) and not pruned_prefill
+    return TorchRuntime(model, bundle, keep_full=keep_full, source=source, pruned_prefill=pruned_prefill)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import click
+
+from .options import dtype_option, model_options, status
+
+
+@click.command("eval")
+@click.option("--data", default=None, metavar="FILE.jsonl",
+              help="JSONL rows with the prompt and gold text (and optional max_tokens, stop)")
+@click.option("--rows", default="0:100", show_default=True, help="row range START:STOP of --data (STOP exclusive)")
+@click.option("--methods", default="full,topk,magnitude,random", show_default=True,
+              help="comma-separated: full, any selection method (topk, sample, topk_sample, random, magnitude), "
+                   "or bundle:PATH (fixed experts from a bundle file)")
+@click.option("--density", default="0.25,0.5,0.75,0.9", show_default=True, help="comma-separated densities in (0, 1]")
+@click.option("-o", "--output", required=True, metavar="DIR", help="report directory (created; holds eval.jsonl)")
+@model_options
+@dtype_option
+@click.option("--seed", default=0, show_default=True, help="row r uses seed + r for random / sampling methods")
+@click.option("--prompt-field", default="article", show_default=True, help="JSON field holding the prompt")
+@click.option("--target-field", default="summary_gt", show_default=True, help="JSON field holding the gold text")
+@click.option("--separator", default=r"\n", show_default=True,
+              help="text between prompt and gold text for the log-likelihood (backslash escapes work)")
+@click.option("--max-tokens", default=64, show_default=True, help="generation length for rows without max_tokens")
+@click.option("--chunk-size", default=512, show_default=True, help="prefill chunk length (tokens)")
+@click.option("--threads", default=None, type=int, help="torch threads [default: torch's choice]")
+@click.option("--ll-only", is_flag=True,
+              help="only the gold log-likelihood (no generation, ROUGE or agreement): fast, for searching settings")
+@click.option("--force", is_flag=True, help="discard results already in DIR and start over")
+@click.option("--report-only", is_flag=True, help="only redraw the report from DIR/eval.jsonl and DIR/bench.json")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar")
+def command(data, rows, methods, density, output, model, gguf_file, device, dtype, seed, prompt_field, target_field,
+            separator, max_tokens, chunk_size, threads, ll_only, force, report_only, quiet):
+    """Quality of every method × density against the full model, as a report in DIR.
+
+    Per prompt: one full-model prefill, then for each setting a teacher-forced gold
+    log-likelihood and a greedy generation (ROUGE-1/2/L vs the gold text, agreement with
+    the full model). Results are appended per prompt to DIR/eval.jsonl: rerunning the
+    same command resumes after the last finished prompt. At the end DIR gets results.json,
+    results.md and PNG plots; with DIR/bench.json from `griffin-export bench -o DIR` the
+    report adds the speed table and plot.
+
+    \b
+    Examples:
+      griffin-export eval --data ../shared/data/xsum_dev.jsonl --rows 0:100 \\
+          --methods full,topk,magnitude,random --density 0.25,0.5,0.75,0.9 -o report/
+      griffin-export bench --runtime torch,onnx --density 0.25,0.5,0.75 -o report/
+      griffin-export eval --report-only -o report/          # redraw with bench.json added
+      griffin-export eval --data rows.jsonl --rows 200:300 --methods full,topk,bundle:news.safetensors -o r2/
+    """
+    from griffin_export.evaluation.report import write_report
+
+    if report_only:
+        for path in write_report(output):
+            click.echo(f"wrote {path}")
+        return
+
+    import torch
+
+    from griffin_export.errors import GriffinError
+    from griffin_export.evaluation.runner import (EvalSettings, parse_densities, parse_list, parse_rows, read_rows,
+                                                  run_eval, unescape)
+    from griffin_export.models import load_model
+
+    if data is None:
+        raise GriffinError("--data FILE.jsonl is required (or --report-only to redraw an existing report)")
+    settings = EvalSettings(data=data, rows=parse_rows(rows), methods=tuple(parse_list(methods, "methods")),
+                            densities=tuple(parse_densities(density)), seed=seed, prompt_field=prompt_field,
+                            target_field=target_field, separator=unescape(separator), max_tokens=max_tokens,
+                            chunk_size=chunk_size, generate=not ll_only)
+    read_rows(settings)  # bad data fails before the model loads
+    if threads:
+        torch.set_num_threads(threads)
+    status(f"loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
+    lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet)
+    path = run_eval(lm, settings, output, force=force, progress=not quiet)
+    status(f"results in {path}", quiet)
+    for p in write_report(output):
+        click.echo(f"wrote {p}")

@@ -1,0 +1,384 @@
+"""The decoder as an ONNX graph with explicit KV cache inputs/outputs (HF Optimum names).
+
+    inputs   input_ids [batch, sequence] int64, attention_mask [batch, past + sequence] int64,
+             position_ids [batch, sequence] int64,
+             past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]
+    outputs  logits [batch, sequence, vocab], present.{i}.key / .value [batch, kv_heads, past + sequence, head_dim]
+
+One graph serves prefill (many tokens, past length 0) and decode (one token). The FF
+weights are initializers named after the base model's parameters, exactly as the bundle
+names its tensors (model.layers.3.mlp.gate_proj.weight [k, hidden]), so ONNX Runtime can
+replace them at session creation with another bundle of the same model and k.
+
+Exporter: torch.onnx.export(dynamo=True), i.e. torch.export + onnxscript. The TorchScript
+exporter traces with concrete sizes, and transformers 5.x computes mask and cache lengths
+as Python ints, so its graph would bake in the example's past length; torch.export keeps
+them symbolic, and transformers keeps its models torch.export-clean for every architecture
+in arch.py (Gemma2's sliding window and OPT's biases and learned positions included).
+The onnxscript optimizer is off: it folds Transpose(weight) into anonymous initializers,
+which would break swapping FF weights by name (ONNX Runtime folds them at session creation
+instead, after the swap). Tracing forces transformers' GQA path of SDPA
+(TRANSFORMERS_SDPA_FORCE_GQA), so grouped KV heads go to the Attention node as they are
+instead of being repeated (a copy of the whole cache per step) by an Expand in the graph.
+
+Every layer's KV is kept at full length, sliding-window layers included (their window is a
+mask, not a truncated cache), so all layers share one past length; the loader left-pads a
+bundle's windowed KV with zeros that the mask never reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import __version__
+from .arch import ff_blocks, per_layer, sliced, spec_for
+from .bundle import FORMAT_VERSION as BUNDLE_FORMAT_VERSION, Bundle, check_compatible
+from .decoding import eos_ids
+from .errors import GriffinError
+from .models import LoadedModel, dtype_name
+from .outputs import atomic_dir, check_output_dir
+from .prefill import cache_kwarg
+
+GRAPH_FORMAT = "griffin-onnx"
+GRAPH_FORMAT_VERSION = "1"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# 23: SDPA becomes one ONNX Attention node (GQA-aware) instead of ~15 decomposed ops; with
+# the GQA path below, ORT CPU decode ran ~1.5x faster than opset 20 on the default model
+# (999-token prompt). ONNX Runtime >= 1.23 has the Attention-23 kernel.
+OPSET = 23
+
+INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
+PAST = "past_key_values.{}.{}"  # layer, key|value
+PRESENT = "present.{}.{}"
+# symbolic dimension names, as HF Optimum names them
+BATCH, SEQ, PAST_LEN, TOTAL_LEN = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+# example sizes for tracing: > 1 so torch.export does not specialize any axis to 0 or 1
+_EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 5
+
+
+@dataclass
+class GraphInfo:
+    """metadata_props of an exported graph. Every value is stored as a string."""
+
+    kind: str  # "pruned" (a bundle's experts) or "full" (the model as loaded)
+    base_model: str
+    base_fingerprint: str
+    architecture: str
+    dtype: str
+    num_layers: int
+    d_ff: int
+    hidden_size: int
+    k: list[int]  # FF width per layer, as found in the weights
+    density: float
+    method: str
+    kv_heads: int
+    head_dim: int
+    sliding_layers: list[int]  # layers whose attention is windowed (their bundle KV may be shorter)
+    eos_token_ids: list[int]
+    context_length: int  # 0 = unknown
+    chat: bool = False
+    tokenizer: str = ""
+    bundle_format_version: str = BUNDLE_FORMAT_VERSION
+    tool_version: str = __version__
+    format: str = GRAPH_FORMAT
+    format_version: str = GRAPH_FORMAT_VERSION
+    extra: dict[str, str] = field(default_factory=dict)  # the bundle's extra.* keys
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {}
+        for name, value in vars(self).items():
+            if name == "extra":
+                continue
+            if isinstance(value, list):
+                value = ",".join(map(str, value))
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            meta[name] = str(value)
+        meta.update({f"extra.{k}": v for k, v in self.extra.items()})
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str) -> "GraphInfo":
+        if meta.get("format") != GRAPH_FORMAT:
+            raise GriffinError(f"{source} is an ONNX graph but not one griffin-export wrote (format={meta.get('format')!r})")
+        if meta.get("format_version") != GRAPH_FORMAT_VERSION:
+            raise GriffinError(f"{source} has graph format version {meta.get('format_version')!r}; this griffin-export "
+                               f"reads version {GRAPH_FORMAT_VERSION} — re-export it with this version")
+        ints = lambda s: [int(x) for x in s.split(",")] if s else []  # noqa: E731
+        parse = {"num_layers": int, "d_ff": int, "hidden_size": int, "kv_heads": int, "head_dim": int,
+                 "context_length": int, "density": float, "k": ints, "sliding_layers": ints,
+                 "eos_token_ids": ints, "chat": lambda s: s == "true"}
+        defaults = {"chat", "tokenizer", "bundle_format_version", "tool_version", "format", "format_version"}
+        values: dict[str, object] = {}
+        for name in cls.__dataclass_fields__:
+            if name == "extra":
+                continue
+            if name not in meta:
+                if name in defaults:
+                    continue
+                raise GriffinError(f"{source}: graph metadata key {name!r} is missing")
+            try:
+                values[name] = parse.get(name, str)(meta[name])
+            except ValueError:
+                raise GriffinError(f"{source}: graph metadata {name}={meta[name]!r} is malformed") from None
+        extra = {k[len("extra."):]: v for k, v in meta.items() if k.startswith("extra.")}
+        return cls(**values, extra=extra)
+
+
+# -- the module torch.export traces ------------------------------------------------------------
+
+
+class _Decoder(nn.Module):
+    """(input_ids, attention_mask, position_ids, past) -> (logits, present): the HF model with its
+    cache made explicit. The cache is rebuilt from the past tensors every call, so the graph
+    holds no state."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.causal = model  # initializer names get a "causal." prefix, stripped after export
+        self._cache_kw = cache_kwarg(type(model))
+
+    def forward(self, input_ids, attention_mask, position_ids, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=self.causal.config)
+        # full-length layers everywhere: the config still gives sliding layers their window mask
+        cache.layers = [DynamicLayer() for _ in cache.layers]
+        for layer, (k, v) in zip(cache.layers, past):
+            layer.update(k, v)
+        out = self.causal(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=True, **{self._cache_kw: cache})
+        return out.logits, [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def kv_layout(model: nn.Module) -> tuple[int, int]:
+    """(kv_heads, head_dim) of the model's cache, read off one tiny forward."""
+    from .prefill import new_cache
+
+    cache = new_cache(model)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        model(input_ids=torch.ones(1, 1, dtype=torch.long, device=device), use_cache=True,
+              **{cache_kwarg(type(model)): cache})
+    k = cache.layers[0].keys
+    return int(k.shape[1]), int(k.shape[3])
+
+
+def sliding_layers(model: nn.Module) -> list[int]:
+    from transformers import DynamicCache
+
+    return [i for i, s in enumerate(DynamicCache(config=model.config).is_sliding) if s]
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def experts_installed(lm: LoadedModel, bundle: Bundle):
+    """The bundle's sliced FF linears in the model for the block's duration; the full ones after."""
+    blocks = ff_blocks(lm.model, lm.spec)
+    return sliced(blocks, lm.spec, per_layer(blocks, {k: v.to(lm.device) for k, v in bundle.weights.items()}))
+
+
+def ff_widths(lm: LoadedModel) -> list[int]:
+    """Each layer's FF width as the weights have it (not the config's intermediate_size)."""
+    return [int(b.output.weight.shape[1]) for b in ff_blocks(lm.model, lm.spec)]
+
+
+def ff_weight_names(lm: LoadedModel) -> list[str]:
+    names = []
+    for b in ff_blocks(lm.model, lm.spec):
+        for name, lin in (*b.inputs.items(), (lm.spec.output, b.output)):
+            names.append(f"{b.prefix}{name}.weight")
+            if lin.bias is not None:
+                names.append(f"{b.prefix}{name}.bias")
+    return names
+
+
+def graph_info(lm: LoadedModel, bundle: Bundle | None) -> GraphInfo:
+    kv_heads, head_dim = kv_layout(lm.model)
+    widths = ff_widths(lm)
+    common = dict(base_model=lm.identity, base_fingerprint=lm.fingerprint, architecture=lm.architecture,
+                  dtype=dtype_name(lm.dtype), num_layers=lm.num_layers, d_ff=lm.d_ff, hidden_size=lm.hidden_size,
+                  k=widths, kv_heads=kv_heads, head_dim=head_dim, sliding_layers=sliding_layers(lm.model),
+                  eos_token_ids=sorted(eos_ids(lm.config, lm.tokenizer)), context_length=lm.context_length or 0,
+                  tokenizer=lm.tokenizer_identity())
+    if bundle is None:
+        return GraphInfo(kind="full", density=1.0, method="full", **common)
+    b = bundle.info
+    return GraphInfo(kind="pruned", density=b.density, method=b.method, chat=b.chat,
+                     bundle_format_version=b.format_version, extra=dict(b.extra), **common)
+
+
+def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | None = None, *,
+                force: bool = False, progress: bool = False, source: str = "bundle") -> Path:
+    """Write OUTPUT/model.onnx (+ model.onnx.data and the tokenizer): the decoder with the
+    bundle's experts, or the model as loaded when `bundle` is None. Returns OUTPUT."""
+    from tqdm.auto import tqdm
+
+    out = check_output_dir(output, force, MODEL_FILE)
+    if bundle is not None:
+        info = bundle.info
+        check_compatible(info, architecture=lm.architecture, fingerprint=lm.fingerprint, identity=lm.identity,
+                         num_layers=lm.num_layers, d_ff=lm.d_ff, hidden_size=lm.hidden_size, source=source)
+        if info.dtype != dtype_name(lm.dtype):
+            raise GriffinError(f"{source} holds {info.dtype} weights; the base model is loaded as {dtype_name(lm.dtype)}")
+        if getattr(lm.model, "_griffin_experts", False):
+            raise GriffinError("this model already has experts installed; export from a fresh base model")
+    _ = lm.fingerprint  # hashed before any swap
+    bar = tqdm(total=4, desc="onnx export", unit="stage", disable=not progress, leave=False)
+
+    def stage(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.refresh()
+
+    with atomic_dir(out) as tmp, (experts_installed(lm, bundle) if bundle else contextlib.nullcontext()):
+        info = graph_info(lm, bundle)
+        if bundle is not None and info.k != bundle.info.k:  # the swap went wrong: a bug, not bad input
+            raise RuntimeError(f"installed widths {info.k} differ from the bundle's k {bundle.info.k}")
+        stage("trace (torch.export)")
+        program = _trace(lm, info)
+        bar.update()
+        stage("save")
+        _finish(program.model, lm, info)
+        _save(program.model, tmp, ff_weight_names(lm))
+        bar.update()
+        stage("onnx.checker")
+        check_graph(tmp / MODEL_FILE)
+        bar.update()
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(tmp)
+        bar.update()
+    bar.close()
+    return out
+
+
+def _example_inputs(lm: LoadedModel, info: GraphInfo):
+    B, S, P = _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST
+    dev = lm.device
+    ids = torch.full((B, S), 1, dtype=torch.long, device=dev)
+    mask = torch.ones(B, P + S, dtype=torch.long, device=dev)
+    pos = torch.arange(P, P + S, device=dev).expand(B, S).contiguous()
+    kv = lambda: torch.zeros(B, info.kv_heads, P, info.head_dim, dtype=lm.dtype, device=dev)  # noqa: E731
+    past = [(kv(), kv()) for _ in range(info.num_layers)]
+    return (ids, mask, pos, past)
+
+
+def _trace(lm: LoadedModel, info: GraphInfo):
+    from torch.export import Dim
+
+    batch, seq, past, total = Dim(BATCH), Dim(SEQ), Dim(PAST_LEN), Dim(TOTAL_LEN)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+               "position_ids": {0: batch, 1: seq},
+               "past": [({0: batch, 2: past}, {0: batch, 2: past}) for _ in range(info.num_layers)]}
+    L = info.num_layers
+    names_in = [*INPUT_NAMES, *(PAST.format(i, t) for i in range(L) for t in ("key", "value"))]
+    names_out = ["logits", *(PRESENT.format(i, t) for i in range(L) for t in ("key", "value"))]
+    decoder = _Decoder(lm.model).eval()
+    chatter = io.StringIO()  # torch.onnx prints its stages; keep them out of the user's terminal
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), torch.no_grad(), _env(GQA_ENV, "1"):
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(decoder, _example_inputs(lm, info), None, dynamo=True, optimize=False,
+                                     dynamic_shapes=dynamic, input_names=names_in, output_names=names_out,
+                                     opset_version=OPSET, verbose=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GriffinError(f"ONNX export of the {info.architecture} model failed: {first}") from e
+
+
+GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers' sdpa_attention at call time
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _finish(model, lm: LoadedModel, info: GraphInfo) -> None:
+    """Name initializers after the base model's parameters, check the FF ones are all there with
+    the expected widths, and attach the metadata."""
+    prefix = "causal."
+    for name, value in list(model.graph.initializers.items()):
+        if name.startswith(prefix):
+            value.name = name[len(prefix):]
+    inits = model.graph.initializers
+    spec = spec_for(lm.architecture)
+    missing = [n for n in ff_weight_names(lm) if n not in inits]
+    if missing:  # the exporter folded or renamed an FF weight: swapping bundles would silently fail
+        raise RuntimeError(f"FF weights are not named initializers in the exported graph: {missing[:3]}")
+    for b, k in zip(ff_blocks(lm.model, spec), info.k):
+        shape = tuple(inits[f"{b.prefix}{spec.output}.weight"].shape)
+        if shape[-1] != k:
+            raise RuntimeError(f"{b.prefix}{spec.output}.weight has shape {shape}, expected width {k}")
+    # the exporter annotates every node with its Python stack trace (local paths, most of the
+    # .onnx bytes); a deployable graph does not need them
+    for node in model.graph.all_nodes():
+        node.metadata_props.clear()
+        for v in node.outputs:
+            v.metadata_props.clear()
+    for v in (*model.graph.inputs, *model.graph.initializers.values()):
+        v.metadata_props.clear()
+    model.producer_name = "griffin-export"
+    model.producer_version = __version__
+    model.metadata_props.update(info.to_metadata())
+
+
+def _save(model, directory: Path, ff_names: list[str]) -> None:
+    import onnx_ir as ir
+
+    # ONNX Runtime only swaps initializers stored as external data (see runtime/onnx.py), so
+    # every FF tensor goes external, however small; other tensors under 256 bytes stay inline.
+    smallest = min(model.graph.initializers[n].const_value.nbytes for n in ff_names)
+    try:
+        ir.save(model, directory / MODEL_FILE, external_data=DATA_FILE, size_threshold_bytes=min(256, smallest - 1))
+    except OSError as e:
+        raise GriffinError(f"cannot write {directory / MODEL_FILE}: {e.strerror or e}") from e
+
+
+def check_graph(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:  # our own graph failing the checker is a bug
+        raise RuntimeError(f"exported graph fails onnx.checker: {str(e).splitlines()[0]}") from e
+
+
+def export_graph(output: str | os.PathLike, bundle: str | os.PathLike | None = None, *, model: str | None = None,
+                 gguf_file: str | None = None, dtype: str | None = None, device: str = "cpu", force: bool = False,
+                 progress: bool = False) -> tuple[Path, GraphInfo]:
+    """What `griffin-export onnx` does: load the base model (the bundle's recorded one unless
+    `model` is given) and export the bundle's graph, or the full model's when `bundle` is None."""
+    from .bundle import read_bundle
+    from .models import load_model
+    from .runtime.onnx import read_graph
+
+    check_output_dir(output, force, MODEL_FILE)  # fail before loading anything
+    b = read_bundle(bundle, load_kv=False) if bundle is not None else None
+    if b is not None and dtype is not None and dtype != b.info.dtype:
+        raise GriffinError(f"--dtype {dtype}: bundle {bundle} holds {b.info.dtype} weights; its graph has the same dtype")
+    lm = load_model(model or (b.info.base_model if b else None), gguf_file=gguf_file,
+                    dtype=b.info.dtype if b else (dtype or "float32"), device=device, quiet=not progress)
+    path = export_onnx(lm, output, b, force=force, progress=progress, source=str(bundle or "bundle"))
+    return path, read_graph(path).info
+

@@ -1,0 +1,415 @@
+"""ONNX Runtime loader: an exported decoder graph + a bundle's experts and KV cache.
+
+    rt = load_onnx_runtime("expert_onnx/", "expert.safetensors")   # CUDA if a GPU answers, else CPU
+    print(rt.provider, rt.generate(DecodeOptions(max_new_tokens=64)).text)
+
+The bundle's FF weights replace the graph's initializers of the same names at session
+creation (SessionOptions.add_initializer), so one exported graph serves every bundle of
+the same base model and k per layer. The KV cache stays on the provider's device between
+steps (IOBinding); only the logits come back to the host. Decoding is the shared loop of
+griffin_export.decoding, so equal weights give the PyTorch runtime's tokens.
+
+No PyTorch model is loaded: the graph carries the base model's fingerprint and the
+exporter saved the tokenizer beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..arch import block_prefix, spec_for
+from ..bundle import Bundle, read_bundle
+from ..decoding import DecodeOptions, Generation, decode
+from ..errors import GriffinError
+from ..onnx_export import MODEL_FILE, PAST, PRESENT, GraphInfo
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+# -- reading a graph without its weights ---------------------------------------------------------
+
+
+@dataclass
+class Graph:
+    """An exported graph's metadata and initializer table, read without the weight data."""
+
+    path: Path  # the .onnx file
+    info: GraphInfo
+    initializers: dict[str, tuple[int, list[int]]]  # name -> (onnx elem type, shape)
+    widths: list[int]  # FF width per layer, from the initializer shapes
+    external: set[str]  # initializers stored as external data (the only ones ORT can swap)
+
+    @property
+    def source(self) -> str:
+        return str(self.path.parent if self.path.name == MODEL_FILE else self.path)
+
+
+def graph_file(path: str | os.PathLike) -> Path:
+    """A graph directory (holding model.onnx) or the .onnx file itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise GriffinError(f"ONNX graph {path} does not exist")
+    return path
+
+
+def load_proto(path: Path):
+    """The ModelProto without external data; a corrupt file is a GriffinError."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, EOFError) as e:
+        raise GriffinError(f"{path} is not a valid ONNX file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if not proto.graph.node:
+        raise GriffinError(f"{path} is not a valid ONNX file: it holds no graph")
+    return proto
+
+
+def check_external_data(proto, path: Path) -> None:
+    """Every external initializer's file exists and is long enough (a missing or truncated
+    model.onnx.data is a one-line error, not an ORT stack trace)."""
+    from onnx import TensorProto
+
+    sizes: dict[str, int] = {}
+    for t in proto.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        location = ext.get("location", "")
+        if location not in sizes:
+            f = path.parent / location
+            if not location or not f.is_file():
+                raise GriffinError(f"{path}: external data file {f.name or '?'} is missing (expected beside the graph)")
+            sizes[location] = f.stat().st_size
+        end = int(ext.get("offset", 0)) + int(ext.get("length", 0))
+        if end > sizes[location]:
+            raise GriffinError(f"{path}: external data file {location} is truncated ({sizes[location]} bytes, "
+                               f"tensor {t.name} ends at byte {end})")
+
+
+def read_graph(path: str | os.PathLike) -> Graph:
+    path = graph_file(path)
+    proto = load_proto(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    info = GraphInfo.from_metadata(meta, str(path))
+    check_external_data(proto, path)
+    inits = {t.name: (int(t.data_type), list(t.dims)) for t in proto.graph.initializer}
+    spec = spec_for(info.architecture)
+    widths = []
+    for i in range(info.num_layers):
+        name = f"{block_prefix(spec, i)}{spec.output}.weight"
+        if name not in inits:
+            raise GriffinError(f"{path}: FF initializer {name} is missing; this graph cannot take a bundle's weights")
+        widths.append(inits[name][1][-1])
+    from onnx import TensorProto
+
+    external = {t.name for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    return Graph(path, info, inits, widths, external)
+
+
+def _layers_text(k: list[int]) -> str:
+    return f"{k[0]} in every layer" if len(set(k)) == 1 else ",".join(map(str, k))
+
+
+def check_graph_bundle(graph: Graph, bundle_info, bundle_source: str) -> None:
+    """Refuse a bundle the graph cannot run, naming both sides in one line."""
+    g, b, gs = graph.info, bundle_info, graph.source
+    if g.architecture != b.architecture:
+        raise GriffinError(f"graph {gs} is a {g.architecture} model; bundle {bundle_source} is from a {b.architecture} model")
+    if g.num_layers != b.num_layers:
+        raise GriffinError(f"graph {gs} has {g.num_layers} layers; bundle {bundle_source} has {b.num_layers}")
+    if g.dtype != b.dtype:
+        raise GriffinError(f"graph {gs} is {g.dtype}; bundle {bundle_source} holds {b.dtype} weights")
+    if g.base_fingerprint != b.base_fingerprint:
+        raise GriffinError(f"graph {gs} was exported from {g.base_model} (fingerprint {g.base_fingerprint[:16]}); "
+                           f"bundle {bundle_source} belongs to {b.base_model} (fingerprint {b.base_fingerprint[:16]})")
+    if graph.widths != list(b.k):
+        first = next(i for i, (x, y) in enumerate(zip(graph.widths, b.k)) if x != y)
+        raise GriffinError(f"graph {gs} has k={_layers_text(graph.widths)} per layer; bundle {bundle_source} has "
+                           f"k={_layers_text(list(b.k))} (first difference: layer {first}); export a graph for this bundle")
+
+
+# -- provider ------------------------------------------------------------------------------------
+
+
+def gpu_answers() -> tuple[bool, str]:
+    """Whether the CUDA provider really runs here: onnxruntime-gpu lists CUDAExecutionProvider
+    even on a machine without a GPU or CUDA libraries, and falls back to CPU silently."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    if CUDA not in ort.get_available_providers():
+        return False, "this onnxruntime build has no CUDA provider (install onnxruntime-gpu for GPUs)"
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    ort.set_default_logger_severity(4)  # the failed CUDA load logs an error we turn into a reason
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=[CUDA])
+        if sess.get_providers()[0] != CUDA:
+            return False, "the CUDA provider is installed but did not start (no GPU, or CUDA/cuDNN libraries missing)"
+        x = ort.OrtValue.ortvalue_from_numpy(np.ones(1, np.float32), "cuda", 0)
+        io = sess.io_binding()
+        io.bind_ortvalue_input("x", x)
+        io.bind_output("y", "cuda", 0)
+        sess.run_with_iobinding(io)
+    except Exception as e:  # any failure here means: no usable GPU
+        return False, f"the CUDA provider failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    finally:
+        ort.set_default_logger_severity(3)
+    return True, "a GPU answered"
+
+
+def choose_provider(provider: str = "auto") -> tuple[str, str]:
+    """(provider, why): auto = CUDA when installed and a GPU answers, else CPU."""
+    if provider not in ("auto", "cpu", "cuda"):
+        raise GriffinError(f"unknown provider {provider!r}; choose auto, cpu or cuda")
+    if provider == "cpu":
+        return CPU, "requested"
+    ok, why = gpu_answers()
+    if ok:
+        return CUDA, why
+    if provider == "cuda":
+        raise GriffinError(f"CUDA provider requested, but {why}")
+    return CPU, why
+
+
+# -- the runtime -----------------------------------------------------------------------------------
+
+
+@dataclass
+class KVState:
+    """The cache between steps: per layer (key, value) OrtValues on the provider's device."""
+
+    past: list  # [key0, value0, key1, value1, ...], each [1, kv_heads, length, head_dim]
+    length: int
+
+
+class _Session:
+    def __init__(self, graph: Graph, provider: str, overrides: dict[str, torch.Tensor] | None, threads: int | None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        if overrides:
+            # add_external_initializers, not add_initializer: ORT's constant folding turns
+            # Transpose(W) into a new constant from the file's W *before* add_initializer's value
+            # is used, so a swapped bundle would silently decode with the exported one's weights.
+            # add_external_initializers replaces the (external-data) tensors before any
+            # optimization, and checks name, shape and dtype.
+            names = list(overrides)
+            values = [ort.OrtValue.ortvalue_from_numpy(_numpy(overrides[n])) for n in names]
+            so.add_external_initializers(names, values)
+        providers = [(CUDA, {"device_id": 0}), CPU] if provider == CUDA else [CPU]
+        try:
+            self.sess = ort.InferenceSession(str(graph.path), so, providers=providers)
+        except Exception as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GriffinError(f"ONNX Runtime cannot load {graph.path}: {text}") from e
+        self.graph = graph
+        self.device = ("cuda", 0) if provider == CUDA else ("cpu", 0)
+        L = graph.info.num_layers
+        self.past_names = [PAST.format(i, t) for i in range(L) for t in ("key", "value")]
+        self.present_names = [PRESENT.format(i, t) for i in range(L) for t in ("key", "value")]
+
+    def run(self, ids: np.ndarray, state: KVState) -> tuple[np.ndarray, KVState]:
+        """ids [1, S] after state.length cached tokens -> (last-position logits [vocab], new state)."""
+        s = ids.shape[1]
+        io = self.sess.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, state.length + s), np.int64))
+        io.bind_cpu_input("position_ids", np.arange(state.length, state.length + s, dtype=np.int64)[None])
+        for name, value in zip(self.past_names, state.past):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in self.present_names:
+            io.bind_output(name, *self.device)  # stays on the device for the next step
+        self.sess.run_with_iobinding(io)
+        out = io.get_outputs()
+        logits = out[0].numpy()[0, -1]
+        return logits, KVState(list(out[1:]), state.length + s)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        raise GriffinError("the ONNX runtime takes float32 or float16 bundles (numpy has no bfloat16)")
+    return t.detach().cpu().contiguous().numpy()
+
+
+class OnnxRuntime:
+    """Decodes a bundle with an exported graph. `full` (a graph exported with --full) runs the
+    prefill of new prompts, as the PyTorch runtime uses the full model for it; with
+    pruned_prefill the bundle's graph prefills them itself (what a pruned checkpoint computes)."""
+
+    def __init__(self, graph: str | os.PathLike | Graph, bundle: Bundle | None = None, *,
+                 full: str | os.PathLike | Graph | None = None, provider: str = "auto",
+                 threads: int | None = None, source: str = "bundle", pruned_prefill: bool = False):
+        self.graph = graph if isinstance(graph, Graph) else read_graph(graph)
+        self.bundle = bundle
+        self.pruned_prefill = pruned_prefill
+        info = self.graph.info
+        if info.dtype not in _NP_DTYPES:
+            raise GriffinError(f"graph {self.graph.source} is {info.dtype}; the ONNX runtime runs float32 or float16 graphs")
+        if bundle is not None:
+            check_graph_bundle(self.graph, bundle.info, source)
+            for name, t in bundle.weights.items():
+                have = self.graph.initializers.get(name)
+                if have is None or have[1] != list(t.shape):
+                    raise GriffinError(f"bundle {source} tensor {name} {list(t.shape)} has no initializer of that shape "
+                                       f"in graph {self.graph.source} ({have[1] if have else 'missing'})")
+                if name not in self.graph.external:
+                    raise GriffinError(f"graph {self.graph.source} stores {name} inline; ONNX Runtime only swaps "
+                                       "external-data weights: re-export the graph with this griffin-export")
+        self.full = full if isinstance(full, Graph) or full is None else read_graph(full)
+        if self.full is not None:
+            f = self.full.info
+            if f.kind != "full":
+                raise GriffinError(f"{self.full.source} is a {f.kind} graph; prefill needs one exported with --full")
+            if (f.base_fingerprint, f.num_layers, f.dtype) != (info.base_fingerprint, info.num_layers, info.dtype):
+                raise GriffinError(f"full graph {self.full.source} is from {f.base_model} ({f.dtype}, fingerprint "
+                                   f"{f.base_fingerprint[:16]}); graph {self.graph.source} is from {info.base_model} "
+                                   f"({info.dtype}, fingerprint {info.base_fingerprint[:16]})")
+        self.provider, self.provider_reason = choose_provider(provider)
+        overrides = bundle.weights if bundle is not None else None
+        self._decoder = _Session(self.graph, self.provider, overrides, threads)
+        self._prefill = _Session(self.full, self.provider, None, threads) if self.full is not None else None
+        self.tokenizer = _load_tokenizer(self.graph.path.parent)
+        self.eos = set(info.eos_token_ids)
+
+    def describe(self) -> str:
+        import onnxruntime as ort
+
+        return f"ONNX Runtime {ort.__version__}, {self.provider} ({self.provider_reason})"
+
+    # -- cache ------------------------------------------------------------------------------
+
+    def empty_state(self) -> KVState:
+        import onnxruntime as ort
+
+        info = self.graph.info
+        dtype = _NP_DTYPES[info.dtype]
+        empty = np.zeros((1, info.kv_heads, 0, info.head_dim), dtype)
+        # host memory even under CUDA: nothing to copy, and no zero-byte device allocations
+        return KVState([ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * info.num_layers)], 0)
+
+    def state_from_kv(self, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> KVState:
+        """A cache holding `length` tokens. Sliding-window layers may hold fewer (their last
+        window); they are left-padded with zeros, positions the window mask never reads."""
+        info = self.graph.info
+        if len(kv) != info.num_layers:
+            raise GriffinError(f"the KV cache has {len(kv)} layers; the graph has {info.num_layers}")
+        past = []
+        for i, pair in enumerate(kv):
+            for t in pair:
+                arr = _numpy(t)
+                n = arr.shape[2]
+                if n > length or (n < length and i not in info.sliding_layers):
+                    raise GriffinError(f"layer {i}'s KV cache holds {n} positions; the prompt has {length}")
+                if n < length:
+                    pad = np.zeros((*arr.shape[:2], length - n, arr.shape[3]), arr.dtype)
+                    arr = np.concatenate([pad, arr], axis=2)
+                past.append(self._on_device(np.ascontiguousarray(arr)))
+        return KVState(past, length)
+
+    def _on_device(self, arr: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(arr, *self._decoder.device)
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def prefill(self, ids: torch.Tensor) -> tuple[KVState, torch.Tensor]:
+        """Prefill ids [1, T] with the full graph (the experts' with pruned_prefill): (state, last logits [vocab])."""
+        session = self._decoder if self.pruned_prefill else self._prefill
+        if session is None:
+            raise GriffinError("a new prompt (or a bundle without KV) needs the full model for prefill: export it with "
+                               "`griffin-export onnx --full -o DIR` and pass that graph as full=DIR (--onnx-full DIR), "
+                               "or prefill through the experts with pruned_prefill (--pruned-prefill)")
+        ctx = self.graph.info.context_length
+        if ctx and ids.shape[1] + 1 > ctx:
+            raise GriffinError(f"prompt has {ids.shape[1]} tokens; the model's context is {ctx} (leave room to generate)")
+        logits, state = session.run(ids.cpu().numpy(), self.empty_state())
+        return state, torch.from_numpy(logits.astype(np.float32))
+
+    def start(self, ids: torch.Tensor | None = None) -> tuple[KVState, torch.Tensor]:
+        """(state, first logits): a new prompt's full prefill, else the bundle's own KV."""
+        b = self.bundle
+        if ids is not None:
+            return self.prefill(ids)
+        if b is None:
+            raise GriffinError("no bundle: give a prompt to generate from")
+        if b.kv is not None and b.last_logits is not None and not self.pruned_prefill:
+            return self.state_from_kv(b.kv, b.info.prompt_tokens), b.last_logits.float()
+        if b.prompt_ids is not None:
+            return self.prefill(b.prompt_ids[None])
+        raise GriffinError("this bundle has no prompt (a class bundle): give a prompt to generate from")
+
+    def step(self, state: KVState, token: int) -> torch.Tensor:
+        """Feed one token; logits [vocab] for the next. Updates `state` in place."""
+        logits, new = self._decoder.run(np.array([[token]], np.int64), state)
+        state.past, state.length = new.past, new.length
+        return torch.from_numpy(logits.astype(np.float32))
+
+    def generate(self, opts: DecodeOptions | None = None, *, prompt: str | None = None,
+                 ids: torch.Tensor | None = None) -> Generation:
+        opts = opts or DecodeOptions()
+        if prompt is not None:
+            ids = self.tokenize(prompt)
+        state, logits = self.start(ids)
+        return decode(lambda tok: self.step(state, tok), logits, opts, tokenizer=self.tokenizer, eos=self.eos)
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        from ..export import tokenize
+
+        chat = self.bundle.info.chat if self.bundle is not None else False
+        view = _TokenizerView(self.tokenizer, self.graph.source, self.graph.info.context_length or None)
+        return tokenize(view, text, chat=chat)  # type: ignore[arg-type]
+
+
+@dataclass
+class _TokenizerView:
+    """What export.tokenize reads off a LoadedModel, without a PyTorch model."""
+
+    tokenizer: object | None
+    identity: str
+    context_length: int | None
+    device: str = "cpu"
+
+
+def _load_tokenizer(directory: Path):
+    if not (directory / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    from ..models import quiet_transformers
+
+    quiet_transformers(True)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as e:
+        raise GriffinError(f"cannot load the tokenizer saved in {directory}: {e}") from e
+
+
+def load_onnx_runtime(graph: str | os.PathLike, bundle: str | os.PathLike | Bundle | None = None, *,
+                      full: str | os.PathLike | None = None, provider: str = "auto", new_prompts: bool = False,
+                      pruned_prefill: bool = False, threads: int | None = None) -> OnnxRuntime:
+    """Graph directory + bundle -> OnnxRuntime. The bundle's KV cache is not read when a new
+    prompt (or pruned_prefill) will replace it."""
+    source = "bundle" if bundle is None or isinstance(bundle, Bundle) else str(bundle)
+    if bundle is not None and not isinstance(bundle, Bundle):
+        bundle = read_bundle(bundle, load_kv=not (new_prompts or pruned_prefill))
+    return OnnxRuntime(graph, bundle, full=full, provider=provider, threads=threads, source=source,
+                       pruned_prefill=pruned_prefill)

@@ -1,0 +1,450 @@
+"""Prompt classes: aggregation, streaming input, bad input, class bundles, classification mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_prompt
+from griffin_export import ExportSettings, TorchRuntime, export_ids, from_model, read_bundle
+from griffin_export.arch import ff_blocks
+from griffin_export.classes import (AGGREGATIONS, DEFAULT_AGGREGATION, ClassSettings, Prompt, choice_loglik, classification_logits,
+                                    count_prompts, experts, export_class, iter_prompts)
+from griffin_export.errors import GriffinError
+from griffin_export.export import layer_scores, tokenize
+from griffin_export.models import load_model
+from griffin_export.prefill import forward, prefill
+from griffin_export.select import select_all
+from griffin_export_cli.main import main
+from tiny import ARCHS, VOCAB, prompt_ids, tiny_model
+
+
+def texts(n: int) -> list[str]:
+    """n different prompts of different lengths."""
+    return [" ".join(f"w{(5 * i + 11 * j) % (VOCAB - 3)}" for j in range(8 + 3 * i)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    return load_model(str(tiny_dir("llama")), quiet=True)
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# -- aggregation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
+@pytest.mark.parametrize("density", [0.25, 0.5])
+def test_n_copies_of_one_prompt_select_what_the_prompt_selects(lm, aggregation, density):
+    text = tiny_prompt(30)
+    own = export_ids(lm, tokenize(lm, text), ExportSettings(density=density)).indices
+    result = export_class(lm, [Prompt(text, f"copy{i}") for i in range(4)],
+                          ClassSettings("same", aggregation=aggregation, density=density))
+    assert same(result.bundle.indices, own)
+    # and a different prompt would not have selected the same: the check can fail
+    other = export_ids(lm, tokenize(lm, texts(3)[2]), ExportSettings(density=density)).indices
+    assert not same(other, own)
+
+
+@pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
+def test_prompt_order_does_not_change_the_class(lm, aggregation):
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(6))]
+    settings = ClassSettings("c", aggregation=aggregation)
+    forward_order = export_class(lm, prompts, settings)
+    shuffled = export_class(lm, [prompts[i] for i in (3, 0, 5, 1, 4, 2)], settings)
+    assert same(forward_order.bundle.indices, shuffled.bundle.indices)
+    score = AGGREGATIONS[aggregation].score
+    torch.testing.assert_close(score(forward_order.statistic), score(shuffled.statistic), rtol=1e-12, atol=1e-12)
+
+
+def in_memory_class_score(all_scores: torch.Tensor, aggregation: str, k: int) -> torch.Tensor:
+    """The aggregations written directly on all prompts' scores [N, L, D_ff] at once."""
+    s = all_scores.double()
+    mean = (s / s.norm(dim=-1, keepdim=True)).mean(0)
+    if aggregation == "mean":
+        return mean
+    if aggregation == "pooled":
+        return s.square().sum(0).sqrt()
+    member = torch.zeros_like(s).scatter_(-1, s.topk(k, dim=-1).indices, 1.0)
+    return member.mean(0) + 0.5 * mean / s.shape[0]
+
+
+@pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
+def test_streaming_equals_in_memory_aggregation(lm, tmp_path, aggregation):
+    prompts = texts(7)
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(prompts)))
+    settings = ClassSettings("c", aggregation=aggregation, density=0.25)
+    streamed = export_class(lm, iter_prompts([path]), settings)
+
+    all_scores = torch.stack([layer_scores(lm, tokenize(lm, t), settings.export_settings())[0] for t in prompts])
+    k = streamed.statistic.k
+    want = in_memory_class_score(all_scores, aggregation, k)
+    torch.testing.assert_close(AGGREGATIONS[aggregation].score(streamed.statistic), want, rtol=1e-6, atol=1e-9)
+    assert same(streamed.bundle.indices, select_all(want.float(), k, "topk", 0))
+    assert streamed.statistic.prompts == 7
+    assert streamed.statistic.tokens == sum(tokenize(lm, t).shape[1] for t in prompts)
+
+
+def test_aggregations_disagree_on_mixed_prompts(lm):
+    """The registry's entries are really different functions (so choosing one matters)."""
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(6))]
+    out = {a: export_class(lm, prompts, ClassSettings("c", aggregation=a, density=0.25)).bundle.indices
+           for a in AGGREGATIONS}
+    assert not same(out["mean"], out["pooled"]) or not same(out["mean"], out["topk_freq"])
+
+
+def test_prompts_are_streamed_one_at_a_time(lm, monkeypatch):
+    """Each prompt is prefilled before the next is read: nothing collects the input."""
+    import griffin_export.classes as classes
+
+    calls = []
+    real = classes.layer_scores
+    monkeypatch.setattr(classes, "layer_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def source():
+        for i, t in enumerate(texts(5)):
+            assert len(calls) == i, "the next prompt was read before the previous one was prefilled"
+            yield Prompt(t, str(i))
+
+    result = export_class(lm, source(), ClassSettings("c"))
+    assert result.statistic.prompts == 5 and len(calls) == 5
+
+
+# -- the class bundle --------------------------------------------------------------------
+
+
+def test_class_bundle_metadata_and_no_kv(lm, tmp_path):
+    from griffin_export import write_bundle
+
+    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(3))],
+                          ClassSettings("news", aggregation="topk_freq", density=0.75), source="a.jsonl")
+    path = write_bundle(result.bundle, tmp_path / "news.safetensors")
+    b = read_bundle(path)
+    assert b.info.kind == "class" and not b.info.has_kv
+    assert b.kv is None and b.prompt_ids is None and b.last_logits is None
+    assert b.info.extra == {"class": "news", "prompts": "3", "skipped": "0", "aggregation": "topk_freq",
+                            "source": "a.jsonl"}
+    assert b.info.k == [48, 48] and b.info.method == "topk" and b.info.density == 0.75
+    assert b.info.prompt_tokens == result.statistic.tokens
+
+
+def test_class_bundle_decodes_a_new_prompt_after_a_full_prefill(lm, tiny_dir):
+    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(3))], ClassSettings("c"))
+    fresh = load_model(str(tiny_dir("llama")), quiet=True)
+    ids = tokenize(fresh, tiny_prompt(12))
+    _, want_first = prefill(fresh.model, ids)
+
+    rt = TorchRuntime(load_model(str(tiny_dir("llama")), quiet=True), result.bundle, keep_full=True)
+    cache, first = rt.start(ids)
+    torch.testing.assert_close(first, want_first)  # the new prompt went through the full model
+    pruned = TorchRuntime(load_model(str(tiny_dir("llama")), quiet=True), result.bundle, pruned_prefill=True)
+    _, first_pruned = pruned.start(ids)
+    assert (first_pruned - want_first).abs().max() > 1e-3  # --pruned-prefill really prunes the prefill
+    with pytest.raises(GriffinError, match="class bundle"):
+        TorchRuntime(load_model(str(tiny_dir("llama")), quiet=True), result.bundle).start()
+
+
+# -- input ---------------------------------------------------------------------------------
+
+
+def test_inputs_jsonl_field_folder_and_text_files(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"article": "one", "summary_gt": "s"}\n\n{"article": "two"}\n')
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "b.txt").write_text("bee")
+    (folder / "a.txt").write_text("ay")
+    (folder / "skip.md").write_text("not a prompt")
+    (tmp_path / "single.txt").write_text("single")
+    prompts = list(iter_prompts([tmp_path / "x.jsonl", folder, tmp_path / "single.txt"], field="article"))
+    assert [p.text for p in prompts] == ["one", "two", "ay", "bee", "single"]
+    assert prompts[1].where == f"{tmp_path / 'x.jsonl'}:3"
+    assert count_prompts([tmp_path / "x.jsonl", folder], field="article", limit=3) == 3
+    assert [p.text for p in iter_prompts([folder, folder], limit=3)] == ["ay", "bee", "ay"]
+
+
+def test_the_shared_xsum_file_reads_with_field_article():
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_file():
+        pytest.skip(f"{SHARED_DATA} not present")
+    prompts = list(iter_prompts([SHARED_DATA], field="article", limit=5))
+    assert len(prompts) == 5 and all(p.text.startswith("###\nArticle:") for p in prompts)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "has no prompts (the file is empty)"),
+    ("\n\n", "has no prompts (the file is empty)"),
+    ('{"prompt": "ok"}\nnot json\n', "p.jsonl:2: not valid JSON"),
+    ('{"text": "a"}\n', "p.jsonl:1: no field 'prompt' (fields: text); choose one with --field"),
+    ('{"prompt": "ok"}\n[1, 2]\n', "p.jsonl:2: expected a JSON object, got list"),
+    ('{"prompt": 3}\n', "p.jsonl:1: field 'prompt' is a int, not a string"),
+    ('{"prompt": "ok"}\n{"prompt": "  "}\n', "p.jsonl:2: field 'prompt' is empty"),
+])
+def test_bad_jsonl_names_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(GriffinError, match="^" + str(tmp_path).replace("\\", "\\\\")) as e:
+        count_prompts([path])
+    assert message in str(e.value)
+
+
+def test_non_utf8_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(GriffinError, match=r"p.jsonl:2: not valid UTF-8"):
+        count_prompts([path])
+
+
+def test_folder_without_text_files_and_missing_input(tmp_path):
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(GriffinError, match=f"folder {tmp_path} has no .txt files"):
+        count_prompts([tmp_path])
+    with pytest.raises(GriffinError, match="input .*nope.jsonl does not exist"):
+        count_prompts([tmp_path / "nope.jsonl"])
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def write_jsonl(path, rows, field="prompt"):
+    path.write_text("".join(json.dumps({field: r}) + "\n" for r in rows))
+    return path
+
+
+def written(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_class_command_then_generate_with_a_new_prompt(tmp_path, tiny_dir, capsys):
+    data = write_jsonl(tmp_path / "x.jsonl", texts(4), field="article")
+    code, out, err = run(["class", data, "--field", "article", "--name", "news", "-o", tmp_path / "news.safetensors",
+                          "--model", tiny_dir("llama"), "--limit", "3", "--aggregation", "pooled"], capsys)
+    assert code == 0, err
+    assert "class 'news' from 3 prompts" in out and "0 skipped), pooled, k=32/64" in out
+    assert "class news: 100%" in err and "3/3 [" in err and "prompt/s]" in err  # progress: rate and ETA
+    info = read_bundle(tmp_path / "news.safetensors").info
+    assert info.extra["prompts"] == "3" and info.extra["aggregation"] == "pooled"
+
+    code, out, err = run(["inspect", tmp_path / "news.safetensors"], capsys)
+    assert code == 0 and "(class bundle)" in out and "class        news" in out
+
+    (tmp_path / "new.txt").write_text(tiny_prompt(15))
+    for extra in ([], ["--pruned-prefill"]):
+        code, out, err = run(["generate", tmp_path / "news.safetensors", "--prompt-file", tmp_path / "new.txt",
+                              "--max-new-tokens", "4", "-q", *extra], capsys)
+        assert code == 0, err
+    code, out, err = run(["generate", tmp_path / "news.safetensors"], capsys)
+    assert code == 2 and "is a class bundle (news): it has no prompt of its own; give one with --prompt-file" in err
+
+
+def test_over_context_prompts_are_skipped_and_counted(tmp_path, tiny_dir, capsys):
+    data = write_jsonl(tmp_path / "x.jsonl", [texts(1)[0], tiny_prompt(300), texts(2)[1], tiny_prompt(400)])
+    code, out, err = run(["class", data, "--name", "c", "-o", tmp_path / "c.safetensors", "--model",
+                          tiny_dir("llama"), "-q"], capsys)
+    assert code == 0, err
+    assert f"warning: skipped 2 of 4 prompts longer than the model's context (first: {data}:2)" in err
+    info = read_bundle(tmp_path / "c.safetensors").info
+    assert info.extra["prompts"] == "2" and info.extra["skipped"] == "2"
+
+    only_long = write_jsonl(tmp_path / "long.jsonl", [tiny_prompt(300)])
+    code, out, err = run(["class", only_long, "--name", "c", "-o", tmp_path / "l.safetensors", "--model",
+                          tiny_dir("llama"), "-q"], capsys)
+    assert code == 2 and "all 1 prompts are longer than the model's context; nothing to export" in err
+    assert not (tmp_path / "l.safetensors").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: write_jsonl(d / "e.jsonl", []), "e.jsonl has no prompts"),
+    (lambda d: written(d / "b.jsonl", '{"prompt": "w1"}\n{oops\n'), "b.jsonl:2: not valid JSON"),
+    (lambda d: write_jsonl(d / "m.jsonl", ["w1"], field="text"), "m.jsonl:1: no field 'prompt'"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "has no .txt files"),
+])
+def test_class_command_bad_input(tmp_path, tiny_dir, capsys, make, message):
+    source = make(tmp_path)
+    code, out, err = run(["class", source, "--name", "c", "-o", tmp_path / "c.safetensors", "--model",
+                          tiny_dir("llama")], capsys)
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("griffin-export: error: ")
+    assert "loading model" not in err  # refused before any model work
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_class_command_bad_options(tmp_path, tiny_dir, capsys):
+    data = write_jsonl(tmp_path / "x.jsonl", texts(2))
+    code, _, err = run(["class", data, "--name", " ", "-o", tmp_path / "c.safetensors"], capsys)
+    assert code == 2 and "a class needs a name" in err
+    code, _, err = run(["class", data, "--name", "c", "-o", tmp_path / "c.safetensors", "--method", "random"], capsys)
+    assert code == 2 and "Invalid value for '--method'" in err
+    (tmp_path / "c.safetensors").write_bytes(b"keep")
+    code, _, err = run(["class", data, "--name", "c", "-o", tmp_path / "c.safetensors"], capsys)
+    assert code == 2 and "exists; pass --force" in err
+    assert (tmp_path / "c.safetensors").read_bytes() == b"keep"
+
+
+def test_cli_choices_match_the_registry():
+    from griffin_export.classes import CLASS_METHODS
+    from griffin_export_cli import classes as cli_classes
+
+    assert cli_classes.AGGREGATIONS == list(AGGREGATIONS) and cli_classes.METHODS == list(CLASS_METHODS)
+    defaults = {p.name: p.default for p in cli_classes.command.params}
+    assert defaults["aggregation"] == DEFAULT_AGGREGATION and defaults["method"] == "topk"
+
+
+def test_interrupted_class_run_leaves_no_partial_output(tmp_path, tiny_dir, capsys, monkeypatch):
+    import griffin_export.classes as classes
+
+    data = write_jsonl(tmp_path / "x.jsonl", texts(4))
+    calls = []
+    real = classes.layer_scores
+
+    def interrupt_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(classes, "layer_scores", interrupt_third)
+    code, _, err = run(["class", data, "--name", "c", "-o", tmp_path / "c.safetensors", "--model",
+                        tiny_dir("llama"), "-q"], capsys)
+    assert code == 130 and "interrupted" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]
+
+
+# -- classification mode --------------------------------------------------------------------
+
+
+def masked_last_position(model, ids, indices) -> torch.Tensor:
+    """Reference: full prefill of ids[:-1], then the last token with unselected neurons zeroed."""
+    spec = from_model(model).spec
+    cache, _ = prefill(model, ids[:, :-1])
+    masks = []
+    for idx, block in zip(indices, ff_blocks(model, spec)):
+        m = torch.zeros(block.output.weight.shape[1])
+        m[idx] = 1.0
+        masks.append(m)
+    handles = [b.output.register_forward_pre_hook(lambda mod, a, mask=mask: (a[0] * mask,))
+               for b, mask in zip(ff_blocks(model, spec), masks)]
+    try:
+        return forward(model, ids[:, -1:], cache)[-1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_classification_mode(arch):
+    lm = tiny_model(arch)
+    ids = prompt_ids(24)
+    with torch.inference_mode():
+        full = lm.model(input_ids=ids).logits[0].float()  # [T, vocab]
+    got = classification_logits(lm, ids, density=0.5)
+    # positions before the last: the full model
+    torch.testing.assert_close(got[:-1], full[:-1], rtol=1e-4, atol=1e-4)
+    # the last position: experts from tokens 0..T-2 (what a per-prompt export of them selects)
+    indices = export_ids(lm, ids[:, :-1], ExportSettings(density=0.5, keep_kv=False)).indices
+    torch.testing.assert_close(got[-1], masked_last_position(lm.model, ids, indices), rtol=1e-4, atol=1e-4)
+    assert (got[-1] - full[-1]).abs().max() > 1e-3  # it really is pruned
+    # the model is whole again afterwards
+    with torch.inference_mode():
+        torch.testing.assert_close(lm.model(input_ids=ids).logits[0].float(), full)
+
+
+def test_classification_mode_at_density_one_is_the_full_model():
+    lm = tiny_model("llama")
+    ids = prompt_ids(16)
+    with torch.inference_mode():
+        full = lm.model(input_ids=ids).logits[0].float()
+    torch.testing.assert_close(classification_logits(lm, ids, density=1.0), full, rtol=1e-4, atol=1e-4)
+
+
+def test_choice_loglik_scores_the_choice_tokens():
+    lm = tiny_model("qwen2")
+    context, choice = prompt_ids(12, seed=3), prompt_ids(3, seed=4)
+    ids = torch.cat([context, choice], dim=1)[:, :-1]
+    logp = torch.log_softmax(classification_logits(lm, ids), dim=-1)[-3:]
+    want = float(sum(logp[i, choice[0, i]] for i in range(3)))
+    assert choice_loglik(lm, context, choice) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(GriffinError, match="at least 2 tokens"):
+        classification_logits(lm, prompt_ids(1))
+
+
+def test_experts_context_restores_the_full_model():
+    lm = tiny_model("phi3")
+    ids = prompt_ids(10)
+    with torch.inference_mode():
+        before = lm.model(input_ids=ids).logits
+    indices = [torch.arange(0, 64, 2)] * lm.num_layers
+    with experts(lm, indices):
+        assert ff_blocks(lm.model, lm.spec)[0].output.weight.shape == (32, 32)
+        with torch.inference_mode():
+            assert (lm.model(input_ids=ids).logits - before).abs().max() > 1e-3
+    with torch.inference_mode():
+        torch.testing.assert_close(lm.model(input_ids=ids).logits, before)
+
+
+# -- the aggregation benchmark script ------------------------------------------------------
+
+
+def test_aggregation_bench_script_on_a_tiny_model(tmp_path, tiny_dir, capsys):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("class_aggregation", ROOT / "bench" / "class_aggregation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    data = tmp_path / "x.jsonl"
+    rows = [{"article": t, "summary_gt": texts(7)[6 - i][:20]} for i, t in enumerate(texts(6))]
+    rows.insert(2, {"article": tiny_prompt(300), "summary_gt": "w1"})  # over the context: skipped
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = script.main(["--data", str(data), "--train", "0:4", "--eval", "4:7", "--density", "1.0,0.5",
+                          "--model", str(tiny_dir("llama")), "--pruned-prefill"])
+    assert report["train_prompts"] == 3 and report["train_skipped"] == 1 and report["eval_prompts"] == 3
+    res = report["results"]
+    assert set(res) == {"full", *(f"{v}@{d}" for d in (1.0, 0.5) for v in
+                                  ("per-prompt", "class:mean", "class:topk_freq", "class:pooled", "magnitude",
+                                   f"class:{DEFAULT_AGGREGATION}+pruned-prefill"))}
+    for name, values in res.items():  # density 1.0 keeps every neuron: every variant is the full model
+        if name.endswith("@1.0"):
+            assert values == pytest.approx(res["full"], abs=1e-4), name
+    assert res["per-prompt@0.5"] != pytest.approx(res["full"], abs=1e-4)
+    out = capsys.readouterr().out
+    assert "| class:topk_freq | 0.5 |" in out and "density 0.5, paired: " in out
+
+
+def test_stdlib_functions_make_a_code_class(tmp_path):
+    import ast
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("stdlib_functions", ROOT / "bench" / "stdlib_functions.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "code.jsonl"
+    assert script.main(["-o", str(out), "--limit", "6"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and len({r["source"] for r in rows}) == 6
+    for r in rows:  # prompt + "\n" + body is the whole function again, docstring at the prompt's end
+        tree = ast.parse(r["prompt"] + "\n" + r["body"])
+        assert len(tree.body) == 1 and ast.get_docstring(tree.body[0]) is not None
+        first = next(line for line in r["body"].split("\n") if line.strip())
+        indent = first[: len(first) - len(first.lstrip())]
+        head = ast.parse(r["prompt"] + "\n" + indent + "pass").body[0]  # the prompt ends after the docstring
+        assert ast.get_docstring(head) == ast.get_docstring(tree.body[0])
+    assert [p.text for p in iter_prompts([out])] == [r["prompt"] for r in rows]  # `class` reads it as is
