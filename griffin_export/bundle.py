@@ -33,6 +33,23 @@ PROMPT_IDS = "griffin.prompt_ids"
 LAST_LOGITS = "griffin.last_logits"
 
 
+def str_metadata(info) -> dict[str, str]:
+    """A metadata dataclass as str->str (safetensors and ONNX metadata_props): lists
+    comma-joined, bools as true/false, its `extra` dict as extra.* keys."""
+    meta = {}
+    for f in dataclasses.fields(info):
+        value = getattr(info, f.name)
+        if f.name == "extra":
+            continue
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        meta[f.name] = str(value)
+    meta.update({f"extra.{k}": v for k, v in info.extra.items()})
+    return meta
+
+
 @dataclass
 class BundleInfo:
     """Bundle metadata. Every field is stored as a string; `k` per layer as a comma list."""
@@ -59,18 +76,7 @@ class BundleInfo:
     extra: dict[str, str] = field(default_factory=dict)  # e.g. class name, aggregation
 
     def to_metadata(self) -> dict[str, str]:
-        meta = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "extra":
-                continue
-            if isinstance(value, list):
-                value = ",".join(map(str, value))
-            elif isinstance(value, bool):
-                value = "true" if value else "false"
-            meta[f.name] = str(value)
-        meta.update({f"extra.{k}": v for k, v in self.extra.items()})
-        return meta
+        return str_metadata(self)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str) -> "BundleInfo":

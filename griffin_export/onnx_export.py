@@ -41,7 +41,7 @@ from torch import nn
 
 from . import __version__
 from .arch import ff_blocks, per_layer, sliced, spec_for
-from .bundle import FORMAT_VERSION as BUNDLE_FORMAT_VERSION, Bundle, check_compatible
+from .bundle import FORMAT_VERSION as BUNDLE_FORMAT_VERSION, Bundle, check_compatible, str_metadata
 from .decoding import eos_ids
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
@@ -96,17 +96,7 @@ class GraphInfo:
     extra: dict[str, str] = field(default_factory=dict)  # the bundle's extra.* keys
 
     def to_metadata(self) -> dict[str, str]:
-        meta = {}
-        for name, value in vars(self).items():
-            if name == "extra":
-                continue
-            if isinstance(value, list):
-                value = ",".join(map(str, value))
-            elif isinstance(value, bool):
-                value = "true" if value else "false"
-            meta[name] = str(value)
-        meta.update({f"extra.{k}": v for k, v in self.extra.items()})
-        return meta
+        return str_metadata(self)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str) -> "GraphInfo":
