@@ -83,6 +83,21 @@ def test_topk_refit_bundle_round_trips_and_decodes(tmp_path):
     assert got == want and len(got) == 8
 
 
+def test_topk_refit_bundle_decodes_the_same_tokens_through_onnx(tmp_path):
+    from griffin_export.onnx_export import export_onnx
+    from griffin_export.runtime.onnx import load_onnx_runtime
+
+    lm = tiny_model("llama")
+    base = copy.deepcopy(lm.model)
+    b = export_ids(lm, prompt_ids(), ExportSettings(method="topk_refit"))
+    path = write_bundle(b, tmp_path / "r.safetensors")
+    opts = DecodeOptions(max_new_tokens=8, stop_at_eos=False)
+    graph = export_onnx(from_model(copy.deepcopy(base), identity="tiny-llama"), tmp_path / "g", read_bundle(path))
+    via_onnx = load_onnx_runtime(graph, path, provider="cpu").generate(opts).token_ids
+    via_torch = TorchRuntime(from_model(base, identity="tiny-llama"), read_bundle(path)).generate(opts).token_ids
+    assert via_onnx == via_torch and len(via_torch) == 8
+
+
 @pytest.mark.parametrize("lam", [0.0, -1.0])
 def test_refit_lambda_must_be_positive(lam):
     with pytest.raises(GriffinError, match="refit lambda must be > 0"):
