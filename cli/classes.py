@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .options import dtype_option, human_bytes, model_options, status
+from .options import density_option, dtype_option, human_bytes, model_options, status
 
 AGGREGATIONS = ["mean", "topk_freq", "pooled"]  # griffin_export.classes.AGGREGATIONS (kept import-free for --help)
 METHODS = ["topk", "sample", "topk_sample"]
@@ -23,7 +23,7 @@ METHODS = ["topk", "sample", "topk_sample"]
                    "often a neuron is in a prompt's top-k")
 @model_options
 @dtype_option
-@click.option("--density", default=0.5, show_default=True, help="fraction of FF neurons kept per layer, in (0, 1]")
+@density_option
 @click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True,
               help="neuron selection on the class score")
 @click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample")

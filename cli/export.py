@@ -4,7 +4,7 @@ import time
 
 import click
 
-from .options import dtype_option, human_bytes, model_options, status
+from .options import density_option, dtype_option, human_bytes, model_options, status
 
 from griffin_export.select import METHODS
 
@@ -14,7 +14,7 @@ from griffin_export.select import METHODS
 @click.option("-o", "--output", required=True, metavar="FILE", help="bundle to write (.safetensors)")
 @model_options
 @dtype_option
-@click.option("--density", default=0.5, show_default=True, help="fraction of FF neurons kept per layer, in (0, 1]")
+@density_option
 @click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True,
               help="neuron selection (topk is the paper's; topk_refit also refits the kept down-projection columns)")
 @click.option("--refit-lambda", default=1.0, show_default=True, help="ridge strength of topk_refit")

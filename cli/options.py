@@ -21,6 +21,11 @@ def dtype_option(f):
                         help="weights and activations dtype (bfloat16/float16 for GPUs)")(f)
 
 
+def density_option(f):
+    return click.option("--density", default=0.5, show_default=True,
+                        help="fraction of FF neurons kept per layer, in (0, 1]")(f)
+
+
 def decode_options(f):
     f = click.option("--seed", default=0, show_default=True, help="sampling seed")(f)
     f = click.option("--stop", multiple=True, help="stop string (repeatable)")(f)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_prompt
-from griffin_export import ExportSettings, TorchRuntime, export_ids, from_model, read_bundle
+from griffin_export import ExportSettings, TorchRuntime, export_ids, read_bundle
 from griffin_export.arch import ff_blocks
 from griffin_export.classes import (AGGREGATIONS, DEFAULT_AGGREGATION, ClassSettings, Prompt, choice_loglik, classification_logits,
                                     count_prompts, experts, export_class, iter_prompts)
@@ -18,7 +18,7 @@ from griffin_export.models import load_model
 from griffin_export.prefill import forward, prefill
 from griffin_export.select import select_all
 from griffin_export_cli.main import main
-from tiny import ARCHS, VOCAB, prompt_ids, tiny_model
+from tiny import ARCHS, VOCAB, masked, prompt_ids, tiny_model
 
 
 def texts(n: int) -> list[str]:
@@ -330,20 +330,9 @@ def test_interrupted_class_run_leaves_no_partial_output(tmp_path, tiny_dir, caps
 
 def masked_last_position(model, ids, indices) -> torch.Tensor:
     """Reference: full prefill of ids[:-1], then the last token with unselected neurons zeroed."""
-    spec = from_model(model).spec
     cache, _ = prefill(model, ids[:, :-1])
-    masks = []
-    for idx, block in zip(indices, ff_blocks(model, spec)):
-        m = torch.zeros(block.output.weight.shape[1])
-        m[idx] = 1.0
-        masks.append(m)
-    handles = [b.output.register_forward_pre_hook(lambda mod, a, mask=mask: (a[0] * mask,))
-               for b, mask in zip(ff_blocks(model, spec), masks)]
-    try:
+    with masked(model, indices):
         return forward(model, ids[:, -1:], cache)[-1]
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

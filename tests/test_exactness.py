@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from griffin_export import ExportSettings, TorchRuntime, export_ids, from_model
+from griffin_export import ExportSettings, TorchRuntime, export_ids
 from griffin_export.arch import ff_blocks
 from griffin_export.export import layer_scores
 from griffin_export.prefill import forward, prefill
-from tiny import ARCHS, prompt_ids, tiny_model
+from tiny import ARCHS, masked, prompt_ids, tiny_model
 
 STEPS = 20
 
@@ -54,31 +54,20 @@ def test_pruned_decode_equals_masked_full_model(arch):
     ref = copy.deepcopy(lm.model)
     ids, tokens = prompt_ids(), decode_tokens()
     bundle = export_ids(lm, ids, ExportSettings(density=0.5))
-    masks = []
-    for idx in bundle.indices:
-        m = torch.zeros(lm.d_ff)
-        m[idx] = 1.0
-        masks.append(m)
     want_full = reference_logits(ref, ids, tokens)
     got = pruned_logits(lm, bundle, tokens)
     # the prompt (and its KV) goes through the full model; only decode steps are pruned
     torch.testing.assert_close(got[0], want_full[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1:], _masked_decode(ref, ids, tokens, masks), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1:], _masked_decode(ref, ids, tokens, bundle.indices), rtol=1e-4, atol=1e-4)
     # pruning really changed the logits, so the comparison above can fail
     assert (got[1:] - want_full[1:]).abs().max() > 1e-3
 
 
-def _masked_decode(model, ids, tokens, masks) -> torch.Tensor:
+def _masked_decode(model, ids, tokens, indices) -> torch.Tensor:
     """Full-model prefill, then decode steps with the unselected neurons zeroed."""
-    spec = from_model(model).spec
     cache, _ = prefill(model, ids)
-    handles = [b.output.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,))
-               for b, mask in zip(ff_blocks(model, spec), masks)]
-    try:
+    with masked(model, indices):
         return torch.stack([forward(model, torch.tensor([[t]]), cache)[-1] for t in tokens[:-1]])
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

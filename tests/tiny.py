@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers import AutoModelForCausalLM
 from transformers import GemmaConfig, Gemma2Config, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config
 
 from griffin_export import from_model
+from griffin_export.arch import ff_blocks
 
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -39,3 +42,20 @@ def tiny_model(arch: str, seed: int = 0):
 def prompt_ids(n: int = 24, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (1, n), generator=g)
+
+
+@contextmanager
+def masked(model, indices):
+    """The full model with every FF neuron outside `indices` (per layer) zeroed: the
+    mathematical definition of running with only those neurons."""
+    blocks = ff_blocks(model, from_model(model).spec)
+    handles = []
+    for block, idx in zip(blocks, indices):
+        mask = torch.zeros(block.output.weight.shape[1])
+        mask[idx] = 1.0
+        handles.append(block.output.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
