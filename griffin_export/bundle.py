@@ -50,6 +50,44 @@ def str_metadata(info) -> dict[str, str]:
     return meta
 
 
+def check_format(meta: dict[str, str], source: str, fmt: str, version: str, what: str) -> None:
+    """Refuse metadata of another format or version (what: "bundle" or "graph")."""
+    if meta.get("format") != fmt:
+        raise GriffinError(f"{source} is not a griffin-export {what} (format={meta.get('format')!r})")
+    if meta.get("format_version") != version:
+        raise GriffinError(f"{source} has {what} format version {meta.get('format_version')!r}; this griffin-export "
+                           f"reads version {version} — re-export the {what} with this version")
+
+
+def parse_metadata(cls, meta: dict[str, str], source: str):
+    """The inverse of str_metadata for dataclass `cls`: typed fields from strings. Fields with
+    defaults may be missing; the others must be there and parse."""
+    values: dict[str, object] = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "extra":
+            continue
+        if f.name not in meta:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                continue
+            raise GriffinError(f"{source}: metadata key {f.name!r} is missing")
+        raw = meta[f.name]
+        try:
+            if f.type == "int":
+                values[f.name] = int(raw)
+            elif f.type == "float":
+                values[f.name] = float(raw)
+            elif f.type == "bool":
+                values[f.name] = raw == "true"
+            elif f.type == "list[int]":
+                values[f.name] = [int(x) for x in raw.split(",")] if raw else []
+            else:
+                values[f.name] = raw
+        except ValueError:
+            raise GriffinError(f"{source}: metadata {f.name}={raw!r} is not a valid {f.type}") from None
+    extra = {k[len("extra."):]: v for k, v in meta.items() if k.startswith("extra.")}
+    return cls(**values, extra=extra)
+
+
 @dataclass
 class BundleInfo:
     """Bundle metadata. Every field is stored as a string; `k` per layer as a comma list."""
@@ -80,38 +118,8 @@ class BundleInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str) -> "BundleInfo":
-        if meta.get("format") != FORMAT:
-            raise GriffinError(f"{source} is a safetensors file but not a griffin-export bundle (format={meta.get('format')!r})")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise GriffinError(
-                f"{source} has bundle format version {meta.get('format_version')!r}; this griffin-export "
-                f"reads version {FORMAT_VERSION} — re-export the bundle with this version"
-            )
-        values: dict[str, object] = {}
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        for name, typ in types.items():
-            if name == "extra":
-                continue
-            if name not in meta:
-                if any(f.name == name and f.default is not dataclasses.MISSING for f in dataclasses.fields(cls)):
-                    continue
-                raise GriffinError(f"{source}: metadata key {name!r} is missing")
-            raw = meta[name]
-            try:
-                if typ == "int":
-                    values[name] = int(raw)
-                elif typ == "float":
-                    values[name] = float(raw)
-                elif typ == "bool":
-                    values[name] = raw == "true"
-                elif typ == "list[int]":
-                    values[name] = [int(x) for x in raw.split(",")]
-                else:
-                    values[name] = raw
-            except ValueError:
-                raise GriffinError(f"{source}: metadata {name}={raw!r} is not a valid {typ}") from None
-        extra = {k[len("extra."):]: v for k, v in meta.items() if k.startswith("extra.")}
-        return cls(**values, extra=extra)
+        check_format(meta, source, FORMAT, FORMAT_VERSION, "bundle")
+        return parse_metadata(cls, meta, source)
 
 
 @dataclass

@@ -41,7 +41,8 @@ from torch import nn
 
 from . import __version__
 from .arch import ff_blocks, per_layer, sliced, spec_for
-from .bundle import FORMAT_VERSION as BUNDLE_FORMAT_VERSION, Bundle, check_compatible, str_metadata
+from .bundle import FORMAT_VERSION as BUNDLE_FORMAT_VERSION
+from .bundle import Bundle, check_compatible, check_format, parse_metadata, str_metadata
 from .decoding import eos_ids
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
@@ -100,30 +101,8 @@ class GraphInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str) -> "GraphInfo":
-        if meta.get("format") != GRAPH_FORMAT:
-            raise GriffinError(f"{source} is an ONNX graph but not one griffin-export wrote (format={meta.get('format')!r})")
-        if meta.get("format_version") != GRAPH_FORMAT_VERSION:
-            raise GriffinError(f"{source} has graph format version {meta.get('format_version')!r}; this griffin-export "
-                               f"reads version {GRAPH_FORMAT_VERSION} — re-export it with this version")
-        ints = lambda s: [int(x) for x in s.split(",")] if s else []  # noqa: E731
-        parse = {"num_layers": int, "d_ff": int, "hidden_size": int, "kv_heads": int, "head_dim": int,
-                 "context_length": int, "density": float, "k": ints, "sliding_layers": ints,
-                 "eos_token_ids": ints, "chat": lambda s: s == "true"}
-        defaults = {"chat", "tokenizer", "bundle_format_version", "tool_version", "format", "format_version"}
-        values: dict[str, object] = {}
-        for name in cls.__dataclass_fields__:
-            if name == "extra":
-                continue
-            if name not in meta:
-                if name in defaults:
-                    continue
-                raise GriffinError(f"{source}: graph metadata key {name!r} is missing")
-            try:
-                values[name] = parse.get(name, str)(meta[name])
-            except ValueError:
-                raise GriffinError(f"{source}: graph metadata {name}={meta[name]!r} is malformed") from None
-        extra = {k[len("extra."):]: v for k, v in meta.items() if k.startswith("extra.")}
-        return cls(**values, extra=extra)
+        check_format(meta, source, GRAPH_FORMAT, GRAPH_FORMAT_VERSION, "graph")
+        return parse_metadata(cls, meta, source)
 
 
 # -- the module torch.export traces ------------------------------------------------------------
