@@ -17,10 +17,13 @@ from .options import dtype_option, model_options
 @click.option("--repeats", default=5, show_default=True, help="timed repeats (median reported), after one warm-up")
 @click.option("--threads", default=None, type=int, help="torch (and ONNX Runtime) threads [default: their choice]")
 @click.option("--runtime", default="torch", show_default=True,
-              help="comma-separated runtimes: torch, onnx (ONNX Runtime, CPU provider; exports a graph per config)")
+              help="comma-separated runtimes: torch, onnx (ONNX Runtime; exports a graph per config)")
+@click.option("--onnx-provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="ONNX Runtime provider for the onnx rows (auto: CUDA when a GPU answers)")
 @click.option("-o", "--output", default=None, metavar="DIR", help="also write DIR/bench.json and DIR/bench.md")
 @click.option("--force", is_flag=True, help="overwrite an existing DIR/bench.json / bench.md")
-def command(model, gguf_file, device, dtype, density, data, row, new_tokens, repeats, threads, runtime, output, force):
+def command(model, gguf_file, device, dtype, density, data, row, new_tokens, repeats, threads, runtime, onnx_provider,
+            output, force):
     """Decode speed of the full model vs bundles, side by side in one process.
 
     Prints decode tokens/s for the full model and each density, their ratio, the
@@ -33,12 +36,13 @@ def command(model, gguf_file, device, dtype, density, data, row, new_tokens, rep
       griffin-export bench
       griffin-export bench --density 0.5 --repeats 9 --threads 2
       griffin-export bench --runtime torch,onnx -o bench_out/
+      griffin-export bench --runtime torch,onnx --device cuda --dtype float16 --onnx-provider cuda
     """
     from griffin_export.bench import BenchSettings, check_results_dir, format_table, run_bench, write_results
 
     settings = BenchSettings(densities=[float(d) for d in density.split(",")], data=data, row=row,
                              new_tokens=new_tokens, repeats=repeats, threads=threads,
-                             runtimes=[r.strip() for r in runtime.split(",") if r.strip()])
+                             runtimes=[r.strip() for r in runtime.split(",") if r.strip()], onnx_provider=onnx_provider)
     if output is not None:  # refuse an existing result before the long run
         check_results_dir(output, force)
     result = run_bench(model, gguf_file=gguf_file, dtype=dtype, device=device, settings=settings)

@@ -40,7 +40,9 @@ class BenchSettings:
     new_tokens: int = 64
     repeats: int = 5
     threads: int | None = None
-    runtimes: list[str] = field(default_factory=lambda: ["torch"])  # torch and/or onnx (ORT, CPU provider)
+    runtimes: list[str] = field(default_factory=lambda: ["torch"])  # torch and/or onnx (ONNX Runtime)
+    onnx_provider: str = "cpu"  # ONNX Runtime provider: cpu, cuda or auto (runtime/onnx.choose_provider)
+    time_export: bool = True  # also time export vs a plain prefill (writes the bundle each repeat)
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
@@ -143,26 +145,30 @@ def _ff_elements(lm: LoadedModel) -> int:
     return total
 
 
-def _onnx_config(lm: LoadedModel, directory: Path, bundle, threads: int | None):
-    """Export a graph (the full model's when bundle is None) and open it on the CPU provider."""
+def _onnx_config(lm: LoadedModel, directory: Path, bundle, threads: int | None, provider: str):
+    """Export a graph (the full model's when bundle is None) and open it with ONNX Runtime."""
     from .onnx_export import DATA_FILE, MODEL_FILE, export_onnx
     from .runtime.onnx import OnnxRuntime
 
     export_onnx(lm, directory, bundle)
     size = sum((directory / f).stat().st_size for f in (MODEL_FILE, DATA_FILE))
-    return OnnxRuntime(directory, None, provider="cpu", threads=threads), size
+    return OnnxRuntime(directory, None, provider=provider, threads=threads), size
 
 
 def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: str = "float32",
-              device: str = "cpu", settings: BenchSettings | None = None, lm: LoadedModel | None = None) -> dict:
+              device: str = "cpu", settings: BenchSettings | None = None, lm: LoadedModel | None = None,
+              ids: torch.Tensor | None = None, prompt_source: str | None = None) -> dict:
+    """The benchmark on row `settings.row` of the data, or on given prompt `ids` [1, T] (e.g.
+    random tokens for a model with random weights; `prompt_source` then says what they are)."""
     s = settings or BenchSettings()
     if s.threads:
         torch.set_num_threads(s.threads)
-    data = find_data(s.data)
-    text = read_row(data, s.row)
     lm = lm or load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=True)
     _ = lm.fingerprint  # hashed once here, not inside the timed export
-    ids = tokenize(lm, text)
+    if ids is None:
+        data = find_data(s.data)
+        ids, prompt_source = tokenize(lm, read_row(data, s.row)), f"row {s.row} of {data.name}"
+    ids = ids.to(lm.device)
     check_context(lm, ids.shape[1] + s.new_tokens)
 
     base = copy.deepcopy(lm.model)  # untouched full model for the plain-prefill baseline
@@ -176,8 +182,8 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         def export_once():
             write_bundle(export_ids(lm, ids, export_settings), out, force=True)
 
-        prefill_s = _median_time(lambda: prefill(base, ids), max(1, s.repeats // 2))
-        export_s = _median_time(export_once, max(1, s.repeats // 2))
+        prefill_s = _median_time(lambda: prefill(base, ids), max(1, s.repeats // 2)) if s.time_export else None
+        export_s = _median_time(export_once, max(1, s.repeats // 2)) if s.time_export else None
 
         cache, last = prefill(base, ids)
         kv = cache_tensors(cache)
@@ -187,7 +193,8 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         if "torch" in s.runtimes:
             configs[("torch", "full")] = (torch_fn(base), None, 0, full_read, None)
         if "onnx" in s.runtimes:
-            rt, size = _onnx_config(lm, Path(tmp) / "onnx-full", None, s.threads)
+            rt, size = _onnx_config(lm, Path(tmp) / "onnx-full", None, s.threads, s.onnx_provider)
+            onnx_provider = rt.provider
             configs[("onnx", "full")] = (onnx_fn(rt), None, 0, full_read, size)
         for d in tqdm(s.densities, desc="bundles (and graphs)", leave=False):
             bundle = export_ids(lm, ids, ExportSettings(density=d))
@@ -200,7 +207,7 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
                 configs[("torch", f"{d:g}")] = (torch_fn(rt.lm.model), bundle.info.k[0], bundle_bytes,
                                                 read_elements(rt.lm.model), None)
             if "onnx" in s.runtimes:
-                ort_rt, size = _onnx_config(lm, Path(tmp) / f"onnx-{d:g}", bundle, s.threads)
+                ort_rt, size = _onnx_config(lm, Path(tmp) / f"onnx-{d:g}", bundle, s.threads, s.onnx_provider)
                 configs[("onnx", f"{d:g}")] = (onnx_fn(ort_rt), bundle.info.k[0], bundle_bytes, read, size)
 
     times: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
@@ -224,12 +231,13 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
     if "onnx" in s.runtimes:
         import onnxruntime
 
-        onnx_info = {"onnxruntime": onnxruntime.__version__, "onnx_provider": "CPUExecutionProvider"}
+        onnx_info = {"onnxruntime": onnxruntime.__version__, "onnx_provider": onnx_provider}
     return {
         "model": lm.identity, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).replace("torch.", ""),
-        "device": str(lm.device), "machine": machine(), "data": str(data), "row": s.row,
+        "device": str(lm.device), "machine": machine(), "prompt": prompt_source,
         "prompt_tokens": ids.shape[1], "new_tokens": s.new_tokens, "repeats": s.repeats,
-        "prefill_s": prefill_s, "export_s": export_s, "export_over_prefill": export_s / prefill_s,
+        "prefill_s": prefill_s, "export_s": export_s,
+        "export_over_prefill": export_s / prefill_s if s.time_export else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "runtimes": list(s.runtimes), **onnx_info,
         "rows": rows,
@@ -240,7 +248,7 @@ def format_table(r: dict) -> str:
     m = r["machine"]
     lines = [
         f"model {r['model']} ({r['dtype']}, {r['device']}), {m['cpu']}, {m['torch_threads']} torch threads",
-        f"prompt: row {r['row']} of {Path(r['data']).name} ({r['prompt_tokens']} tokens); "
+        f"prompt: {r['prompt']} ({r['prompt_tokens']} tokens); "
         f"decode {r['new_tokens']} tokens, median of {r['repeats']} interleaved repeats",
         "",
     ]
@@ -256,10 +264,11 @@ def format_table(r: dict) -> str:
         size = f"{row['bundle_bytes'] / 1e6:.1f} MB" if row["bundle_bytes"] else "—"
         lines.append(f"| {row.get('runtime', 'torch')} | {name} | {row['k']} | {row['decode_tok_s']:.1f} | "
                      f"{row['speedup']:.2f}× | {row['bound']:.2f}× | {size} |")
+    lines.append("")
+    if r["export_s"] is not None:
+        lines.append(f"export (prefill + statistic + selection + write, density 0.5): {r['export_s']:.2f} s; "
+                     f"plain prefill: {r['prefill_s']:.2f} s; ratio {r['export_over_prefill']:.2f}×")
     lines += [
-        "",
-        f"export (prefill + statistic + selection + write, density 0.5): {r['export_s']:.2f} s; "
-        f"plain prefill: {r['prefill_s']:.2f} s; ratio {r['export_over_prefill']:.2f}×",
         f"peak RSS of the benchmark process (holds all configurations at once): {r['peak_rss_bytes'] / 1e9:.2f} GB",
     ]
     return "\n".join(lines)

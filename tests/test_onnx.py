@@ -405,7 +405,7 @@ def test_bench_results_are_written_as_json_and_markdown(tmp_path):
     row = lambda rt, cfg, k, tps: {"runtime": rt, "config": cfg, "k": k, "decode_tok_s": tps,  # noqa: E731
                                    "speedup": 1.0, "bound": 1.0, "bundle_bytes": 0, "weight_bytes": 1}
     r = {"model": "m", "dtype": "float32", "device": "cpu", "machine": {"cpu": "c", "torch_threads": 2},
-         "row": 0, "data": "d.jsonl", "prompt_tokens": 9, "new_tokens": 8, "repeats": 1, "export_s": 1.0,
+         "prompt": "row 0 of d.jsonl", "prompt_tokens": 9, "new_tokens": 8, "repeats": 1, "export_s": 1.0,
          "prefill_s": 1.0, "export_over_prefill": 1.0, "peak_rss_bytes": 1, "onnxruntime": "1.x",
          "onnx_provider": CPU, "rows": [row("torch", "full", 64, 10.0), row("onnx", "full", 64, 12.5)]}
     js, md = write_results(r, tmp_path / "out")

@@ -15,8 +15,10 @@ exporter saved the tokenizer beside it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +152,12 @@ def gpu_answers() -> tuple[bool, str]:
 
     if CUDA not in ort.get_available_providers():
         return False, "this onnxruntime build has no CUDA provider (install onnxruntime-gpu for GPUs)"
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* pip packages, where torch did not load them
+        with contextlib.redirect_stdout(StringIO()):  # it prints what it did not find; the probe below decides
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - best effort; a real failure shows in the probe
+                pass
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
