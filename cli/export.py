@@ -16,7 +16,8 @@ from griffin_export.select import METHODS
 @dtype_option
 @density_option
 @click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True,
-              help="neuron selection (topk is the paper's; topk_refit also refits the kept down-projection columns)")
+              help="neuron selection (topk is the paper's; topk_refit also refits the kept down-projection columns; "
+                   "topk_refit_alloc also spreads the same total unevenly over the layers)")
 @click.option("--refit-lambda", default=1.0, show_default=True, help="ridge strength of topk_refit")
 @click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample / random")
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")

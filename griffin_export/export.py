@@ -10,6 +10,7 @@ import torch
 
 from . import __version__
 from .arch import ff_blocks, magnitude_scores, slice_block
+from .budget import edge_budgets, refit_budgets
 from .bundle import Bundle, BundleInfo
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
@@ -110,6 +111,23 @@ def method_scores(lm: LoadedModel, method: str, prompt_scores: torch.Tensor) -> 
     return torch.stack([magnitude_scores(b, lm.spec, lm.d_ff) for b in ff_blocks(lm.model, lm.spec)])
 
 
+def choose_experts(lm: LoadedModel, method: str, scores: torch.Tensor, density: float, seed: int, *,
+                   gram: torch.Tensor | None = None, refit_lambda: float = DEFAULT_LAMBDA,
+                   ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Selection and sliced weights of one method: (per-layer indices, FF tensors by name).
+    `scores` [L, D_ff] are what the method ranks by (method_scores); refit methods need `gram`."""
+    k: int | list[int] = k_for(density, lm.d_ff)
+    if method in REFIT and gram is None:
+        raise ValueError(f"{method} needs the prefill's Gram matrices")
+    if method == "topk_refit_edges":
+        k = edge_budgets(lm.num_layers, lm.d_ff, k)
+    elif method == "topk_refit_alloc":
+        w_downs = [b.output.weight for b in ff_blocks(lm.model, lm.spec)]
+        k = refit_budgets(w_downs, gram, scores, k, refit_lambda)
+    indices = select_all(scores, k, method, seed)
+    return indices, expert_weights(lm, indices, gram=gram if method in REFIT else None, refit_lambda=refit_lambda)
+
+
 def expert_weights(lm: LoadedModel, indices: list[torch.Tensor], *, gram: torch.Tensor | None = None,
                    refit_lambda: float = DEFAULT_LAMBDA) -> dict[str, torch.Tensor]:
     """The kept neurons' FF tensors of every layer, keyed by parameter name. With `gram`
@@ -160,9 +178,9 @@ def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, 
     check_context(lm, ids.shape[1])
     refit = settings.method in REFIT
     stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, gram=refit, progress=progress)
-    k = k_for(settings.density, lm.d_ff)
-    indices = select_all(method_scores(lm, settings.method, stat.scores()), k, settings.method, settings.seed)
-    weights = expert_weights(lm, indices, gram=stat.gram, refit_lambda=settings.refit_lambda)
+    indices, weights = choose_experts(lm, settings.method, method_scores(lm, settings.method, stat.scores()),
+                                      settings.density, settings.seed, gram=stat.gram,
+                                      refit_lambda=settings.refit_lambda)
     extra = {"refit_lambda": str(settings.refit_lambda)} if refit else None
     bundle = bundle_from_indices(lm, indices, settings, prompt_tokens=ids.shape[1], weights=weights, extra=extra)
     bundle.prompt_ids = ids[0].cpu()

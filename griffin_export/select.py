@@ -6,10 +6,12 @@ import torch
 
 from .errors import GriffinError
 
-METHODS = ("topk", "sample", "topk_sample", "random", "magnitude", "topk_refit")
+METHODS = ("topk", "sample", "topk_sample", "random", "magnitude", "topk_refit", "topk_refit_edges",
+           "topk_refit_alloc")
 # Methods that select like another one, then refit the kept down-projection columns on the
 # prompt's activations (refit.py); they need the activations' Gram matrix from the prefill.
-REFIT = {"topk_refit": "topk"}
+REFIT = {"topk_refit": "topk", "topk_refit_edges": "topk", "topk_refit_alloc": "topk"}
+# topk_refit_edges and topk_refit_alloc also spread the same total unevenly over the layers (budget.py).
 
 
 def check_density(density: float) -> float:
@@ -61,8 +63,12 @@ def select(scores: torch.Tensor, k: int, method: str, gen: torch.Generator) -> t
     return idx.sort().values.to(torch.int64)
 
 
-def select_all(scores: torch.Tensor, k: int, method: str, seed: int) -> list[torch.Tensor]:
-    """Per-layer selection for [num_layers, D_ff] scores, deterministic for a seed."""
+def select_all(scores: torch.Tensor, k: int | list[int], method: str, seed: int) -> list[torch.Tensor]:
+    """Per-layer selection for [num_layers, D_ff] scores, deterministic for a seed; k is one
+    count for every layer or one per layer."""
     check_method(method)
+    ks = [k] * len(scores) if isinstance(k, int) else list(k)
+    if len(ks) != len(scores):
+        raise GriffinError(f"{len(ks)} per-layer budgets for {len(scores)} layers")
     gen = torch.Generator().manual_seed(seed)
-    return [select(s, k, method, gen) for s in scores]
+    return [select(s, kl, method, gen) for s, kl in zip(scores, ks)]

@@ -21,7 +21,7 @@ class FFStatistic:
     """Running sum over tokens of the squared, row-normalized FF activations, per layer.
 
     With gram=True it also keeps the raw activations' Gram matrix ZᵀZ per layer
-    ([D_ff, D_ff]: O(D_ff²) memory, only for the `topk_refit` method)."""
+    ([D_ff, D_ff]: O(D_ff²) memory, only for the refit methods)."""
 
     def __init__(self, num_layers: int, d_ff: int, *, gram: bool = False):
         self.sumsq = torch.zeros(num_layers, d_ff, dtype=torch.float64)

@@ -83,18 +83,27 @@ def test_topk_refit_bundle_round_trips_and_decodes(tmp_path):
     assert got == want and len(got) == 8
 
 
-def test_topk_refit_bundle_decodes_the_same_tokens_through_onnx(tmp_path):
+def onnx_and_torch_tokens(model, bundle, tmp_path, n=8):
+    """Greedy tokens of `bundle` (exported from `model`, written to a file) through ONNX Runtime
+    and through the PyTorch runtime, each from a fresh copy of the base model."""
     from griffin_export.onnx_export import export_onnx
     from griffin_export.runtime.onnx import load_onnx_runtime
 
+    path = write_bundle(bundle, tmp_path / "r.safetensors")
+    opts = DecodeOptions(max_new_tokens=n, stop_at_eos=False)
+    graph = export_onnx(from_model(copy.deepcopy(model), identity=bundle.info.base_model), tmp_path / "g",
+                        read_bundle(path))
+    via_onnx = load_onnx_runtime(graph, path, provider="cpu").generate(opts).token_ids
+    via_torch = TorchRuntime(from_model(model, identity=bundle.info.base_model), read_bundle(path)).generate(opts)
+    return via_onnx, via_torch.token_ids
+
+
+@pytest.mark.parametrize("method", ["topk_refit", "topk_refit_alloc"])
+def test_refit_bundles_decode_the_same_tokens_through_onnx(tmp_path, method):
     lm = tiny_model("llama")
     base = copy.deepcopy(lm.model)
-    b = export_ids(lm, prompt_ids(), ExportSettings(method="topk_refit"))
-    path = write_bundle(b, tmp_path / "r.safetensors")
-    opts = DecodeOptions(max_new_tokens=8, stop_at_eos=False)
-    graph = export_onnx(from_model(copy.deepcopy(base), identity="tiny-llama"), tmp_path / "g", read_bundle(path))
-    via_onnx = load_onnx_runtime(graph, path, provider="cpu").generate(opts).token_ids
-    via_torch = TorchRuntime(from_model(base, identity="tiny-llama"), read_bundle(path)).generate(opts).token_ids
+    via_onnx, via_torch = onnx_and_torch_tokens(base, export_ids(lm, prompt_ids(), ExportSettings(method=method)),
+                                                tmp_path)
     assert via_onnx == via_torch and len(via_torch) == 8
 
 
@@ -102,3 +111,93 @@ def test_topk_refit_bundle_decodes_the_same_tokens_through_onnx(tmp_path):
 def test_refit_lambda_must_be_positive(lam):
     with pytest.raises(GriffinError, match="refit lambda must be > 0"):
         ExportSettings(method="topk_refit", refit_lambda=lam)
+
+
+# -- per-layer budgets (topk_refit_edges, topk_refit_alloc) ----------------------------------------------------
+
+from griffin_export.budget import allocate, edge_budgets, refit_error_curve  # noqa: E402
+
+
+@pytest.mark.parametrize("density", [0.25, 0.5, 0.75, 0.9])
+def test_edge_budgets_keep_the_edge_layers_whole_and_the_total(density):
+    k = round(density * 1536)
+    ks = edge_budgets(30, 1536, k)
+    assert sum(ks) == 30 * k and ks[0] == ks[1] == ks[29] == 1536
+    assert max(ks[2:29]) - min(ks[2:29]) <= 1
+
+
+def test_topk_refit_edges_bundle_has_full_edge_layers_and_decodes_through_onnx(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tiny import COMMON
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "num_hidden_layers": 5})).eval()
+    base = copy.deepcopy(model)
+    b = export_ids(from_model(model, identity="tiny-llama5"), prompt_ids(),
+                   ExportSettings(method="topk_refit_edges", density=0.75))
+    assert b.info.k == [64, 64, 24, 24, 64]
+    via_onnx, via_torch = onnx_and_torch_tokens(base, b, tmp_path, n=6)
+    assert via_onnx == via_torch and len(via_torch) == 6
+
+
+def test_edge_budgets_fall_back_to_uniform_when_the_edges_would_take_everything():
+    assert edge_budgets(4, 64, 40) == [40] * 4  # 3 full layers (192) > 4·40 - 1
+    assert edge_budgets(3, 64, 32) == [32] * 3  # no other layer to shrink
+    assert edge_budgets(30, 1536, 1536) == [1536] * 30
+
+
+def test_error_curve_is_the_refit_residual_of_each_prefix():
+    z = activations(d=48)
+    w = torch.randn(16, 48, generator=torch.Generator().manual_seed(2))
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(3))
+    curve = refit_error_curve(w, z.T @ z, order, lam=1e-7)
+    target = z @ w.T
+    assert curve[0] == 1.0 and curve[-1] < 1e-4 and bool((curve[1:] <= curve[:-1] + 1e-5).all())
+    for k in (5, 12, 30):
+        kept = order[:k].sort().values
+        residual = z[:, kept] @ refit_down(w, z.T @ z, kept, lam=1e-7).T - target
+        torch.testing.assert_close(curve[k], (residual.norm() ** 2 / target.norm() ** 2), atol=1e-3, rtol=1e-2)
+
+
+def test_allocation_spends_the_total_where_the_error_falls_slowest():
+    d = 64
+    k = torch.arange(d + 1, dtype=torch.float32)
+    fast, slow = torch.exp(-k / 4), 1 - k / d  # layer 0 is explained by few neurons, layer 1 needs all
+    ks = allocate([fast, slow], 64, min_k=8, step=4)
+    assert sum(ks) == 64 and ks[1] > ks[0] >= 8
+    assert allocate([fast, slow], 128, min_k=8) == [64, 64]
+
+
+@pytest.mark.parametrize("total, min_k", [(10, 8), (200, 8)])
+def test_a_budget_that_cannot_be_met_is_refused(total, min_k):
+    curve = torch.linspace(1, 0, 65)
+    with pytest.raises(GriffinError, match=f"cannot keep {total} neurons in 2 layers with {min_k}..64 per layer"):
+        allocate([curve, curve], total, min_k=min_k)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "opt"])
+def test_topk_refit_alloc_spends_the_uniform_total_unevenly(arch):
+    lm = tiny_model(arch)
+    ids = prompt_ids(40)
+    uniform = export_ids(lm, ids, ExportSettings(method="topk_refit", density=0.5))
+    alloc = export_ids(lm, ids, ExportSettings(method="topk_refit_alloc", density=0.5))
+    assert sum(alloc.info.k) == sum(uniform.info.k) and len(set(alloc.info.k)) > 1
+    again = export_ids(lm, ids, ExportSettings(method="topk_refit_alloc", density=0.5))
+    assert again.info.k == alloc.info.k and all(map(torch.equal, again.indices, alloc.indices))
+    # each layer keeps a prefix of the same score order, longer or shorter than the uniform one
+    for small, big, ku, ka in zip(uniform.indices, alloc.indices, uniform.info.k, alloc.info.k):
+        a, b = set(small.tolist()), set(big.tolist())
+        assert (a <= b) if ka >= ku else (b <= a)
+
+
+@pytest.mark.parametrize("arch, method", [("llama", "topk_refit_alloc"), ("opt", "topk_refit_alloc"),
+                                          ("llama", "topk_refit_edges")])
+def test_budgeted_methods_at_density_one_are_the_full_model(arch, method):
+    lm = tiny_model(arch)
+    ids = prompt_ids()
+    full = export_ids(lm, ids, ExportSettings(method="topk", density=1.0))
+    alloc = export_ids(lm, ids, ExportSettings(method=method, density=1.0))
+    assert alloc.info.k == full.info.k
+    for name, t in full.weights.items():
+        torch.testing.assert_close(alloc.weights[name], t)
