@@ -11,7 +11,8 @@ from .options import dtype_option, model_options, status
 @click.option("--rows", default="0:100", show_default=True, help="row range START:STOP of --data (STOP exclusive)")
 @click.option("--methods", default="full,topk,magnitude,random", show_default=True,
               help="comma-separated: full, any selection method (topk, sample, topk_sample, random, magnitude), "
-                   "or bundle:PATH (fixed experts from a bundle file)")
+                   "bundle:PATH (fixed experts from a bundle file), or pruned-prefill:PATH (those experts for the "
+                   "prompt's prefill too, like generate --pruned-prefill)")
 @click.option("--density", default="0.25,0.5,0.75,0.9", show_default=True, help="comma-separated densities in (0, 1]")
 @click.option("-o", "--output", required=True, metavar="DIR", help="report directory (created; holds eval.jsonl)")
 @model_options
@@ -28,9 +29,12 @@ from .options import dtype_option, model_options, status
               help="only the gold log-likelihood (no generation, ROUGE or agreement): fast, for searching settings")
 @click.option("--force", is_flag=True, help="discard results already in DIR and start over")
 @click.option("--report-only", is_flag=True, help="only redraw the report from DIR/eval.jsonl and DIR/bench.json")
+@click.option("--merge", multiple=True, metavar="RUN_DIR",
+              help="merge the results of these runs (repeat it: row ranges run side by side, or other settings "
+                   "on the same rows) into DIR, then report")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 def command(data, rows, methods, density, output, model, gguf_file, device, dtype, seed, prompt_field, target_field,
-            separator, max_tokens, chunk_size, threads, ll_only, force, report_only, quiet):
+            separator, max_tokens, chunk_size, threads, ll_only, force, report_only, merge, quiet):
     """Quality of every method × density against the full model, as a report in DIR.
 
     Per prompt: one full-model prefill, then for each setting a teacher-forced gold
@@ -47,10 +51,15 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
       griffin-export bench --runtime torch,onnx --density 0.25,0.5,0.75 -o report/
       griffin-export eval --report-only -o report/          # redraw with bench.json added
       griffin-export eval --data rows.jsonl --rows 200:300 --methods full,topk,bundle:news.safetensors -o r2/
+      griffin-export eval --merge half1/ --merge half2/ -o whole/   # two row ranges run side by side
     """
     from griffin_export.evaluation.report import write_report
 
-    if report_only:
+    if merge:
+        from griffin_export.evaluation.runner import merge_results
+
+        click.echo(f"wrote {merge_results(merge, output, force=force)}")
+    if report_only or merge:
         for path in write_report(output):
             click.echo(f"wrote {path}")
         return

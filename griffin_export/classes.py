@@ -17,7 +17,6 @@ come from all tokens but the last and only the last position runs through them.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from .arch import ff_blocks, per_layer, sliced
 from .bundle import Bundle
 from .errors import GriffinError
 from .export import ExportSettings, bundle_from_indices, expert_weights, layer_scores, read_prompt, tokenize
+from .jsonl import parse_object, text_field
 from .models import LoadedModel
 from .prefill import forward, new_cache
 from .select import check_density, k_for, select_all
@@ -92,20 +92,7 @@ def _jsonl(path: Path, field: str) -> Iterator[Prompt]:
                 raise GriffinError(f"{where}: not valid UTF-8 (byte {e.start})") from None
             if not line.strip():
                 continue  # blank lines (a trailing newline, say) are not prompts
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GriffinError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise GriffinError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if field not in row:
-                keys = ", ".join(sorted(row)) or "none"
-                raise GriffinError(f"{where}: no field {field!r} (fields: {keys}); choose one with --field")
-            text = row[field]
-            if not isinstance(text, str):
-                raise GriffinError(f"{where}: field {field!r} is a {type(text).__name__}, not a string")
-            if not text.strip():
-                raise GriffinError(f"{where}: field {field!r} is empty")
+            text = text_field(parse_object(line, where), field, where, "; choose one with --field")
             found = True
             yield Prompt(text, where)
     if not found:

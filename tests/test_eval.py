@@ -324,6 +324,57 @@ def test_bundle_method_applies_fixed_experts(tmp_path, tiny_dir, capsys):
     assert "| `e.safetensors` | 0.5 | 32 |" in (out / "results.md").read_text()
 
 
+def test_pruned_prefill_method_decodes_like_the_runtime_with_pruned_prefill(tmp_path, tiny_dir, capsys):
+    """`pruned-prefill:PATH` generates what `generate --pruned-prefill` does with that bundle,
+    and its first-token likelihood differs from `bundle:PATH` (whose prefill is full)."""
+    from griffin_export.bundle import read_bundle
+    from griffin_export.decoding import DecodeOptions
+    from griffin_export.models import load_model
+    from griffin_export.runtime.pytorch import TorchRuntime
+
+    model_dir = tiny_dir("llama")
+    data = write_data(tmp_path / "d.jsonl", n=2)
+    article = json.loads(data.read_text().splitlines()[1])["article"]
+    (tmp_path / "p.txt").write_text(json.loads(data.read_text().splitlines()[0])["article"], encoding="utf-8")
+    bundle = tmp_path / "e.safetensors"
+    code, _, err = run([tmp_path / "p.txt", "-o", bundle, "--model", model_dir, "-q", "--no-kv"], capsys)
+    assert code == 0, err
+    out = tmp_path / "r"
+    code, _, err = run(eval_args(data, out, model_dir, rows="0:2",
+                                 methods=f"full,bundle:{bundle},pruned-prefill:{bundle}"), capsys)
+    assert code == 0, err
+    rec = records(out)[1]["results"]
+    rt = TorchRuntime(load_model(str(model_dir), quiet=True), read_bundle(bundle, load_kv=False), pruned_prefill=True)
+    want = rt.generate(DecodeOptions(max_new_tokens=6, stop=["w9"]), prompt=article)
+    assert rec[f"pruned-prefill:{bundle}"]["text"] == want.text
+    assert rec[f"pruned-prefill:{bundle}"]["gold_ll"] != rec[f"bundle:{bundle}"]["gold_ll"]
+    assert "e.safetensors (pruned prefill)" in (out / "results.md").read_text()
+
+
+def test_merged_halves_and_settings_equal_one_run(tmp_path, data, tiny_dir, capsys):
+    """Rows 0:1 and 1:3 run apart, plus `random` run apart on all rows, merge into what one run
+    of every setting over 0:3 records; a merge that would mix settings or rows is refused."""
+    model_dir = tiny_dir("llama")
+    for name, rows, methods in [("one", "0:3", "full,topk,random"), ("a", "0:1", "full,topk"),
+                                ("b", "1:3", "full,topk"), ("r", "0:3", "full,random")]:
+        code, _, err = run(eval_args(data, tmp_path / name, model_dir, rows=rows, methods=methods), capsys)
+        assert code == 0, err
+    code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "b", "--merge", tmp_path / "r",
+                        "-o", tmp_path / "m"], capsys)
+    assert code == 0, err
+    assert records(tmp_path / "m") == records(tmp_path / "one")
+    header, _ = runner.read_results(tmp_path / "m" / runner.RESULTS_FILE)
+    assert header["settings"]["rows"] == [0, 3] and header["key"]["methods"] == ["full", "topk", "random"]
+    assert (tmp_path / "m" / "results.md").is_file()
+    code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "r", "-o", tmp_path / "x"], capsys)
+    assert code == 2 and "row 1 lacks settings other rows have" in err and err.count("\n") == 1
+    code, _, err = run([*eval_args(data, tmp_path / "s", model_dir, rows="0:1", methods="full,topk"), "--seed", "5",
+                        "--max-tokens", "3"], capsys)
+    assert code == 0, err
+    code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "s", "-o", tmp_path / "y"], capsys)
+    assert code == 2 and "cannot be merged: they differ in seed, max_tokens" in err
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
@@ -334,12 +385,13 @@ def test_bundle_method_applies_fixed_experts(tmp_path, tiny_dir, capsys):
     (["--rows", "first"], "bad row range 'first': expected START:STOP"),
     (["--rows", "1:2:3"], "bad row range '1:2:3'"),
     (["--methods", "full,bogus"], "unknown method 'bogus'; known: full, topk, sample, topk_sample, random, "
-                                  "magnitude, topk_refit, bundle:PATH"),
+                                  "magnitude, topk_refit, topk_refit_edges, topk_refit_alloc, bundle:PATH, pruned-prefill:PATH"),
     (["--methods", "topk,topk"], "names one more than once"),
     (["--density", "0.5,1.5"], "density must be in (0, 1], got 1.5"),
     (["--density", "0"], "density must be in (0, 1], got 0.0"),
     (["--density", "half"], "density 'half' is not a number"),
     (["--methods", "bundle:{tmp}/missing.safetensors"], "bundle {tmp}/missing.safetensors does not exist"),
+    (["--methods", "pruned-prefill:{tmp}/gone.safetensors"], "bundle {tmp}/gone.safetensors does not exist"),
 ])
 def test_bad_input(tmp_path, data, tiny_dir, capsys, args, message):
     argv = [a.format(tmp=tmp_path) for a in ["--data", str(data), "--rows", "0:2", *args]]
@@ -353,7 +405,7 @@ def test_bad_input(tmp_path, data, tiny_dir, capsys, args, message):
 def test_bad_rows_in_the_data_file(tmp_path, tiny_dir, capsys):
     data = write_data(tmp_path / "d.jsonl", n=2)
     lines = data.read_text().splitlines()
-    for bad, message in (('{"article": "w5 w6"}', "d.jsonl:2: missing or empty text field 'summary_gt'"),
+    for bad, message in (('{"article": "w5 w6"}', "d.jsonl:2: no field 'summary_gt' (fields: article); choose one with"),
                          ("not json", "d.jsonl:2: not valid JSON"),
                          ('{"article": "w5", "summary_gt": "w6", "max_tokens": 0}', "max_tokens must be a positive")):
         data.write_text(lines[0] + "\n" + bad + "\n")

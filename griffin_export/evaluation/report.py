@@ -16,6 +16,7 @@ from typing import Sequence
 
 from ..errors import GriffinError
 from .metrics import ROUGE_TYPES, Interval, diff_ci, mean_ci, ratio_ci
+from .runner import PRUNED_PREFILL_PREFIX, bundle_path
 
 BENCH_FILE = "bench.json"
 JSON_FILE = "results.json"
@@ -213,10 +214,16 @@ def _fmt(iv: dict | None, digits: int = 3) -> str:
     return f"{iv['mean']:.{digits}f} [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]"
 
 
+def _short_name(method: str) -> str:
+    """`bundle:dir/news.safetensors` -> `news.safetensors`, `pruned-prefill:...` -> `news.safetensors (pruned prefill)`."""
+    path = bundle_path(method)
+    if path is None:
+        return method
+    return Path(path).name + (" (pruned prefill)" if method.startswith(PRUNED_PREFILL_PREFIX) else "")
+
+
 def _setting_name(s: dict) -> str:
-    if s["method"].startswith("bundle:"):
-        return f"`{Path(s['method'][len('bundle:'):]).name}`"
-    return f"`{s['method']}`"
+    return f"`{_short_name(s['method'])}`"
 
 
 def markdown(report: dict, plots: Sequence[str]) -> str:
@@ -367,7 +374,7 @@ def _quality_plot(path: Path, settings: list[dict], metric: str, label: str, tit
         y = [s[metric]["mean"] for s in group]
         err = [[s[metric]["mean"] - s[metric]["low"] for s in group],
                [s[metric]["high"] - s[metric]["mean"] for s in group]]
-        name = Path(method[len("bundle:"):]).name if method.startswith("bundle:") else method
+        name = _short_name(method)
         ax.errorbar(x, y, yerr=err, marker="o" if len(x) > 1 else "s", capsize=3, label=name)
     ax.set_xlabel("FF density (fraction of neurons kept per layer)")
     ax.set_ylabel(label)

@@ -35,14 +35,17 @@ from ..arch import FFBlock, ff_blocks, magnitude_scores, per_layer, sliced
 from ..bundle import atomic_output, check_compatible, read_bundle
 from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
-from ..export import check_context, expert_weights, prompt_statistic, tokenize
+from ..export import check_context, choose_experts, prompt_statistic, tokenize
+from ..jsonl import parse_object, text_field
 from ..models import LoadedModel, dtype_name
-from ..prefill import cache_tensors, forward, restore_cache
-from ..select import METHODS, REFIT, check_density, k_for, select_all
+from ..prefill import cache_tensors, forward, prefill, restore_cache
+from ..select import METHODS, REFIT, check_density
 from .metrics import first_divergence, rouge
 
 FULL = "full"
 BUNDLE_PREFIX = "bundle:"
+# a bundle's experts for the prompt's prefill as well (generate --pruned-prefill)
+PRUNED_PREFILL_PREFIX = "pruned-prefill:"
 RESULTS_FILE = "eval.jsonl"
 FORMAT = "griffin-eval"
 FORMAT_VERSION = 1
@@ -58,7 +61,15 @@ STATIC_SCORES = {"magnitude": magnitude_scores}
 def known_methods() -> list[str]:
     """Every name `--methods` accepts: `full`, the selection methods of select.METHODS
     (new ones join there), and fixed experts from a bundle file."""
-    return [FULL, *METHODS, f"{BUNDLE_PREFIX}PATH"]
+    return [FULL, *METHODS, f"{BUNDLE_PREFIX}PATH", f"{PRUNED_PREFILL_PREFIX}PATH"]
+
+
+def bundle_path(method: str) -> str | None:
+    """The bundle file a `bundle:PATH` or `pruned-prefill:PATH` method names, else None."""
+    for prefix in (BUNDLE_PREFIX, PRUNED_PREFILL_PREFIX):
+        if method.startswith(prefix):
+            return method[len(prefix):]
+    return None
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -89,8 +100,9 @@ class EvalSettings:
             raise GriffinError("no methods given")
         for m in self.methods:
             check_method_name(m)
-            if m.startswith(BUNDLE_PREFIX) and not Path(m[len(BUNDLE_PREFIX):]).is_file():
-                raise GriffinError(f"bundle {m[len(BUNDLE_PREFIX):]} does not exist")
+            path = bundle_path(m)
+            if path is not None and not Path(path).is_file():
+                raise GriffinError(f"bundle {path} does not exist")
         if not self.densities:
             raise GriffinError("no densities given")
         for d in self.densities:
@@ -104,7 +116,7 @@ class EvalSettings:
 def check_method_name(name: str) -> str:
     if name == FULL or name in METHODS:
         return name
-    if name.startswith(BUNDLE_PREFIX) and name[len(BUNDLE_PREFIX):]:
+    if bundle_path(name):
         return name
     raise GriffinError(f"unknown method {name!r}; known: {', '.join(known_methods())}")
 
@@ -193,18 +205,9 @@ def read_rows(settings: EvalSettings) -> list[EvalRow]:
 
 def _parse_row(path: Path, i: int, line: str, s: EvalSettings) -> EvalRow:
     where = f"{path}:{i + 1}"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise GriffinError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise GriffinError(f"{where}: not a JSON object")
-    texts = []
-    for name in (s.prompt_field, s.target_field):
-        value = obj.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise GriffinError(f"{where}: missing or empty text field {name!r}")
-        texts.append(value)
+    obj = parse_object(line, where)
+    hint = "; choose one with --prompt-field / --target-field"
+    texts = [text_field(obj, name, where, hint) for name in (s.prompt_field, s.target_field)]
     max_tokens = obj.get("max_tokens", s.max_tokens)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise GriffinError(f"{where}: max_tokens must be a positive integer, got {max_tokens!r}")
@@ -226,6 +229,7 @@ class Setting:
     method: str
     density: float
     weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # a bundle's experts
+    pruned_prefill: bool = False  # the prompt's prefill runs with the experts too
 
 
 def setting_key(method: str, density: float) -> str:
@@ -239,7 +243,7 @@ def make_settings(lm: LoadedModel, settings: EvalSettings) -> tuple[list[Setting
     for name in settings.methods:
         if name == FULL:
             continue
-        if name.startswith(BUNDLE_PREFIX):
+        if bundle_path(name) is not None:
             setting, hashes[name] = _bundle_setting(lm, name)
             out.append(setting)
         else:
@@ -250,7 +254,7 @@ def make_settings(lm: LoadedModel, settings: EvalSettings) -> tuple[list[Setting
 def _bundle_setting(lm: LoadedModel, name: str) -> tuple[Setting, str]:
     """Fixed experts from a bundle file (e.g. a class bundle): applied to every prompt
     as they are, without the prompt statistic."""
-    path = name[len(BUNDLE_PREFIX):]
+    path = bundle_path(name)
     bundle = read_bundle(path, load_kv=False)
     info = bundle.info
     check_compatible(info, architecture=lm.architecture, fingerprint=lm.fingerprint, identity=lm.identity,
@@ -263,7 +267,8 @@ def _bundle_setting(lm: LoadedModel, name: str) -> tuple[Setting, str]:
         h.update(bundle.weights[key].contiguous().view(torch.uint8).numpy())
     density = sum(info.k) / (info.num_layers * info.d_ff)
     weights = {k: v.to(lm.device) for k, v in bundle.weights.items()}
-    return Setting(name, name, density, weights), h.hexdigest()
+    return (Setting(name, name, density, weights, pruned_prefill=name.startswith(PRUNED_PREFILL_PREFIX)),
+            h.hexdigest())
 
 
 # -- the evaluation of one prompt ------------------------------------------------------------
@@ -297,12 +302,10 @@ class Context:
     def tensors(self, setting: Setting, prompt_scores: torch.Tensor, seed: int,
                 gram: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
         """Per layer, the sliced FF tensors of this setting (keyed like install_slice wants)."""
-        d = self.lm.d_ff
         if setting.weights is not None:
             return per_layer(self.blocks, setting.weights)
-        k = k_for(setting.density, d)
-        indices = select_all(self.scores(setting.method, prompt_scores), k, setting.method, seed)
-        weights = expert_weights(self.lm, indices, gram=gram if setting.method in REFIT else None)
+        _, weights = choose_experts(self.lm, setting.method, self.scores(setting.method, prompt_scores),
+                                    setting.density, seed, gram=gram)
         return per_layer(self.blocks, weights)
 
 
@@ -345,7 +348,7 @@ def continuation_ids(tokenizer, prompt: str, separator: str, target: str, prompt
 def continuation_logprobs(model, kv, prompt_len: int, last_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log p(ids[i] | prompt, ids[:i]) for every i: [n].
 
-    ids[0] is predicted by the prompt's last-position logits (full model, like the first
+    ids[0] is predicted by the prompt's last-position logits (those of the prefill, like the first
     generated token); ids[1:] are teacher-forced through `model` as it is now (pruned)
     from a fresh copy of the prompt's KV.
     """
@@ -391,8 +394,12 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
         t1 = time.perf_counter()
         tensors = None if setting.method == FULL else ctx.tensors(setting, prompt_scores, s.seed + row.index, stat.gram)
         with pruned(ctx, tensors):
-            logp = continuation_logprobs(lm.model, kv, prompt_len, last_logits, cont.ids)
-            gen = generate(ctx, kv, prompt_len, last_logits, row) if s.generate else None
+            own_kv, own_last = kv, last_logits
+            if setting.pruned_prefill:
+                own_cache, own_last = prefill(lm.model, ids, chunk_size=s.chunk_size)
+                own_kv = cache_tensors(own_cache)
+            logp = continuation_logprobs(lm.model, own_kv, prompt_len, own_last, cont.ids)
+            gen = generate(ctx, own_kv, prompt_len, own_last, row) if s.generate else None
         k = lm.d_ff if tensors is None else _mean_k(ctx, tensors)
         r = {"method": setting.method, "density": setting.density, "k": k,
              "gold_ll": float(logp[cont.scored_from:].mean())}
@@ -481,6 +488,55 @@ def read_results(path: Path, *, repair: bool = False) -> tuple[dict, dict[int, d
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return header, records
+
+
+# key fields that must agree for runs to be merged (methods, densities and bundles may differ)
+_MERGE_KEY = ("data_hash", "seed", "prompt_field", "target_field", "separator", "max_tokens", "chunk_size",
+              "generate", "model_fingerprint", "dtype")
+
+
+def merge_results(sources: list[str | os.PathLike], out: str | os.PathLike, *, force: bool = False) -> Path:
+    """One OUT/eval.jsonl from several runs on the same data and model: other row ranges
+    (two halves run side by side) and/or other settings on the same rows. A setting two runs
+    both hold for a row must have the same results there (the runs are deterministic); every
+    row must end up with the same settings. Returns OUT/eval.jsonl."""
+    if len(sources) < 2:
+        raise GriffinError("--merge needs at least two result directories")
+    runs = [(str(d), *read_results(Path(d) / RESULTS_FILE)) for d in sources]
+    first_dir, first, _ = runs[0]
+    for d, header, _ in runs[1:]:
+        diff = [k for k in _MERGE_KEY if header["key"].get(k) != first["key"].get(k)]
+        if diff:
+            raise GriffinError(f"{d} and {first_dir} cannot be merged: they differ in {', '.join(diff)}")
+    merged: dict[int, dict] = {}
+    for d, _, records in runs:
+        for row, rec in records.items():
+            into = merged.setdefault(row, {**rec, "results": {}})
+            for key, res in rec["results"].items():
+                old = into["results"].get(key)
+                if old is not None and (old["gold_ll"], old.get("text")) != (res["gold_ll"], res.get("text")):
+                    raise GriffinError(f"{d}: row {row}, {key} differs from another run's result for it")
+                into["results"].setdefault(key, res)
+    settings = {frozenset(r["results"]) for r in merged.values()}
+    if len(settings) != 1:
+        short = min(merged.values(), key=lambda r: len(r["results"]))
+        raise GriffinError(f"row {short['row']} lacks settings other rows have; merge runs that cover the same rows")
+    order = list(dict.fromkeys(k for _, h, _ in runs for k in h["key"]["methods"]))
+    densities = sorted({d for _, h, _ in runs for d in h["key"]["densities"]})
+    bundles = {k: v for _, h, _ in runs for k, v in h["key"]["bundles"].items()}
+    rows = sorted(merged)
+    header = {**first, "key": {**first["key"], "methods": order, "densities": densities, "bundles": bundles},
+              "settings": {**first["settings"], "methods": order, "densities": densities,
+                           "rows": [rows[0], rows[-1] + 1]},
+              "merged_from": [d for d, _, _ in runs]}
+    out_dir = prepare_output(out)
+    path = out_dir / RESULTS_FILE
+    if path.exists() and not force:
+        raise GriffinError(f"{path} exists; pass --force to overwrite")
+    with atomic_output(path) as tmp:
+        lines = [json.dumps(header)] + [json.dumps(merged[r]) for r in rows]
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def open_results(out_dir: Path, header: dict, force: bool) -> tuple[set[int], "ResultsWriter"]:
