@@ -31,7 +31,7 @@ from .options import dtype_option, model_options, status
 @click.option("--report-only", is_flag=True, help="only redraw the report from DIR/eval.jsonl and DIR/bench.json")
 @click.option("--merge", multiple=True, metavar="RUN_DIR",
               help="merge the results of these runs (repeat it: row ranges run side by side, or other settings "
-                   "on the same rows) into DIR, then report")
+                   "on the same rows; with --rows only those rows) into DIR, then report")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 def command(data, rows, methods, density, output, model, gguf_file, device, dtype, seed, prompt_field, target_field,
             separator, max_tokens, chunk_size, threads, ll_only, force, report_only, merge, quiet):
@@ -56,9 +56,10 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
     from griffin_export.evaluation.report import write_report
 
     if merge:
-        from griffin_export.evaluation.runner import merge_results
+        from griffin_export.evaluation.runner import merge_results, parse_rows
 
-        click.echo(f"wrote {merge_results(merge, output, force=force)}")
+        given = click.get_current_context().get_parameter_source("rows") != click.core.ParameterSource.DEFAULT
+        click.echo(f"wrote {merge_results(merge, output, force=force, rows=parse_rows(rows) if given else None)}")
     if report_only or merge:
         for path in write_report(output):
             click.echo(f"wrote {path}")

@@ -365,9 +365,13 @@ def test_merged_halves_and_settings_equal_one_run(tmp_path, data, tiny_dir, caps
     assert records(tmp_path / "m") == records(tmp_path / "one")
     header, _ = runner.read_results(tmp_path / "m" / runner.RESULTS_FILE)
     assert header["settings"]["rows"] == [0, 3] and header["key"]["methods"] == ["full", "topk", "random"]
-    assert (tmp_path / "m" / "results.md").is_file()
+    assert f"griffin-export eval --merge {tmp_path / 'a'} --merge {tmp_path / 'b'}" in (tmp_path / "m" / "results.md").read_text()
     code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "r", "-o", tmp_path / "x"], capsys)
     assert code == 2 and "row 1 lacks settings other rows have" in err and err.count("\n") == 1
+    code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "r", "--rows", "0:1",
+                        "-o", tmp_path / "x"], capsys)  # only the row both cover
+    assert code == 0, err
+    assert records(tmp_path / "x") == {0: records(tmp_path / "one")[0]}
     code, _, err = run([*eval_args(data, tmp_path / "s", model_dir, rows="0:1", methods="full,topk"), "--seed", "5",
                         "--max-tokens", "3"], capsys)
     assert code == 0, err

@@ -122,7 +122,12 @@ def read_bench(path: Path) -> dict | None:
 
 
 def command_line(header: dict, out_dir: str) -> str:
-    """The `griffin-export eval` command that reproduces the run (defaults left out)."""
+    """The `griffin-export eval` command that reproduces the run (defaults left out); for
+    merged runs, the merge (each run's own report names its command)."""
+    if header.get("merged_from"):
+        merged = " ".join(f"--merge {d}" for d in header["merged_from"])
+        rows = header["settings"]["rows"]
+        return f"griffin-export eval {merged} --rows {rows[0]}:{rows[1]} -o {out_dir}"
     from .runner import EvalSettings
 
     s, m = header["settings"], header["model"]

@@ -495,11 +495,13 @@ _MERGE_KEY = ("data_hash", "seed", "prompt_field", "target_field", "separator", 
               "generate", "model_fingerprint", "dtype")
 
 
-def merge_results(sources: list[str | os.PathLike], out: str | os.PathLike, *, force: bool = False) -> Path:
+def merge_results(sources: list[str | os.PathLike], out: str | os.PathLike, *, force: bool = False,
+                  rows: tuple[int, int] | None = None) -> Path:
     """One OUT/eval.jsonl from several runs on the same data and model: other row ranges
-    (two halves run side by side) and/or other settings on the same rows. A setting two runs
-    both hold for a row must have the same results there (the runs are deterministic); every
-    row must end up with the same settings. Returns OUT/eval.jsonl."""
+    (two halves run side by side) and/or other settings on the same rows, restricted to `rows`
+    [start, stop) when given. A setting two runs both hold for a row must have the same results
+    there (the runs are deterministic); every row must end up with the same settings. Returns
+    OUT/eval.jsonl."""
     if len(sources) < 2:
         raise GriffinError("--merge needs at least two result directories")
     runs = [(str(d), *read_results(Path(d) / RESULTS_FILE)) for d in sources]
@@ -511,12 +513,16 @@ def merge_results(sources: list[str | os.PathLike], out: str | os.PathLike, *, f
     merged: dict[int, dict] = {}
     for d, _, records in runs:
         for row, rec in records.items():
+            if rows is not None and not rows[0] <= row < rows[1]:
+                continue
             into = merged.setdefault(row, {**rec, "results": {}})
             for key, res in rec["results"].items():
                 old = into["results"].get(key)
                 if old is not None and (old["gold_ll"], old.get("text")) != (res["gold_ll"], res.get("text")):
                     raise GriffinError(f"{d}: row {row}, {key} differs from another run's result for it")
                 into["results"].setdefault(key, res)
+    if not merged:
+        raise GriffinError(f"the runs hold no rows in {rows[0]}:{rows[1]}" if rows else "the runs hold no rows")
     settings = {frozenset(r["results"]) for r in merged.values()}
     if len(settings) != 1:
         short = min(merged.values(), key=lambda r: len(r["results"]))
