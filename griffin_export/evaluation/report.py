@@ -253,7 +253,7 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
                   f"GPU: {m.get('gpu') or 'none'}. Versions: "
                   + ", ".join(f"{k} {val}" for k, val in v.items() if val) + ".", ""]
     if "quality" in report and report["quality"]["settings"]:
-        lines += _quality_tables(report["quality"])
+        lines += _quality_tables(report["quality"], report["settings"].get("target_field", "summary_gt"))
     if report.get("bench"):
         lines += _bench_table(report["bench"])
     if plots:
@@ -265,14 +265,14 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _quality_tables(q: dict) -> list[str]:
+def _quality_tables(q: dict, target: str) -> list[str]:
     t = q["timing"]
     lines = [
         "## Quality",
         "",
         "Means over prompts with 95 % bootstrap intervals in brackets (prompts resampled; "
         "ratios and differences to `full` are paired). ROUGE F-measures use rouge-score with "
-        "stemming; the gold log-likelihood is the mean per token of `summary_gt` given the prompt.",
+        f"stemming; the gold log-likelihood is the mean per token of `{target}` given the prompt.",
         "",
         "| method | density | k / layer | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L ÷ full | gold LL (nats/token) "
         "| Δ gold LL vs full |",
