@@ -4,13 +4,15 @@ import click
 
 from .options import dtype_option, model_options, status
 
+from griffin_export.select import METHODS
+
 
 @click.command("eval")
 @click.option("--data", default=None, metavar="FILE.jsonl",
               help="JSONL rows with the prompt and gold text (and optional max_tokens, stop)")
 @click.option("--rows", default="0:100", show_default=True, help="row range START:STOP of --data (STOP exclusive)")
 @click.option("--methods", default="full,topk,magnitude,random", show_default=True,
-              help="comma-separated: full, any selection method (topk, sample, topk_sample, random, magnitude), "
+              help=f"comma-separated: full, any selection method ({', '.join(METHODS)}), "
                    "bundle:PATH (fixed experts from a bundle file), or pruned-prefill:PATH (those experts for the "
                    "prompt's prefill too, like generate --pruned-prefill)")
 @click.option("--density", default="0.25,0.5,0.75,0.9", show_default=True, help="comma-separated densities in (0, 1]")
