@@ -17,7 +17,7 @@ from griffin_export.export import layer_scores, tokenize
 from griffin_export.models import load_model
 from griffin_export.prefill import forward, prefill
 from griffin_export.select import select_all
-from griffin_export_cli.main import main
+from clirun import run
 from tiny import ARCHS, VOCAB, masked, prompt_ids, tiny_model
 
 
@@ -210,13 +210,6 @@ def test_folder_without_text_files_and_missing_input(tmp_path):
 
 
 # -- the command line ----------------------------------------------------------------------
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def write_jsonl(path, rows, field="prompt"):

@@ -7,15 +7,8 @@ import sys
 
 import pytest
 
+from clirun import run
 from conftest import tiny_prompt
-from griffin_export_cli.main import main
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from griffin_export.evaluation.runner import (Context, EvalSettings, continuatio
                                               pruned)
 from griffin_export.prefill import cache_tensors, prefill
 from griffin_export.select import select_all
-from griffin_export_cli.main import main
+from clirun import run
 from tiny import prompt_ids, tiny_model
 
 # -- metrics on fixed strings -------------------------------------------------------------------
@@ -155,13 +155,6 @@ def test_gold_loglik_equals_direct_computation_full_and_pruned():
 
 
 # -- the command: runs, resume, report ---------------------------------------------------------------
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def write_data(path, n=3, **override):

@@ -25,7 +25,7 @@ from griffin_export.errors import GriffinError
 from griffin_export.onnx_export import DATA_FILE, MODEL_FILE, export_onnx
 from griffin_export.prefill import prefill
 from griffin_export.runtime.onnx import CPU, CUDA, OnnxRuntime, gpu_answers, load_onnx_runtime, read_graph
-from griffin_export_cli.main import main
+from clirun import run
 from tiny import ARCHS, VOCAB, prompt_ids, tiny_model
 
 ATOL = RTOL = 1e-4
@@ -335,13 +335,6 @@ def test_cuda_provider_keeps_the_cache_on_the_gpu_and_matches_torch(exported):
 
 
 # -- inspection and the command line ---------------------------------------------------------------
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def test_inspect_a_graph_without_its_weights(exported, tmp_path, capsys):
