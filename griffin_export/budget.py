@@ -59,12 +59,11 @@ def edge_budgets(num_layers: int, d_ff: int, k: int) -> list[int]:
 def refit_error_curve(w_down: torch.Tensor, gram: torch.Tensor, order: torch.Tensor, lam: float) -> torch.Tensor:
     """Relative unexplained FF-output energy after refitting the first k neurons of `order`,
     for k = 0..D_ff: [D_ff + 1], starting at 1.0, non-increasing (up to rounding)."""
-    g = gram.float()[order][:, order]
-    ridge = lam * float(g.diagonal().mean().clamp_min(1e-12))
-    g.diagonal().add_(ridge)
+    g = gram.float()[order][:, order]  # G_{P,P}: rows and columns in score order
     w = w_down.detach().float()[:, order]  # [hidden, D_ff], columns in score order
-    gw = gram.float()[order][:, order] @ w.T  # G_{P,P} W_Pᵀ: [D_ff, hidden]
+    gw = g @ w.T  # G_{P,P} W_Pᵀ: [D_ff, hidden]
     total = float((w @ gw).diagonal().sum().clamp_min(1e-30))  # tr(W G Wᵀ)
+    g.diagonal().add_(lam * float(g.diagonal().mean().clamp_min(1e-12)))  # the ridge, after gw used G itself
     chol = torch.linalg.cholesky(g)
     x = torch.linalg.solve_triangular(chol, gw, upper=False)
     explained = torch.cat([torch.zeros(1), (x * x).sum(1).cumsum(0)])
