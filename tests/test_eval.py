@@ -443,3 +443,23 @@ def test_default_model_one_prompt(real_lm, tmp_path):
     assert -5 < res["full"]["gold_ll"] < -1
     assert res["random@0.5"]["gold_ll"] < res["topk@0.5"]["gold_ll"] < res["full"]["gold_ll"] + 0.5
     assert res["full"]["tokens"] == 8
+
+
+def test_paired_script_differences_match_the_records(tmp_path, data, tiny_dir, capsys):
+    """bench/paired.py: per-prompt A − B of the gold likelihood (and A ÷ B of ROUGE-L), averaged."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("paired", ROOT / "bench" / "paired.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "r"
+    code, _, err = run(eval_args(data, out, tiny_dir("llama"), density="0.5,0.75"), capsys)
+    assert code == 0, err
+    recs = records(out).values()
+    [(d, ll, rl)] = script.paired(str(out), "topk", "random", [0.75])
+    want = sum(r["results"]["topk@0.75"]["gold_ll"] - r["results"]["random@0.75"]["gold_ll"] for r in recs) / len(recs)
+    assert d == 0.75 and ll.mean == pytest.approx(want) and ll.low <= ll.mean <= ll.high and rl is not None
+    assert script.paired(str(out), "topk", "topk", [0.5])[0][1].mean == 0.0
+    assert "| 0.5 | " in script.main([str(out), "topk", "random", "0.5"])

@@ -1,0 +1,43 @@
+"""Paired differences between two settings of one evaluation run, prompt by prompt:
+gold log-likelihood A − B, and ROUGE-L A ÷ B when both were generated, with 95 % bootstrap intervals.
+
+    python bench/paired.py RUN_DIR METHOD_A METHOD_B DENSITY...
+    python bench/paired.py reports/ll_edges_200_299 topk_refit_edges topk_refit 0.25 0.5 0.75 0.9
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from griffin_export.evaluation.metrics import Interval, diff_ci, ratio_ci
+from griffin_export.evaluation.runner import RESULTS_FILE, read_results, setting_key
+
+
+def paired(run: str, a: str, b: str, densities: list[float]) -> list[tuple[float, Interval, Interval | None]]:
+    """Per density: (density, gold LL difference A − B, ROUGE-L ratio A ÷ B or None)."""
+    _, records = read_results(Path(run) / RESULTS_FILE)
+    out = []
+    for d in densities:
+        ra = [r["results"][setting_key(a, d)] for r in records.values()]
+        rb = [r["results"][setting_key(b, d)] for r in records.values()]
+        ll = diff_ci([x["gold_ll"] for x in ra], [x["gold_ll"] for x in rb])
+        generated = all(x["rougeL"] is not None for x in ra + rb)
+        rl = ratio_ci([x["rougeL"] for x in ra], [x["rougeL"] for x in rb]) if generated else None
+        out.append((d, ll, rl))
+    return out
+
+
+def main(argv: list[str] | None = None) -> str:
+    run, a, b, *densities = sys.argv[1:] if argv is None else argv
+    lines = [f"| density | Δ gold LL {a} − {b} (paired, 95 % CI) | ROUGE-L {a} ÷ {b} |", "|---|---|---|"]
+    for d, ll, rl in paired(run, a, b, [float(x) for x in densities]):
+        ratio = "—" if rl is None else f"{rl.mean:.2f} [{rl.low:.2f}, {rl.high:.2f}]"
+        lines.append(f"| {d} | {ll.mean:+.3f} [{ll.low:+.3f}, {ll.high:+.3f}] | {ratio} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
