@@ -26,6 +26,10 @@ mean log-likelihood per token of the gold summary, teacher-forced from the full-
   taylor           edges, score = sqrt(sum_t (z dNLL/dz)^2) from one backward pass over the prompt
   taylor_mix       edges, rank(taylor) + rank(statistic)
   warmup           edges, statistic and Gram also over 16 full-model greedy tokens (weight 4)
+  sequential       edges, the refit fitted layer by layer inside one pruned forward over the prompt,
+                   each layer on the inputs the earlier pruned layers give it, to the full model's
+                   FF output (error feedback, as in sequential post-training pruning)
+  stream           the same, fitted to what restores the full model's residual stream after the layer
   oracle           edges, statistic and Gram over prompt + gold tokens (NOT deployable: the gold
                    text is what is scored; an upper bound for fitting on generation-like tokens)
   oracle_gold      edges, statistic and Gram over the gold tokens alone (same caveat)
@@ -219,6 +223,49 @@ class Search:
                 p.lazy[key] = self.taylor(p.ids)
         return p.lazy[key]
 
+    def sequential(self, p: Prompt, scores: torch.Tensor, target: str):
+        """Edges + a refit fitted layer by layer INSIDE one forward of the pruned model over the prompt,
+        so each layer sees the inputs that the earlier pruned layers give it (error feedback). Target
+        'local': the full model's FF output at that token; 'stream': whatever makes the residual
+        stream after the layer equal the full model's again (corrects the upstream drift too)."""
+        idx = select_all(scores, self.edges(), "topk", 0)
+        weights = expert_weights(self.lm, idx)
+        layers = [self.lm.model.get_submodule(b.prefix.rstrip(".").rsplit(".", 1)[0]) for b in self.blocks]
+        full_out: list[torch.Tensor] = []
+        mid: list = [None] * self.L
+        if target == "stream":  # the full model's residual stream after each layer
+            hooks = [l.register_forward_hook(lambda m, a, o: full_out.append(
+                (o[0] if isinstance(o, tuple) else o).float().flatten(0, -2))) for l in layers]
+            try:
+                self.lm.model(p.ids, use_cache=False)
+            finally:
+                for h in hooks:
+                    h.remove()
+
+        def refit_here(i: int, z: torch.Tensor) -> torch.Tensor:
+            z = z.float().flatten(0, -2)
+            kept = idx[i]
+            w = self.w_down[i]
+            want = p.z[i] @ w.T if target == "local" else full_out[i] - mid[i]
+            zk = z[:, kept]
+            resid = want - zk @ w[:, kept].T
+            g = zk.T @ zk
+            g.diagonal().add_(float(g.diagonal().mean().clamp_min(1e-12)))
+            new = w[:, kept] + torch.linalg.solve(g, zk.T @ resid).T
+            weights[f"{self.blocks[i].prefix}{self.lm.spec.output}.weight"] = new.contiguous()
+            return zk @ new.T
+
+        hooks = [l.post_attention_layernorm.register_forward_pre_hook(
+            lambda m, a, i=i: mid.__setitem__(i, a[0].float().flatten(0, -2))) for i, l in enumerate(layers)]
+        hooks += [b.output.register_forward_hook(lambda m, a, o, i=i: refit_here(i, a[0]).reshape(o.shape).to(o))
+                  for i, b in enumerate(self.blocks)]
+        try:
+            self.lm.model(p.ids, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return weights
+
     def taylor(self, ids: torch.Tensor) -> torch.Tensor:
         """[L, D_ff] sqrt(sum over prompt tokens of (z * dNLL/dz)^2), one backward pass."""
         zs: list = [None] * self.L
@@ -268,6 +315,8 @@ class Search:
         if name == "warmup":
             z = [torch.cat([a, 2.0 * w]) for a, w in zip(p.z, self.lazy(p, "warm"))]  # 2² = weight 4
             return self.refit(statistic(z), self.edges(), grams(z)), None
+        if name in ("sequential", "stream"):
+            return self.sequential(p, scores, "local" if name == "sequential" else "stream"), None
         if name in ("oracle", "oracle_gold"):
             z = self.lazy(p, "gold")
             if name == "oracle_gold":
@@ -315,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--variants", default="topk,topk_refit,topk_refit_edges,budget:0+28+29,budget:0+1+28+29,"
                    "budget:late,budget:sens,greedy,target_only,bias,linear,class_gram,glass,wina,taylor,taylor_mix,"
-                   "warmup,oracle,oracle_gold")
+                   "warmup,sequential,stream,oracle,oracle_gold")
     p.add_argument("--sensitivity", action="store_true", help="measure the one-layer-pruned loss per layer instead")
     p.add_argument("--sensitivity-file", help="JSON from --sensitivity, for budget:sens")
     p.add_argument("--threads", type=int, default=None)
