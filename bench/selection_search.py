@@ -1,7 +1,7 @@
 """Issue 8 search: gold-summary likelihood of candidate selections on dev rows, one prefill per prompt.
 
     python bench/selection_search.py --rows 5:15 --density 0.5 --json reports/selection_search/rows_5_15.json
-    python bench/selection_search.py --rows 0:5 --sensitivity --json reports/selection_search/sensitivity.json
+    python bench/selection_search.py --rows 0:5 --density 0.25 --sensitivity --json reports/selection_search/sensitivity.json
 
 Every variant keeps the same total number of FF neurons (30 layers x k), refits the kept
 down-projection columns like `topk_refit` unless its name says otherwise, and is scored by the
@@ -11,7 +11,7 @@ mean log-likelihood per token of the gold summary, teacher-forced from the full-
   topk, topk_refit, topk_refit_edges   the shipped methods (export.choose_experts)
   budget:LAYERS    full width for LAYERS ("0+28+29"), the rest spread evenly
   budget:late      layers 0, 28, 29 full, layers 1-14 at 0.3, the rest spread over 15-27
-  budget:sens      greedy allocation from a per-layer sensitivity profile (--sensitivity-file):
+  budget:sens      allocation from a per-layer sensitivity profile (--sensitivity-file):
                    each layer's refit-error curve scaled by its measured one-layer loss
   greedy           edges budgets, neurons picked greedily to maximize the refit's explained FF
                    output energy on the prompt (target-aware pivoted Cholesky; ~20 s per prompt)
@@ -25,7 +25,8 @@ mean log-likelihood per token of the gold summary, teacher-forced from the full-
   wina             edges, statistic x ||W_down column||
   taylor           edges, score = sqrt(sum_t (z dNLL/dz)^2) from one backward pass over the prompt
   taylor_mix       edges, rank(taylor) + rank(statistic)
-  warmup           edges, statistic and Gram also over 16 full-model greedy tokens (weight 4)
+  warmup           edges, statistic and Gram also over 16 full-model greedy tokens (weight 4 in the
+                   Gram; the statistic normalizes each token, so weight 1 there)
   sequential       edges, the refit fitted layer by layer inside one pruned forward over the prompt,
                    each layer on the inputs the earlier pruned layers give it, to the full model's
                    FF output (error feedback, as in sequential post-training pruning)
