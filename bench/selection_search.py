@@ -352,6 +352,19 @@ def greedy_select(gram: torch.Tensor, w_down: list[torch.Tensor], ks: list[int],
     return out
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    return " ".join(["python", f"bench/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_json(path: str | None, data: dict) -> None:
+    """Write `data` to `path` (if given) through a temp file, so a stopped run leaves no half file."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+
+
 def parse_rows(text: str) -> range:
     a, b = (int(x) for x in text.split(":"))
     return range(a, b)
@@ -404,14 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"density {args.density}\n\n| variant | Δ gold LL |\n|---|---|")
     for n in names:
         print(f"| `{n}` | {mean[n]:+.3f} |")
-    out = {"command": " ".join(["python", "bench/selection_search.py", *(sys.argv[1:] if argv is None else argv)]), "rows": [args.rows.start, args.rows.stop],
+    out = {"command": command_line(__file__, argv), "rows": [args.rows.start, args.rows.stop],
            "density": args.density, "per_row": per_row,
            "mean": [mean[n] for n in names] if args.sensitivity else mean}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        tmp.replace(args.json)
+    write_json(args.json, out)
     return out
 
 

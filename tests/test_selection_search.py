@@ -66,3 +66,19 @@ def test_greedy_picks_the_best_single_neuron_first(script):
     [pick] = script.greedy_select(g[None], [w], [1])
     assert pick.tolist() == [max(range(6), key=explained.__getitem__)]
     assert script.greedy_select(g[None], [w], [4])[0].numel() == 4
+
+
+def test_warmup_generation_at_density_1_is_the_full_model(data, tiny_dir):
+    """bench/warmup_generation.py: with every neuron kept, each warm-up length gives the full model's
+    own text (agreement 1); at 0.5 the unwarmed pruned text differs from it."""
+    spec = importlib.util.spec_from_file_location("warmup_generation", ROOT / "bench" / "warmup_generation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--data", str(data), "--model", str(tiny_dir("llama")), "--rows", "0:2", "--warmup", "0,3"]
+    out = module.main([*args, "--density", "1.0"])
+    for row in out["per_row"].values():
+        for key, res in row.items():
+            assert key == "full" or res["agree"] == pytest.approx(1.0), key
+            assert res["rougeL"] == row["full"]["rougeL"]
+    half = module.main([*args, "--density", "0.5", "--methods", "topk"])
+    assert any(r["topk+warm0"]["agree"] < 1 for r in half["per_row"].values())

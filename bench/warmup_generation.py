@@ -1,0 +1,125 @@
+"""Issue 8, the warm-up direction on generation: decode the first N tokens with the full model (as an
+export would, storing them and their KV), add their activations to the statistic and the refit's Gram,
+then let the pruned model continue greedily. ROUGE-L of the whole text (warm-up + continuation)
+against the gold summary and against the full model's own output, on dev rows.
+
+    python bench/warmup_generation.py --rows 5:25 --warmup 0,4,8,16 --methods topk,topk_refit_edges
+
+N = 0 is the method as shipped. The warm-up tokens are the full model's greedy tokens, so they are
+the start of the full model's own output: the comparison says how much of the pruned model's loss is
+in the first tokens (the issue saw generations drift to the one-shot example's summary early).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from griffin_export.arch import per_layer
+from griffin_export.decoding import DecodeOptions, decode
+from griffin_export.evaluation.metrics import mean_ci, rouge
+from griffin_export.evaluation.runner import fresh_cache, pruned
+from griffin_export.export import choose_experts
+from griffin_export.prefill import cache_tensors, forward
+
+STOP = "###"
+MAX_TOKENS = 64
+
+
+def load_search():
+    spec = importlib.util.spec_from_file_location("selection_search", Path(__file__).with_name("selection_search.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def cut(text: str) -> str:
+    i = text.find(STOP)
+    return text if i < 0 else text[:i]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    search = load_search()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/xsum_dev.jsonl"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--rows", type=search.parse_rows, default=search.parse_rows("5:25"))
+    p.add_argument("--density", type=float, default=0.5)
+    p.add_argument("--warmup", default="0,4,8,16", help="warm-up lengths in tokens")
+    p.add_argument("--methods", default="topk,topk_refit_edges")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write every number here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = search.Search(argparse.Namespace(model=args.model, data=args.data, density=args.density, sensitivity_file=None))
+    lm, tok = s.lm, s.lm.tokenizer
+    warmups = [int(x) for x in args.warmup.split(",")]
+    methods = args.methods.split(",")
+    opts = DecodeOptions(max_new_tokens=MAX_TOKENS, stop=[STOP])
+    per_row: dict[int, dict] = {}
+    with torch.inference_mode():
+        for row in args.rows:
+            t0 = time.perf_counter()
+            pr = s.prompt(row)
+            T = pr.ids.shape[1]
+            gold = s.data[row]["summary_gt"]
+            cache = fresh_cache(lm.model, pr.kv, T)
+            full = decode(lambda t: forward(lm.model, torch.tensor([[t]]), cache)[-1], pr.last, opts, tokenizer=tok)
+            res = {"full": {"rougeL": rouge(full.text, gold)["rougeL"]}}
+            for n in warmups:
+                warm = full.token_ids[:n]
+                # the warm-up: the full model feeds its own first tokens, activations recorded
+                zs = [[] for _ in s.blocks]
+                hooks = [b.output.register_forward_pre_hook(lambda m, a, i=i: zs[i].append(a[0].float().flatten(0, -2)))
+                         for i, b in enumerate(s.blocks)]
+                cache = fresh_cache(lm.model, pr.kv, T)
+                logits = pr.last
+                try:
+                    for t in warm:
+                        logits = forward(lm.model, torch.tensor([[t]]), cache)[-1]
+                finally:
+                    for h in hooks:
+                        h.remove()
+                z = [torch.cat([a, *extra]) for a, extra in zip(pr.z, zs)]
+                kv = cache_tensors(cache)  # prompt + warm-up, as a bundle would store it
+                for method in methods:
+                    _, weights = choose_experts(lm, method, search.statistic(z), args.density, 0, gram=search.grams(z))
+                    c2 = fresh_cache(lm.model, kv, T + len(warm))
+                    left = DecodeOptions(max_new_tokens=max(0, MAX_TOKENS - len(warm)), stop=[STOP])
+                    with pruned(s.ctx, per_layer(s.ctx.blocks, weights)):
+                        rest = decode(lambda t: forward(lm.model, torch.tensor([[t]]), c2)[-1], logits, left, tokenizer=tok) \
+                            if len(warm) == n and STOP not in tok.decode(warm) else None
+                    ids = warm + (rest.token_ids if rest else [])
+                    text = cut(tok.decode(ids, skip_special_tokens=True))
+                    res[f"{method}+warm{n}"] = {"rougeL": rouge(text, gold)["rougeL"],
+                                                "agree": rouge(text, full.text)["rougeL"], "text": text}
+            per_row[row] = res
+            print(f"row {row} ({time.perf_counter() - t0:.0f} s): "
+                  + " ".join(f"{k}={v['rougeL']:.3f}" for k, v in res.items()), flush=True)
+    keys = list(next(iter(per_row.values())))
+    full_rl = [r["full"]["rougeL"] for r in per_row.values()]
+    summary = {}
+    print(f"\nrows {args.rows.start}:{args.rows.stop}, density {args.density}; ROUGE-L (mean, 95 % CI), and ROUGE-L "
+          f"against the full model's output\n\n| setting | ROUGE-L | ÷ full (ratio of means) | agreement with full |\n|---|---|---|---|")
+    for k in keys:
+        rl = [r[k]["rougeL"] for r in per_row.values()]
+        ci = mean_ci(rl)
+        agree = mean_ci([r[k]["agree"] for r in per_row.values()]) if k != "full" else None
+        summary[k] = {"rougeL": ci.mean, "ratio": ci.mean / max(sum(full_rl) / len(full_rl), 1e-12),
+                      "agree": agree.mean if agree else None}
+        print(f"| `{k}` | {ci.mean:.3f} [{ci.low:.3f}, {ci.high:.3f}] | {summary[k]['ratio']:.2f} | "
+              f"{'—' if agree is None else f'{agree.mean:.3f}'} |")
+    out = {"command": search.command_line(__file__, argv), "summary": summary, "per_row": per_row}
+    search.write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
