@@ -45,8 +45,10 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -99,31 +101,41 @@ class Search:
         self.L, self.D = len(self.blocks), self.lm.d_ff
         self.k = k_for(args.density, self.D)
         self.density = args.density
-        self.data = [json.loads(line) for line in open(args.data, encoding="utf-8")]
-        self.sens = torch.tensor(json.load(open(args.sensitivity_file))["mean"]) if args.sensitivity_file else None
+        self.data = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines()]
+        self.sens = (torch.tensor(json.loads(Path(args.sensitivity_file).read_text())["mean"])
+                     if args.sensitivity_file else None)
         self._class: dict[str, torch.Tensor] = {}
 
     # -- one prefill ---------------------------------------------------------------------------
-    def capture(self, ids: torch.Tensor, cache=None, steps: int = 0):
-        """Full-model forward of ids recording z and x per layer; with `steps`, then greedy-decode
-        that many tokens from `cache` instead (warm-up). Returns (z, x, cache, last logits)."""
-        z = [[] for _ in self.blocks]
-        x = [[] for _ in self.blocks]
+    @contextmanager
+    def recording(self) -> Iterator[tuple[list, list]]:
+        """Per layer, every forward's FF activations z and FF inputs x, appended while inside."""
+        z: list[list] = [[] for _ in self.blocks]
+        x: list[list] = [[] for _ in self.blocks]
         hooks = [b.output.register_forward_pre_hook(lambda m, a, i=i: z[i].append(a[0].float().flatten(0, -2)))
                  for i, b in enumerate(self.blocks)]
         hooks += [b.owner.register_forward_pre_hook(lambda m, a, i=i: x[i].append(a[0].float().flatten(0, -2)))
                   for i, b in enumerate(self.blocks)]
         try:
-            if steps:
-                tok, last = int(ids.argmax()), None
-                for _ in range(steps):
-                    tok = int(forward(self.lm.model, torch.tensor([[tok]]), cache)[-1].argmax())
-            else:
-                cache, last = prefill(self.lm.model, ids, chunk_size=512)
+            yield z, x
         finally:
             for h in hooks:
                 h.remove()
+
+    def capture(self, ids: torch.Tensor):
+        """Full-model prefill of ids, recording. Returns (z, x, cache, last logits)."""
+        with self.recording() as (z, x):
+            cache, last = prefill(self.lm.model, ids, chunk_size=512)
         return [torch.cat(a) for a in z], [torch.cat(a) for a in x], cache, last
+
+    def feed(self, cache, logits: torch.Tensor, tokens: list[int] | None = None, steps: int = 0):
+        """Full-model decode steps into `cache` after `logits`, recording: the given tokens, or `steps`
+        greedy ones (a warm-up). Returns (z per layer [steps, D_ff], logits after the last token)."""
+        with self.recording() as (z, _):
+            for i in range(steps if tokens is None else len(tokens)):
+                tok = int(logits.argmax()) if tokens is None else tokens[i]
+                logits = forward(self.lm.model, torch.tensor([[tok]]), cache)[-1]
+        return [torch.cat(a) for a in z], logits
 
     def prompt(self, row: int) -> Prompt:
         text = self.data[row]["article"]
@@ -218,8 +230,7 @@ class Search:
                 z, _, _, _ = self.capture(torch.cat([p.ids, p.cont.ids[None]], 1))
                 p.lazy[key] = z
             elif key == "warm":  # 16 greedy full-model tokens after the prompt
-                z, _, _, _ = self.capture(p.last, fresh_cache(self.lm.model, p.kv, p.ids.shape[1]), steps=16)
-                p.lazy[key] = z
+                p.lazy[key], _ = self.feed(fresh_cache(self.lm.model, p.kv, p.ids.shape[1]), p.last, steps=16)
             elif key == "taylor":
                 p.lazy[key] = self.taylor(p.ids)
         return p.lazy[key]

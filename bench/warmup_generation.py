@@ -74,29 +74,22 @@ def main(argv: list[str] | None = None) -> dict:
             full = decode(lambda t: forward(lm.model, torch.tensor([[t]]), cache)[-1], pr.last, opts, tokenizer=tok)
             res = {"full": {"rougeL": rouge(full.text, gold)["rougeL"]}}
             for n in warmups:
-                warm = full.token_ids[:n]
-                # the warm-up: the full model feeds its own first tokens, activations recorded
-                zs = [[] for _ in s.blocks]
-                hooks = [b.output.register_forward_pre_hook(lambda m, a, i=i: zs[i].append(a[0].float().flatten(0, -2)))
-                         for i, b in enumerate(s.blocks)]
+                warm = full.token_ids[:n]  # the full model's own first tokens, fed as an export would
                 cache = fresh_cache(lm.model, pr.kv, T)
-                logits = pr.last
-                try:
-                    for t in warm:
-                        logits = forward(lm.model, torch.tensor([[t]]), cache)[-1]
-                finally:
-                    for h in hooks:
-                        h.remove()
-                z = [torch.cat([a, *extra]) for a, extra in zip(pr.z, zs)]
+                zw, logits = s.feed(cache, pr.last, tokens=warm) if warm else ([], pr.last)
+                z = [torch.cat([a, w]) for a, w in zip(pr.z, zw)] if warm else pr.z
                 kv = cache_tensors(cache)  # prompt + warm-up, as a bundle would store it
+                scores, gram = search.statistic(z), search.grams(z)
+                ended = len(warm) < n or STOP in tok.decode(warm)  # the full output ended inside the warm-up
                 for method in methods:
-                    _, weights = choose_experts(lm, method, search.statistic(z), args.density, 0, gram=search.grams(z))
-                    c2 = fresh_cache(lm.model, kv, T + len(warm))
-                    left = DecodeOptions(max_new_tokens=max(0, MAX_TOKENS - len(warm)), stop=[STOP])
-                    with pruned(s.ctx, per_layer(s.ctx.blocks, weights)):
-                        rest = decode(lambda t: forward(lm.model, torch.tensor([[t]]), c2)[-1], logits, left, tokenizer=tok) \
-                            if len(warm) == n and STOP not in tok.decode(warm) else None
-                    ids = warm + (rest.token_ids if rest else [])
+                    ids = list(warm)
+                    if not ended:
+                        _, weights = choose_experts(lm, method, scores, args.density, 0, gram=gram)
+                        c2 = fresh_cache(lm.model, kv, T + len(warm))
+                        left = DecodeOptions(max_new_tokens=MAX_TOKENS - len(warm), stop=[STOP])
+                        with pruned(s.ctx, per_layer(s.ctx.blocks, weights)):
+                            ids += decode(lambda t: forward(lm.model, torch.tensor([[t]]), c2)[-1], logits, left,
+                                          tokenizer=tok).token_ids
                     text = cut(tok.decode(ids, skip_special_tokens=True))
                     res[f"{method}+warm{n}"] = {"rougeL": rouge(text, gold)["rougeL"],
                                                 "agree": rouge(text, full.text)["rougeL"], "text": text}
