@@ -3,6 +3,7 @@ gold log-likelihood A − B, and ROUGE-L A ÷ B when both were generated, with 9
 
     python bench/paired.py RUN_DIR METHOD_A METHOD_B DENSITY...
     python bench/paired.py reports/ll_edges_200_299 topk_refit_edges topk_refit 0.25 0.5 0.75 0.9
+    python bench/paired.py reports/warmup_200_299 topk_refit_edges+w8 topk 0.5    # eval --warmup 8 settings
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ from griffin_export.evaluation.metrics import Interval, diff_ci, ratio_ci
 from griffin_export.evaluation.runner import RESULTS_FILE, read_results, setting_key
 
 
+def key(method: str, density: float) -> str:
+    """`topk` -> `topk@0.5`; a warm-up run's `topk+w8` -> `topk@0.5+w8`."""
+    name, _, warmup = method.partition("+w")
+    return setting_key(name, density, int(warmup) if warmup else 0)
+
+
 def paired(run: str, a: str, b: str, densities: list[float]) -> list[tuple[float, Interval, Interval | None]]:
     """Per density: (density, gold LL difference A − B, ROUGE-L ratio A ÷ B or None)."""
     _, records = read_results(Path(run) / RESULTS_FILE)
     out = []
     for d in densities:
-        ra = [r["results"][setting_key(a, d)] for r in records.values()]
-        rb = [r["results"][setting_key(b, d)] for r in records.values()]
+        ra = [r["results"][key(a, d)] for r in records.values()]
+        rb = [r["results"][key(b, d)] for r in records.values()]
         ll = diff_ci([x["gold_ll"] for x in ra], [x["gold_ll"] for x in rb])
         generated = all(x["rougeL"] is not None for x in ra + rb)
         rl = ratio_ci([x["rougeL"] for x in ra], [x["rougeL"] for x in rb]) if generated else None

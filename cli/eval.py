@@ -29,6 +29,9 @@ from griffin_export.select import METHODS
 @click.option("--threads", default=None, type=int, help="torch threads [default: torch's choice]")
 @click.option("--ll-only", is_flag=True,
               help="only the gold log-likelihood (no generation, ROUGE or agreement): fast, for searching settings")
+@click.option("--warmup", default=0, show_default=True, metavar="N",
+              help="as export --warmup N for every selection method: the full model's first N greedy tokens join "
+                   "the statistic and start each pruned generation (setting keys get +wN)")
 @click.option("--force", is_flag=True, help="discard results already in DIR and start over")
 @click.option("--report-only", is_flag=True, help="only redraw the report from DIR/eval.jsonl and DIR/bench.json")
 @click.option("--merge", multiple=True, metavar="RUN_DIR",
@@ -36,7 +39,7 @@ from griffin_export.select import METHODS
                    "on the same rows; with --rows only those rows) into DIR, then report")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 def command(data, rows, methods, density, output, model, gguf_file, device, dtype, seed, prompt_field, target_field,
-            separator, max_tokens, chunk_size, threads, ll_only, force, report_only, merge, quiet):
+            separator, max_tokens, chunk_size, threads, ll_only, warmup, force, report_only, merge, quiet):
     """Quality of every method × density against the full model, as a report in DIR.
 
     Per prompt: one full-model prefill, then for each setting a teacher-forced gold
@@ -79,7 +82,7 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
     settings = EvalSettings(data=data, rows=parse_rows(rows), methods=tuple(parse_list(methods, "methods")),
                             densities=tuple(parse_densities(density)), seed=seed, prompt_field=prompt_field,
                             target_field=target_field, separator=unescape(separator), max_tokens=max_tokens,
-                            chunk_size=chunk_size, generate=not ll_only)
+                            chunk_size=chunk_size, generate=not ll_only, warmup=warmup)
     read_rows(settings)  # bad data fails before the model loads
     if threads:
         torch.set_num_threads(threads)

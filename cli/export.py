@@ -19,13 +19,16 @@ from griffin_export.select import METHODS
               help="neuron selection (topk is the paper's; topk_refit also refits the kept down-projection columns; "
                    "topk_refit_alloc also spreads the same total unevenly over the layers)")
 @click.option("--refit-lambda", default=1.0, show_default=True, help="ridge strength of topk_refit")
+@click.option("--warmup", default=0, show_default=True, metavar="N",
+              help="decode the first N tokens with the full model here: they join the statistic, the bundle stores "
+                   "them and their KV, and generation from this prompt starts with them (greedy)")
 @click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample / random")
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("--no-kv", is_flag=True, help="leave the prompt's KV cache out of the bundle")
 @click.option("--chunk-size", default=512, show_default=True, help="prefill chunk length (tokens)")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
-def command(prompt, output, model, gguf_file, device, dtype, density, method, refit_lambda, seed, chat, no_kv, chunk_size,
+def command(prompt, output, model, gguf_file, device, dtype, density, method, refit_lambda, warmup, seed, chat, no_kv, chunk_size,
             force, quiet):
     """Prefill PROMPT_FILE (UTF-8 text, or - for stdin) with the full model and write an expert bundle.
 
@@ -33,6 +36,7 @@ def command(prompt, output, model, gguf_file, device, dtype, density, method, re
     Examples:
       griffin-export samples/prompt.txt -o expert.safetensors
       griffin-export samples/prompt.txt -o e25.safetensors --density 0.25 --method topk_sample
+      griffin-export samples/prompt.txt -o warm.safetensors --method topk_refit --warmup 8
       echo "Tell me about owls." | griffin-export - -o owls.safetensors --chat
       griffin-export prompt.txt -o expert.safetensors --model ./my-llama-dir --dtype bfloat16
     """
@@ -42,7 +46,7 @@ def command(prompt, output, model, gguf_file, device, dtype, density, method, re
 
     t0 = time.perf_counter()
     settings = ExportSettings(density=density, method=method, seed=seed, chunk_size=chunk_size,
-                              keep_kv=not no_kv, chat=chat, refit_lambda=refit_lambda)
+                              keep_kv=not no_kv, chat=chat, refit_lambda=refit_lambda, warmup=warmup)
     check_output_path(output, force)  # fail before loading anything
     text = read_prompt(prompt)
     status(f"loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
@@ -51,7 +55,9 @@ def command(prompt, output, model, gguf_file, device, dtype, density, method, re
     path = write_bundle(bundle, output, force=force)
     info = bundle.info
     click.echo(
-        f"wrote {path}: {info.prompt_tokens} prompt tokens, k={info.k[0]}/{info.d_ff} per layer × "
+        f"wrote {path}: {info.prompt_tokens} prompt tokens"
+        + (f" + {info.warmup_tokens} warm-up tokens" if warmup else "")
+        + f", k={info.k[0]}/{info.d_ff} per layer × "
         f"{info.num_layers} layers ({info.method}, density {info.density}), "
         f"{'KV included' if info.has_kv else 'no KV'}, {human_bytes(path.stat().st_size)}, "
         f"{time.perf_counter() - t0:.1f} s"

@@ -5,7 +5,9 @@ A bundle is a safetensors file:
   griffin.indices.{i}            int64 [k], sorted kept-neuron indices of layer i
   griffin.kv.{i}.key / .value    the prompt's KV cache of layer i, [1, kv_heads, T, head_dim]
   griffin.prompt_ids             int64 [T]
-  griffin.last_logits            float32 [vocab], logits at the last prompt position
+  griffin.warmup_ids             int64 [W], tokens the full model generated after the prompt at export
+                                 (export --warmup); the KV and last_logits then cover them too
+  griffin.last_logits            float32 [vocab], logits at the last cached position
 and str->str metadata (BundleInfo). Writes go to a temp file renamed into place.
 """
 
@@ -25,12 +27,17 @@ from .outputs import atomic_output, check_output_path
 
 FORMAT = "griffin-expert"
 FORMAT_VERSION = "1"
+# Version 2 = version 1 plus warm-up tokens. Only bundles that have them say "2", so an older
+# griffin-export refuses them instead of generating without their first tokens.
+WARMUP_FORMAT_VERSION = "2"
+READ_VERSIONS = (FORMAT_VERSION, WARMUP_FORMAT_VERSION)
 
 INDICES = "griffin.indices.{}"
 KV_KEY = "griffin.kv.{}.key"
 KV_VALUE = "griffin.kv.{}.value"
 PROMPT_IDS = "griffin.prompt_ids"
 LAST_LOGITS = "griffin.last_logits"
+WARMUP_IDS = "griffin.warmup_ids"
 
 
 def str_metadata(info) -> dict[str, str]:
@@ -50,13 +57,13 @@ def str_metadata(info) -> dict[str, str]:
     return meta
 
 
-def check_format(meta: dict[str, str], source: str, fmt: str, version: str, what: str) -> None:
+def check_format(meta: dict[str, str], source: str, fmt: str, versions: tuple[str, ...], what: str) -> None:
     """Refuse metadata of another format or version (what: "bundle" or "graph")."""
     if meta.get("format") != fmt:
         raise GriffinError(f"{source} is not a griffin-export {what} (format={meta.get('format')!r})")
-    if meta.get("format_version") != version:
+    if meta.get("format_version") not in versions:
         raise GriffinError(f"{source} has {what} format version {meta.get('format_version')!r}; this griffin-export "
-                           f"reads version {version} — re-export the {what} with this version")
+                           f"reads version {' or '.join(versions)} — re-export the {what} with this version")
 
 
 def parse_metadata(cls, meta: dict[str, str], source: str):
@@ -108,6 +115,7 @@ class BundleInfo:
     has_kv: bool
     kind: str = "prompt"  # "prompt": one prompt's experts (+KV); "class": many prompts'
     chat: bool = False
+    warmup_tokens: int = 0  # full-model tokens after the prompt (griffin.warmup_ids), in the KV
     tool_version: str = ""
     format: str = FORMAT
     format_version: str = FORMAT_VERSION
@@ -118,7 +126,7 @@ class BundleInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str) -> "BundleInfo":
-        check_format(meta, source, FORMAT, FORMAT_VERSION, "bundle")
+        check_format(meta, source, FORMAT, READ_VERSIONS, "bundle")
         return parse_metadata(cls, meta, source)
 
 
@@ -130,6 +138,22 @@ class Bundle:
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (key, value)
     prompt_ids: torch.Tensor | None = None  # int64 [T]
     last_logits: torch.Tensor | None = None  # float32 [vocab]
+    warmup_ids: torch.Tensor | None = None  # int64 [W]
+
+    @property
+    def cached_tokens(self) -> int:
+        """Positions the KV cache holds: the prompt, then the warm-up tokens."""
+        return self.info.prompt_tokens + self.info.warmup_tokens
+
+    def warmup(self) -> list[int]:
+        """The warm-up tokens: the start of every generation from the bundle's own prompt."""
+        return [] if self.warmup_ids is None else self.warmup_ids.tolist()
+
+    def own_ids(self) -> torch.Tensor | None:
+        """[T + W] the bundle's prompt and warm-up tokens, for a prefill in place of its KV."""
+        if self.prompt_ids is None:
+            return None
+        return torch.cat([self.prompt_ids, torch.tensor(self.warmup(), dtype=torch.long)])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = dict(self.weights)
@@ -143,6 +167,8 @@ class Bundle:
             out[PROMPT_IDS] = self.prompt_ids
         if self.last_logits is not None:
             out[LAST_LOGITS] = self.last_logits
+        if self.warmup_ids is not None:
+            out[WARMUP_IDS] = self.warmup_ids
         return {name: t.detach().cpu().contiguous() for name, t in out.items()}
 
 
@@ -153,9 +179,11 @@ def write_bundle(bundle: Bundle, path: str | os.PathLike, *, force: bool = False
     from safetensors.torch import save_file
 
     path = check_output_path(path, force)
+    meta = bundle.info.to_metadata()
+    meta["format_version"] = WARMUP_FORMAT_VERSION if bundle.info.warmup_tokens else FORMAT_VERSION
     try:
         with atomic_output(path) as tmp:
-            save_file(bundle.tensors(), str(tmp), metadata=bundle.info.to_metadata())
+            save_file(bundle.tensors(), str(tmp), metadata=meta)
     except OSError as e:
         raise GriffinError(f"cannot write {path}: {e.strerror or e}") from e
     return path
@@ -222,11 +250,12 @@ def read_bundle(path: str | os.PathLike, *, load_kv: bool = True, device: str = 
                 kv = [(get(KV_KEY.format(i)), get(KV_VALUE.format(i))) for i in range(info.num_layers)]
             prompt_ids = get(PROMPT_IDS) if PROMPT_IDS in entries else None
             last_logits = get(LAST_LOGITS) if LAST_LOGITS in entries else None
+            warmup_ids = get(WARMUP_IDS) if WARMUP_IDS in entries else None
     except GriffinError:
         raise
     except Exception as e:
         raise GriffinError(f"{path} is corrupt: {e}") from e
-    bundle = Bundle(info, indices, weights, kv, prompt_ids, last_logits)
+    bundle = Bundle(info, indices, weights, kv, prompt_ids, last_logits, warmup_ids)
     _check_indices(bundle, str(path))
     return bundle
 
@@ -257,6 +286,15 @@ def _check_layout(info: BundleInfo, entries: dict[str, tuple[str, list[int]]], s
                     problems.append(f"tensor {tname} is missing (metadata says the bundle has a KV cache)")
     if info.has_kv and PROMPT_IDS not in entries:
         problems.append(f"tensor {PROMPT_IDS} is missing")
+    if info.warmup_tokens < 0:
+        problems.append(f"warmup_tokens={info.warmup_tokens} is negative")
+    elif info.warmup_tokens and entries.get(WARMUP_IDS, (None, None))[1] != [info.warmup_tokens]:
+        problems.append(f"tensor {WARMUP_IDS} should have shape [{info.warmup_tokens}] (metadata warmup_tokens), "
+                        f"found {entries[WARMUP_IDS][1] if WARMUP_IDS in entries else 'none'}")
+    elif not info.warmup_tokens and WARMUP_IDS in entries:
+        problems.append(f"tensor {WARMUP_IDS} is there but metadata warmup_tokens is 0")
+    if info.warmup_tokens and info.kind != "prompt":
+        problems.append(f"a {info.kind} bundle cannot have warm-up tokens")
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise GriffinError(f"{source}: " + "; ".join(problems[:3]) + more)

@@ -70,15 +70,21 @@ def decode(
     *,
     tokenizer=None,
     eos: set[int] = frozenset(),
+    prefix: Sequence[int] = (),
 ) -> Generation:
-    """Generate from the logits after the prompt; `step` feeds one token and returns the next logits."""
+    """Generate from the logits after the prompt; `step` feeds one token and returns the next logits.
+
+    `prefix`: tokens generated already (a bundle's warm-up), already in the cache, `first_logits`
+    the logits after them. They are the output's start and count towards max_new_tokens and
+    the stop strings, exactly as if this loop had produced them."""
     if opts.stop and tokenizer is None:
         raise GriffinError("stop strings need a tokenizer")
     gen = torch.Generator().manual_seed(opts.seed)
     out = Generation()
     logits = first_logits
     for i in range(opts.max_new_tokens):
-        tok = next_token(logits, opts, gen)
+        fed = i < len(prefix)
+        tok = prefix[i] if fed else next_token(logits, opts, gen)
         if opts.stop_at_eos and tok in eos:
             out.stop_reason = "eos"
             break
@@ -89,7 +95,7 @@ def decode(
             if cut >= 0:
                 out.text, out.stop_reason = text[:cut], "stop"
                 return out
-        if i + 1 < opts.max_new_tokens:  # the last token needs no forward
+        if not fed and i + 1 < opts.max_new_tokens:  # the last token needs no forward
             logits = step(tok)
     if tokenizer is not None:
         out.text = tokenizer.decode(out.token_ids, skip_special_tokens=True)

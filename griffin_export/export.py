@@ -14,7 +14,8 @@ from .budget import edge_budgets, refit_budgets
 from .bundle import Bundle, BundleInfo
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
-from .prefill import cache_tensors, prefill
+from .decoding import eos_ids
+from .prefill import cache_tensors, forward, prefill
 from .refit import DEFAULT_LAMBDA, refit_down
 from .select import REFIT, check_density, check_method, k_for, select_all
 from .statistic import FFStatistic, recording
@@ -29,9 +30,15 @@ class ExportSettings:
     keep_kv: bool = True
     chat: bool = False
     refit_lambda: float = DEFAULT_LAMBDA  # ridge strength of topk_refit
+    # Tokens decoded greedily by the FULL model at export, after the prompt: their activations join
+    # the statistic (and the refit's Gram), the bundle stores them and their KV, and generation from
+    # the bundle's own prompt starts with them (issue 8: pruned outputs drift in their first tokens).
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         check_method(self.method)
+        if self.warmup < 0:
+            raise GriffinError(f"warm-up must be >= 0 tokens, got {self.warmup}")
         check_density(self.density)
         if self.chunk_size < 1:
             raise GriffinError(f"chunk size must be >= 1, got {self.chunk_size}")
@@ -96,6 +103,21 @@ def prompt_statistic(lm: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 51
     with recording(blocks, stat):
         cache, last_logits = prefill(lm.model, ids, chunk_size=chunk_size, progress=progress)
     return stat, cache, last_logits
+
+
+def warm_up(lm: LoadedModel, stat: FFStatistic, cache, logits: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
+    """Decode up to n greedy tokens with the model as it is (full width) from `cache`, adding their
+    FF activations to `stat`. Stops before an end-of-sequence token. Returns (tokens, logits after them)."""
+    eos = eos_ids(lm.config, lm.tokenizer)
+    tokens: list[int] = []
+    with recording(ff_blocks(lm.model, lm.spec), stat):
+        for _ in range(n):
+            tok = int(torch.argmax(logits))
+            if tok in eos:
+                break
+            tokens.append(tok)
+            logits = forward(lm.model, torch.tensor([[tok]], device=lm.device), cache)[-1]
+    return tokens, logits
 
 
 def layer_scores(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, progress: bool = False):
@@ -175,15 +197,19 @@ def bundle_from_indices(lm: LoadedModel, indices: list[torch.Tensor], settings: 
 
 def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, progress: bool = False) -> Bundle:
     """The whole GRIFFIN export for token ids [1, T]."""
-    check_context(lm, ids.shape[1])
+    check_context(lm, ids.shape[1], reserve=1 + settings.warmup)
     refit = settings.method in REFIT
     stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, gram=refit, progress=progress)
+    warm, last_logits = warm_up(lm, stat, cache, last_logits, settings.warmup)
     indices, weights = choose_experts(lm, settings.method, method_scores(lm, settings.method, stat.scores()),
                                       settings.density, settings.seed, gram=stat.gram,
                                       refit_lambda=settings.refit_lambda)
     extra = {"refit_lambda": str(settings.refit_lambda)} if refit else None
     bundle = bundle_from_indices(lm, indices, settings, prompt_tokens=ids.shape[1], weights=weights, extra=extra)
     bundle.prompt_ids = ids[0].cpu()
+    if settings.warmup:
+        bundle.warmup_ids = torch.tensor(warm, dtype=torch.long)
+        bundle.info.warmup_tokens = len(warm)
     bundle.last_logits = last_logits.float().cpu()
     if settings.keep_kv:
         bundle.kv = cache_tensors(cache)

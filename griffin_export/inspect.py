@@ -55,7 +55,10 @@ def format_bundle(s: dict) -> str:
         f"  architecture {m['architecture']}, {m['dtype']}, {s['layers']} layers, d_ff {m['d_ff']}, hidden {m['hidden_size']}",
         f"  selection    {m['method']}, density {m['density']}, seed {m['seed']}: k = {k_text} "
         f"({100 * s['kept_fraction']:.1f}% of FF neurons)",
-        f"  prompt       {m['prompt_tokens']} tokens, chat template: {m.get('chat', 'false')}, KV cache: {m['has_kv']}",
+        f"  prompt       {m['prompt_tokens']} tokens"
+        + (f" + {m['warmup_tokens']} warm-up tokens (full model, the output's start)"
+           if m.get("warmup_tokens", "0") != "0" else "")
+        + f", chat template: {m.get('chat', 'false')}, KV cache: {m['has_kv']}",
         f"  tokenizer    {m['tokenizer']}",
         f"  tool         griffin-export {m.get('tool_version', '?')}",
         "  tensors:",

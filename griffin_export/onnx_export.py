@@ -101,7 +101,7 @@ class GraphInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str) -> "GraphInfo":
-        check_format(meta, source, GRAPH_FORMAT, GRAPH_FORMAT_VERSION, "graph")
+        check_format(meta, source, GRAPH_FORMAT, (GRAPH_FORMAT_VERSION,), "graph")
         return parse_metadata(cls, meta, source)
 
 

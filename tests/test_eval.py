@@ -317,6 +317,34 @@ def test_bundle_method_applies_fixed_experts(tmp_path, tiny_dir, capsys):
     assert "| `e.safetensors` | 0.5 | 32 |" in (out / "results.md").read_text()
 
 
+def test_warm_up_settings_are_what_an_export_with_warmup_generates(tmp_path, tiny_dir, capsys):
+    """eval --warmup N: the text of `topk@0.5+wN` is `generate` from a bundle exported with --warmup N,
+    its gold likelihood that bundle's experts scored from the prompt; at density 1 the full model's."""
+    model_dir = tiny_dir("llama")
+    data = write_data(tmp_path / "d.jsonl", n=1, max_tokens=8, stop=[])
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(json.loads(data.read_text())["article"], encoding="utf-8")
+    bundle = tmp_path / "w.safetensors"
+    code, _, err = run([prompt, "-o", bundle, "--model", model_dir, "-q", "--warmup", "3"], capsys)
+    assert code == 0, err
+    code, generated, err = run(["generate", bundle, "--max-new-tokens", "8", "-q"], capsys)
+    assert code == 0, err
+    out = tmp_path / "r"
+    code, _, err = run([*eval_args(data, out, model_dir, rows="0:1", methods="full,topk", density="0.5,1"),
+                        "--warmup", "3"], capsys)
+    assert code == 0, err
+    rec = records(out)[0]
+    res = rec["results"]
+    assert set(res) == {"full", "topk@0.5+w3", "topk@1+w3"} and rec["warmup_tokens"] == 3
+    assert res["topk@0.5+w3"]["text"] == generated.rstrip("\n") and res["topk@0.5+w3"]["warmup"] == 3
+    assert res["topk@1+w3"]["text"] == res["full"]["text"] and res["topk@1+w3"]["identical"]
+    assert res["topk@0.5+w3"]["first_divergence"] is None or res["topk@0.5+w3"]["first_divergence"] >= 3
+    code, _, err = run(eval_args(data, tmp_path / "b", model_dir, rows="0:1", methods=f"full,bundle:{bundle}"), capsys)
+    assert code == 0, err
+    assert records(tmp_path / "b")[0]["results"][f"bundle:{bundle}"]["gold_ll"] == res["topk@0.5+w3"]["gold_ll"]
+    assert "| `topk` +3 warm-up | 0.5 |" in (out / "results.md").read_text()
+
+
 def test_pruned_prefill_method_decodes_like_the_runtime_with_pruned_prefill(tmp_path, tiny_dir, capsys):
     """`pruned-prefill:PATH` generates what `generate --pruned-prefill` does with that bundle,
     and its first-token likelihood differs from `bundle:PATH` (whose prefill is full)."""
@@ -389,6 +417,8 @@ def test_merged_halves_and_settings_equal_one_run(tmp_path, data, tiny_dir, caps
     (["--density", "half"], "density 'half' is not a number"),
     (["--methods", "bundle:{tmp}/missing.safetensors"], "bundle {tmp}/missing.safetensors does not exist"),
     (["--methods", "pruned-prefill:{tmp}/gone.safetensors"], "bundle {tmp}/gone.safetensors does not exist"),
+    (["--warmup", "-1"], "warm-up must be >= 0 tokens, got -1"),
+    (["--warmup", "2", "--methods", "full,bundle:{tmp}/d.jsonl"], "--warmup applies to selection methods"),
 ])
 def test_bad_input(tmp_path, data, tiny_dir, capsys, args, message):
     argv = [a.format(tmp=tmp_path) for a in ["--data", str(data), "--rows", "0:2", *args]]
@@ -463,3 +493,4 @@ def test_paired_script_differences_match_the_records(tmp_path, data, tiny_dir, c
     assert d == 0.75 and ll.mean == pytest.approx(want) and ll.low <= ll.mean <= ll.high and rl is not None
     assert script.paired(str(out), "topk", "topk", [0.5])[0][1].mean == 0.0
     assert "| 0.5 | " in script.main([str(out), "topk", "random", "0.5"])
+    assert script.key("topk_refit", 0.5) == "topk_refit@0.5" and script.key("topk+w8", 0.25) == "topk@0.25+w8"

@@ -120,6 +120,21 @@ def test_pruned_prefill_runs_the_prompt_through_the_experts(exported):
                                atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_a_warm_up_bundle_generates_like_the_torch_runtime(exported, arch):
+    """export --warmup: the ONNX runtime resumes after the warm-up tokens and starts its output with them
+    (gemma2: the windowed KV of prompt + warm-up); with and without the bundle's KV."""
+    e = exported(arch)
+    warm = export_ids(tiny_model(arch), e.ids, ExportSettings(density=0.5, warmup=5))
+    assert warm.info.k == e.half.info.k and warm.warmup()
+    opts = DecodeOptions(max_new_tokens=12, stop_at_eos=False)
+    want = TorchRuntime(tiny_model(arch), warm).generate(opts).token_ids
+    assert want[:len(warm.warmup())] == warm.warmup()
+    assert OnnxRuntime(e.pruned, warm, provider="cpu").generate(opts).token_ids == want
+    no_kv = dataclasses.replace(warm, kv=None, last_logits=None)
+    assert OnnxRuntime(e.pruned, no_kv, full=e.full, provider="cpu").generate(opts).token_ids == want
+
+
 def test_generate_uses_the_shared_decoding_loop(exported):
     e = exported("qwen2")
     opts = DecodeOptions(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=4, stop_at_eos=False)

@@ -67,6 +67,7 @@ def summarize(header: dict, records: dict[int, dict], resamples: int = RESAMPLES
             vals = [r["results"][key] for r in recs]
             tokens = _column(vals, "tokens")
             entry = {"key": key, "method": first["method"], "density": first["density"], "k": first["k"],
+                     "warmup": first.get("warmup", 0),
                      "n": len(vals), "tokens": None if tokens is None else sum(tokens) / len(tokens),
                      "seconds": sum(_column(vals, "seconds")) / len(vals)}
             names = [*ROUGE_TYPES, "gold_ll"]
@@ -228,7 +229,7 @@ def _short_name(method: str) -> str:
 
 
 def _setting_name(s: dict) -> str:
-    return f"`{_short_name(s['method'])}`"
+    return f"`{_short_name(s['method'])}`" + (f" +{s['warmup']} warm-up" if s.get("warmup") else "")
 
 
 def markdown(report: dict, plots: Sequence[str]) -> str:
@@ -362,10 +363,10 @@ def _save(fig, path: Path) -> Path:
 
 def _quality_plot(path: Path, settings: list[dict], metric: str, label: str, title: str) -> Path:
     fig, ax = _figure()
-    by_method: dict[str, list[dict]] = {}
+    by_method: dict[tuple[str, int], list[dict]] = {}
     for s in settings:
-        by_method.setdefault(s["method"], []).append(s)
-    for method, group in by_method.items():
+        by_method.setdefault((s["method"], s.get("warmup", 0)), []).append(s)
+    for (method, warmup), group in by_method.items():
         group = [s for s in group if s.get(metric) is not None and s[metric]["low"] is not None]
         if not group:
             continue
@@ -379,7 +380,7 @@ def _quality_plot(path: Path, settings: list[dict], metric: str, label: str, tit
         y = [s[metric]["mean"] for s in group]
         err = [[s[metric]["mean"] - s[metric]["low"] for s in group],
                [s[metric]["high"] - s[metric]["mean"] for s in group]]
-        name = _short_name(method)
+        name = _short_name(method) + (f" +{warmup} warm-up" if warmup else "")
         ax.errorbar(x, y, yerr=err, marker="o" if len(x) > 1 else "s", capsize=3, label=name)
     ax.set_xlabel("FF density (fraction of neurons kept per layer)")
     ax.set_ylabel(label)

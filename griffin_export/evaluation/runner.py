@@ -35,7 +35,7 @@ from ..arch import FFBlock, ff_blocks, magnitude_scores, per_layer, sliced
 from ..bundle import atomic_output, check_compatible, read_bundle
 from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
-from ..export import check_context, choose_experts, prompt_statistic, tokenize
+from ..export import check_context, choose_experts, prompt_statistic, tokenize, warm_up
 from ..jsonl import parse_object, text_field
 from ..models import LoadedModel, dtype_name
 from ..prefill import cache_tensors, forward, prefill, restore_cache
@@ -88,6 +88,7 @@ class EvalSettings:
     max_tokens: int = 64  # when a row has no `max_tokens`
     chunk_size: int = 512
     generate: bool = True  # False: gold log-likelihood only (no decoding, no ROUGE), for cheap searches
+    warmup: int = 0  # export --warmup for every selection method (their keys get "+wN")
 
     def __post_init__(self) -> None:
         self.rows = tuple(self.rows)
@@ -111,6 +112,11 @@ class EvalSettings:
             raise GriffinError(f"max tokens must be >= 1, got {self.max_tokens}")
         if self.chunk_size < 1:
             raise GriffinError(f"chunk size must be >= 1, got {self.chunk_size}")
+        if self.warmup < 0:
+            raise GriffinError(f"warm-up must be >= 0 tokens, got {self.warmup}")
+        if self.warmup and any(bundle_path(m) for m in self.methods):
+            raise GriffinError("--warmup applies to selection methods; a bundle's experts have their own "
+                               "(export the bundle with --warmup)")
 
 
 def check_method_name(name: str) -> str:
@@ -232,8 +238,8 @@ class Setting:
     pruned_prefill: bool = False  # the prompt's prefill runs with the experts too
 
 
-def setting_key(method: str, density: float) -> str:
-    return f"{method}@{density:g}"
+def setting_key(method: str, density: float, warmup: int = 0) -> str:
+    return f"{method}@{density:g}" + (f"+w{warmup}" if warmup else "")
 
 
 def make_settings(lm: LoadedModel, settings: EvalSettings) -> tuple[list[Setting], dict[str, str]]:
@@ -247,7 +253,7 @@ def make_settings(lm: LoadedModel, settings: EvalSettings) -> tuple[list[Setting
             setting, hashes[name] = _bundle_setting(lm, name)
             out.append(setting)
         else:
-            out += [Setting(setting_key(name, d), name, d) for d in settings.densities]
+            out += [Setting(setting_key(name, d, settings.warmup), name, d) for d in settings.densities]
     return out, hashes
 
 
@@ -360,12 +366,14 @@ def continuation_logprobs(model, kv, prompt_len: int, last_logits: torch.Tensor,
     return logp.gather(1, ids[:, None].to(logp.device))[:, 0].cpu()
 
 
-def generate(ctx: Context, kv, prompt_len: int, last_logits: torch.Tensor, row: EvalRow) -> Generation:
+def generate(ctx: Context, kv, cached: int, last_logits: torch.Tensor, row: EvalRow,
+             warm: list[int] = ()) -> Generation:
+    """Greedy decode from a copy of `kv` (`cached` positions: the prompt, then the `warm` tokens)."""
     model, device = ctx.lm.model, ctx.lm.device
-    cache = fresh_cache(model, kv, prompt_len)
+    cache = fresh_cache(model, kv, cached)
     opts = DecodeOptions(max_new_tokens=row.max_tokens, stop=row.stop)
     return decode(lambda tok: forward(model, torch.tensor([[tok]], device=device), cache)[-1], last_logits, opts,
-                  tokenizer=ctx.lm.tokenizer, eos=ctx.eos)
+                  tokenizer=ctx.lm.tokenizer, eos=ctx.eos, prefix=warm)
 
 
 @torch.inference_mode()
@@ -378,11 +386,18 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
     ids = tokenize(lm, row.prompt)  # [1, T]
     prompt_len = ids.shape[1]
     cont = continuation_ids(lm.tokenizer, row.prompt, s.separator, row.target, ids[0].tolist())
-    check_context(lm, prompt_len, reserve=max(cont.ids.numel(), row.max_tokens))
+    check_context(lm, prompt_len, reserve=max(cont.ids.numel(), row.max_tokens, s.warmup + 1))
     stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=s.chunk_size,
                                                 gram=any(st.method in REFIT for st in settings))
-    prompt_scores = stat.scores()
     kv = cache_tensors(cache)
+    # export --warmup: the full model's first tokens join the statistic; pruned generations
+    # continue after them (warm_kv), the gold likelihood is still scored from the prompt
+    warm, warm_kv, warm_logits = [], kv, last_logits
+    if s.warmup:
+        warm_cache = fresh_cache(lm.model, kv, prompt_len)
+        warm, warm_logits = warm_up(lm, stat, warm_cache, last_logits, s.warmup)
+        warm_kv = cache_tensors(warm_cache)
+    prompt_scores = stat.scores()
     prefill_s = time.perf_counter() - t0
 
     results: dict[str, dict] = {}
@@ -399,10 +414,14 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
                 own_cache, own_last = prefill(lm.model, ids, chunk_size=s.chunk_size)
                 own_kv = cache_tensors(own_cache)
             logp = continuation_logprobs(lm.model, own_kv, prompt_len, own_last, cont.ids)
-            gen = generate(ctx, own_kv, prompt_len, own_last, row) if s.generate else None
+            gen = None
+            if s.generate and tensors is not None and warm:
+                gen = generate(ctx, warm_kv, prompt_len + len(warm), warm_logits, row, warm)
+            elif s.generate:
+                gen = generate(ctx, own_kv, prompt_len, own_last, row)
         k = lm.d_ff if tensors is None else _mean_k(ctx, tensors)
         r = {"method": setting.method, "density": setting.density, "k": k,
-             "gold_ll": float(logp[cont.scored_from:].mean())}
+             "warmup": 0 if tensors is None else s.warmup, "gold_ll": float(logp[cont.scored_from:].mean())}
         if gen is None:
             r.update({name: None for name in NOT_GENERATED})
         else:
@@ -418,7 +437,8 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
                      identical=gen.token_ids == full_tokens)
         r["seconds"] = time.perf_counter() - t1
         results[setting.key] = r
-    return {"row": row.index, "prompt_tokens": prompt_len, "target_tokens": int(cont.ids.numel() - cont.scored_from),
+    return {"row": row.index, "prompt_tokens": prompt_len, "warmup_tokens": len(warm),
+            "target_tokens": int(cont.ids.numel() - cont.scored_from),
             "split_tokenization": cont.split, "prefill_seconds": prefill_s,
             "seconds": time.perf_counter() - t0, "results": results}
 
@@ -442,7 +462,7 @@ def run_header(lm: LoadedModel, settings: EvalSettings, bundle_hashes: dict[str,
         "data_hash": file_hash(data), "methods": list(settings.methods), "densities": list(settings.densities),
         "seed": settings.seed, "prompt_field": settings.prompt_field, "target_field": settings.target_field,
         "separator": settings.separator, "max_tokens": settings.max_tokens, "chunk_size": settings.chunk_size,
-        "generate": settings.generate,
+        "generate": settings.generate, **({"warmup": settings.warmup} if settings.warmup else {}),
         "model_fingerprint": lm.fingerprint, "dtype": dtype_name(lm.dtype), "bundles": bundle_hashes,
     }
     return {

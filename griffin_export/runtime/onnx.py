@@ -353,16 +353,17 @@ class OnnxRuntime:
         return state, torch.from_numpy(logits.astype(np.float32))
 
     def start(self, ids: torch.Tensor | None = None) -> tuple[KVState, torch.Tensor]:
-        """(state, first logits): a new prompt's full prefill, else the bundle's own KV."""
+        """(state, first logits): a new prompt's full prefill, else the bundle's own prompt and
+        warm-up tokens (from its KV unless pruned_prefill)."""
         b = self.bundle
         if ids is not None:
             return self.prefill(ids)
         if b is None:
             raise GriffinError("no bundle: give a prompt to generate from")
         if b.kv is not None and b.last_logits is not None and not self.pruned_prefill:
-            return self.state_from_kv(b.kv, b.info.prompt_tokens), b.last_logits.float()
+            return self.state_from_kv(b.kv, b.cached_tokens), b.last_logits.float()
         if b.prompt_ids is not None:
-            return self.prefill(b.prompt_ids[None])
+            return self.prefill(b.own_ids()[None])
         raise GriffinError("this bundle has no prompt (a class bundle): give a prompt to generate from")
 
     def step(self, state: KVState, token: int) -> torch.Tensor:
@@ -377,7 +378,9 @@ class OnnxRuntime:
         if prompt is not None:
             ids = self.tokenize(prompt)
         state, logits = self.start(ids)
-        return decode(lambda tok: self.step(state, tok), logits, opts, tokenizer=self.tokenizer, eos=self.eos)
+        warm = self.bundle.warmup() if ids is None else []  # see TorchRuntime.generate
+        return decode(lambda tok: self.step(state, tok), logits, opts, tokenizer=self.tokenizer, eos=self.eos,
+                      prefix=warm)
 
     def tokenize(self, text: str) -> torch.Tensor:
         from ..export import tokenize

@@ -68,21 +68,19 @@ class TorchRuntime:
     # -- decoding ---------------------------------------------------------------------
 
     def start(self, ids: torch.Tensor | None = None):
-        """(cache, first logits): a new prompt's full prefill, else the bundle's own KV."""
+        """(cache, first logits): a new prompt's prefill, else the bundle's own prompt and
+        warm-up tokens (from its KV unless pruned_prefill)."""
         b = self.bundle
-        if self.pruned_prefill:
-            if ids is None and b.prompt_ids is None:
+        if ids is None:
+            if b.kv is not None and b.last_logits is not None and not self.pruned_prefill:
+                return restore_cache(self.lm.model, b.kv, b.cached_tokens), b.last_logits
+            if b.prompt_ids is None:
                 raise GriffinError("this bundle has no prompt (a class bundle): give a prompt to generate from")
-            ids = ids if ids is not None else b.prompt_ids[None].to(self.lm.device)
+            ids = b.own_ids()[None].to(self.lm.device)
+        if self.pruned_prefill:
             check_context(self.lm, ids.shape[1])
             return prefill(self.lm.model, ids)
-        if ids is not None:
-            return self.full_prefill(ids)
-        if b.kv is not None and b.last_logits is not None:
-            return restore_cache(self.lm.model, b.kv, b.info.prompt_tokens), b.last_logits
-        if b.prompt_ids is not None:
-            return self.full_prefill(b.prompt_ids[None].to(self.lm.device))
-        raise GriffinError("this bundle has no prompt (a class bundle): give a prompt to generate from")
+        return self.full_prefill(ids)
 
     def generate(self, opts: DecodeOptions | None = None, *, prompt: str | None = None,
                  ids: torch.Tensor | None = None) -> Generation:
@@ -90,7 +88,10 @@ class TorchRuntime:
         if prompt is not None:
             ids = tokenize(self.lm, prompt, chat=self.bundle.info.chat)
         cache, logits = self.start(ids)
-        return decode(lambda tok: self.step(cache, tok), logits, opts, tokenizer=self.lm.tokenizer, eos=self.eos)
+        # from the bundle's own prompt, its warm-up tokens are the output's start
+        warm = self.bundle.warmup() if ids is None else []
+        return decode(lambda tok: self.step(cache, tok), logits, opts, tokenizer=self.lm.tokenizer, eos=self.eos,
+                      prefix=warm)
 
     def step(self, cache, token: int) -> torch.Tensor:
         """Feed one token with the experts; logits [vocab] for the next."""
