@@ -67,5 +67,8 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
     out = rt.generate(opts, prompt=prompt)
     dt = time.perf_counter() - t0
     click.echo(out.text)
-    status(f"[{len(out.token_ids)} tokens in {dt:.2f} s, {len(out.token_ids) / max(dt, 1e-9):.1f} tok/s, "
-           f"stop: {out.stop_reason}]", quiet)
+    # the bundle's warm-up tokens start the output but cost no decoding here
+    warm = 0 if prompt is not None else min(info.warmup_tokens, len(out.token_ids))
+    decoded = len(out.token_ids) - warm
+    status(f"[{decoded} tokens in {dt:.2f} s, {decoded / max(dt, 1e-9):.1f} tok/s"
+           + (f", after {warm} warm-up tokens from the bundle" if warm else "") + f", stop: {out.stop_reason}]", quiet)

@@ -295,6 +295,20 @@ def _check_layout(info: BundleInfo, entries: dict[str, tuple[str, list[int]]], s
         problems.append(f"tensor {WARMUP_IDS} is there but metadata warmup_tokens is 0")
     if info.warmup_tokens and info.kind != "prompt":
         problems.append(f"a {info.kind} bundle cannot have warm-up tokens")
+    if info.warmup_tokens and info.format_version == FORMAT_VERSION:
+        problems.append(f"format version {FORMAT_VERSION} cannot hold warm-up tokens")
+    if WARMUP_IDS in entries and entries[WARMUP_IDS][0] != "I64":
+        problems.append(f"tensor {WARMUP_IDS} has dtype {entries[WARMUP_IDS][0]}, expected I64")
+    if PROMPT_IDS in entries and info.kind == "prompt" and entries[PROMPT_IDS][1] != [info.prompt_tokens]:
+        problems.append(f"tensor {PROMPT_IDS} has shape {entries[PROMPT_IDS][1]}, metadata prompt_tokens is "
+                        f"{info.prompt_tokens}")
+    if info.has_kv:
+        cached = info.prompt_tokens + info.warmup_tokens
+        # sliding-window layers may hold fewer positions, never more
+        longest = max((entries[KV_KEY.format(i)][1][2] for i in range(info.num_layers)
+                       if KV_KEY.format(i) in entries and len(entries[KV_KEY.format(i)][1]) == 4), default=cached)
+        if longest > cached:
+            problems.append(f"the KV cache holds {longest} positions; prompt + warm-up tokens are {cached}")
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise GriffinError(f"{source}: " + "; ".join(problems[:3]) + more)
@@ -309,6 +323,9 @@ def _check_indices(bundle: Bundle, source: str) -> None:
             raise GriffinError(f"{source}: {INDICES.format(i)} has indices outside 0..{d - 1}")
         if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise GriffinError(f"{source}: {INDICES.format(i)} is not strictly increasing (duplicated or unsorted indices)")
+    w, logits = bundle.warmup_ids, bundle.last_logits
+    if w is not None and logits is not None and w.numel() and (int(w.min()) < 0 or int(w.max()) >= logits.numel()):
+        raise GriffinError(f"{source}: {WARMUP_IDS} has token ids outside the vocabulary 0..{logits.numel() - 1}")
 
 
 def check_compatible(info: BundleInfo, *, architecture: str, fingerprint: str, identity: str,

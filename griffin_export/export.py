@@ -11,7 +11,7 @@ import torch
 from . import __version__
 from .arch import ff_blocks, magnitude_scores, slice_block
 from .budget import edge_budgets, refit_budgets
-from .bundle import Bundle, BundleInfo
+from .bundle import WARMUP_FORMAT_VERSION, Bundle, BundleInfo
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
 from .decoding import eos_ids
@@ -88,10 +88,11 @@ def tokenize(lm: LoadedModel, text: str, *, chat: bool = False) -> torch.Tensor:
     return ids
 
 
-def check_context(lm: LoadedModel, n_tokens: int, reserve: int = 1) -> None:
+def check_context(lm: LoadedModel, n_tokens: int, reserve: int = 1, warmup: int = 0) -> None:
     ctx = lm.context_length
-    if ctx is not None and n_tokens + reserve > ctx:
-        raise GriffinError(f"prompt has {n_tokens} tokens; the model's context is {ctx} (leave room to generate)")
+    if ctx is not None and n_tokens + max(reserve, warmup + 1) > ctx:
+        warm = f" + {warmup} warm-up tokens" if warmup else ""
+        raise GriffinError(f"prompt has {n_tokens} tokens{warm}; the model's context is {ctx} (leave room to generate)")
 
 
 def prompt_statistic(lm: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 512, gram: bool = False,
@@ -197,7 +198,7 @@ def bundle_from_indices(lm: LoadedModel, indices: list[torch.Tensor], settings: 
 
 def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, progress: bool = False) -> Bundle:
     """The whole GRIFFIN export for token ids [1, T]."""
-    check_context(lm, ids.shape[1], reserve=1 + settings.warmup)
+    check_context(lm, ids.shape[1], warmup=settings.warmup)
     refit = settings.method in REFIT
     stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, gram=refit, progress=progress)
     warm, last_logits = warm_up(lm, stat, cache, last_logits, settings.warmup)
@@ -207,9 +208,10 @@ def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, 
     extra = {"refit_lambda": str(settings.refit_lambda)} if refit else None
     bundle = bundle_from_indices(lm, indices, settings, prompt_tokens=ids.shape[1], weights=weights, extra=extra)
     bundle.prompt_ids = ids[0].cpu()
-    if settings.warmup:
+    if warm:  # none when the full model's first token ends its output
         bundle.warmup_ids = torch.tensor(warm, dtype=torch.long)
         bundle.info.warmup_tokens = len(warm)
+        bundle.info.format_version = WARMUP_FORMAT_VERSION
     bundle.last_logits = last_logits.float().cpu()
     if settings.keep_kv:
         bundle.kv = cache_tensors(cache)

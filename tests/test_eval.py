@@ -342,7 +342,8 @@ def test_warm_up_settings_are_what_an_export_with_warmup_generates(tmp_path, tin
     code, _, err = run(eval_args(data, tmp_path / "b", model_dir, rows="0:1", methods=f"full,bundle:{bundle}"), capsys)
     assert code == 0, err
     assert records(tmp_path / "b")[0]["results"][f"bundle:{bundle}"]["gold_ll"] == res["topk@0.5+w3"]["gold_ll"]
-    assert "| `topk` +3 warm-up | 0.5 |" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "| `topk` +3 warm-up | 0.5 |" in report and "--warmup 3 -o" in report
 
 
 def test_pruned_prefill_method_decodes_like_the_runtime_with_pruned_prefill(tmp_path, tiny_dir, capsys):

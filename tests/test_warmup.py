@@ -4,6 +4,7 @@ and their KV, and generation from the bundle's own prompt starts with them."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -119,18 +120,42 @@ def test_without_kv_the_runtime_prefills_prompt_and_warm_up():
     assert new.token_ids[:WARM] != with_kv.warmup()
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("warmup_tokens", "3", "griffin.warmup_ids should have shape [3]"),
-    ("warmup_tokens", "0", "griffin.warmup_ids is there but metadata warmup_tokens is 0"),
-    ("warmup_tokens", "-1", "warmup_tokens=-1 is negative"),
-    ("kind", "class", "a class bundle cannot have warm-up tokens"),
+def test_eos_as_the_first_token_leaves_no_warm_up(tmp_path):
+    """The full model ends its output at once: nothing to store, a plain version-1 bundle."""
+    lm = tiny_model("llama")
+    ids = prompt_ids()
+    lm.config.eos_token_id = int(torch.argmax(prefill(copy.deepcopy(lm.model), ids)[1]))
+    bundle = export_ids(lm, ids, ExportSettings(density=0.5, warmup=WARM))
+    assert bundle.warmup_ids is None and bundle.info.warmup_tokens == 0 and bundle.info.format_version == "1"
+    back = read_bundle(write_bundle(bundle, tmp_path / "e.safetensors"))
+    assert back.warmup() == [] and TorchRuntime(lm, back).generate().stop_reason == "eos"
+
+
+@pytest.mark.parametrize("meta, tensors, message", [
+    ({"warmup_tokens": "3"}, {}, "griffin.warmup_ids should have shape [3]"),
+    ({"warmup_tokens": "0"}, {}, "griffin.warmup_ids is there but metadata warmup_tokens is 0"),
+    ({"warmup_tokens": "-1"}, {}, "warmup_tokens=-1 is negative"),
+    ({"kind": "class"}, {}, "a class bundle cannot have warm-up tokens"),
+    ({"format_version": "1"}, {}, "format version 1 cannot hold warm-up tokens"),
+    ({"prompt_tokens": "20"}, {}, "griffin.prompt_ids has shape [24], metadata prompt_tokens is 20"),
+    ({"warmup_tokens": "2"}, {"griffin.warmup_ids": torch.tensor([5, 6])},
+     "the KV cache holds 30 positions; prompt + warm-up tokens are 26"),
+    ({}, {"griffin.warmup_ids": torch.arange(WARM, dtype=torch.float32)}, "griffin.warmup_ids has dtype F32"),
+    ({}, {"griffin.warmup_ids": torch.full((WARM,), 96)}, "griffin.warmup_ids has token ids outside the vocabulary"),
 ])
-def test_inconsistent_warm_up_metadata_is_refused(tmp_path, field, value, message):
+def test_inconsistent_warm_up_is_refused(tmp_path, meta, tensors, message):
     bundle = export_ids(tiny_model("llama"), prompt_ids(), ExportSettings(density=0.5, warmup=WARM))
+    assert bundle.info.warmup_tokens == WARM  # the cases above assume a full warm-up
     path = write_bundle(bundle, tmp_path / "w.safetensors")
-    bad = rewrite(path, tmp_path / "bad.safetensors", meta={field: value})
-    with pytest.raises(GriffinError, match=message.replace("[", r"\[")):
+    bad = rewrite(path, tmp_path / "bad.safetensors", meta=meta, tensors=tensors)
+    with pytest.raises(GriffinError, match=re.escape(message)):
         read_bundle(bad)
+
+
+def test_warm_up_beyond_the_context_is_named():
+    lm = tiny_model("llama")  # context 256
+    with pytest.raises(GriffinError, match="prompt has 24 tokens \\+ 300 warm-up tokens; the model's context is 256"):
+        export_ids(lm, prompt_ids(), ExportSettings(warmup=300))
 
 
 class WordTokenizer:
@@ -170,8 +195,9 @@ def test_cli_export_inspect_generate(tmp_path, tiny_dir, capsys):
     assert f"20 prompt tokens + {n} warm-up tokens" in out
     code, out, _ = run(["inspect", out_file], capsys)
     assert code == 0 and f"+ {n} warm-up tokens (full model" in out
-    code, out, err = run(["generate", out_file, "--max-new-tokens", "6", "-q"], capsys)
+    code, out, err = run(["generate", out_file, "--max-new-tokens", "6"], capsys)
     assert code == 0, err
+    assert f"[{6 - n} tokens in " in err and f"after {n} warm-up tokens from the bundle" in err
     code, out, err = run([prompt, "-o", tmp_path / "x.safetensors", "--model", tiny_dir("llama"), "--warmup", "-1"],
                          capsys)
     assert code == 2 and "warm-up must be >= 0 tokens" in err and "Traceback" not in err

@@ -142,8 +142,8 @@ def command_line(header: dict, out_dir: str) -> str:
     if m["dtype"] != "float32":
         parts.append(f"--dtype {m['dtype']}")
     for name, flag in (("seed", "--seed"), ("prompt_field", "--prompt-field"), ("target_field", "--target-field"),
-                       ("max_tokens", "--max-tokens"), ("chunk_size", "--chunk-size")):
-        if s[name] != getattr(default, name):
+                       ("max_tokens", "--max-tokens"), ("chunk_size", "--chunk-size"), ("warmup", "--warmup")):
+        if s.get(name, getattr(default, name)) != getattr(default, name):
             parts.append(f"{flag} {s[name]}")
     if not s.get("generate", True):
         parts.append("--ll-only")

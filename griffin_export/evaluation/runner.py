@@ -386,10 +386,11 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
     ids = tokenize(lm, row.prompt)  # [1, T]
     prompt_len = ids.shape[1]
     cont = continuation_ids(lm.tokenizer, row.prompt, s.separator, row.target, ids[0].tolist())
-    check_context(lm, prompt_len, reserve=max(cont.ids.numel(), row.max_tokens, s.warmup + 1))
+    check_context(lm, prompt_len, reserve=max(cont.ids.numel(), row.max_tokens), warmup=s.warmup)
     stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=s.chunk_size,
                                                 gram=any(st.method in REFIT for st in settings))
     kv = cache_tensors(cache)
+    prefill_s = time.perf_counter() - t0
     # export --warmup: the full model's first tokens join the statistic; pruned generations
     # continue after them (warm_kv), the gold likelihood is still scored from the prompt
     warm, warm_kv, warm_logits = [], kv, last_logits
@@ -398,7 +399,6 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
         warm, warm_logits = warm_up(lm, stat, warm_cache, last_logits, s.warmup)
         warm_kv = cache_tensors(warm_cache)
     prompt_scores = stat.scores()
-    prefill_s = time.perf_counter() - t0
 
     results: dict[str, dict] = {}
     full_tokens: list[int] = []
