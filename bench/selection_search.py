@@ -27,6 +27,10 @@ mean log-likelihood per token of the gold summary, teacher-forced from the full-
   taylor_mix       edges, rank(taylor) + rank(statistic)
   warmup           edges, statistic and Gram also over 16 full-model greedy tokens (weight 4 in the
                    Gram; the statistic normalizes each token, so weight 1 there)
+  warm_only:N      edges, statistic and Gram over the first N full-model greedy tokens alone: the
+                   deployable stand-in for oracle_gold (the model's own summary instead of the gold)
+  warm_mix:N:R     edges, statistic and Gram over the prompt and the N warm-up tokens repeated R
+                   times (weight R on the model's own continuation in both)
   sequential       edges, the refit fitted layer by layer inside one pruned forward over the prompt,
                    each layer on the inputs the earlier pruned layers give it, to the full model's
                    FF output (error feedback, as in sequential post-training pruning)
@@ -230,7 +234,9 @@ class Search:
                 z, _, _, _ = self.capture(torch.cat([p.ids, p.cont.ids[None]], 1))
                 p.lazy[key] = z
             elif key == "warm":  # 16 greedy full-model tokens after the prompt
-                p.lazy[key], _ = self.feed(fresh_cache(self.lm.model, p.kv, p.ids.shape[1]), p.last, steps=16)
+                p.lazy[key] = [a[:16] for a in self.lazy(p, "warm64")]
+            elif key == "warm64":  # 64 greedy full-model tokens; shorter warm-ups are their prefixes
+                p.lazy[key], _ = self.feed(fresh_cache(self.lm.model, p.kv, p.ids.shape[1]), p.last, steps=64)
             elif key == "taylor":
                 p.lazy[key] = self.taylor(p.ids)
         return p.lazy[key]
@@ -326,6 +332,11 @@ class Search:
             return self.refit(t if name == "taylor" else rank01(t) + rank01(scores), self.edges(), gram), None
         if name == "warmup":
             z = [torch.cat([a, 2.0 * w]) for a, w in zip(p.z, self.lazy(p, "warm"))]  # 2² = weight 4
+            return self.refit(statistic(z), self.edges(), grams(z)), None
+        if name.startswith(("warm_only:", "warm_mix:")):
+            n, *repeat = (int(x) for x in name.split(":")[1:])
+            warm = [w[:n] for w in self.lazy(p, "warm64")]
+            z = warm if not repeat else [torch.cat([a, w.repeat(repeat[0], 1)]) for a, w in zip(p.z, warm)]
             return self.refit(statistic(z), self.edges(), grams(z)), None
         if name in ("sequential", "stream"):
             return self.sequential(p, scores, "local" if name == "sequential" else "stream"), None
