@@ -57,6 +57,7 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
       griffin-export eval --report-only -o report/          # redraw with bench.json added
       griffin-export eval --data rows.jsonl --rows 200:300 --methods full,topk,bundle:news.safetensors -o r2/
       griffin-export eval --merge half1/ --merge half2/ -o whole/   # two row ranges run side by side
+      griffin-export eval --data rows.jsonl --methods full,topk_refit_edges --density 0.5 --warmup 8 -o w8/
     """
     from griffin_export.evaluation.report import write_report
 
