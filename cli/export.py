@@ -4,7 +4,7 @@ import time
 
 import click
 
-from .options import density_option, dtype_option, human_bytes, model_options, status
+from .options import density_option, dtype_option, human_bytes, k_summary, model_options, status
 
 from griffin_export.select import METHODS
 
@@ -57,7 +57,7 @@ def command(prompt, output, model, gguf_file, device, dtype, density, method, re
     click.echo(
         f"wrote {path}: {info.prompt_tokens} prompt tokens"
         + (f" + {info.warmup_tokens} warm-up tokens" if warmup else "")
-        + f", k={info.k[0]}/{info.d_ff} per layer × "
+        + f", {k_summary(info.k, info.d_ff)} × "
         f"{info.num_layers} layers ({info.method}, density {info.density}), "
         f"{'KV included' if info.has_kv else 'no KV'}, {human_bytes(path.stat().st_size)}, "
         f"{time.perf_counter() - t0:.1f} s"

@@ -4,7 +4,7 @@ import time
 
 import click
 
-from .options import DTYPES, human_bytes, model_options, status
+from .options import DTYPES, human_bytes, k_summary, model_options, status
 
 
 @click.command("onnx")
@@ -44,7 +44,5 @@ def command(bundle, output, full, model, gguf_file, device, dtype, force, quiet)
     path, info = export_graph(output, bundle, model=model, gguf_file=gguf_file, dtype=dtype, device=device,
                               force=force, progress=not quiet)
     size = sum((path / f).stat().st_size for f in (MODEL_FILE, DATA_FILE) if (path / f).exists())
-    k = info.k
-    k_text = f"k={k[0]}/{info.d_ff} per layer" if len(set(k)) == 1 else f"k={min(k)}..{max(k)}/{info.d_ff}"
-    click.echo(f"wrote {path}: {info.kind} {info.architecture} graph, {k_text} × {info.num_layers} layers, "
-               f"{info.dtype}, {human_bytes(size)}, {time.perf_counter() - t0:.1f} s")
+    click.echo(f"wrote {path}: {info.kind} {info.architecture} graph, {k_summary(info.k, info.d_ff)} × "
+               f"{info.num_layers} layers, {info.dtype}, {human_bytes(size)}, {time.perf_counter() - t0:.1f} s")

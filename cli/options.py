@@ -46,3 +46,11 @@ def human_bytes(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+def k_summary(k: list[int], d_ff: int) -> str:
+    """'k=768/1536 per layer', or for per-layer widths 'k=682..1536/1536 per layer (total 23040)'."""
+    if len(set(k)) == 1:
+        return f"k={k[0]}/{d_ff} per layer"
+    return f"k={min(k)}..{max(k)}/{d_ff} per layer (total {sum(k)})"
+

@@ -33,6 +33,13 @@ def test_export_inspect_generate(tmp_path, prompt, tiny_dir, capsys):
     assert out.strip(), "generated text"
 
 
+def test_k_summary_names_per_layer_widths():
+    from griffin_export_cli.options import k_summary
+
+    assert k_summary([32, 32], 64) == "k=32/64 per layer"
+    assert k_summary([64, 20, 12], 64) == "k=12..64/64 per layer (total 96)"
+
+
 def test_prompt_from_stdin_and_subcommand_name(tmp_path, tiny_dir, monkeypatch, capsys):
     import io
 
