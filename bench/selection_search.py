@@ -392,22 +392,33 @@ def parse_rows(text: str) -> range:
     return range(a, b)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str, rows: str) -> argparse.ArgumentParser:
+    """The options every dev-row search script shares (this one and warmup_generation.py)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/xsum_dev.jsonl"))
     p.add_argument("--model", default=None)
-    p.add_argument("--rows", type=parse_rows, default=parse_rows("5:15"), help="dev rows (0-199), START:STOP")
+    p.add_argument("--rows", type=parse_rows, default=parse_rows(rows), help="dev rows (0-199), START:STOP")
     p.add_argument("--density", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", help="write every number here")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = arguments(__doc__, "5:15")
     p.add_argument("--variants", default="topk,topk_refit,topk_refit_edges,budget:0+28+29,budget:0+1+28+29,"
                    "budget:late,budget:sens,greedy,target_only,bias,linear,class_gram,glass,wina,taylor,taylor_mix,"
                    "warmup,sequential,stream,oracle,oracle_gold")
     p.add_argument("--sensitivity", action="store_true", help="measure the one-layer-pruned loss per layer instead")
     p.add_argument("--sensitivity-file", help="JSON from --sensitivity, for budget:sens")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", help="write every number here")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(p, argv)
     s = Search(args)
     names = [v for v in args.variants.split(",") if v]
     if args.sensitivity:

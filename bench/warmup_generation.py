@@ -46,18 +46,10 @@ def cut(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     search = load_search()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/xsum_dev.jsonl"))
-    p.add_argument("--model", default=None)
-    p.add_argument("--rows", type=search.parse_rows, default=search.parse_rows("5:25"))
-    p.add_argument("--density", type=float, default=0.5)
+    p = search.arguments(__doc__, "5:25")
     p.add_argument("--warmup", default="0,4,8,16", help="warm-up lengths in tokens")
     p.add_argument("--methods", default="topk,topk_refit_edges")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", help="write every number here")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = search.parse(p, argv)
     s = search.Search(argparse.Namespace(model=args.model, data=args.data, density=args.density, sensitivity_file=None))
     lm, tok = s.lm, s.lm.tokenizer
     warmups = [int(x) for x in args.warmup.split(",")]

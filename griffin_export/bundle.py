@@ -179,11 +179,9 @@ def write_bundle(bundle: Bundle, path: str | os.PathLike, *, force: bool = False
     from safetensors.torch import save_file
 
     path = check_output_path(path, force)
-    meta = bundle.info.to_metadata()
-    meta["format_version"] = WARMUP_FORMAT_VERSION if bundle.info.warmup_tokens else FORMAT_VERSION
     try:
         with atomic_output(path) as tmp:
-            save_file(bundle.tensors(), str(tmp), metadata=meta)
+            save_file(bundle.tensors(), str(tmp), metadata=bundle.info.to_metadata())
     except OSError as e:
         raise GriffinError(f"cannot write {path}: {e.strerror or e}") from e
     return path
