@@ -11,6 +11,8 @@ from .options import dtype_option, model_options
 @model_options
 @dtype_option
 @click.option("--density", default="0.25,0.5,0.75", show_default=True, help="comma-separated densities")
+@click.option("--method", default="topk", show_default=True,
+              help="comma-separated selection methods, each benchmarked at every density")
 @click.option("--data", default=None, help="JSONL file whose `article` field gives the prompt [default: ../shared/data/xsum_dev.jsonl if present, else samples/prompt.txt]")
 @click.option("--row", default=0, show_default=True, help="row of --data used as the prompt")
 @click.option("--new-tokens", default=64, show_default=True, help="decode steps timed per repeat")
@@ -22,7 +24,7 @@ from .options import dtype_option, model_options
               help="ONNX Runtime provider for the onnx rows (auto: CUDA when a GPU answers)")
 @click.option("-o", "--output", default=None, metavar="DIR", help="also write DIR/bench.json and DIR/bench.md")
 @click.option("--force", is_flag=True, help="overwrite an existing DIR/bench.json / bench.md")
-def command(model, gguf_file, device, dtype, density, data, row, new_tokens, repeats, threads, runtime, onnx_provider,
+def command(model, gguf_file, device, dtype, density, method, data, row, new_tokens, repeats, threads, runtime, onnx_provider,
             output, force):
     """Decode speed of the full model vs bundles, side by side in one process.
 
@@ -35,12 +37,14 @@ def command(model, gguf_file, device, dtype, density, data, row, new_tokens, rep
     Examples:
       griffin-export bench
       griffin-export bench --density 0.5 --repeats 9 --threads 2
+      griffin-export bench --density 0.5 --method topk,topk_refit_edges
       griffin-export bench --runtime torch,onnx -o bench_out/
       griffin-export bench --runtime torch,onnx --device cuda --dtype float16 --onnx-provider cuda
     """
     from griffin_export.bench import BenchSettings, check_results_dir, format_table, run_bench, write_results
 
-    settings = BenchSettings(densities=[float(d) for d in density.split(",")], data=data, row=row,
+    settings = BenchSettings(densities=[float(d) for d in density.split(",")],
+                             methods=[m.strip() for m in method.split(",") if m.strip()], data=data, row=row,
                              new_tokens=new_tokens, repeats=repeats, threads=threads,
                              runtimes=[r.strip() for r in runtime.split(",") if r.strip()], onnx_provider=onnx_provider)
     if output is not None:  # refuse an existing result before the long run

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .bundle import write_bundle
 from .errors import GriffinError
+from .select import check_method
 from .export import ExportSettings, check_context, export_ids, tokenize
 from .models import LoadedModel, load_model
 from .prefill import cache_tensors, forward, prefill, restore_cache
@@ -35,6 +36,7 @@ RUNTIMES = ("torch", "onnx")
 @dataclass
 class BenchSettings:
     densities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    methods: list[str] = field(default_factory=lambda: ["topk"])  # selection methods, each at every density
     data: str | None = None  # JSONL with an `article` field; None: ../shared/data/xsum_dev.jsonl
     row: int = 0
     new_tokens: int = 64
@@ -48,6 +50,27 @@ class BenchSettings:
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
         if unknown or not self.runtimes:
             raise GriffinError(f"unknown runtime {', '.join(unknown) or '(none)'}; choose from {', '.join(RUNTIMES)}")
+        if not self.methods:
+            raise GriffinError("--method needs at least one selection method")
+        for m in self.methods:
+            check_method(m)
+
+
+def config_name(method: str, density: float) -> str:
+    """A bench row's config: the density alone for `topk` (the paper's method), else METHOD@DENSITY."""
+    return f"{density:g}" if method == "topk" else f"{method}@{density:g}"
+
+
+def parse_config(config: str) -> tuple[str, float]:
+    """(method, density) of a config name; ValueError for one that names no density."""
+    method, _, density = config.rpartition("@")
+    return method or "topk", 1.0 if config == "full" else float(density)
+
+
+def k_text(row: dict) -> str:
+    """A row's FF width per layer: '768', or '768 (682..1536)' for per-layer widths."""
+    ks = row.get("k_per_layer")
+    return f"{row['k']} ({min(ks)}..{max(ks)})" if ks else str(row.get("k", "—"))
 
 
 def find_data(data: str | None) -> Path:
@@ -196,19 +219,20 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
             rt, size = _onnx_config(lm, Path(tmp) / "onnx-full", None, s.threads, s.onnx_provider)
             onnx_provider = rt.provider
             configs[("onnx", "full")] = (onnx_fn(rt), None, 0, full_read, size)
-        for d in tqdm(s.densities, desc="bundles (and graphs)", leave=False):
-            bundle = export_ids(lm, ids, ExportSettings(density=d))
+        for method, d in tqdm([(m, d) for m in s.methods for d in s.densities], desc="bundles (and graphs)",
+                              leave=False):
+            bundle = export_ids(lm, ids, ExportSettings(density=d, method=method))
             write_bundle(bundle, out, force=True)
-            bundle_bytes = out.stat().st_size
+            bundle_bytes, name = out.stat().st_size, config_name(method, d)
             read = full_read - full_ff + sum(t.numel() for t in bundle.weights.values())
             if "torch" in s.runtimes:
                 rt = TorchRuntime(LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.identity, lm.spec,
                                               lm.fingerprint), bundle)
-                configs[("torch", f"{d:g}")] = (torch_fn(rt.lm.model), bundle.info.k[0], bundle_bytes,
-                                                read_elements(rt.lm.model), None)
+                configs[("torch", name)] = (torch_fn(rt.lm.model), bundle.info.k, bundle_bytes,
+                                            read_elements(rt.lm.model), None)
             if "onnx" in s.runtimes:
-                ort_rt, size = _onnx_config(lm, Path(tmp) / f"onnx-{d:g}", bundle, s.threads, s.onnx_provider)
-                configs[("onnx", f"{d:g}")] = (onnx_fn(ort_rt), bundle.info.k[0], bundle_bytes, read, size)
+                ort_rt, size = _onnx_config(lm, Path(tmp) / f"onnx-{name}", bundle, s.threads, s.onnx_provider)
+                configs[("onnx", name)] = (onnx_fn(ort_rt), bundle.info.k, bundle_bytes, read, size)
 
     times: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
     for fn, *_ in configs.values():  # warm-up, excluded
@@ -221,8 +245,12 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
     for (runtime, name), (_, k, size, read, graph_bytes) in configs.items():
         tps = s.new_tokens / statistics.median(times[(runtime, name)])
         full_tps = s.new_tokens / statistics.median(times[(runtime, "full")])
-        row = {"runtime": runtime, "config": name, "k": k or lm.d_ff, "decode_tok_s": tps, "speedup": tps / full_tps,
-               "bound": full_read / read, "bundle_bytes": size, "weight_bytes": read * lm.dtype.itemsize}
+        ks = k or [lm.d_ff]
+        row = {"runtime": runtime, "config": name, "k": round(sum(ks) / len(ks)), "decode_tok_s": tps,
+               "speedup": tps / full_tps, "bound": full_read / read, "bundle_bytes": size,
+               "weight_bytes": read * lm.dtype.itemsize}
+        if len(set(ks)) > 1:  # per-layer widths (e.g. topk_refit_edges): "k" is their mean
+            row["k_per_layer"] = ks
         if graph_bytes is not None:
             row["graph_bytes"] = graph_bytes
         rows.append(row)
@@ -260,9 +288,10 @@ def format_table(r: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        name = "full model" if row["config"] == "full" else f"density {row['config']}"
+        method, density = parse_config(row["config"])
+        name = "full model" if row["config"] == "full" else f"{method} density {density:g}".removeprefix("topk ")
         size = f"{row['bundle_bytes'] / 1e6:.1f} MB" if row["bundle_bytes"] else "—"
-        lines.append(f"| {row.get('runtime', 'torch')} | {name} | {row['k']} | {row['decode_tok_s']:.1f} | "
+        lines.append(f"| {row.get('runtime', 'torch')} | {name} | {k_text(row)} | {row['decode_tok_s']:.1f} | "
                      f"{row['speedup']:.2f}× | {row['bound']:.2f}× | {size} |")
     lines.append("")
     if r["export_s"] is not None:

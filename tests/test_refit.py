@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from griffin_export.refit import refit_down
@@ -39,7 +42,6 @@ def test_keeping_every_neuron_changes_nothing():
 
 import copy  # noqa: E402
 
-import pytest  # noqa: E402
 
 from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids, from_model, read_bundle, write_bundle  # noqa: E402
 from griffin_export.errors import GriffinError  # noqa: E402
@@ -139,6 +141,42 @@ def test_topk_refit_edges_bundle_has_full_edge_layers_and_decodes_through_onnx(t
     assert b.info.k == [64, 64, 24, 24, 64]
     via_onnx, via_torch = onnx_and_torch_tokens(base, b, tmp_path, n=6)
     assert via_onnx == via_torch and len(via_torch) == 6
+
+
+def test_bench_times_each_method_and_reads_the_same_total_for_per_layer_widths(tmp_path):
+    """`bench --method topk,topk_refit_edges`: one row per method and density; the edges
+    bundle keeps as many neurons in all as topk's, so both read the same bytes per token."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from griffin_export.bench import BenchSettings, format_table, run_bench
+    from griffin_export.evaluation.report import write_report
+    from tiny import COMMON
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "num_hidden_layers": 5})).eval()
+    lm = from_model(model, identity="tiny-llama5")
+    s = BenchSettings(densities=[0.75], methods=["topk", "topk_refit_edges"], new_tokens=3, repeats=1,
+                      time_export=False)
+    r = run_bench(lm=lm, ids=prompt_ids(), prompt_source="random tokens", settings=s)
+    rows = {(row["runtime"], row["config"]): row for row in r["rows"]}
+    assert set(rows) == {("torch", c) for c in ("full", "0.75", "topk_refit_edges@0.75")}
+    topk, edges = rows[("torch", "0.75")], rows[("torch", "topk_refit_edges@0.75")]
+    assert topk["k"] == edges["k"] == 48 and "k_per_layer" not in topk
+    assert edges["k_per_layer"] == [64, 64, 24, 24, 64]
+    assert edges["bound"] == pytest.approx(topk["bound"]) and topk["bound"] > 1.0
+    table = format_table(r)
+    assert "| torch | topk_refit_edges density 0.75 | 48 (24..64) |" in table and "| torch | density 0.75 | 48 |" in table
+    (tmp_path / "bench.json").write_text(json.dumps(r))
+    write_report(tmp_path)  # the report reads such rows: table and one speed curve per runtime and method
+    assert (tmp_path / "speed.png").is_file() and "topk_refit_edges@0.75 | 48 (24..64)" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_refuses_an_unknown_method():
+    from griffin_export.bench import BenchSettings
+    from griffin_export.errors import GriffinError
+
+    with pytest.raises(GriffinError, match="unknown method 'nope'"):
+        BenchSettings(methods=["topk", "nope"])
 
 
 def test_edge_budgets_fall_back_to_uniform_when_the_edges_would_take_everything():

@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
+from ..bench import k_text, machine, parse_config
 from ..errors import GriffinError
 from .metrics import ROUGE_TYPES, Interval, diff_ci, mean_ci, ratio_ci
 from .runner import PRUNED_PREFILL_PREFIX, bundle_path
@@ -36,8 +37,6 @@ def versions() -> dict[str, str | None]:
 
 
 def environment() -> dict:
-    from ..bench import machine
-
     return {"machine": machine(), "versions": versions()}
 
 
@@ -321,7 +320,7 @@ def _bench_table(bench: dict) -> list[str]:
     for r in bench["rows"]:
         size = r.get("bundle_bytes")
         tps = r.get("decode_tok_s")
-        lines.append(f"| {r.get('runtime', 'torch')} | {r['config']} | {r.get('k', '—')} | "
+        lines.append(f"| {r.get('runtime', 'torch')} | {r['config']} | {k_text(r)} | "
                      f"{'—' if tps is None else f'{tps:.1f}'} | {r['speedup']:.2f}× | {r['bound']:.2f}× | "
                      f"{f'{size / 1e6:.1f} MB' if size else '—'} |")
     extra = []
@@ -330,7 +329,7 @@ def _bench_table(bench: dict) -> list[str]:
         extra.append(f"measured on {m.get('cpu')} with {m.get('torch_threads')} torch threads")
     if "onnxruntime" in bench:
         extra.append(f"ONNX Runtime {bench['onnxruntime']} ({bench.get('onnx_provider', '?')})")
-    if "export_s" in bench and "prefill_s" in bench:
+    if bench.get("export_s") is not None and bench.get("prefill_s"):  # None when export was not timed
         extra.append(f"export {bench['export_s']:.2f} s vs plain prefill {bench['prefill_s']:.2f} s "
                      f"({bench['export_s'] / bench['prefill_s']:.2f}×)")
     if "peak_rss_bytes" in bench:
@@ -391,15 +390,27 @@ def _quality_plot(path: Path, settings: list[dict], metric: str, label: str, tit
     return _save(fig, path)
 
 
+def _density_config(row: dict) -> bool:
+    try:
+        parse_config(row["config"])
+    except ValueError:
+        return False
+    return True
+
+
 def _speed_plot(path: Path, rows: list[dict]) -> Path:
     fig, ax = _figure()
     by_runtime: dict[str, list[tuple[float, float, float]]] = {}
+    methods = sorted({parse_config(r["config"])[0] for r in rows if _density_config(r)})
     for r in rows:
-        try:
-            density = 1.0 if r["config"] == "full" else float(r["config"])
-        except ValueError:  # a configuration that is not a density: in the table only
+        if not _density_config(r):  # a configuration that is not a density: in the table only
             continue
-        by_runtime.setdefault(r.get("runtime", "torch"), []).append((density, float(r["speedup"]), float(r["bound"])))
+        method, density = parse_config(r["config"])
+        runtime = r.get("runtime", "torch")
+        series = runtime if len(methods) == 1 else f"{runtime} {method}"
+        points = [series] if r["config"] != "full" or len(methods) == 1 else [f"{runtime} {m}" for m in methods]
+        for name in points:  # the full model starts every method's curve
+            by_runtime.setdefault(name, []).append((density, float(r["speedup"]), float(r["bound"])))
     bounds = {rt: sorted((d, b) for d, _, b in pts) for rt, pts in by_runtime.items()}
     one_bound = len({tuple(b) for b in bounds.values()}) == 1
     for rt, pts in by_runtime.items():
