@@ -42,11 +42,11 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
       griffin-export bench --runtime torch,onnx --device cuda --dtype float16 --onnx-provider cuda
     """
     from griffin_export.bench import BenchSettings, check_results_dir, format_table, run_bench, write_results
+    from griffin_export.evaluation.runner import parse_densities, parse_list
 
-    settings = BenchSettings(densities=[float(d) for d in density.split(",")],
-                             methods=[m.strip() for m in method.split(",") if m.strip()], data=data, row=row,
-                             new_tokens=new_tokens, repeats=repeats, threads=threads,
-                             runtimes=[r.strip() for r in runtime.split(",") if r.strip()], onnx_provider=onnx_provider)
+    settings = BenchSettings(densities=parse_densities(density), methods=parse_list(method, "methods"), data=data,
+                             row=row, new_tokens=new_tokens, repeats=repeats, threads=threads,
+                             runtimes=parse_list(runtime, "runtimes"), onnx_provider=onnx_provider)
     if output is not None:  # refuse an existing result before the long run
         check_results_dir(output, force)
     result = run_bench(model, gguf_file=gguf_file, dtype=dtype, device=device, settings=settings)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .bundle import write_bundle
 from .errors import GriffinError
-from .select import check_method
+from .select import check_density, check_method
 from .export import ExportSettings, check_context, export_ids, tokenize
 from .models import LoadedModel, load_model
 from .prefill import cache_tensors, forward, prefill, restore_cache
@@ -50,10 +50,12 @@ class BenchSettings:
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
         if unknown or not self.runtimes:
             raise GriffinError(f"unknown runtime {', '.join(unknown) or '(none)'}; choose from {', '.join(RUNTIMES)}")
-        if not self.methods:
-            raise GriffinError("--method needs at least one selection method")
+        if not self.methods or not self.densities:
+            raise GriffinError("bench needs at least one selection method and one density")
         for m in self.methods:
             check_method(m)
+        for d in self.densities:  # refused here, before the model loads, not after the first timings
+            check_density(d)
 
 
 def config_name(method: str, density: float) -> str:

@@ -398,6 +398,11 @@ def test_cli_export_generate_with_onnx_runtime(tmp_path, tiny_dir, capsys):
     (["onnx", "{tmp}/b.safetensors", "--full", "-o", "{tmp}/x"], "give a BUNDLE, or --full"),
     (["onnx", "--full", "-o", "{tmp}"], "exists; pass --force"),
     (["generate", "{tmp}/b.safetensors", "--runtime", "onnx"], "--runtime onnx needs --onnx DIR"),
+    (["bench", "--density", "abc"], "density 'abc' is not a number"),
+    (["bench", "--density", "0.5,1.5"], "density must be in (0, 1], got 1.5"),
+    (["bench", "--method", "topk,nope"], "unknown method 'nope'"),
+    (["bench", "--method", ","], "no methods given"),
+    (["bench", "--runtime", "torch,tvm"], "unknown runtime tvm"),
 ])
 def test_cli_bad_input_is_one_line(exported, tmp_path, capsys, argv, message):
     from griffin_export import write_bundle
