@@ -9,6 +9,7 @@ mean log-likelihood per token of the gold summary, teacher-forced from the full-
 (the evaluation runner's own functions). Variants, and why each was worth measuring:
 
   topk, topk_refit, topk_refit_edges   the shipped methods (export.choose_experts)
+  lambda:X         edges with the refit's ridge strength X (the shipped 1 was chosen from 0.01-1)
   budget:LAYERS    full width for LAYERS ("0+28+29"), the rest spread evenly
   budget:late      layers 0, 28, 29 full, layers 1-14 at 0.3, the rest spread over 15-27
   budget:sens      allocation from a per-layer sensitivity profile (--sensitivity-file):
@@ -308,6 +309,9 @@ class Search:
         """(weights, corrections | None) of one named variant."""
         if name in ("topk", "topk_refit", "topk_refit_edges"):
             return choose_experts(self.lm, name, scores, self.density, 0, gram=gram)[1], None
+        if name.startswith("lambda:"):  # edges, the refit's ridge strength set to the number given
+            return expert_weights(self.lm, select_all(scores, self.edges(), "topk", 0), gram=gram,
+                                  refit_lambda=float(name.split(":", 1)[1])), None
         if name.startswith("budget:"):
             rule = name.split(":", 1)[1]
             ks = (self.sens_budgets(gram, scores) if rule == "sens" else

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, tiny_prompt
 
 VARIANTS = ("topk,topk_refit,topk_refit_edges,budget:0,greedy,target_only,bias,linear,class_gram,glass,wina,"
-            "taylor,taylor_mix,warmup,warm_only:4,warm_mix:4:3,oracle,oracle_gold,sequential,stream")
+            "taylor,taylor_mix,warmup,warm_only:4,warm_mix:4:3,oracle,oracle_gold,sequential,stream,lambda:3")
 
 
 @pytest.fixture(scope="module")
