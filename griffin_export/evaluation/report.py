@@ -390,27 +390,22 @@ def _quality_plot(path: Path, settings: list[dict], metric: str, label: str, tit
     return _save(fig, path)
 
 
-def _density_config(row: dict) -> bool:
-    try:
-        parse_config(row["config"])
-    except ValueError:
-        return False
-    return True
-
-
 def _speed_plot(path: Path, rows: list[dict]) -> Path:
     fig, ax = _figure()
-    by_runtime: dict[str, list[tuple[float, float, float]]] = {}
-    methods = sorted({parse_config(r["config"])[0] for r in rows if _density_config(r)})
+    points = []  # (runtime, method, is the full model, density, speedup, bound)
     for r in rows:
-        if not _density_config(r):  # a configuration that is not a density: in the table only
+        try:
+            method, density = parse_config(r["config"])
+        except ValueError:  # a configuration that is not a density: in the table only
             continue
-        method, density = parse_config(r["config"])
-        runtime = r.get("runtime", "torch")
-        series = runtime if len(methods) == 1 else f"{runtime} {method}"
-        points = [series] if r["config"] != "full" or len(methods) == 1 else [f"{runtime} {m}" for m in methods]
-        for name in points:  # the full model starts every method's curve
-            by_runtime.setdefault(name, []).append((density, float(r["speedup"]), float(r["bound"])))
+        points.append((r.get("runtime", "torch"), method, r["config"] == "full", density, float(r["speedup"]),
+                       float(r["bound"])))
+    methods = sorted({m for _, m, full, *_ in points if not full}) or ["topk"]
+    by_runtime: dict[str, list[tuple[float, float, float]]] = {}
+    for runtime, method, full, density, speedup, bound in points:
+        for m in methods if full else [method]:  # the full model starts every method's curve
+            name = runtime if methods == ["topk"] else f"{runtime} {m}"  # topk alone: one curve per runtime
+            by_runtime.setdefault(name, []).append((density, speedup, bound))
     bounds = {rt: sorted((d, b) for d, _, b in pts) for rt, pts in by_runtime.items()}
     one_bound = len({tuple(b) for b in bounds.values()}) == 1
     for rt, pts in by_runtime.items():
