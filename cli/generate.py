@@ -20,9 +20,13 @@ from .options import decode_options, model_options, status
 @click.option("--onnx", "onnx_dir", default=None, metavar="DIR", help="--runtime onnx: the bundle's graph directory")
 @click.option("--onnx-full", default=None, metavar="DIR",
               help="--runtime onnx: a graph from `griffin-export onnx --full`, for the prefill of --prompt-file")
+@click.option("--eager", is_flag=True,
+              help="--runtime torch: decode through transformers' forward instead of the lean step (runtime/lean.py)")
+@click.option("--compile", "compile_", is_flag=True,
+              help="--runtime torch: torch.compile the lean step (CUDA graphs on a GPU; on a CPU it measured no faster)")
 @click.option("-q", "--quiet", is_flag=True, help="print only the generated text")
 def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file,
-            pruned_prefill, runtime, onnx_dir, onnx_full, quiet):
+            pruned_prefill, runtime, onnx_dir, onnx_full, eager, compile_, quiet):
     """Decode from BUNDLE with its experts, resuming from the bundle's cached KV.
 
     The base model is the one recorded in the bundle unless --model says otherwise; it must
@@ -54,6 +58,8 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
     if runtime == "onnx":
         from griffin_export.runtime.onnx import load_onnx_runtime
 
+        if eager or compile_:
+            raise GriffinError("--eager and --compile choose the PyTorch decode step; the ONNX graph is chosen at export")
         if onnx_dir is None:
             raise GriffinError("--runtime onnx needs --onnx DIR (a graph from `griffin-export onnx BUNDLE -o DIR`)")
         rt = load_onnx_runtime(onnx_dir, bundle, full=onnx_full, new_prompts=prompt is not None,
@@ -61,8 +67,10 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
         status(rt.describe(), quiet)
     else:
         status(f"loading base model {model or info.base_model} ...", quiet)
+        if eager and compile_:
+            raise GriffinError("--compile compiles the lean step; --eager turns it off: choose one")
         rt = load_runtime(bundle, model, gguf_file=gguf_file, device=device, new_prompts=prompt is not None,
-                          pruned_prefill=pruned_prefill)
+                          pruned_prefill=pruned_prefill, lean=False if eager else None, compile=compile_)
     t0 = time.perf_counter()
     out = rt.generate(opts, prompt=prompt)
     dt = time.perf_counter() - t0

@@ -14,21 +14,30 @@ from .options import DTYPES, human_bytes, k_summary, model_options, status
 @model_options
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="--full only: weights dtype [default: float32]; a bundle's graph has the bundle's dtype")
+@click.option("--graph", type=click.Choice(["auto", "lean", "traced"]), default="auto", show_default=True,
+              help="lean: fused ops and one KV buffer per layer (the Llama family: Llama, Mistral, Qwen2, Qwen3); "
+                   "traced: torch.export of the HF model (every architecture); auto: lean where it covers the model")
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="lean graph: KV buffer positions, prompt + generated tokens [default: min(context, 4096)]")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
-def command(bundle, output, full, model, gguf_file, device, dtype, force, quiet):
+def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_length, force, quiet):
     """Export BUNDLE's pruned decoder (or with --full the whole model) as an ONNX graph.
 
-    The graph has HF Optimum's inputs and outputs (input_ids, attention_mask, position_ids,
-    past_key_values.{i}.key/.value -> logits, present.{i}.key/.value) with dynamic batch,
-    sequence and past length, so one graph serves prefill and decode. The FF weights are
-    named initializers: any bundle of the same base model and k per layer runs on this graph
-    (griffin-export generate --runtime onnx) without re-export.
+    One graph serves prefill and decode. The lean graph (the default for the Llama family)
+    takes input_ids, attention_mask and past_key_values.{i}.key/.value buffers of
+    --max-length positions that it updates in place (ONNX Runtime's GroupQueryAttention);
+    the directory also holds genai_config.json, so onnxruntime-genai loads it as it is.
+    The traced graph has HF Optimum's inputs and outputs with a cache that grows. The FF
+    weights are named initializers: any bundle of the same base model and k per layer runs
+    on the graph (griffin-export generate --runtime onnx) without re-export.
 
     \b
     Examples:
       griffin-export onnx expert.safetensors -o expert_onnx/
+      griffin-export onnx expert.safetensors -o expert_onnx/ --max-length 2048
       griffin-export onnx --full -o full_onnx/
+      griffin-export onnx expert.safetensors -o traced_onnx/ --graph traced
       griffin-export onnx --full -o pruned_ckpt_onnx/ --model ./pruned-checkpoint-dir
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
     """
@@ -40,9 +49,10 @@ def command(bundle, output, full, model, gguf_file, device, dtype, force, quiet)
         raise GriffinError("give a BUNDLE, or --full for the unpruned model (not both)")
     t0 = time.perf_counter()
     check_output_dir(output, force, MODEL_FILE)  # fail before loading anything
-    status(f"exporting {'the full model' if full else bundle} to ONNX (tracing takes a while) ...", quiet)
+    status(f"exporting {'the full model' if full else bundle} to ONNX ...", quiet)
     path, info = export_graph(output, bundle, model=model, gguf_file=gguf_file, dtype=dtype, device=device,
-                              force=force, progress=not quiet)
+                              force=force, progress=not quiet, graph=graph, max_length=max_length)
     size = sum((path / f).stat().st_size for f in (MODEL_FILE, DATA_FILE) if (path / f).exists())
-    click.echo(f"wrote {path}: {info.kind} {info.architecture} graph, {k_summary(info.k, info.d_ff)} × "
+    layout = f"lean graph (KV buffer {info.max_length})" if info.layout == "lean" else "graph"
+    click.echo(f"wrote {path}: {info.kind} {info.architecture} {layout}, {k_summary(info.k, info.d_ff)} × "
                f"{info.num_layers} layers, {info.dtype}, {human_bytes(size)}, {time.perf_counter() - t0:.1f} s")

@@ -29,15 +29,17 @@ class FFSpec:
     output: str  # neuron-column projection
     fused: int = 1  # row blocks per input: Phi-3's gate_up_proj stacks [gate; up] -> 2
     d_ff_attr: str = "intermediate_size"
+    lean: bool = False  # the lean ONNX decoder (onnx_lean.py) covers it; others export the traced graph
 
 
 _GATED = FFSpec("model.layers", "mlp", ("gate_proj", "up_proj"), "down_proj")
+_LLAMA_FAMILY = FFSpec("model.layers", "mlp", ("gate_proj", "up_proj"), "down_proj", lean=True)
 
 ARCHITECTURES: dict[str, FFSpec] = {
-    "llama": _GATED,
-    "mistral": _GATED,
-    "qwen2": _GATED,
-    "qwen3": _GATED,
+    "llama": _LLAMA_FAMILY,
+    "mistral": _LLAMA_FAMILY,
+    "qwen2": _LLAMA_FAMILY,
+    "qwen3": _LLAMA_FAMILY,
     "gemma": _GATED,
     "gemma2": _GATED,
     "phi3": FFSpec("model.layers", "mlp", ("gate_up_proj",), "down_proj", fused=2),
@@ -176,3 +178,22 @@ def magnitude_scores(block: FFBlock, spec: FFSpec, d: int) -> torch.Tensor:
         norms = lin.weight.detach().float().norm(dim=1).view(spec.fused, d)
         score = score * norms.prod(dim=0)
     return score
+
+
+def rotary_table(model: nn.Module, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos, sin [max_length, head_dim] from the model's own rotary module (Llama family),
+    so every rope variant transformers implements (scaling types, attention factor) comes out
+    exactly as it computes it."""
+    rotary = model.model.rotary_emb
+    device = next(model.parameters()).device
+    pos = torch.arange(max_length, device=device)[None]
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32, device=device), pos)
+    return cos[0].float(), sin[0].float()
+
+
+def sliding_layers(model: nn.Module) -> list[int]:
+    """Layers whose attention is windowed (config.sliding_window tokens), as transformers' cache sees them."""
+    from transformers import DynamicCache
+
+    return [i for i, s in enumerate(DynamicCache(config=model.config).is_sliding) if s]

@@ -30,7 +30,10 @@ from .prefill import cache_tensors, forward, prefill, restore_cache
 from .runtime.pytorch import TorchRuntime
 
 DEFAULT_DATA = Path("shared") / "data" / "xsum_dev.jsonl"
-RUNTIMES = ("torch", "onnx")
+# torch: transformers' forward per step; torch-lean: runtime/lean.py's step; onnx: the traced graph;
+# onnx-lean: the lean graph (onnx_lean.py); genai: onnxruntime-genai's runtime, its "full" row on its
+# own builder's graph of the same weights, the others on our lean graphs
+RUNTIMES = ("torch", "torch-lean", "onnx", "onnx-lean", "genai")
 
 
 @dataclass
@@ -50,6 +53,11 @@ class BenchSettings:
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
         if unknown or not self.runtimes:
             raise GriffinError(f"unknown runtime {', '.join(unknown) or '(none)'}; choose from {', '.join(RUNTIMES)}")
+        if "genai" in self.runtimes:
+            import importlib.util
+
+            if importlib.util.find_spec("onnxruntime_genai") is None:
+                raise GriffinError("--runtime genai needs onnxruntime-genai: pip install --no-deps onnxruntime-genai")
         if not self.methods or not self.densities:
             raise GriffinError("bench needs at least one selection method and one density")
         for m in self.methods:
@@ -170,14 +178,78 @@ def _ff_elements(lm: LoadedModel) -> int:
     return total
 
 
-def _onnx_config(lm: LoadedModel, directory: Path, bundle, threads: int | None, provider: str):
+def _lean_decode_seconds(lean, kv, prompt_len: int, first: int, n: int) -> float:
+    """The same n greedy steps through the lean PyTorch step, from the prompt's KV."""
+    lean.load_cache(kv, prompt_len)
+    tok = first
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = int(lean.step(tok).argmax())
+    if lean.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _genai_decode_seconds(model, ids: list[int], n: int) -> float:
+    """n decode steps of onnxruntime-genai's own loop (greedy), after its prefill of the prompt."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n + 2, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    gen.generate_next_token()  # the prompt's forward, wherever og runs it: not timed
+    t0 = time.perf_counter()
+    for _ in range(n):
+        gen.generate_next_token()
+    return time.perf_counter() - t0
+
+
+def _graph_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.name.startswith("model.onnx"))
+
+
+def _onnx_config(lm: LoadedModel, directory: Path, bundle, threads: int | None, provider: str, graph: str):
     """Export a graph (the full model's when bundle is None) and open it with ONNX Runtime."""
-    from .onnx_export import DATA_FILE, MODEL_FILE, export_onnx
+    from .onnx_export import export_onnx
     from .runtime.onnx import OnnxRuntime
 
-    export_onnx(lm, directory, bundle)
-    size = sum((directory / f).stat().st_size for f in (MODEL_FILE, DATA_FILE))
-    return OnnxRuntime(directory, None, provider=provider, threads=threads), size
+    export_onnx(lm, directory, bundle, graph=graph)
+    return OnnxRuntime(directory, None, provider=provider, threads=threads), _graph_bytes(directory)
+
+
+def _genai_model(directory: Path, threads: int | None):
+    import onnxruntime_genai as og
+
+    if threads:  # og reads session options from genai_config.json
+        cfg_path = directory / "genai_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    return og.Model(str(directory))
+
+
+def _genai_builder_graph(lm: LoadedModel, directory: Path, provider: str) -> Path:
+    """The full model written by onnxruntime-genai's own builder, from the same weights (saved as
+    an HF directory first: the builder loads with from_pretrained)."""
+    import subprocess
+    import sys
+
+    hf = directory / "hf"
+    lm.model.save_pretrained(hf)
+    if lm.tokenizer is not None:
+        lm.tokenizer.save_pretrained(hf)
+    precision = {torch.float32: "fp32", torch.float16: "fp16"}.get(lm.dtype)
+    if precision is None:
+        raise GriffinError(f"the genai rows take float32 or float16 models, not {lm.dtype}")
+    out = directory / "genai-builder"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", precision,
+           "-e", "cuda" if provider == "cuda" else "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise GriffinError(f"onnxruntime-genai's builder failed on this model: {tail[0]}")
+    return out
 
 
 def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: str = "float32",
@@ -213,28 +285,54 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         cache, last = prefill(base, ids)
         kv = cache_tensors(cache)
         first, T = int(last.argmax()), ids.shape[1]
+        prompt = ids[0].tolist()
         torch_fn = lambda m: lambda n: _decode_seconds(m, kv, T, first, n)  # noqa: E731
+        lean_fn = lambda d: lambda n: _lean_decode_seconds(d, kv, T, first, n)  # noqa: E731
         onnx_fn = lambda rt: lambda n: _onnx_decode_seconds(rt, kv, T, first, n)  # noqa: E731
-        if "torch" in s.runtimes:
-            configs[("torch", "full")] = (torch_fn(base), None, 0, full_read, None)
-        if "onnx" in s.runtimes:
-            rt, size = _onnx_config(lm, Path(tmp) / "onnx-full", None, s.threads, s.onnx_provider)
-            onnx_provider = rt.provider
-            configs[("onnx", "full")] = (onnx_fn(rt), None, 0, full_read, size)
+        genai_fn = lambda m: lambda n: _genai_decode_seconds(m, prompt, n)  # noqa: E731
+        lean_room = T + s.new_tokens + 8
+
+        def lean_decoder(model):
+            from .runtime.lean import LeanDecoder
+
+            return LeanDecoder(copy.deepcopy(model), lean_room)
+
+        def add(name: str, bundle, k, bundle_bytes: int, read: int, model) -> None:
+            """Every runtime's row for one configuration (bundle None: the full model)."""
+            if "torch" in s.runtimes:
+                configs[("torch", name)] = (torch_fn(model), k, bundle_bytes, read, None)
+            if "torch-lean" in s.runtimes:
+                configs[("torch-lean", name)] = (lean_fn(lean_decoder(model)), k, bundle_bytes, read, None)
+            for runtime, graph in (("onnx", "traced"), ("onnx-lean", "lean")):
+                if runtime in s.runtimes or (runtime == "onnx-lean" and "genai" in s.runtimes):
+                    directory = Path(tmp) / f"{runtime}-{name}"
+                    ort_rt, size = _onnx_config(lm, directory, bundle, s.threads, s.onnx_provider, graph)
+                    onnx_used[0] = ort_rt.provider
+                    if runtime in s.runtimes:
+                        configs[(runtime, name)] = (onnx_fn(ort_rt), k, bundle_bytes, read, size)
+                    if runtime == "onnx-lean" and "genai" in s.runtimes:
+                        key = ("genai", name if name != "full" else "lean full")
+                        configs[key] = (genai_fn(_genai_model(directory, s.threads)), k, bundle_bytes, read, size)
+
+        onnx_used = [None]
+        if "genai" in s.runtimes:  # its own builder's full model first: the genai rows' reference
+            graph = _genai_builder_graph(lm, Path(tmp), s.onnx_provider)
+            configs[("genai", "full")] = (genai_fn(_genai_model(graph, s.threads)), None, 0, full_read,
+                                          _graph_bytes(graph))
+        add("full", None, None, 0, full_read, base)
         for method, d in tqdm([(m, d) for m in s.methods for d in s.densities], desc="bundles (and graphs)",
                               leave=False):
             bundle = export_ids(lm, ids, ExportSettings(density=d, method=method))
             write_bundle(bundle, out, force=True)
             bundle_bytes, name = out.stat().st_size, config_name(method, d)
             read = full_read - full_ff + sum(t.numel() for t in bundle.weights.values())
-            if "torch" in s.runtimes:
-                rt = TorchRuntime(LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.identity, lm.spec,
-                                              lm.fingerprint), bundle)
-                configs[("torch", name)] = (torch_fn(rt.lm.model), bundle.info.k, bundle_bytes,
-                                            read_elements(rt.lm.model), None)
-            if "onnx" in s.runtimes:
-                ort_rt, size = _onnx_config(lm, Path(tmp) / f"onnx-{name}", bundle, s.threads, s.onnx_provider)
-                configs[("onnx", name)] = (onnx_fn(ort_rt), bundle.info.k, bundle_bytes, read, size)
+            model = None
+            if "torch" in s.runtimes or "torch-lean" in s.runtimes:
+                model = TorchRuntime(LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.identity, lm.spec,
+                                                 lm.fingerprint), bundle, lean=False).lm.model
+                read = read_elements(model)
+            add(name, bundle, bundle.info.k, bundle_bytes, read, model)
+        onnx_provider = onnx_used[0]
 
     times: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
     for fn, *_ in configs.values():  # warm-up, excluded
@@ -243,14 +341,23 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         for key, (fn, *_) in configs.items():
             times[key].append(fn(s.new_tokens))
 
+    def reference(runtime: str, name: str) -> str:
+        """The row a config is compared with: the same runtime's full model (genai: our lean full graph
+        under genai for our pruned graphs, so the ratio is the pruning's alone)."""
+        return "lean full" if runtime == "genai" and name not in ("full", "lean full") else "full"
+
     rows = []
     for (runtime, name), (_, k, size, read, graph_bytes) in configs.items():
+        ref = reference(runtime, name)
         tps = s.new_tokens / statistics.median(times[(runtime, name)])
-        full_tps = s.new_tokens / statistics.median(times[(runtime, "full")])
+        full_tps = s.new_tokens / statistics.median(times[(runtime, ref)])
+        # per-repeat ratios (each repeat times every config once, side by side): their spread
+        per_repeat = sorted(a / b for a, b in zip(times[(runtime, ref)], times[(runtime, name)]))
         ks = k or [lm.d_ff]
         row = {"runtime": runtime, "config": name, "k": round(sum(ks) / len(ks)), "decode_tok_s": tps,
                "speedup": tps / full_tps, "bound": full_read / read, "bundle_bytes": size,
-               "weight_bytes": read * lm.dtype.itemsize}
+               "weight_bytes": read * lm.dtype.itemsize, "vs": ref,
+               "speedup_quartiles": [_quantile(per_repeat, 0.25), _quantile(per_repeat, 0.75)]}
         if len(set(ks)) > 1:  # per-layer widths (e.g. topk_refit_edges): "k" is their mean
             row["k_per_layer"] = ks
         if graph_bytes is not None:
@@ -258,10 +365,14 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         rows.append(row)
     rows.sort(key=lambda row: RUNTIMES.index(row["runtime"]))  # grouped by runtime, full model first
     onnx_info = {}
-    if "onnx" in s.runtimes:
+    if onnx_provider is not None:
         import onnxruntime
 
         onnx_info = {"onnxruntime": onnxruntime.__version__, "onnx_provider": onnx_provider}
+    if "genai" in s.runtimes:
+        import onnxruntime_genai
+
+        onnx_info["onnxruntime_genai"] = onnxruntime_genai.__version__
     return {
         "model": lm.identity, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).replace("torch.", ""),
         "device": str(lm.device), "machine": machine(), "prompt": prompt_source,
@@ -274,6 +385,13 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
     }
 
 
+def _quantile(sorted_values: list[float], q: float) -> float:
+    i = q * (len(sorted_values) - 1)
+    lo = int(i)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (i - lo)
+
+
 def format_table(r: dict) -> str:
     m = r["machine"]
     lines = [
@@ -283,18 +401,17 @@ def format_table(r: dict) -> str:
         "",
     ]
     if "onnxruntime" in r:
-        lines[-1:-1] = [f"onnx rows: ONNX Runtime {r['onnxruntime']}, {r['onnx_provider']}; "
+        genai = f"; onnxruntime-genai {r['onnxruntime_genai']}" if "onnxruntime_genai" in r else ""
+        lines[-1:-1] = [f"onnx rows: ONNX Runtime {r['onnxruntime']}, {r['onnx_provider']}{genai}; "
                         "'vs full' compares with the same runtime's full model"]
     lines += [
-        "| runtime | config | k / layer | decode tok/s | vs full | bytes-read bound | bundle size |",
-        "|---|---|---|---|---|---|---|",
+        "| runtime | config | k / layer | decode tok/s | vs full | (quartiles of repeats) | bytes-read bound | bundle size |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        method, density = parse_config(row["config"])
-        name = "full model" if row["config"] == "full" else f"{method} density {density:g}".removeprefix("topk ")
-        size = f"{row['bundle_bytes'] / 1e6:.1f} MB" if row["bundle_bytes"] else "—"
-        lines.append(f"| {row.get('runtime', 'torch')} | {name} | {k_text(row)} | {row['decode_tok_s']:.1f} | "
-                     f"{row['speedup']:.2f}× | {row['bound']:.2f}× | {size} |")
+        lines.append(f"| {row.get('runtime', 'torch')} | {config_label(row['config'])} | {k_text(row)} | "
+                     f"{row['decode_tok_s']:.1f} | {row['speedup']:.2f}× | {_quartiles(row)} | {row['bound']:.2f}× | "
+                     f"{_size(row)} |")
     lines.append("")
     if r["export_s"] is not None:
         lines.append(f"export (prefill + statistic + selection + write, density 0.5): {r['export_s']:.2f} s; "
@@ -303,6 +420,25 @@ def format_table(r: dict) -> str:
         f"peak RSS of the benchmark process (holds all configurations at once): {r['peak_rss_bytes'] / 1e9:.2f} GB",
     ]
     return "\n".join(lines)
+
+
+def config_label(config: str) -> str:
+    """'full model', 'density 0.5', 'topk_refit density 0.5'; the genai rows' 'lean full' as is."""
+    if config in ("full", "lean full"):
+        return {"full": "full model", "lean full": "full model, our lean graph"}[config]
+    method, density = parse_config(config)
+    return f"{method} density {density:g}".removeprefix("topk ")
+
+
+def _quartiles(row: dict) -> str:
+    q = row.get("speedup_quartiles")
+    if not q or row["config"] in ("full", "lean full"):
+        return "—"
+    return f"{q[0]:.2f}–{q[1]:.2f}"
+
+
+def _size(row: dict) -> str:
+    return f"{row['bundle_bytes'] / 1e6:.1f} MB" if row["bundle_bytes"] else "—"
 
 
 def check_results_dir(directory: str | os.PathLike, force: bool = False) -> tuple[Path, Path]:

@@ -88,9 +88,12 @@ def tokenize(lm: LoadedModel, text: str, *, chat: bool = False) -> torch.Tensor:
     return ids
 
 
-def check_context(lm: LoadedModel, n_tokens: int, reserve: int = 1, warmup: int = 0) -> None:
+def check_context(lm: LoadedModel, n_tokens: int, reserve: int = 1, warmup: int = 0, what: str = "") -> None:
+    """Refuse a prompt of n_tokens that leaves no room for `reserve` more tokens (and the warm-up)."""
     ctx = lm.context_length
     if ctx is not None and n_tokens + max(reserve, warmup + 1) > ctx:
+        if what:  # the reserve is what the user asked for
+            raise GriffinError(f"prompt ({n_tokens} tokens) + {what} {reserve} is past the model's context of {ctx} tokens")
         warm = f" + {warmup} warm-up tokens" if warmup else ""
         raise GriffinError(f"prompt has {n_tokens} tokens{warm}; the model's context is {ctx} (leave room to generate)")
 

@@ -203,6 +203,8 @@ def format_onnx(s: dict) -> str:
             f"  fingerprint  {m.get('base_fingerprint')}",
             f"  architecture {m.get('architecture')}, {m.get('dtype')}, {m.get('num_layers')} layers, d_ff {d_ff}, "
             f"hidden {m.get('hidden_size')}",
+            "  layout       " + (f"lean (shared KV buffer of {m.get('max_length')} positions, batch {m.get('batch_size')})"
+                                 if m.get("layout") == "lean" else "traced (the cache grows every step)"),
         ]
     lines.append(f"  FF width     {ff}" + (f" ({s['architecture']} names)" if s["architecture"] else ""))
     lines.append("  inputs:")

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .arch import ff_blocks, per_layer, sliced, spec_for
+from .arch import ff_blocks, per_layer, sliced, sliding_layers, spec_for
 from .bundle import FORMAT_VERSION as BUNDLE_FORMAT_VERSION
 from .bundle import Bundle, check_compatible, check_format, parse_metadata, str_metadata
 from .decoding import eos_ids
@@ -50,7 +50,9 @@ from .outputs import atomic_dir, check_output_dir
 from .prefill import cache_kwarg
 
 GRAPH_FORMAT = "griffin-onnx"
-GRAPH_FORMAT_VERSION = "1"
+GRAPH_FORMAT_VERSION = "1"  # the traced graph
+LEAN_FORMAT_VERSION = "2"  # the lean graph (onnx_lean.py): an older reader refuses it instead of misbinding its KV
+LAYOUTS = ("auto", "lean", "traced")  # --graph: auto = lean where the adapter table covers the architecture
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 # 23: SDPA becomes one ONNX Attention node (GQA-aware) instead of ~15 decomposed ops; with
@@ -94,6 +96,9 @@ class GraphInfo:
     tool_version: str = __version__
     format: str = GRAPH_FORMAT
     format_version: str = GRAPH_FORMAT_VERSION
+    layout: str = "traced"  # "traced" (this module) or "lean" (onnx_lean.py)
+    max_length: int = 0  # lean: KV buffer positions (prompt + generated tokens); 0 = grows (traced)
+    batch_size: int = 0  # lean: the batch its buffers are allocated for; 0 = any (traced)
     extra: dict[str, str] = field(default_factory=dict)  # the bundle's extra.* keys
 
     def to_metadata(self) -> dict[str, str]:
@@ -101,8 +106,11 @@ class GraphInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str) -> "GraphInfo":
-        check_format(meta, source, GRAPH_FORMAT, (GRAPH_FORMAT_VERSION,), "graph")
-        return parse_metadata(cls, meta, source)
+        check_format(meta, source, GRAPH_FORMAT, (GRAPH_FORMAT_VERSION, LEAN_FORMAT_VERSION), "graph")
+        info = parse_metadata(cls, meta, source)
+        if info.layout not in ("traced", "lean") or (info.layout == "lean") != (info.format_version == LEAN_FORMAT_VERSION):
+            raise GriffinError(f"{source}: graph layout {info.layout!r} does not match format version {info.format_version}")
+        return info
 
 
 # -- the module torch.export traces ------------------------------------------------------------
@@ -145,12 +153,6 @@ def kv_layout(model: nn.Module) -> tuple[int, int]:
     return int(k.shape[1]), int(k.shape[3])
 
 
-def sliding_layers(model: nn.Module) -> list[int]:
-    from transformers import DynamicCache
-
-    return [i for i, s in enumerate(DynamicCache(config=model.config).is_sliding) if s]
-
-
 # -- export ------------------------------------------------------------------------------------
 
 
@@ -175,14 +177,15 @@ def ff_weight_names(lm: LoadedModel) -> list[str]:
     return names
 
 
-def graph_info(lm: LoadedModel, bundle: Bundle | None) -> GraphInfo:
+def graph_info(lm: LoadedModel, bundle: Bundle | None, max_length: int = 0) -> GraphInfo:
     kv_heads, head_dim = kv_layout(lm.model)
     widths = ff_widths(lm)
+    lean = dict(layout="lean", max_length=max_length, batch_size=1, format_version=LEAN_FORMAT_VERSION) if max_length else {}
     common = dict(base_model=lm.identity, base_fingerprint=lm.fingerprint, architecture=lm.architecture,
                   dtype=dtype_name(lm.dtype), num_layers=lm.num_layers, d_ff=lm.d_ff, hidden_size=lm.hidden_size,
                   k=widths, kv_heads=kv_heads, head_dim=head_dim, sliding_layers=sliding_layers(lm.model),
                   eos_token_ids=sorted(eos_ids(lm.config, lm.tokenizer)), context_length=lm.context_length or 0,
-                  tokenizer=lm.tokenizer_identity())
+                  tokenizer=lm.tokenizer_identity(), **lean)
     if bundle is None:
         return GraphInfo(kind="full", density=1.0, method="full", **common)
     b = bundle.info
@@ -190,13 +193,40 @@ def graph_info(lm: LoadedModel, bundle: Bundle | None) -> GraphInfo:
                      bundle_format_version=b.format_version, extra=dict(b.extra), **common)
 
 
+def choose_layout(lm: LoadedModel, graph: str) -> str:
+    """The graph layout to export: "lean" or "traced" (graph: auto, lean or traced)."""
+    if graph not in LAYOUTS:
+        raise GriffinError(f"unknown graph layout {graph!r}; choose {', '.join(LAYOUTS)}")
+    from .onnx_lean import check_lean_model
+
+    if graph == "auto":
+        try:
+            check_lean_model(lm)
+        except GriffinError:
+            return "traced"
+        return "lean"
+    if graph == "lean":
+        check_lean_model(lm)
+    return graph
+
+
 def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | None = None, *,
-                force: bool = False, progress: bool = False, source: str = "bundle") -> Path:
+                force: bool = False, progress: bool = False, source: str = "bundle", graph: str = "auto",
+                max_length: int | None = None) -> Path:
     """Write OUTPUT/model.onnx (+ model.onnx.data and the tokenizer): the decoder with the
-    bundle's experts, or the model as loaded when `bundle` is None. Returns OUTPUT."""
+    bundle's experts, or the model as loaded when `bundle` is None. `graph`: the lean decoder
+    (onnx_lean.py; with a KV buffer of `max_length` positions) where the architecture has one
+    (auto), or the traced one. Returns OUTPUT."""
     from tqdm.auto import tqdm
 
     out = check_output_dir(output, force, MODEL_FILE)
+    layout = choose_layout(lm, graph)
+    if layout == "lean":
+        from .onnx_lean import max_length_for
+
+        max_length = max_length_for(lm, max_length)
+    elif max_length is not None:
+        raise GriffinError("--max-length sizes the lean graph's KV buffer; the traced graph's cache grows")
     if bundle is not None:
         info = bundle.info
         check_compatible(info, architecture=lm.architecture, fingerprint=lm.fingerprint, identity=lm.identity,
@@ -213,16 +243,21 @@ def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | Non
         bar.refresh()
 
     with atomic_dir(out) as tmp, (experts_installed(lm, bundle) if bundle else contextlib.nullcontext()):
-        info = graph_info(lm, bundle)
+        info = graph_info(lm, bundle, max_length if layout == "lean" else 0)
         if bundle is not None and info.k != bundle.info.k:  # the swap went wrong: a bug, not bad input
             raise RuntimeError(f"installed widths {info.k} differ from the bundle's k {bundle.info.k}")
-        stage("trace (torch.export)")
-        program = _trace(lm, info)
-        bar.update()
-        stage("save")
-        _finish(program.model, lm, info)
-        _save(program.model, tmp, ff_weight_names(lm))
-        bar.update()
+        if layout == "lean":
+            stage("build (lean graph)")
+            _export_lean(lm, info, tmp)
+            bar.update(2)
+        else:
+            stage("trace (torch.export)")
+            program = _trace(lm, info)
+            bar.update()
+            stage("save")
+            _finish(program.model, lm, info)
+            _save(program.model, tmp, ff_weight_names(lm))
+            bar.update()
         stage("onnx.checker")
         check_graph(tmp / MODEL_FILE)
         bar.update()
@@ -231,6 +266,29 @@ def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | Non
         bar.update()
     bar.close()
     return out
+
+
+def _export_lean(lm: LoadedModel, info: GraphInfo, directory: Path) -> None:
+    """The lean graph, its external weights and onnxruntime-genai's genai_config.json."""
+    import onnx
+
+    from .onnx_lean import build_lean, genai_config, write_genai_config
+
+    proto, facts = build_lean(lm, info.max_length, set(ff_weight_names(lm)), info.sliding_layers)
+    if (facts["kv_heads"], facts["head_dim"]) != (info.kv_heads, info.head_dim):  # a bug, not bad input
+        raise RuntimeError(f"lean graph KV layout {facts} differs from the model's cache ({info.kv_heads}, {info.head_dim})")
+    onnx.helper.set_model_props(proto, info.to_metadata())
+    proto.producer_version = __version__
+    # every FF tensor external (ONNX Runtime swaps only those, runtime/onnx.py); the small
+    # shape constants stay inline, where the checker's shape inference can read them
+    ff = set(ff_weight_names(lm))
+    smallest = min(t.numel() * t.element_size() for n, t in lm.model.named_parameters() if n in ff)
+    try:
+        onnx.save_model(proto, str(directory / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=min(256, smallest))
+    except OSError as e:
+        raise GriffinError(f"cannot write {directory / MODEL_FILE}: {e.strerror or e}") from e
+    write_genai_config(directory, genai_config(lm, facts, info.max_length, MODEL_FILE))
 
 
 def _example_inputs(lm: LoadedModel, info: GraphInfo):
@@ -335,7 +393,7 @@ def check_graph(path: Path) -> None:
 
 def export_graph(output: str | os.PathLike, bundle: str | os.PathLike | None = None, *, model: str | None = None,
                  gguf_file: str | None = None, dtype: str | None = None, device: str = "cpu", force: bool = False,
-                 progress: bool = False) -> tuple[Path, GraphInfo]:
+                 progress: bool = False, graph: str = "auto", max_length: int | None = None) -> tuple[Path, GraphInfo]:
     """What `griffin-export onnx` does: load the base model (the bundle's recorded one unless
     `model` is given) and export the bundle's graph, or the full model's when `bundle` is None."""
     from .bundle import read_bundle
@@ -348,6 +406,7 @@ def export_graph(output: str | os.PathLike, bundle: str | os.PathLike | None = N
         raise GriffinError(f"--dtype {dtype}: bundle {bundle} holds {b.info.dtype} weights; its graph has the same dtype")
     lm = load_model(model or (b.info.base_model if b else None), gguf_file=gguf_file,
                     dtype=b.info.dtype if b else (dtype or "float32"), device=device, quiet=not progress)
-    path = export_onnx(lm, output, b, force=force, progress=progress, source=str(bundle or "bundle"))
+    path = export_onnx(lm, output, b, force=force, progress=progress, source=str(bundle or "bundle"), graph=graph,
+                       max_length=max_length)
     return path, read_graph(path).info
 

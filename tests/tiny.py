@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import torch
 from transformers import AutoModelForCausalLM
 from transformers import GemmaConfig, Gemma2Config, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config
+from transformers import Qwen3Config
 
 from griffin_export import from_model
 from griffin_export.arch import ff_blocks
@@ -27,10 +28,22 @@ CONFIGS = {
 }
 ARCHS = sorted(CONFIGS)
 
+# The lean ONNX graph's GroupQueryAttention wants head_dim a multiple of 16 on the CPU (its
+# rotary kernel), so its tests use these: the Llama family, head_dim 16, and Mistral with a
+# sliding window shorter than the test prompts.
+LEAN = dict(COMMON, hidden_size=64, num_hidden_layers=4)  # 4 layers: topk_refit_edges gives uneven k
+LEAN_CONFIGS = {
+    "llama": lambda: LlamaConfig(**LEAN),
+    "mistral": lambda: MistralConfig(**LEAN, sliding_window=8),
+    "qwen2": lambda: Qwen2Config(**LEAN),
+    "qwen3": lambda: Qwen3Config(**LEAN, head_dim=16),
+}
+LEAN_ARCHS = sorted(LEAN_CONFIGS)
 
-def tiny_model(arch: str, seed: int = 0):
+
+def tiny_model(arch: str, seed: int = 0, *, lean: bool = False):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch](), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config((LEAN_CONFIGS if lean else CONFIGS)[arch](), dtype=torch.float32)
     # Random init leaves OPT/Gemma activations tiny; scale up so selections are not ties.
     with torch.no_grad():
         for p in model.parameters():

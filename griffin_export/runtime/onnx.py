@@ -198,13 +198,18 @@ def choose_provider(provider: str = "auto") -> tuple[str, str]:
 
 @dataclass
 class KVState:
-    """The cache between steps: per layer (key, value) OrtValues on the provider's device."""
+    """The cache between steps: per layer (key, value) OrtValues on the provider's device.
+    Traced graphs: each [1, kv_heads, length, head_dim], replaced every step. Lean graphs: the
+    fixed buffers [1, kv_heads, max_length, head_dim] the graph writes into in place."""
 
-    past: list  # [key0, value0, key1, value1, ...], each [1, kv_heads, length, head_dim]
+    past: list  # [key0, value0, key1, value1, ...]
     length: int
+    io: tuple | None = None  # lean graphs: (session, its IOBinding with the buffers bound), reused every step
 
 
 class _Session:
+    """A traced graph: past in, a new present out every step."""
+
     def __init__(self, graph: Graph, provider: str, overrides: dict[str, torch.Tensor] | None, threads: int | None):
         import onnxruntime as ort
 
@@ -250,6 +255,84 @@ class _Session:
         logits = out[0].numpy()[0, -1]
         return logits, KVState(list(out[1:]), state.length + s)
 
+    def empty(self) -> KVState:
+        import onnxruntime as ort
+
+        info = self.graph.info
+        empty = np.zeros((1, info.kv_heads, 0, info.head_dim), _NP_DTYPES[info.dtype])
+        # host memory even under CUDA: nothing to copy, and no zero-byte device allocations
+        return KVState([ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * info.num_layers)], 0)
+
+    def from_arrays(self, arrays: list[np.ndarray], length: int) -> KVState:
+        import onnxruntime as ort
+
+        return KVState([ort.OrtValue.ortvalue_from_numpy(a, *self.device) for a in arrays], length)
+
+
+class _LeanSession(_Session):
+    """A lean graph (onnx_lean.py): every layer's past input and present output are bound to one
+    buffer of max_length positions, which GroupQueryAttention updates in place; a decode step
+    rebinds only input_ids and the attention mask."""
+
+    def __init__(self, graph: Graph, provider: str, overrides: dict[str, torch.Tensor] | None, threads: int | None):
+        super().__init__(graph, provider, overrides, threads)
+        info = graph.info
+        self.max_length = info.max_length
+        self._mask = np.ones((1, info.max_length), np.int64)  # a prefix of it is each step's mask
+        self._shape = (1, info.kv_heads, info.max_length, info.head_dim)
+
+    def empty(self) -> KVState:
+        return self.from_arrays([], 0)
+
+    def from_arrays(self, arrays: list[np.ndarray], length: int) -> KVState:
+        """Buffers holding `arrays` (per layer key, value [1, kv_heads, n, head_dim]) as the
+        positions just before `length`, zeros elsewhere (never read: the mask ends at length)."""
+        import onnxruntime as ort
+
+        if length > self.max_length:
+            raise GriffinError(f"the cache holds {length} tokens; graph {self.graph.source} has a KV buffer of "
+                               f"{self.max_length} positions (export it with a larger --max-length)")
+        dtype = _NP_DTYPES[self.graph.info.dtype]
+        past = []
+        for i in range(2 * self.graph.info.num_layers):
+            buf = np.zeros(self._shape, dtype)
+            if arrays:
+                n = arrays[i].shape[2]
+                buf[:, :, length - n:length] = arrays[i]
+            past.append(ort.OrtValue.ortvalue_from_numpy(buf, *self.device))
+        return KVState(past, length)
+
+    def _binding(self, state: KVState):
+        """This session's IOBinding of the state's buffers (a full graph's prefill hands them on to
+        the experts' graph)."""
+        if state.io is None or state.io[0] is not self:
+            io = self.sess.io_binding()
+            io.bind_output("logits", "cpu")  # first, so get_outputs()[0] is the logits
+            for name, out_name, value in zip(self.past_names, self.present_names, state.past):
+                io.bind_ortvalue_input(name, value)
+                io.bind_ortvalue_output(out_name, value)
+            state.io = (self, io)
+        return state.io[1]
+
+    def run(self, ids: np.ndarray, state: KVState) -> tuple[np.ndarray, KVState]:
+        s = ids.shape[1]
+        end = state.length + s
+        if end > self.max_length:
+            raise GriffinError(f"{end} tokens do not fit graph {self.graph.source}'s KV buffer of "
+                               f"{self.max_length} positions (export it with a larger --max-length)")
+        io = self._binding(state)
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", self._mask[:, :end])
+        io.bind_output("logits", "cpu")
+        self.sess.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()[0, -1]
+        state.length = end
+        return logits, state
+
+
+def _layout_text(info: GraphInfo) -> str:
+    return f"a lean graph (KV buffer {info.max_length})" if info.layout == "lean" else "a traced graph"
+
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
@@ -290,10 +373,16 @@ class OnnxRuntime:
                 raise GriffinError(f"full graph {self.full.source} is from {f.base_model} ({f.dtype}, fingerprint "
                                    f"{f.base_fingerprint[:16]}); graph {self.graph.source} is from {info.base_model} "
                                    f"({info.dtype}, fingerprint {info.base_fingerprint[:16]})")
+            if (f.layout, f.max_length) != (info.layout, info.max_length):
+                raise GriffinError(f"full graph {self.full.source} is {_layout_text(f)}; graph {self.graph.source} is "
+                                   f"{_layout_text(info)}: export both with the same --graph and --max-length")
+        if info.layout == "lean" and info.batch_size != 1:
+            raise GriffinError(f"graph {self.graph.source} was built for batch {info.batch_size}; this runtime decodes batch 1")
         self.provider, self.provider_reason = choose_provider(provider)
         overrides = bundle.weights if bundle is not None else None
-        self._decoder = _Session(self.graph, self.provider, overrides, threads)
-        self._prefill = _Session(self.full, self.provider, None, threads) if self.full is not None else None
+        session = _LeanSession if info.layout == "lean" else _Session
+        self._decoder = session(self.graph, self.provider, overrides, threads)
+        self._prefill = session(self.full, self.provider, None, threads) if self.full is not None else None
         self.tokenizer = _load_tokenizer(self.graph.path.parent)
         self.eos = set(info.eos_token_ids)
 
@@ -305,13 +394,7 @@ class OnnxRuntime:
     # -- cache ------------------------------------------------------------------------------
 
     def empty_state(self) -> KVState:
-        import onnxruntime as ort
-
-        info = self.graph.info
-        dtype = _NP_DTYPES[info.dtype]
-        empty = np.zeros((1, info.kv_heads, 0, info.head_dim), dtype)
-        # host memory even under CUDA: nothing to copy, and no zero-byte device allocations
-        return KVState([ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * info.num_layers)], 0)
+        return self._decoder.empty()
 
     def state_from_kv(self, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> KVState:
         """A cache holding `length` tokens. Sliding-window layers may hold fewer (their last
@@ -319,23 +402,25 @@ class OnnxRuntime:
         info = self.graph.info
         if len(kv) != info.num_layers:
             raise GriffinError(f"the KV cache has {len(kv)} layers; the graph has {info.num_layers}")
-        past = []
+        arrays = []
         for i, pair in enumerate(kv):
             for t in pair:
                 arr = _numpy(t)
                 n = arr.shape[2]
                 if n > length or (n < length and i not in info.sliding_layers):
                     raise GriffinError(f"layer {i}'s KV cache holds {n} positions; the prompt has {length}")
-                if n < length:
+                if n < length and info.layout == "traced":
                     pad = np.zeros((*arr.shape[:2], length - n, arr.shape[3]), arr.dtype)
                     arr = np.concatenate([pad, arr], axis=2)
-                past.append(self._on_device(np.ascontiguousarray(arr)))
-        return KVState(past, length)
+                arrays.append(np.ascontiguousarray(arr))
+        return self._decoder.from_arrays(arrays, length)
 
-    def _on_device(self, arr: np.ndarray):
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(arr, *self._decoder.device)
+    def check_room(self, tokens: int) -> None:
+        """Refuse, before any prefill, a generation whose tokens do not fit the lean graph's KV buffer."""
+        n = self.graph.info.max_length
+        if n and tokens > n:
+            raise GriffinError(f"prompt + --max-new-tokens is {tokens} tokens; graph {self.graph.source} has a KV "
+                               f"buffer of {n} positions (export it with --max-length {tokens} or more)")
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -349,7 +434,7 @@ class OnnxRuntime:
         ctx = self.graph.info.context_length
         if ctx and ids.shape[1] + 1 > ctx:
             raise GriffinError(f"prompt has {ids.shape[1]} tokens; the model's context is {ctx} (leave room to generate)")
-        logits, state = session.run(ids.cpu().numpy(), self.empty_state())
+        logits, state = session.run(ids.cpu().numpy(), session.empty())
         return state, torch.from_numpy(logits.astype(np.float32))
 
     def start(self, ids: torch.Tensor | None = None) -> tuple[KVState, torch.Tensor]:
@@ -377,6 +462,10 @@ class OnnxRuntime:
         opts = opts or DecodeOptions()
         if prompt is not None:
             ids = self.tokenize(prompt)
+        if ids is not None:
+            self.check_room(ids.shape[1] + opts.max_new_tokens)
+        elif self.bundle is not None and self.bundle.prompt_ids is not None:
+            self.check_room(int(self.bundle.prompt_ids.shape[0]) + opts.max_new_tokens)
         state, logits = self.start(ids)
         warm = self.bundle.warmup() if ids is None else []  # see TorchRuntime.generate
         return decode(lambda tok: self.step(state, tok), logits, opts, tokenizer=self.tokenizer, eos=self.eos,

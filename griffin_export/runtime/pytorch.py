@@ -17,7 +17,8 @@ from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
 from ..export import check_context, tokenize
 from ..models import LoadedModel, dtype_name, load_model
-from ..prefill import forward, prefill, restore_cache
+from ..prefill import cache_tensors, forward, prefill, restore_cache
+from .lean import LeanDecoder, covers
 
 
 class TorchRuntime:
@@ -27,7 +28,7 @@ class TorchRuntime:
     experts too: what a standalone pruned checkpoint computes."""
 
     def __init__(self, lm: LoadedModel, bundle: Bundle, *, keep_full: bool = False, source: str = "bundle",
-                 pruned_prefill: bool = False):
+                 pruned_prefill: bool = False, lean: bool | None = None, compile: bool = False):
         if getattr(lm.model, "_griffin_experts", False):
             raise GriffinError("this model already has experts installed; load a fresh base model")
         info = bundle.info
@@ -46,6 +47,16 @@ class TorchRuntime:
         self._pruned = [{n: getattr(b.owner, n) for n in names} for b in self.blocks]
         lm.model._griffin_experts = True
         self.eos = eos_ids(lm.config, lm.tokenizer)
+        # decode steps through the lean step (runtime/lean.py) where it covers the architecture,
+        # unless lean=False; lean=True where it does not is an error; compile: torch.compile it
+        if lean is None:
+            lean = covers(lm.model)
+        elif lean and not covers(lm.model):
+            raise GriffinError(f"the lean PyTorch step covers the Llama family; this is a {lm.architecture} model")
+        if compile and not lean:
+            raise GriffinError("compile needs the lean PyTorch step (the Llama family)")
+        self._lean_settings = dict(compile=compile, static_length=lm.context_length) if lean else None
+        self.lean: LeanDecoder | None = None  # built at the first generate: it re-points the model's weights
 
     # -- FF width ---------------------------------------------------------------------
 
@@ -87,20 +98,31 @@ class TorchRuntime:
         opts = opts or DecodeOptions()
         if prompt is not None:
             ids = tokenize(self.lm, prompt, chat=self.bundle.info.chat)
+        n = ids.shape[1] if ids is not None else self.bundle.cached_tokens
+        check_context(self.lm, n, reserve=opts.max_new_tokens, what="--max-new-tokens")
         cache, logits = self.start(ids)
         # from the bundle's own prompt, its warm-up tokens are the output's start
         warm = self.bundle.warmup() if ids is None else []
-        return decode(lambda tok: self.step(cache, tok), logits, opts, tokenizer=self.lm.tokenizer, eos=self.eos,
-                      prefix=warm)
+        step = lambda tok: self.step(cache, tok)  # noqa: E731
+        if self._lean_settings is not None:
+            # built here, not in __init__: its packed weights leave the HF modules holding transposed
+            # views, which forward() takes but save_pretrained() does not (checkpoint.py installs
+            # experts through a TorchRuntime and saves)
+            self.lean = self.lean or LeanDecoder(self.lm.model, 0, **self._lean_settings)
+            self.lean.reserve(n + opts.max_new_tokens)
+            self.lean.load_cache(cache_tensors(cache), n)
+            step = self.lean.step
+        return decode(step, logits, opts, tokenizer=self.lm.tokenizer, eos=self.eos, prefix=warm)
 
     def step(self, cache, token: int) -> torch.Tensor:
-        """Feed one token with the experts; logits [vocab] for the next."""
+        """Feed one token with the experts through transformers' forward; logits [vocab] for the next."""
         return forward(self.lm.model, torch.tensor([[token]], device=self.lm.device), cache)[-1]
 
 
 def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | None = None, *,
                  gguf_file: str | None = None, device: str = "cpu", new_prompts: bool = False,
-                 quiet: bool = True, pruned_prefill: bool = False) -> TorchRuntime:
+                 quiet: bool = True, pruned_prefill: bool = False, lean: bool | None = None,
+                 compile: bool = False) -> TorchRuntime:
     """Base model + bundle -> TorchRuntime. `model` defaults to the bundle's recorded base model.
 
     With new_prompts (or a bundle without KV) the full FF weights stay in memory for the
@@ -115,4 +137,5 @@ def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | 
         model = load_model(model or bundle.info.base_model, gguf_file=gguf_file, dtype=bundle.info.dtype,
                            device=device, quiet=quiet)
     keep_full = (new_prompts or bundle.kv is None) and not pruned_prefill
-    return TorchRuntime(model, bundle, keep_full=keep_full, source=source, pruned_prefill=pruned_prefill)
+    return TorchRuntime(model, bundle, keep_full=keep_full, source=source, pruned_prefill=pruned_prefill, lean=lean,
+                        compile=compile)

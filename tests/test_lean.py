@@ -1,0 +1,314 @@
+"""The lean decode paths (issue: decode as fast as the pruning allows): the lean ONNX graph
+(onnx_lean.py, one shared KV buffer per layer) and the lean PyTorch step (runtime/lean.py).
+
+Every check compares with the PyTorch runtime as it was (transformers' forward, lean=False):
+logits over the prompt + 20 teacher-forced decode steps at density 1.0 and 0.5, per-layer k
+(topk_refit_edges on 4 layers), a swapped-in bundle, decoding from a bundle's KV, Mistral's
+sliding window shorter than the prompt. Tolerance as in test_onnx.py: atol = rtol = 1e-4 on
+O(1) logits (the paths agree to ~1e-6); greedy tokens must be equal.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from clirun import run
+from conftest import tiny_prompt
+from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids
+from griffin_export.errors import GriffinError
+from griffin_export.models import LoadedModel
+from griffin_export.onnx_export import export_onnx
+from griffin_export.prefill import cache_tensors, prefill
+from griffin_export.runtime.lean import LeanDecoder, covers
+from griffin_export.runtime.onnx import OnnxRuntime, read_graph
+from tiny import ARCHS, LEAN_ARCHS, prompt_ids, tiny_model
+
+ATOL = RTOL = 1e-4
+STEPS = 20
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def decode_tokens(seed: int = 5) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 96, (STEPS,), generator=g).tolist()
+
+
+def steps(rt, start, tokens) -> torch.Tensor:
+    state, first = start
+    return torch.stack([first, *(rt.step(state, t) for t in tokens[:-1])])
+
+
+def eager(arch: str, bundle, **kw) -> TorchRuntime:
+    """The reference: today's PyTorch runtime, transformers' forward every step."""
+    return TorchRuntime(tiny_model(arch, lean=True), bundle, lean=False, **kw)
+
+
+def refused(fn, *parts: str) -> None:
+    with pytest.raises(GriffinError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and all(p in msg for p in parts), msg
+
+
+@pytest.fixture(scope="module")
+def lean(tmp_path_factory):
+    """arch -> the tiny model, bundles (0.5, 1.0, per-layer k) and lean graphs (full, 0.5, edges)."""
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            root = tmp_path_factory.mktemp(f"lean-{arch}")
+            lm, ids = tiny_model(arch, lean=True), prompt_ids()
+            half = export_ids(lm, ids, ExportSettings(density=0.5))
+            one = export_ids(lm, ids, ExportSettings(density=1.0))
+            edges = export_ids(lm, ids, ExportSettings(density=0.8, method="topk_refit_edges"))  # 64,64,12,64
+            assert len(set(edges.info.k)) > 1  # per-layer widths really
+            made[arch] = SimpleNamespace(
+                lm=lm, ids=ids, half=half, one=one, edges=edges,
+                full=export_onnx(lm, root / "full", max_length=64),
+                pruned=export_onnx(lm, root / "pruned", half, max_length=64),
+                pruned_edges=export_onnx(lm, root / "edges", edges, max_length=64))
+        return made[arch]
+
+    return get
+
+
+# -- the lean ONNX graph -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["one", "half", "edges"])
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_lean_graph_logits_equal_the_torch_runtime(lean, arch, which):
+    e = lean(arch)
+    bundle = getattr(e, which)
+    graph = {"one": e.full, "half": e.pruned, "edges": e.pruned_edges}[which]
+    assert read_graph(graph).info.layout == "lean"
+    if arch == "mistral":  # window 8 < 24 prompt tokens: the bundle holds only the window
+        assert max(k.shape[2] for k, _ in bundle.kv) < e.ids.shape[1]
+    ort_rt = OnnxRuntime(graph, bundle, full=e.full, provider="cpu")
+    torch_rt = eager(arch, bundle, keep_full=True)
+    tokens = decode_tokens()
+    got = steps(ort_rt, ort_rt.start(), tokens)  # from the bundle's KV
+    torch.testing.assert_close(got, steps(torch_rt, torch_rt.start(), tokens), atol=ATOL, rtol=RTOL)
+    state, first = ort_rt.start(e.ids)  # a new prompt: the full lean graph's prefill into the buffers
+    torch.testing.assert_close(steps(ort_rt, (state, first), tokens), steps(torch_rt, torch_rt.start(e.ids), tokens),
+                               atol=ATOL, rtol=RTOL)
+    if which != "one":  # the experts really change the decode, so the comparisons above can fail
+        full_rt = eager(arch, e.one)
+        assert (got[1:] - steps(full_rt, full_rt.start(), tokens)[1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_a_bundle_swapped_into_a_lean_graph_gives_its_own_logits(lean, arch):
+    e = lean(arch)
+    other = export_ids(tiny_model(arch, lean=True), prompt_ids(seed=7),
+                       ExportSettings(density=0.5, method="random", seed=3))
+    assert other.info.k == e.half.info.k
+    tokens = decode_tokens(seed=9)
+    swapped = OnnxRuntime(e.pruned, other, provider="cpu")
+    want = steps(eager(arch, other), eager(arch, other).start(), tokens)
+    got = steps(swapped, swapped.start(), tokens)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    own = OnnxRuntime(e.pruned, None, provider="cpu")  # the exported weights: the swap is real
+    stale = steps(own, (own.state_from_kv(other.kv, other.info.prompt_tokens), other.last_logits), tokens)
+    assert (stale[1:] - got[1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_lean_graph_generates_the_torch_runtimes_tokens(lean, arch):
+    """Greedy generation from the bundle's KV, with a warm-up bundle, and with the prefill
+    through the experts, equals the PyTorch runtime's."""
+    e = lean(arch)
+    opts = DecodeOptions(max_new_tokens=16, stop_at_eos=False)
+    warm = export_ids(tiny_model(arch, lean=True), e.ids, ExportSettings(density=0.5, warmup=4))
+    for bundle, kw in ((e.half, {}), (warm, {}), (e.half, {"pruned_prefill": True})):
+        want = eager(arch, bundle, **kw).generate(opts).token_ids
+        assert OnnxRuntime(e.pruned, bundle, provider="cpu", **kw).generate(opts).token_ids == want
+
+
+def test_lean_graph_io_metadata_and_genai_config(lean):
+    e = lean("qwen3")
+    g = read_graph(e.pruned)
+    assert (g.info.layout, g.info.max_length, g.info.batch_size, g.info.format_version) == ("lean", 64, 1, "2")
+    assert g.widths == e.half.info.k
+    import onnx
+
+    proto = onnx.load(str(g.path), load_external_data=False)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "RMSNormalization"} <= ops
+    assert "Attention" not in ops and "Concat" in ops  # the packing is folded by ORT at session creation
+    names = [i.name for i in proto.graph.input]
+    assert names[:2] == ["input_ids", "attention_mask"] and "past_key_values.3.value" in names
+    past = next(i for i in proto.graph.input if i.name == "past_key_values.0.key")
+    assert [d.dim_param or d.dim_value for d in past.type.tensor_type.shape.dim] == [
+        "batch_size", 2, "max_sequence_length", 16]
+    cfg = json.loads((e.pruned / "genai_config.json").read_text())
+    assert cfg["search"]["past_present_share_buffer"] is True
+    assert cfg["model"]["decoder"]["num_hidden_layers"] == 4 and cfg["model"]["context_length"] == 64
+
+
+def test_the_traced_graph_is_still_there_and_old_layouts_are_refused(lean, tmp_path):
+    e = lean("llama")
+    traced = export_onnx(e.lm, tmp_path / "traced", e.half, graph="traced")
+    assert read_graph(traced).info.layout == "traced"
+    want = OnnxRuntime(e.pruned, e.half, provider="cpu").generate(DecodeOptions(max_new_tokens=10)).token_ids
+    assert OnnxRuntime(traced, e.half, provider="cpu").generate(DecodeOptions(max_new_tokens=10)).token_ids == want
+    traced_full = export_onnx(e.lm, tmp_path / "traced_full", graph="traced")
+    refused(lambda: OnnxRuntime(e.pruned, e.half, full=traced_full, provider="cpu"), "traced graph", "lean graph",
+            "same --graph")
+    refused(lambda: export_onnx(tiny_model("gemma"), tmp_path / "g", graph="lean"), "does not cover gemma")
+    refused(lambda: export_onnx(tiny_model("llama"), tmp_path / "g", graph="lean"), "head_dim a multiple of 16")
+    refused(lambda: export_onnx(e.lm, tmp_path / "g", graph="traced", max_length=64), "--max-length")
+    refused(lambda: export_onnx(e.lm, tmp_path / "g", max_length=10_000), "past the model's context of 256")
+
+
+def test_a_generation_past_the_kv_buffer_is_refused_before_decoding(lean, tmp_path):
+    e = lean("llama")
+    rt = OnnxRuntime(e.pruned, e.half, full=e.full, provider="cpu")
+    refused(lambda: rt.generate(DecodeOptions(max_new_tokens=41)), "prompt + --max-new-tokens is 65 tokens",
+            "KV buffer of 64 positions", "--max-length 65")
+    assert len(rt.generate(DecodeOptions(max_new_tokens=40, stop_at_eos=False)).token_ids) == 40
+    refused(lambda: rt.generate(DecodeOptions(max_new_tokens=10), ids=prompt_ids(60)), "is 70 tokens")
+    full_100 = export_onnx(e.lm, tmp_path / "full100", max_length=100)
+    refused(lambda: OnnxRuntime(e.pruned, e.half, full=full_100, provider="cpu"), "KV buffer 100", "KV buffer 64")
+    # the batch a graph's buffers are made for
+    meta = read_graph(e.pruned)
+    batch2 = dataclasses.replace(meta, info=dataclasses.replace(meta.info, batch_size=2))
+    refused(lambda: OnnxRuntime(batch2, e.half, provider="cpu"), "built for batch 2", "batch 1")
+    refused(lambda: OnnxRuntime(e.pruned, e.edges, provider="cpu"), "has k=32 in every layer", "first difference")
+
+
+def test_cli_onnx_lean_and_generate(tmp_path, tiny_dir, capsys, monkeypatch):
+    import tiny
+
+    monkeypatch.setitem(tiny.CONFIGS, "qwen3", tiny.LEAN_CONFIGS["qwen3"])
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(tiny_prompt(), encoding="utf-8")
+    bundle = tmp_path / "e.safetensors"
+    code, _, err = run([prompt, "-o", bundle, "--model", tiny_dir("qwen3"), "-q"], capsys)
+    assert code == 0, err
+    code, out, err = run(["onnx", bundle, "-o", tmp_path / "g", "--max-length", "48", "-q"], capsys)
+    assert code == 0, err
+    assert "lean graph" in out and "KV buffer 48" in out
+    args = ["generate", bundle, "--max-new-tokens", "6", "-q"]
+    code, want, err = run([*args, "--eager"], capsys)
+    assert code == 0, err
+    for extra in ([], ["--runtime", "onnx", "--onnx", tmp_path / "g"]):
+        code, got, err = run([*args, *extra], capsys)
+        assert code == 0 and got == want and got.strip(), err
+    code, _, err = run(["generate", bundle, "--max-new-tokens", "40", "--runtime", "onnx", "--onnx", tmp_path / "g",
+                        "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "KV buffer of 48 positions" in err, err
+    code, _, err = run(["generate", bundle, "--max-new-tokens", "300", "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "past the model's context of 256" in err, err
+    code, out, err = run(["inspect", tmp_path / "g" / "model.onnx"], capsys)
+    assert code == 0 and "lean" in out and "48" in out, err
+
+
+# -- onnxruntime-genai ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None,
+                    reason="onnxruntime-genai is not installed (pip install --no-deps onnxruntime-genai)")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_onnxruntime_genai_runs_the_lean_graph(lean, arch):
+    """og.Model(DIR) on an exported graph: its own greedy loop gives the PyTorch runtime's tokens
+    for the prompt (prefill through the experts: og knows nothing of the bundle's KV)."""
+    import onnxruntime_genai as og
+
+    e = lean(arch)
+    model = og.Model(str(e.pruned))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=e.ids.shape[1] + 12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(e.ids[0].tolist())
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    want = eager(arch, e.half, pruned_prefill=True).generate(
+        DecodeOptions(max_new_tokens=12, stop_at_eos=False), ids=e.ids).token_ids
+    assert got == want
+
+
+# -- the lean PyTorch step -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["one", "half", "edges"])
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_lean_torch_step_equals_the_eager_runtime(lean, arch, which):
+    e = lean(arch)
+    bundle = getattr(e, which)
+    tokens = decode_tokens()
+    ref = eager(arch, bundle)
+    want = steps(ref, ref.start(), tokens)
+    rt = TorchRuntime(tiny_model(arch, lean=True), bundle, lean=False)
+    cache, first = rt.start()
+    dec = LeanDecoder(rt.lm.model, bundle.cached_tokens + STEPS)
+    dec.load_cache(cache_tensors(cache), bundle.cached_tokens)
+    got = torch.stack([first, *(dec.step(t) for t in tokens[:-1])])
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    opts = DecodeOptions(max_new_tokens=STEPS, stop_at_eos=False)
+    lean_rt = TorchRuntime(tiny_model(arch, lean=True), bundle, keep_full=True)  # lean by default here
+    assert lean_rt.generate(opts).token_ids == eager(arch, bundle).generate(opts).token_ids
+    assert lean_rt.lean is not None
+    full_ref = eager(arch, bundle, keep_full=True)
+    assert lean_rt.generate(opts, ids=prompt_ids(30, 4)).token_ids == full_ref.generate(opts, ids=prompt_ids(30, 4)).token_ids
+
+
+def test_lean_torch_step_covers_the_llama_family_only():
+    assert [a for a in ARCHS if covers(tiny_model(a).model)] == ["llama", "mistral", "qwen2"]
+    bundle = export_ids(tiny_model("gemma"), prompt_ids(), ExportSettings(density=0.5))
+    assert TorchRuntime(tiny_model("gemma"), bundle).lean is None  # eager there
+    refused(lambda: TorchRuntime(tiny_model("gemma"), bundle, lean=True), "covers the Llama family", "gemma")
+    dec = LeanDecoder(tiny_model("llama").model, 8)
+    refused(lambda: dec.load_cache([(torch.zeros(1, 2, 9, 8), torch.zeros(1, 2, 9, 8))] * 2, 9), "buffer has 8")
+    dec.length = 8
+    refused(lambda: dec.step(3), "KV buffer of 8 positions is full")
+
+
+def test_lean_torch_step_leaves_the_model_usable(lean, tmp_path):
+    """The lean step's packed weights become views in the HF modules: forward still matches,
+    and a checkpoint written from the same runtime model type still saves (it builds its own)."""
+    e = lean("qwen2")
+    rt = TorchRuntime(tiny_model("qwen2", lean=True), e.half, pruned_prefill=True)
+    rt.generate(DecodeOptions(max_new_tokens=4))
+    _, logits = prefill(rt.lm.model, e.ids)
+    _, want = prefill(eager("qwen2", e.half, pruned_prefill=True).lm.model, e.ids)
+    torch.testing.assert_close(logits, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the compiled (CUDA graph) step runs on GPUs")
+def test_compiled_lean_step_on_cuda_equals_eager():
+    lm = tiny_model("llama", lean=True)
+    bundle = export_ids(lm, prompt_ids(), ExportSettings(density=0.5))
+    model = copy.deepcopy(lm.model).cuda()
+    rt = TorchRuntime(LoadedModel(model, None, lm.identity, lm.spec, lm.fingerprint), bundle, compile=True)
+    opts = DecodeOptions(max_new_tokens=12, stop_at_eos=False)
+    assert rt.generate(opts).token_ids == eager("llama", bundle).generate(opts).token_ids
+
+
+def test_bench_times_every_lean_path_side_by_side():
+    from griffin_export.bench import BenchSettings, format_table, run_bench
+
+    lm = tiny_model("llama", lean=True)
+    runtimes = ["torch", "torch-lean", "onnx", "onnx-lean"]
+    r = run_bench(lm=lm, ids=prompt_ids(40), prompt_source="random tokens",
+                  settings=BenchSettings(densities=[0.5], new_tokens=8, repeats=2, runtimes=runtimes, time_export=False))
+    got = {(row["runtime"], row["config"]) for row in r["rows"]}
+    assert got == {(rt, c) for rt in runtimes for c in ("full", "0.5")}
+    bounds = {row["bound"] for row in r["rows"] if row["config"] == "0.5"}
+    assert len(bounds) == 1 and bounds.pop() > 1  # every runtime reads the same bytes
+    table = format_table(r)
+    assert "| onnx-lean | density 0.5 | 32 |" in table and "| torch-lean | full model | 64 |" in table
+    assert all(len(row["speedup_quartiles"]) == 2 for row in r["rows"])
+    assert np.isfinite([row["decode_tok_s"] for row in r["rows"]]).all()
