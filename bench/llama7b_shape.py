@@ -46,7 +46,7 @@ def random_model(shape: dict, layers: int | None, dtype: torch.dtype, device: st
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--density", default="0.5", help="comma-separated densities [0.5]")
-    p.add_argument("--runtime", default="torch,onnx", help="comma-separated: torch, onnx [torch,onnx]")
+    p.add_argument("--runtime", default="torch,onnx", help="comma-separated: torch, torch-lean, onnx, onnx-lean [torch,onnx]")
     p.add_argument("--onnx-provider", default="auto", choices=["cpu", "cuda", "auto"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import dtype_option, model_options
+from .options import dtype_option, model_options, precheck, require_extra
 
 
 @click.command("bench")
@@ -13,13 +13,15 @@ from .options import dtype_option, model_options
 @click.option("--density", default="0.25,0.5,0.75", show_default=True, help="comma-separated densities")
 @click.option("--method", default="topk", show_default=True,
               help="comma-separated selection methods, each benchmarked at every density")
-@click.option("--data", default=None, help="JSONL file whose `article` field gives the prompt [default: ../shared/data/xsum_dev.jsonl if present, else samples/prompt.txt]")
+@click.option("--data", default=None, help="JSONL file whose `article` field gives the prompt [default: shared/data/xsum_dev.jsonl in this folder or one above it]")
 @click.option("--row", default=0, show_default=True, help="row of --data used as the prompt")
 @click.option("--new-tokens", default=64, show_default=True, help="decode steps timed per repeat")
 @click.option("--repeats", default=5, show_default=True, help="timed repeats (median reported), after one warm-up")
 @click.option("--threads", default=None, type=int, help="torch (and ONNX Runtime) threads [default: their choice]")
 @click.option("--runtime", default="torch", show_default=True,
-              help="comma-separated runtimes: torch, onnx (ONNX Runtime; exports a graph per config)")
+              help="comma-separated runtimes: torch (transformers' forward per step), torch-lean (the lean step), "
+                   "onnx (the traced graph), onnx-lean (the lean graph), genai (onnxruntime-genai's runtime: its own "
+                   "builder's full model and our lean graphs); ONNX rows export a graph per config")
 @click.option("--onnx-provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="ONNX Runtime provider for the onnx rows (auto: CUDA when a GPU answers)")
 @click.option("-o", "--output", default=None, metavar="DIR", help="also write DIR/bench.json and DIR/bench.md")
@@ -39,6 +41,7 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
       griffin-export bench --density 0.5 --repeats 9 --threads 2
       griffin-export bench --density 0.5 --method topk,topk_refit_edges
       griffin-export bench --runtime torch,onnx -o bench_out/
+      griffin-export bench --runtime torch,torch-lean,onnx,onnx-lean,genai --density 0.5 --repeats 15
       griffin-export bench --runtime torch,onnx --device cuda --dtype float16 --onnx-provider cuda
     """
     from griffin_export.bench import BenchSettings, check_results_dir, format_table, run_bench, write_results
@@ -49,6 +52,9 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
                              runtimes=parse_list(runtime, "runtimes"), onnx_provider=onnx_provider)
     if output is not None:  # refuse an existing result before the long run
         check_results_dir(output, force)
+    if any(r.startswith("onnx") or r == "genai" for r in settings.runtimes):
+        require_extra("onnx")
+    precheck(model, gguf_file, device, settings.densities)
     result = run_bench(model, gguf_file=gguf_file, dtype=dtype, device=device, settings=settings)
     click.echo(format_table(result))
     if output is not None:

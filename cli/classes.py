@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .options import density_option, dtype_option, human_bytes, model_options, status
+from .options import density_option, dtype_option, human_bytes, model_options, status, precheck
 
 AGGREGATIONS = ["mean", "topk_freq", "pooled"]  # griffin_export.classes.AGGREGATIONS (kept import-free for --help)
 METHODS = ["topk", "sample", "topk_sample"]
@@ -57,6 +57,7 @@ def command(inputs, name, output, field, limit, aggregation, model, gguf_file, d
                              chunk_size=chunk_size, chat=chat)
     check_output_path(output, force)  # fail before loading anything
     total = count_prompts(inputs, field, limit)  # reads every input once: bad lines fail here, not after an hour
+    precheck(model, gguf_file, device, [density])
     status(f"{total} prompts; loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
     lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet)
     result = export_class(lm, iter_prompts(inputs, field, limit), settings, total=total, progress=not quiet,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from .options import dtype_option, model_options, status
+from .options import dtype_option, model_options, precheck, require_extra, status
 
 from griffin_export.select import METHODS
 
@@ -59,6 +59,7 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
       griffin-export eval --merge half1/ --merge half2/ -o whole/   # two row ranges run side by side
       griffin-export eval --data rows.jsonl --methods full,topk_refit_edges --density 0.5 --warmup 8 -o w8/
     """
+    require_extra("eval", () if not ll_only or report_only or merge else ("matplotlib",))
     from griffin_export.evaluation.report import write_report
 
     if merge:
@@ -85,6 +86,7 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
                             target_field=target_field, separator=unescape(separator), max_tokens=max_tokens,
                             chunk_size=chunk_size, generate=not ll_only, warmup=warmup)
     read_rows(settings)  # bad data fails before the model loads
+    precheck(model, gguf_file, device, settings.densities)
     if threads:
         torch.set_num_threads(threads)
     status(f"loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)

@@ -4,24 +4,31 @@ import time
 
 import click
 
-from .options import density_option, dtype_option, human_bytes, k_summary, model_options, status
+from .options import density_option, dtype_option, human_bytes, k_summary, model_options, precheck, status
 
-from griffin_export.select import METHODS
+from griffin_export.select import METHOD_SUMMARIES, METHODS
+
+# The default: the best setting measured on the default model whose export cost scales to large
+# models (README, "Which method"): topk with 8 full-width warm-up tokens.
+DEFAULT_WARMUP = 8
+
+_METHODS_HELP = "\b\nSelection methods (--method):\n" + "\n".join(
+    f"  {name:<17} {summary}" for name, summary in METHOD_SUMMARIES.items())
 
 
-@click.command("export")
+@click.command("export", epilog=_METHODS_HELP)
 @click.argument("prompt", metavar="PROMPT_FILE")
 @click.option("-o", "--output", required=True, metavar="FILE", help="bundle to write (.safetensors)")
 @model_options
 @dtype_option
 @density_option
 @click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True,
-              help="neuron selection (topk is the paper's; topk_refit also refits the kept down-projection columns; "
-                   "topk_refit_alloc also spreads the same total unevenly over the layers)")
+              help="neuron selection (each one is listed below)")
 @click.option("--refit-lambda", default=1.0, show_default=True, help="ridge strength of topk_refit")
-@click.option("--warmup", default=0, show_default=True, metavar="N",
+@click.option("--warmup", default=DEFAULT_WARMUP, show_default=True, metavar="N",
               help="decode the first N tokens with the full model here: they join the statistic, the bundle stores "
-                   "them and their KV, and generation from this prompt starts with them (greedy)")
+                   "them and their KV, and generation from this prompt starts with them (greedy); 0 = the paper's "
+                   "method exactly")
 @click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample / random")
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("--no-kv", is_flag=True, help="leave the prompt's KV cache out of the bundle")
@@ -49,6 +56,7 @@ def command(prompt, output, model, gguf_file, device, dtype, density, method, re
                               keep_kv=not no_kv, chat=chat, refit_lambda=refit_lambda, warmup=warmup)
     check_output_path(output, force)  # fail before loading anything
     text = read_prompt(prompt)
+    precheck(model, gguf_file, device, [density])
     status(f"loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
     lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet)
     bundle = export_prompt(lm, text, settings, progress=not quiet)

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import sys
 import time
 
 import click
 
-from .options import decode_options, model_options, status
+from .options import decode_options, model_options, require_extra, status
 
 
 @click.command("generate")
@@ -56,6 +57,7 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
         raise GriffinError(f"{bundle} is a class bundle ({info.extra.get('class', '?')}): it has no prompt of its "
                            "own; give one with --prompt-file")
     if runtime == "onnx":
+        require_extra("onnx", ("onnxruntime",))
         from griffin_export.runtime.onnx import load_onnx_runtime
 
         if eager or compile_:
@@ -72,9 +74,14 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
         rt = load_runtime(bundle, model, gguf_file=gguf_file, device=device, new_prompts=prompt is not None,
                           pruned_prefill=pruned_prefill, lean=False if eager else None, compile=compile_)
     t0 = time.perf_counter()
-    out = rt.generate(opts, prompt=prompt)
+
+    def show(piece: str) -> None:  # streamed, so an interrupted run keeps what it printed
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+
+    out = rt.generate(opts, prompt=prompt, on_text=show if rt.tokenizer is not None else None)
     dt = time.perf_counter() - t0
-    click.echo(out.text)
+    click.echo("")
     # the bundle's warm-up tokens start the output but cost no decoding here
     warm = 0 if prompt is not None else min(info.warmup_tokens, len(out.token_ids))
     decoded = len(out.token_ids) - warm

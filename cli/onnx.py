@@ -4,7 +4,7 @@ import time
 
 import click
 
-from .options import DTYPES, human_bytes, k_summary, model_options, status
+from .options import DTYPES, human_bytes, k_summary, model_options, require_extra, status
 
 
 @click.command("onnx")
@@ -47,6 +47,7 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
 
     if full == (bundle is not None):
         raise GriffinError("give a BUNDLE, or --full for the unpruned model (not both)")
+    require_extra("onnx")
     t0 = time.perf_counter()
     check_output_dir(output, force, MODEL_FILE)  # fail before loading anything
     status(f"exporting {'the full model' if full else bundle} to ONNX ...", quiet)

@@ -54,3 +54,33 @@ def k_summary(k: list[int], d_ff: int) -> str:
         return f"k={k[0]}/{d_ff} per layer"
     return f"k={min(k)}..{max(k)}/{d_ff} per layer (total {sum(k)})"
 
+
+
+def precheck(model: str | None, gguf_file: str | None, device: str, densities=()) -> None:
+    """What can be refused before any weights load: the device, the architecture (config.json or
+    the GGUF header), and densities that keep no neuron of the model's FF width."""
+    from griffin_export.models import check_device, peek_architecture
+    from griffin_export.select import k_for
+
+    check_device(device)
+    _, d_ff = peek_architecture(model, gguf_file)
+    if d_ff:
+        for d in densities:
+            k_for(d, d_ff)
+
+
+EXTRAS = {"eval": (("rouge_score", "rouge-score"), ("matplotlib", "matplotlib")),
+          "onnx": (("onnx", "onnx"), ("onnxruntime", "onnxruntime-gpu"), ("onnxscript", "onnxscript"))}
+
+
+def require_extra(extra: str, only: tuple[str, ...] = ()) -> None:
+    """Refuse in one line, before any work, when an optional extra's packages are missing."""
+    import importlib.util
+
+    missing = [pkg for module, pkg in EXTRAS[extra] if (not only or module in only)
+               and importlib.util.find_spec(module) is None]
+    if missing:
+        from griffin_export.errors import GriffinError
+
+        raise GriffinError(f"{', '.join(missing)} not installed: this needs the [{extra}] extra "
+                           f"(pip install -e \".[{extra}]\")")

@@ -215,7 +215,10 @@ def _onnx_config(lm: LoadedModel, directory: Path, bundle, threads: int | None, 
     from .runtime.onnx import OnnxRuntime
 
     export_onnx(lm, directory, bundle, graph=graph)
-    return OnnxRuntime(directory, None, provider=provider, threads=threads), _graph_bytes(directory)
+    # on a GPU the lean graph's decode step is a captured CUDA graph (its buffers are fixed)
+    cuda_graph = graph == "lean" and provider == "cuda"
+    return (OnnxRuntime(directory, None, provider=provider, threads=threads, cuda_graph=cuda_graph),
+            _graph_bytes(directory))
 
 
 def _genai_model(directory: Path, threads: int | None):
@@ -285,6 +288,10 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         cache, last = prefill(base, ids)
         kv = cache_tensors(cache)
         first, T = int(last.argmax()), ids.shape[1]
+        # KV elements one step reads, on average over the timed steps (every cached position of
+        # every layer's key and value; a sliding layer's window at most)
+        kv_read = sum((k.numel() + v.numel()) / k.shape[2] * min(k.shape[2] + s.new_tokens / 2, T + s.new_tokens / 2)
+                      for k, v in kv)
         prompt = ids[0].tolist()
         torch_fn = lambda m: lambda n: _decode_seconds(m, kv, T, first, n)  # noqa: E731
         lean_fn = lambda d: lambda n: _lean_decode_seconds(d, kv, T, first, n)  # noqa: E731
@@ -295,7 +302,9 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         def lean_decoder(model):
             from .runtime.lean import LeanDecoder
 
-            return LeanDecoder(copy.deepcopy(model), lean_room)
+            # compiled (CUDA graphs) on a GPU; eager on the CPU, where compiling measured no faster
+            cuda = lm.device.type == "cuda"
+            return LeanDecoder(copy.deepcopy(model), lean_room, compile=cuda, static_length=lean_room)
 
         def add(name: str, bundle, k, bundle_bytes: int, read: int, model) -> None:
             """Every runtime's row for one configuration (bundle None: the full model)."""
@@ -355,7 +364,8 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         per_repeat = sorted(a / b for a, b in zip(times[(runtime, ref)], times[(runtime, name)]))
         ks = k or [lm.d_ff]
         row = {"runtime": runtime, "config": name, "k": round(sum(ks) / len(ks)), "decode_tok_s": tps,
-               "speedup": tps / full_tps, "bound": full_read / read, "bundle_bytes": size,
+               "speedup": tps / full_tps, "bound": full_read / read,
+               "bound_with_kv": (full_read + kv_read) / (read + kv_read), "bundle_bytes": size,
                "weight_bytes": read * lm.dtype.itemsize, "vs": ref,
                "speedup_quartiles": [_quantile(per_repeat, 0.25), _quantile(per_repeat, 0.75)]}
         if len(set(ks)) > 1:  # per-layer widths (e.g. topk_refit_edges): "k" is their mean
@@ -405,13 +415,15 @@ def format_table(r: dict) -> str:
         lines[-1:-1] = [f"onnx rows: ONNX Runtime {r['onnxruntime']}, {r['onnx_provider']}{genai}; "
                         "'vs full' compares with the same runtime's full model"]
     lines += [
-        "| runtime | config | k / layer | decode tok/s | vs full | (quartiles of repeats) | bytes-read bound | bundle size |",
-        "|---|---|---|---|---|---|---|---|",
+        "| runtime | config | k / layer | decode tok/s | vs full | (quartiles of repeats) | bytes-read bound "
+        "| bound with KV | bundle size |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
+        kv = f"{row['bound_with_kv']:.2f}×" if "bound_with_kv" in row else "—"
         lines.append(f"| {row.get('runtime', 'torch')} | {config_label(row['config'])} | {k_text(row)} | "
                      f"{row['decode_tok_s']:.1f} | {row['speedup']:.2f}× | {_quartiles(row)} | {row['bound']:.2f}× | "
-                     f"{_size(row)} |")
+                     f"{kv} | {_size(row)} |")
     lines.append("")
     if r["export_s"] is not None:
         lines.append(f"export (prefill + statistic + selection + write, density 0.5): {r['export_s']:.2f} s; "

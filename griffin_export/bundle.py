@@ -193,6 +193,8 @@ def write_bundle(bundle: Bundle, path: str | os.PathLike, *, force: bool = False
 def read_metadata(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
     """(metadata, {tensor name: (dtype, shape)}) from the header alone: no tensor data read."""
     path = Path(path)
+    if path.is_dir():
+        raise GriffinError(f"bundle {path} is a directory; give a .safetensors file")
     if not path.is_file():
         raise GriffinError(f"bundle {path} does not exist")
     size = path.stat().st_size
@@ -255,7 +257,19 @@ def read_bundle(path: str | os.PathLike, *, load_kv: bool = True, device: str = 
         raise GriffinError(f"{path} is corrupt: {e}") from e
     bundle = Bundle(info, indices, weights, kv, prompt_ids, last_logits, warmup_ids)
     _check_indices(bundle, str(path))
+    _check_finite(bundle, str(path))
     return bundle
+
+
+def _check_finite(bundle: Bundle, source: str) -> None:
+    """Every float tensor finite: a NaN in the KV or the weights would decode garbage silently."""
+    named = [*bundle.weights.items(), ("griffin.last_logits", bundle.last_logits)]
+    for i, pair in enumerate(bundle.kv or []):
+        named += [(KV_KEY.format(i), pair[0]), (KV_VALUE.format(i), pair[1])]
+    for name, t in named:
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise GriffinError(f"{source} is corrupt: tensor {name} holds {bad} non-finite value(s) (NaN or inf)")
 
 
 def _check_layout(info: BundleInfo, entries: dict[str, tuple[str, list[int]]], source: str) -> None:
@@ -301,6 +315,7 @@ def _check_layout(info: BundleInfo, entries: dict[str, tuple[str, list[int]]], s
         problems.append(f"tensor {PROMPT_IDS} has shape {entries[PROMPT_IDS][1]}, metadata prompt_tokens is "
                         f"{info.prompt_tokens}")
     if info.has_kv:
+        problems += _kv_problems(info, entries)
         cached = info.prompt_tokens + info.warmup_tokens
         # sliding-window layers may hold fewer positions, never more
         longest = max((entries[KV_KEY.format(i)][1][2] for i in range(info.num_layers)
@@ -312,6 +327,37 @@ def _check_layout(info: BundleInfo, entries: dict[str, tuple[str, list[int]]], s
         raise GriffinError(f"{source}: " + "; ".join(problems[:3]) + more)
 
 
+def _kv_problems(info: BundleInfo, entries: dict[str, tuple[str, list[int]]]) -> list[str]:
+    """Every layer's key and value: [1, kv_heads, positions, head_dim], one layout for all layers
+    (the positions may differ: sliding-window layers), the bundle's dtype."""
+    problems, layout = [], None
+    want = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(info.dtype)
+    for i in range(info.num_layers):
+        k, v = entries.get(KV_KEY.format(i)), entries.get(KV_VALUE.format(i))
+        if k is None or v is None:
+            continue  # reported as missing
+        for name, (dtype, shape) in ((KV_KEY.format(i), k), (KV_VALUE.format(i), v)):
+            if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
+                problems.append(f"tensor {name} has shape {shape}, expected [1, kv_heads, positions, head_dim]")
+            elif dtype != want:
+                problems.append(f"tensor {name} has dtype {dtype}, the bundle is {info.dtype}")
+            elif layout is None:
+                layout = (shape[1], shape[3])
+            elif (shape[1], shape[3]) != layout:
+                problems.append(f"tensor {name} has shape {shape}: kv_heads/head_dim differ from layer 0's {list(layout)}")
+        if k[1] != v[1]:
+            problems.append(f"layer {i}'s KV key {k[1]} and value {v[1]} differ in shape")
+    return problems
+
+
+def kv_layout_of(bundle: Bundle) -> tuple[int, int] | None:
+    """(kv_heads, head_dim) of a bundle's KV cache, None without one."""
+    if not bundle.kv:
+        return None
+    k = bundle.kv[0][0]
+    return int(k.shape[1]), int(k.shape[3])
+
+
 def _check_indices(bundle: Bundle, source: str) -> None:
     d = bundle.info.d_ff
     for i, idx in enumerate(bundle.indices):
@@ -321,9 +367,15 @@ def _check_indices(bundle: Bundle, source: str) -> None:
             raise GriffinError(f"{source}: {INDICES.format(i)} has indices outside 0..{d - 1}")
         if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise GriffinError(f"{source}: {INDICES.format(i)} is not strictly increasing (duplicated or unsorted indices)")
-    w, logits = bundle.warmup_ids, bundle.last_logits
-    if w is not None and logits is not None and w.numel() and (int(w.min()) < 0 or int(w.max()) >= logits.numel()):
-        raise GriffinError(f"{source}: {WARMUP_IDS} has token ids outside the vocabulary 0..{logits.numel() - 1}")
+    w, logits, ids = bundle.warmup_ids, bundle.last_logits, bundle.prompt_ids
+    if logits is not None and (logits.dim() != 1 or not logits.is_floating_point()):
+        raise GriffinError(f"{source}: {LAST_LOGITS} has shape {list(logits.shape)} and dtype {logits.dtype}, "
+                           "expected float [vocab]")
+    if ids is not None and (ids.dtype != torch.int64 or ids.dim() != 1 or (ids.numel() and int(ids.min()) < 0)):
+        raise GriffinError(f"{source}: {PROMPT_IDS} must be int64 [tokens] of non-negative ids")
+    for name, t in ((WARMUP_IDS, w), (PROMPT_IDS, ids)):
+        if t is not None and logits is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= logits.numel()):
+            raise GriffinError(f"{source}: {name} has token ids outside the vocabulary 0..{logits.numel() - 1}")
 
 
 def check_compatible(info: BundleInfo, *, architecture: str, fingerprint: str, identity: str,

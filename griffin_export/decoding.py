@@ -6,6 +6,7 @@ limits live here, so equal weights give equal tokens in both runtimes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -26,10 +27,12 @@ class DecodeOptions:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise GriffinError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise GriffinError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise GriffinError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise GriffinError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(s == "" for s in self.stop):
+            raise GriffinError("an empty stop string would stop before the first token; give a non-empty --stop")
 
 
 @dataclass
@@ -71,17 +74,34 @@ def decode(
     tokenizer=None,
     eos: set[int] = frozenset(),
     prefix: Sequence[int] = (),
+    on_text: Callable[[str], None] | None = None,
 ) -> Generation:
     """Generate from the logits after the prompt; `step` feeds one token and returns the next logits.
 
     `prefix`: tokens generated already (a bundle's warm-up), already in the cache, `first_logits`
     the logits after them. They are the output's start and count towards max_new_tokens and
-    the stop strings, exactly as if this loop had produced them."""
-    if opts.stop and tokenizer is None:
-        raise GriffinError("stop strings need a tokenizer")
+    the stop strings, exactly as if this loop had produced them.
+
+    `on_text` receives the text as it is decoded, in pieces that add up to the final text: a
+    piece is held back while it could still be the start of a stop string, or ends in an
+    incomplete character, so nothing printed is ever taken back."""
+    if (opts.stop or on_text) and tokenizer is None:
+        raise GriffinError("stop strings and streamed text need a tokenizer")
     gen = torch.Generator().manual_seed(opts.seed)
     out = Generation()
     logits = first_logits
+    hold = max((len(s) for s in opts.stop), default=1) - 1
+    shown = 0  # characters handed to on_text
+
+    def stream(text: str, final: bool) -> None:
+        nonlocal shown
+        end = len(text) if final else len(text) - hold
+        while not final and end > shown and text[end - 1] == "\ufffd":  # a multi-byte character not done yet
+            end -= 1
+        if on_text is not None and end > shown:
+            on_text(text[shown:end])
+            shown = end
+
     for i in range(opts.max_new_tokens):
         fed = i < len(prefix)
         tok = prefix[i] if fed else next_token(logits, opts, gen)
@@ -89,14 +109,17 @@ def decode(
             out.stop_reason = "eos"
             break
         out.token_ids.append(tok)
-        if opts.stop:
+        if opts.stop or on_text:
             text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
             cut = min((text.find(s) for s in opts.stop if s in text), default=-1)
             if cut >= 0:
                 out.text, out.stop_reason = text[:cut], "stop"
+                stream(out.text, final=True)
                 return out
+            stream(text, final=False)
         if not fed and i + 1 < opts.max_new_tokens:  # the last token needs no forward
             logits = step(tok)
     if tokenizer is not None:
         out.text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        stream(out.text, final=True)
     return out

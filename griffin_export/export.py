@@ -55,6 +55,8 @@ def read_prompt(source: str | os.PathLike) -> str:
         name = "stdin"
     else:
         path = Path(source)
+        if path.is_dir():
+            raise GriffinError(f"prompt file {source} is a directory; give a text file")
         if not path.is_file():
             raise GriffinError(f"prompt file {source} does not exist")
         data = path.read_bytes()

@@ -163,6 +163,67 @@ def from_model(model: nn.Module, tokenizer=None, identity: str = "in-memory") ->
     return LoadedModel(model, tokenizer, identity, spec_for(model.config.model_type))
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device named by --device, refused in one line when it is not there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GriffinError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise GriffinError(f"--device {device}: CUDA is not available here ({build}, torch {torch.__version__}); "
+                               "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise GriffinError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise GriffinError(f"--device {device}: griffin-export runs on cpu or cuda")
+    return dev
+
+
+def peek_architecture(model: str | None = None, gguf_file: str | None = None) -> tuple[str, int | None]:
+    """(architecture, d_ff) from config.json or the GGUF header alone: no weights read, no
+    conversion, so an unsupported model or a density that keeps no neuron is refused in seconds.
+    d_ff is None where the header does not say it."""
+    directory, gguf, identity = resolve_model(model, gguf_file)
+    if gguf is None:
+        import json
+
+        try:
+            cfg = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise GriffinError(f"cannot read the model config from {identity}: {e}") from None
+        arch = str(cfg.get("model_type", ""))
+        if "text_config" in cfg and not cfg.get("intermediate_size"):
+            cfg = cfg["text_config"]
+        spec = spec_for(arch)
+        value = cfg.get(spec.d_ff_attr)
+        return arch, int(value) if isinstance(value, int) else None
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(directory / gguf))
+    except Exception as e:  # noqa: BLE001 - any parse failure of the user's file
+        raise GriffinError(f"{identity} is not a readable GGUF file: {str(e).splitlines()[0] if str(e) else e}") from None
+
+    def field(key: str):
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        value = f.parts[f.data[0]]
+        return bytes(value).decode("utf-8", "replace") if f.types and f.types[0].name == "STRING" else value[0]
+
+    gguf_arch = str(field("general.architecture") or "?")
+    arch = GGUF_ARCHITECTURES.get(gguf_arch, gguf_arch)
+    spec_for(arch)
+    d = field(f"{gguf_arch}.feed_forward_length")
+    return arch, int(d) if d is not None else None
+
+
+# GGUF's general.architecture -> transformers' model_type, where they differ
+GGUF_ARCHITECTURES = {"gemma3": "gemma3_text"}
+
+
 def load_model(
     model: str | None = None,
     *,
@@ -175,8 +236,10 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: all models are local
+    check_device(device)
     directory, gguf, identity = resolve_model(model, gguf_file)
     torch_dtype = dtype_from_name(dtype)
+    peek_architecture(model, gguf_file)  # an unsupported model refused before any conversion
     quiet_transformers(quiet)
     converted = _converted_gguf(directory, gguf, identity, quiet) if gguf else None
     if converted is not None:

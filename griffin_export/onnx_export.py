@@ -47,7 +47,7 @@ from .decoding import eos_ids
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
 from .outputs import atomic_dir, check_output_dir
-from .prefill import cache_kwarg
+from .prefill import cache_kwarg, kv_layout
 
 GRAPH_FORMAT = "griffin-onnx"
 GRAPH_FORMAT_VERSION = "1"  # the traced graph
@@ -138,19 +138,6 @@ class _Decoder(nn.Module):
         out = self.causal(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=True, **{self._cache_kw: cache})
         return out.logits, [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def kv_layout(model: nn.Module) -> tuple[int, int]:
-    """(kv_heads, head_dim) of the model's cache, read off one tiny forward."""
-    from .prefill import new_cache
-
-    cache = new_cache(model)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        model(input_ids=torch.ones(1, 1, dtype=torch.long, device=device), use_cache=True,
-              **{cache_kwarg(type(model)): cache})
-    k = cache.layers[0].keys
-    return int(k.shape[1]), int(k.shape[3])
 
 
 # -- export ------------------------------------------------------------------------------------

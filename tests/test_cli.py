@@ -23,9 +23,11 @@ def export(tmp_path, prompt, model_dir, *extra, capsys, name="e.safetensors"):
 
 
 def test_export_inspect_generate(tmp_path, prompt, tiny_dir, capsys):
-    code, out, err = export(tmp_path, prompt, tiny_dir("llama"), capsys=capsys)
+    code, out, err = export(tmp_path, prompt, tiny_dir("llama"), "--warmup", "0", capsys=capsys)
     assert code == 0, err
     assert "20 prompt tokens, k=32/64 per layer × 2 layers" in out
+    code, out, err = export(tmp_path, prompt, tiny_dir("llama"), capsys=capsys, name="default.safetensors")
+    assert code == 0 and "20 prompt tokens + " in out and " warm-up tokens, k=32/64" in out, err  # --warmup 8
     code, out, _ = run(["inspect", tmp_path / "e.safetensors"], capsys)
     assert code == 0 and "k = 32 in every layer (50.0% of FF neurons)" in out
     code, out, err = run(["generate", tmp_path / "e.safetensors", "--max-new-tokens", "5", "-q"], capsys)

@@ -305,7 +305,7 @@ def test_bundle_method_applies_fixed_experts(tmp_path, tiny_dir, capsys):
     prompt = tmp_path / "p.txt"
     prompt.write_text(json.loads(data.read_text().splitlines()[0])["article"], encoding="utf-8")
     bundle = tmp_path / "e.safetensors"
-    code, _, err = run([prompt, "-o", bundle, "--model", model_dir, "-q", "--no-kv"], capsys)
+    code, _, err = run([prompt, "-o", bundle, "--model", model_dir, "-q", "--no-kv", "--warmup", "0"], capsys)
     assert code == 0, err
     out = tmp_path / "r"
     code, _, err = run(eval_args(data, out, model_dir, rows="0:2", methods=f"full,topk,bundle:{bundle}"), capsys)

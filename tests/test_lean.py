@@ -135,6 +135,30 @@ def test_lean_graph_generates_the_torch_runtimes_tokens(lean, arch):
         assert OnnxRuntime(e.pruned, bundle, provider="cpu", **kw).generate(opts).token_ids == want
 
 
+def test_static_buffers_for_cuda_graphs_decode_the_same_tokens(lean):
+    """The fixed-address mode CUDA graph capture needs (one set of buffers per session, a mask
+    spanning the whole buffer, inputs and logits updated in place), run on the CPU: the same
+    tokens, generation after generation, from the bundle's KV and from a new prompt."""
+    e = lean("mistral")
+    opts = DecodeOptions(max_new_tokens=16, stop_at_eos=False)
+    rt = OnnxRuntime(e.pruned, e.half, full=e.full, provider="cpu", static=True)
+    want = eager("mistral", e.half, keep_full=True)
+    for _ in range(2):  # the second generation refills the same buffers
+        assert rt.generate(opts).token_ids == want.generate(opts).token_ids
+        assert rt.generate(opts, ids=prompt_ids(30, 4)).token_ids == want.generate(opts, ids=prompt_ids(30, 4)).token_ids
+    assert rt.empty_state().past[0] is rt.empty_state().past[0]
+    refused(lambda: OnnxRuntime(e.pruned, e.half, provider="cpu", cuda_graph=True), "CUDA graphs need the CUDA provider")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: CUDA graph capture runs on GPUs")
+def test_cuda_graph_decode_equals_the_cpu(lean):
+    e = lean("llama")
+    opts = DecodeOptions(max_new_tokens=16, stop_at_eos=False)
+    want = OnnxRuntime(e.pruned, e.half, provider="cpu").generate(opts).token_ids
+    rt = OnnxRuntime(e.pruned, e.half, full=e.full, provider="cuda", cuda_graph=True)
+    assert rt.generate(opts).token_ids == want and rt.generate(opts).token_ids == want
+
+
 def test_lean_graph_io_metadata_and_genai_config(lean):
     e = lean("qwen3")
     g = read_graph(e.pruned)
@@ -312,3 +336,18 @@ def test_bench_times_every_lean_path_side_by_side():
     assert "| onnx-lean | density 0.5 | 32 |" in table and "| torch-lean | full model | 64 |" in table
     assert all(len(row["speedup_quartiles"]) == 2 for row in r["rows"])
     assert np.isfinite([row["decode_tok_s"] for row in r["rows"]]).all()
+
+
+def test_the_static_shape_step_equals_the_eager_one(lean):
+    """The step torch.compile and CUDA graphs get (mask over the whole buffer, index_copy_), run
+    uncompiled on the CPU: the same logits as the sliced step, Mistral's window included."""
+    for arch in ("mistral", "qwen3"):
+        e = lean(arch)
+        rt = TorchRuntime(tiny_model(arch, lean=True), e.half, lean=False)
+        cache, _ = rt.start()
+        a, b = LeanDecoder(rt.lm.model, 64), LeanDecoder(copy.deepcopy(rt.lm.model), 64)
+        b._step = b._forward_static
+        for d in (a, b):
+            d.load_cache(cache_tensors(cache), e.half.cached_tokens)
+        for t in decode_tokens()[:12]:
+            torch.testing.assert_close(a.step(t), b.step(t), atol=ATOL, rtol=RTOL)

@@ -438,13 +438,22 @@ def test_default_model_onnx_greedy_tokens_equal_torch(real_lm, tmp_path):
     text = (ROOT / "samples" / "prompt.txt").read_text()
     bundle = export_prompt(real_lm, text, ExportSettings(density=0.5))
     path = write_bundle(bundle, tmp_path / "expert.safetensors")
-    graph = export_onnx(real_lm, tmp_path / "expert_onnx", bundle)
+    graph = export_onnx(real_lm, tmp_path / "expert_onnx", bundle)  # the lean graph (Llama)
+    traced = export_onnx(real_lm, tmp_path / "traced_onnx", bundle, graph="traced")
+    assert (read_graph(graph).info.layout, read_graph(traced).info.layout) == ("lean", "traced")
     opts = DecodeOptions(max_new_tokens=24)
     got = load_onnx_runtime(graph, path, provider="cpu").generate(opts)
-    lm = from_model(copy.deepcopy(real_lm.model), real_lm.tokenizer, real_lm.identity)
-    lm._fingerprint = real_lm.fingerprint
-    want = TorchRuntime(lm, read_bundle(path)).generate(opts)
+
+    def torch_runtime(**kw):
+        lm = from_model(copy.deepcopy(real_lm.model), real_lm.tokenizer, real_lm.identity)
+        lm._fingerprint = real_lm.fingerprint
+        return TorchRuntime(lm, read_bundle(path), **kw)
+
+    want = torch_runtime(lean=False).generate(opts)  # transformers' forward every step
     assert got.token_ids == want.token_ids and got.text.strip()
+    assert load_onnx_runtime(traced, path, provider="cpu").generate(opts).token_ids == want.token_ids
+    lean = torch_runtime()
+    assert lean.generate(opts).token_ids == want.token_ids and lean.lean is not None
     # the deployment sample, as the README runs it
     r = subprocess.run([sys.executable, str(ROOT / "samples" / "deploy_onnx.py"), str(graph), str(path),
                         "--max-new-tokens", "8"], capture_output=True, text=True, timeout=600)

@@ -107,7 +107,7 @@ class LeanDecoder:
         self.dtype, self.device = p.dtype, p.device
         self._model = model
         self._step = self._forward
-        # a compiled step has one shape: its buffers get min(context, 4096) positions at once
+        # a compiled step has one shape: its buffers get static_length positions (at most 4096) at once
         self._static = min(static_length or 4096, 4096) if compile else 0
         self.max_length = 0
         self.k: list[torch.Tensor] = []
@@ -160,47 +160,44 @@ class LeanDecoder:
         """_forward with shapes that do not depend on the position: attention over the whole
         buffer under a mask, the new key and value written with index_copy_ (what CUDA graphs
         and torch.compile without recompiles need)."""
-        x = self.embed[ids]
-        cos, sin = self.cos.index_select(0, pos.view(1))[0], self.sin.index_select(0, pos.view(1))[0]
-        hd = self.head_dim
         at = pos.view(1)
+        cos, sin = self.cos.index_select(0, at)[0], self.sin.index_select(0, at)[0]
         causal = (self._positions <= pos).view(1, 1, 1, -1)
         local = causal & (self._positions > pos - self.window).view(1, 1, 1, -1) if self.window else causal
-        for i, L in enumerate(self.layers):
-            h = _rms(x, L.norm_in, self.eps)
-            q, k, v = _mm(h, L.wqkv, L.bqkv).split(L.sizes, dim=-1)
-            q, k, v = q.view(self.heads, hd), k.view(self.kv_heads, hd), v.view(self.kv_heads, hd)
-            if L.q_norm is not None:
-                q, k = _rms(q, L.q_norm, self.eps), _rms(k, L.k_norm, self.eps)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
             self.k[i].index_copy_(2, at, k[None, :, None])
             self.v[i].index_copy_(2, at, v[None, :, None])
-            mask = local if i in self.sliding else causal
-            att = F.scaled_dot_product_attention(q[None, :, None], self.k[i], self.v[i], attn_mask=mask,
-                                                 scale=L.scaling, enable_gqa=self.heads != self.kv_heads)
-            x = x + _mm(att.reshape(1, -1), L.wo, L.bo)
-            h = _rms(x, L.norm_post, self.eps)
-            gate, up = _mm(h, L.w_gate_up).split(L.width, dim=-1)
-            x = x + _mm(F.silu(gate) * up, L.w_down)
-        return _mm(_rms(x, self.norm, self.eps), self.head, self.head_bias)
+            return self._sdpa(q, self.k[i], self.v[i], scale, local if i in self.sliding else causal)
+
+        return self._layers(self.embed[ids], cos, sin, attend)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        x = self.embed[ids]  # [1, hidden]
-        cos, sin = self.cos[pos], self.sin[pos]  # [head_dim]
         n = int(pos) + 1
-        hd = self.head_dim
-        for i, L in enumerate(self.layers):
-            h = _rms(x, L.norm_in, self.eps)
-            q, k, v = _mm(h, L.wqkv, L.bqkv).split(L.sizes, dim=-1)
-            q, k, v = q.view(self.heads, hd), k.view(self.kv_heads, hd), v.view(self.kv_heads, hd)
-            if L.q_norm is not None:
-                q, k = _rms(q, L.q_norm, self.eps), _rms(k, L.k_norm, self.eps)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
             self.k[i][0, :, n - 1] = k
             self.v[i][0, :, n - 1] = v
             start = max(0, n - self.window) if self.window and i in self.sliding else 0
-            att = F.scaled_dot_product_attention(q[None, :, None], self.k[i][:, :, start:n], self.v[i][:, :, start:n],
-                                                 scale=L.scaling, enable_gqa=self.heads != self.kv_heads)
+            return self._sdpa(q, self.k[i][:, :, start:n], self.v[i][:, :, start:n], scale, None)
+
+        return self._layers(self.embed[ids], self.cos[pos], self.sin[pos], attend)
+
+    def _sdpa(self, q, keys, values, scale: float, mask) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q[None, :, None], keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=self.heads != self.kv_heads)
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """x [1, hidden] through every layer and the head; `attend(layer, q, k, v, scale)` stores
+        the new key and value and returns the attention output."""
+        hd = self.head_dim
+        for i, L in enumerate(self.layers):
+            h = _rms(x, L.norm_in, self.eps)
+            q, k, v = _mm(h, L.wqkv, L.bqkv).split(L.sizes, dim=-1)
+            q, k, v = q.view(self.heads, hd), k.view(self.kv_heads, hd), v.view(self.kv_heads, hd)
+            if L.q_norm is not None:
+                q, k = _rms(q, L.q_norm, self.eps), _rms(k, L.k_norm, self.eps)
+            att = attend(i, _rotate(q, cos, sin), _rotate(k, cos, sin), v, L.scaling)
             x = x + _mm(att.reshape(1, -1), L.wo, L.bo)
             h = _rms(x, L.norm_post, self.eps)
             gate, up = _mm(h, L.w_gate_up).split(L.width, dim=-1)

@@ -102,6 +102,8 @@ def read_graph(path: str | os.PathLike) -> Graph:
     path = graph_file(path)
     proto = load_proto(path)
     meta = {p.key: p.value for p in proto.metadata_props}
+    if not all(isinstance(x, str) for kv in meta.items() for x in kv):  # protobuf hands back bytes that are not UTF-8
+        raise GriffinError(f"{path} is not a valid ONNX file: its metadata is not UTF-8 text")
     info = GraphInfo.from_metadata(meta, str(path))
     check_external_data(proto, path)
     inits = {t.name: (int(t.data_type), list(t.dims)) for t in proto.graph.initializer}
@@ -115,11 +117,29 @@ def read_graph(path: str | os.PathLike) -> Graph:
     from onnx import TensorProto
 
     external = {t.name for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    if info.layout == "lean":
+        _check_lean(proto, info, inits, path)
     return Graph(path, info, inits, widths, external)
 
 
+def _check_lean(proto, info: GraphInfo, inits: dict[str, tuple[int, list[int]]], path: Path) -> None:
+    """A lean graph's metadata agrees with the graph itself: its rotary table covers max_length,
+    and every layer's past input is [batch, kv_heads, max, head_dim]."""
+    rows = inits.get("cos_cache", (0, [0]))[1][0]
+    if info.max_length < 2 or rows != info.max_length:
+        raise GriffinError(f"{path}: metadata max_length={info.max_length}, but the graph's rotary table has {rows} rows")
+    if info.batch_size < 1:
+        raise GriffinError(f"{path}: metadata batch_size={info.batch_size} is not a batch")
+    shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    for layer in range(info.num_layers):
+        shape = shapes.get(PAST.format(layer, "key"))
+        if shape is None or len(shape) != 4 or shape[1] != info.kv_heads or shape[3] != info.head_dim:
+            raise GriffinError(f"{path}: metadata says {info.num_layers} layers of {info.kv_heads} KV heads × "
+                               f"head_dim {info.head_dim}; input {PAST.format(layer, 'key')} is {shape}")
+
+
 def _layers_text(k: list[int]) -> str:
-    return f"{k[0]} in every layer" if len(set(k)) == 1 else ",".join(map(str, k))
+    return f"{k[0]} in every layer" if len(set(k)) == 1 else ",".join(map(str, k)) + " per layer"
 
 
 def check_graph_bundle(graph: Graph, bundle_info, bundle_source: str) -> None:
@@ -136,7 +156,7 @@ def check_graph_bundle(graph: Graph, bundle_info, bundle_source: str) -> None:
                            f"bundle {bundle_source} belongs to {b.base_model} (fingerprint {b.base_fingerprint[:16]})")
     if graph.widths != list(b.k):
         first = next(i for i, (x, y) in enumerate(zip(graph.widths, b.k)) if x != y)
-        raise GriffinError(f"graph {gs} has k={_layers_text(graph.widths)} per layer; bundle {bundle_source} has "
+        raise GriffinError(f"graph {gs} has k={_layers_text(graph.widths)}; bundle {bundle_source} has "
                            f"k={_layers_text(list(b.k))} (first difference: layer {first}); export a graph for this bundle")
 
 
@@ -210,7 +230,8 @@ class KVState:
 class _Session:
     """A traced graph: past in, a new present out every step."""
 
-    def __init__(self, graph: Graph, provider: str, overrides: dict[str, torch.Tensor] | None, threads: int | None):
+    def __init__(self, graph: Graph, provider: str, overrides: dict[str, torch.Tensor] | None, threads: int | None,
+                 cuda_options: dict[str, str] | None = None):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -226,7 +247,7 @@ class _Session:
             names = list(overrides)
             values = [ort.OrtValue.ortvalue_from_numpy(_numpy(overrides[n])) for n in names]
             so.add_external_initializers(names, values)
-        providers = [(CUDA, {"device_id": 0}), CPU] if provider == CUDA else [CPU]
+        providers = [(CUDA, {"device_id": 0, **(cuda_options or {})}), CPU] if provider == CUDA else [CPU]
         try:
             self.sess = ort.InferenceSession(str(graph.path), so, providers=providers)
         except Exception as e:
@@ -272,35 +293,67 @@ class _Session:
 class _LeanSession(_Session):
     """A lean graph (onnx_lean.py): every layer's past input and present output are bound to one
     buffer of max_length positions, which GroupQueryAttention updates in place; a decode step
-    rebinds only input_ids and the attention mask."""
+    rebinds only input_ids and the attention mask.
 
-    def __init__(self, graph: Graph, provider: str, overrides: dict[str, torch.Tensor] | None, threads: int | None):
-        super().__init__(graph, provider, overrides, threads)
+    static (what CUDA graph capture needs, and what cuda_graph turns on): the session owns one
+    set of buffers for every generation, and a decode step's inputs and logits live at fixed
+    addresses with fixed shapes (the mask spans the whole buffer, zeros past the cached tokens),
+    updated in place; prefill runs outside the captured graph (gpu_graph_id -1)."""
+
+    GRAPH_ID = "1"  # the decode step's captured CUDA graph
+
+    def __init__(self, graph: Graph, provider: str, overrides: dict[str, torch.Tensor] | None, threads: int | None,
+                 *, cuda_graph: bool = False, static: bool = False):
+        super().__init__(graph, provider, overrides, threads, {"enable_cuda_graph": "1"} if cuda_graph else None)
         info = graph.info
         self.max_length = info.max_length
         self._mask = np.ones((1, info.max_length), np.int64)  # a prefix of it is each step's mask
         self._shape = (1, info.kv_heads, info.max_length, info.head_dim)
+        self.static = static or cuda_graph
+        self._owned: KVState | None = None
+        if self.static:
+            import onnxruntime as ort
+
+            vocab = graph.initializers.get("lm_head.weight", graph.initializers.get("model.embed_tokens.weight"))[1][0]
+            dev = self.device
+            self._ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64), *dev)
+            self._static_mask = np.zeros((1, info.max_length), np.int64)
+            self._mask_value = ort.OrtValue.ortvalue_from_numpy(self._static_mask, *dev)
+            self._logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, vocab), _NP_DTYPES[info.dtype]), *dev)
+            self._decode_opts, self._prefill_opts = ort.RunOptions(), ort.RunOptions()
+            if cuda_graph:
+                self._decode_opts.add_run_config_entry("gpu_graph_id", self.GRAPH_ID)
+                self._prefill_opts.add_run_config_entry("gpu_graph_id", "-1")
 
     def empty(self) -> KVState:
         return self.from_arrays([], 0)
 
     def from_arrays(self, arrays: list[np.ndarray], length: int) -> KVState:
         """Buffers holding `arrays` (per layer key, value [1, kv_heads, n, head_dim]) as the
-        positions just before `length`, zeros elsewhere (never read: the mask ends at length)."""
+        positions just before `length`, zeros elsewhere (never read: the mask ends at length).
+        Static sessions refill their own buffers (a captured graph knows only their addresses)."""
         import onnxruntime as ort
 
         if length > self.max_length:
             raise GriffinError(f"the cache holds {length} tokens; graph {self.graph.source} has a KV buffer of "
                                f"{self.max_length} positions (export it with a larger --max-length)")
         dtype = _NP_DTYPES[self.graph.info.dtype]
-        past = []
+        hosts = []
         for i in range(2 * self.graph.info.num_layers):
             buf = np.zeros(self._shape, dtype)
             if arrays:
                 n = arrays[i].shape[2]
                 buf[:, :, length - n:length] = arrays[i]
-            past.append(ort.OrtValue.ortvalue_from_numpy(buf, *self.device))
-        return KVState(past, length)
+            hosts.append(buf)
+        if not self.static:
+            return KVState([ort.OrtValue.ortvalue_from_numpy(h, *self.device) for h in hosts], length)
+        if self._owned is None:
+            self._owned = KVState([ort.OrtValue.ortvalue_from_numpy(h, *self.device) for h in hosts], length)
+        else:
+            for value, h in zip(self._owned.past, hosts):
+                value.update_inplace(h)
+            self._owned.length = length
+        return self._owned
 
     def _binding(self, state: KVState):
         """This session's IOBinding of the state's buffers (a full graph's prefill hands them on to
@@ -321,11 +374,22 @@ class _LeanSession(_Session):
             raise GriffinError(f"{end} tokens do not fit graph {self.graph.source}'s KV buffer of "
                                f"{self.max_length} positions (export it with a larger --max-length)")
         io = self._binding(state)
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        io.bind_cpu_input("attention_mask", self._mask[:, :end])
-        io.bind_output("logits", "cpu")
-        self.sess.run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy()[0, -1]
+        if self.static and s == 1:  # the decode step: fixed addresses and shapes, values updated in place
+            self._ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
+            self._static_mask[0, :end] = 1
+            self._static_mask[0, end:] = 0
+            self._mask_value.update_inplace(self._static_mask)
+            io.bind_ortvalue_input("input_ids", self._ids)
+            io.bind_ortvalue_input("attention_mask", self._mask_value)
+            io.bind_ortvalue_output("logits", self._logits)
+            self.sess.run_with_iobinding(io, self._decode_opts)
+            logits = self._logits.numpy()[0, -1]
+        else:
+            io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+            io.bind_cpu_input("attention_mask", self._mask[:, :end])
+            io.bind_output("logits", "cpu")
+            self.sess.run_with_iobinding(io, self._prefill_opts if self.static else None)
+            logits = io.get_outputs()[0].numpy()[0, -1]
         state.length = end
         return logits, state
 
@@ -347,7 +411,8 @@ class OnnxRuntime:
 
     def __init__(self, graph: str | os.PathLike | Graph, bundle: Bundle | None = None, *,
                  full: str | os.PathLike | Graph | None = None, provider: str = "auto",
-                 threads: int | None = None, source: str = "bundle", pruned_prefill: bool = False):
+                 threads: int | None = None, source: str = "bundle", pruned_prefill: bool = False,
+                 cuda_graph: bool = False, static: bool = False):
         self.graph = graph if isinstance(graph, Graph) else read_graph(graph)
         self.bundle = bundle
         self.pruned_prefill = pruned_prefill
@@ -380,9 +445,18 @@ class OnnxRuntime:
             raise GriffinError(f"graph {self.graph.source} was built for batch {info.batch_size}; this runtime decodes batch 1")
         self.provider, self.provider_reason = choose_provider(provider)
         overrides = bundle.weights if bundle is not None else None
-        session = _LeanSession if info.layout == "lean" else _Session
-        self._decoder = session(self.graph, self.provider, overrides, threads)
-        self._prefill = session(self.full, self.provider, None, threads) if self.full is not None else None
+        if (cuda_graph or static) and info.layout != "lean":
+            raise GriffinError(f"CUDA graphs need the lean graph's fixed buffers; {self.graph.source} is a traced graph")
+        if cuda_graph and self.provider != CUDA:
+            raise GriffinError(f"CUDA graphs need the CUDA provider; running on {self.provider} ({self.provider_reason})")
+        if info.layout == "lean":
+            self._decoder = _LeanSession(self.graph, self.provider, overrides, threads, cuda_graph=cuda_graph,
+                                         static=static)
+            # the full graph prefills into the decoder's buffers, never captured
+            self._prefill = _LeanSession(self.full, self.provider, None, threads) if self.full is not None else None
+        else:
+            self._decoder = _Session(self.graph, self.provider, overrides, threads)
+            self._prefill = _Session(self.full, self.provider, None, threads) if self.full is not None else None
         self.tokenizer = _load_tokenizer(self.graph.path.parent)
         self.eos = set(info.eos_token_ids)
 
@@ -406,6 +480,11 @@ class OnnxRuntime:
         for i, pair in enumerate(kv):
             for t in pair:
                 arr = _numpy(t)
+                if arr.ndim != 4 or arr.shape[0] != 1 or (arr.shape[1], arr.shape[3]) != (info.kv_heads, info.head_dim):
+                    raise GriffinError(f"layer {i}'s KV cache has shape {list(arr.shape)}; the graph takes "
+                                       f"[1, {info.kv_heads}, positions, {info.head_dim}]")
+                if arr.dtype != _NP_DTYPES[info.dtype]:
+                    raise GriffinError(f"layer {i}'s KV cache is {arr.dtype}; the graph is {info.dtype}")
                 n = arr.shape[2]
                 if n > length or (n < length and i not in info.sliding_layers):
                     raise GriffinError(f"layer {i}'s KV cache holds {n} positions; the prompt has {length}")
@@ -416,7 +495,11 @@ class OnnxRuntime:
         return self._decoder.from_arrays(arrays, length)
 
     def check_room(self, tokens: int) -> None:
-        """Refuse, before any prefill, a generation whose tokens do not fit the lean graph's KV buffer."""
+        """Refuse, before any prefill, a generation whose tokens do not fit the model's context or
+        the lean graph's KV buffer."""
+        ctx = self.graph.info.context_length
+        if ctx and tokens > ctx:
+            raise GriffinError(f"prompt + --max-new-tokens is {tokens} tokens, past the model's context of {ctx}")
         n = self.graph.info.max_length
         if n and tokens > n:
             raise GriffinError(f"prompt + --max-new-tokens is {tokens} tokens; graph {self.graph.source} has a KV "
@@ -434,7 +517,7 @@ class OnnxRuntime:
         ctx = self.graph.info.context_length
         if ctx and ids.shape[1] + 1 > ctx:
             raise GriffinError(f"prompt has {ids.shape[1]} tokens; the model's context is {ctx} (leave room to generate)")
-        logits, state = session.run(ids.cpu().numpy(), session.empty())
+        logits, state = session.run(ids.cpu().numpy(), self._decoder.empty())  # the decoder's buffers
         return state, torch.from_numpy(logits.astype(np.float32))
 
     def start(self, ids: torch.Tensor | None = None) -> tuple[KVState, torch.Tensor]:
@@ -458,7 +541,9 @@ class OnnxRuntime:
         return torch.from_numpy(logits.astype(np.float32))
 
     def generate(self, opts: DecodeOptions | None = None, *, prompt: str | None = None,
-                 ids: torch.Tensor | None = None) -> Generation:
+                 ids: torch.Tensor | None = None, on_text=None) -> Generation:
+        """Decode from the bundle's own prompt (or `prompt` / `ids`); `on_text` gets the text as
+        it is decoded (decoding.decode)."""
         opts = opts or DecodeOptions()
         if prompt is not None:
             ids = self.tokenize(prompt)
@@ -469,7 +554,7 @@ class OnnxRuntime:
         state, logits = self.start(ids)
         warm = self.bundle.warmup() if ids is None else []  # see TorchRuntime.generate
         return decode(lambda tok: self.step(state, tok), logits, opts, tokenizer=self.tokenizer, eos=self.eos,
-                      prefix=warm)
+                      prefix=warm, on_text=on_text)
 
     def tokenize(self, text: str) -> torch.Tensor:
         from ..export import tokenize
@@ -505,11 +590,11 @@ def _load_tokenizer(directory: Path):
 
 def load_onnx_runtime(graph: str | os.PathLike, bundle: str | os.PathLike | Bundle | None = None, *,
                       full: str | os.PathLike | None = None, provider: str = "auto", new_prompts: bool = False,
-                      pruned_prefill: bool = False, threads: int | None = None) -> OnnxRuntime:
+                      pruned_prefill: bool = False, threads: int | None = None, cuda_graph: bool = False) -> OnnxRuntime:
     """Graph directory + bundle -> OnnxRuntime. The bundle's KV cache is not read when a new
     prompt (or pruned_prefill) will replace it."""
     source = "bundle" if bundle is None or isinstance(bundle, Bundle) else str(bundle)
     if bundle is not None and not isinstance(bundle, Bundle):
         bundle = read_bundle(bundle, load_kv=not (new_prompts or pruned_prefill))
     return OnnxRuntime(graph, bundle, full=full, provider=provider, threads=threads, source=source,
-                       pruned_prefill=pruned_prefill)
+                       pruned_prefill=pruned_prefill, cuda_graph=cuda_graph)

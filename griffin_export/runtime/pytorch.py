@@ -12,13 +12,28 @@ import torch
 from torch import nn
 
 from ..arch import ff_blocks, install_slice
-from ..bundle import Bundle, check_compatible, read_bundle
+from ..bundle import Bundle, check_compatible, kv_layout_of, read_bundle
 from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
 from ..export import check_context, tokenize
 from ..models import LoadedModel, dtype_name, load_model
-from ..prefill import cache_tensors, forward, prefill, restore_cache
+from ..prefill import cache_tensors, forward, kv_layout, prefill, restore_cache
 from .lean import LeanDecoder, covers
+
+
+def _check_bundle_tensors(lm: LoadedModel, bundle: Bundle, source: str) -> None:
+    """The bundle's KV layout and vocabulary are the model's (its header alone cannot say)."""
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    if bundle.last_logits is not None and bundle.last_logits.numel() != vocab:
+        raise GriffinError(f"{source}: last logits cover {bundle.last_logits.numel()} tokens; the model's vocabulary "
+                           f"has {vocab}")
+    ids = [t for t in (bundle.prompt_ids, bundle.warmup_ids) if t is not None and t.numel()]
+    if any(int(t.max()) >= vocab for t in ids):
+        raise GriffinError(f"{source}: prompt or warm-up token ids are outside the model's vocabulary 0..{vocab - 1}")
+    have = kv_layout_of(bundle)
+    if have is not None and have != (want := kv_layout(lm.model)):
+        raise GriffinError(f"{source}: its KV cache has {have[0]} heads × head_dim {have[1]}; the model's has "
+                           f"{want[0]} × {want[1]}")
 
 
 class TorchRuntime:
@@ -38,6 +53,7 @@ class TorchRuntime:
             raise GriffinError(f"{source} holds {info.dtype} weights; the base model is loaded as {dtype_name(lm.dtype)}")
         self.lm, self.bundle = lm, bundle
         self.pruned_prefill = pruned_prefill
+        _check_bundle_tensors(lm, bundle, source)
         self.blocks = ff_blocks(lm.model, lm.spec)
         names = (*lm.spec.inputs, lm.spec.output)
         self._full = [{n: getattr(b.owner, n) for n in names} for b in self.blocks] if keep_full else None
@@ -57,6 +73,10 @@ class TorchRuntime:
             raise GriffinError("compile needs the lean PyTorch step (the Llama family)")
         self._lean_settings = dict(compile=compile, static_length=lm.context_length) if lean else None
         self.lean: LeanDecoder | None = None  # built at the first generate: it re-points the model's weights
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
 
     # -- FF width ---------------------------------------------------------------------
 
@@ -94,7 +114,9 @@ class TorchRuntime:
         return self.full_prefill(ids)
 
     def generate(self, opts: DecodeOptions | None = None, *, prompt: str | None = None,
-                 ids: torch.Tensor | None = None) -> Generation:
+                 ids: torch.Tensor | None = None, on_text=None) -> Generation:
+        """Decode from the bundle's own prompt (or `prompt` / `ids`); `on_text` gets the text as
+        it is decoded (decoding.decode)."""
         opts = opts or DecodeOptions()
         if prompt is not None:
             ids = tokenize(self.lm, prompt, chat=self.bundle.info.chat)
@@ -112,7 +134,7 @@ class TorchRuntime:
             self.lean.reserve(n + opts.max_new_tokens)
             self.lean.load_cache(cache_tensors(cache), n)
             step = self.lean.step
-        return decode(step, logits, opts, tokenizer=self.lm.tokenizer, eos=self.eos, prefix=warm)
+        return decode(step, logits, opts, tokenizer=self.lm.tokenizer, eos=self.eos, prefix=warm, on_text=on_text)
 
     def step(self, cache, token: int) -> torch.Tensor:
         """Feed one token with the experts through transformers' forward; logits [vocab] for the next."""

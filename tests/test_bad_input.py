@@ -1,0 +1,169 @@
+"""The reliability issue's table, row by row, as a new user hits it: one line, exit 2, no
+traceback, nothing left behind; generation streams; --help lists every registered method."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+import torch
+
+from clirun import run
+from conftest import ROOT, tiny_prompt
+from griffin_export.select import METHOD_SUMMARIES
+
+
+@pytest.fixture
+def prompt(tmp_path):
+    p = tmp_path / "prompt.txt"
+    p.write_text(tiny_prompt(), encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def bundle(tmp_path, prompt, tiny_dir, capsys):
+    out = tmp_path / "e.safetensors"
+    code, _, err = run([prompt, "-o", out, "--model", tiny_dir("llama"), "-q"], capsys)
+    assert code == 0, err
+    return out
+
+
+def one_line(argv, capsys, *parts: str) -> None:
+    code, _, err = run(argv, capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("griffin-export: error: ") and "Traceback" not in err, err
+    assert all(p in err for p in parts), err
+
+
+def leftovers(tmp_path, before: set) -> set:
+    return {p.name for p in tmp_path.iterdir()} - before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA has the device")
+@pytest.mark.parametrize("device, message", [("cuda", "CUDA is not available here"), ("cuda:3", "CUDA"),
+                                             ("foo", "unknown device 'foo'"), ("meta", "runs on cpu or cuda")])
+def test_devices_are_checked_before_loading(tmp_path, prompt, tiny_dir, capsys, monkeypatch, device, message):
+    import griffin_export.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("load_model was called"))
+    before = {p.name for p in tmp_path.iterdir()}
+    one_line([prompt, "-o", tmp_path / "x.safetensors", "--model", tiny_dir("llama"), "--device", device, "-q"],
+             capsys, message)
+    assert not leftovers(tmp_path, before)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--temperature", "nan", "temperature must be a finite number"),
+    ("--temperature", "inf", "temperature must be a finite number"),
+    ("--temperature", "-1", "temperature must be a finite number >= 0"),
+    ("--top-p", "nan", "top_p must be in (0, 1]"),
+    ("--stop", "", "empty stop string"),
+])
+def test_sampling_options_are_checked(bundle, capsys, flag, value, message):
+    one_line(["generate", bundle, flag, value, "-q"], capsys, message)
+
+
+def test_a_missing_extra_is_named_before_any_work(tmp_path, tiny_dir, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"article": "w1 w2", "summary_gt": "w3"}\n', encoding="utf-8")
+    out = tmp_path / "report"
+    one_line(["eval", "--data", data, "--rows", "0:1", "--model", tiny_dir("llama"), "-o", out, "-q"], capsys,
+             "rouge-score", 'pip install -e ".[eval]"')
+    assert not out.exists()
+
+
+def test_a_bundle_holding_nan_is_refused(bundle, capsys):
+    import copy
+
+    from griffin_export.bundle import read_bundle, write_bundle
+
+    good = read_bundle(bundle)
+    b = copy.deepcopy(good)
+    b.kv[1][0][0, 0, 3, 2] = float("nan")
+    write_bundle(b, bundle, force=True)
+    one_line(["generate", bundle, "-q"], capsys, "griffin.kv.1.key holds 1 non-finite value")
+    b = copy.deepcopy(good)  # the weights are checked too
+    b.weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("inf")
+    write_bundle(b, bundle, force=True)
+    one_line(["generate", bundle, "-q"], capsys, "model.layers.0.mlp.up_proj.weight holds 1 non-finite value")
+
+
+def test_directories_are_named_as_directories(tmp_path, bundle, tiny_dir, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    one_line([folder, "-o", tmp_path / "x.safetensors", "--model", tiny_dir("llama")], capsys,
+             f"prompt file {folder} is a directory")
+    one_line(["generate", folder], capsys, f"bundle {folder} is a directory")
+    one_line(["generate", bundle, "--prompt-file", folder, "-q"], capsys, "is a directory")
+
+
+def test_a_density_that_keeps_no_neuron_is_refused_from_the_config(tmp_path, prompt, tiny_dir, capsys, monkeypatch):
+    import griffin_export.models as models
+
+    def never(*a, **k):
+        raise AssertionError("load_model was called")
+
+    monkeypatch.setattr(models, "load_model", never)
+    for argv in ([prompt, "-o", tmp_path / "x.safetensors"], ["class", prompt, "--name", "c", "-o", tmp_path / "c.st"]):
+        one_line([*argv, "--model", tiny_dir("llama"), "--density", "0.001", "-q"], capsys, "keeps k=0 of 64")
+
+
+def test_the_default_models_gguf_header_says_its_ff_width(real_model_available):
+    from griffin_export.models import peek_architecture
+
+    assert peek_architecture(None) == ("llama", 1536)
+
+
+def test_max_new_tokens_past_the_context_is_refused_up_front(bundle, capsys):
+    one_line(["generate", bundle, "--max-new-tokens", "100000", "-q"], capsys,
+             "--max-new-tokens 100000 is past the model's context of 256 tokens")
+
+
+def test_generate_streams_and_an_interrupt_keeps_what_was_printed(tmp_path, prompt, tiny_dir, capsys, monkeypatch):
+    bundle = tmp_path / "w0.safetensors"  # no warm-up: here the full model's 8th token would be EOS
+    assert run([prompt, "-o", bundle, "--model", tiny_dir("llama"), "-q", "--warmup", "0"], capsys)[0] == 0
+    code, whole, err = run(["generate", bundle, "--max-new-tokens", "30", "-q", "--eager"], capsys)
+    assert code == 0 and len(whole.split()) >= 20, (whole, err)
+    from griffin_export.runtime.pytorch import TorchRuntime
+
+    calls = {"n": 0}
+    real_step = TorchRuntime.step
+
+    def step(self, cache, token):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise KeyboardInterrupt
+        return real_step(self, cache, token)
+
+    monkeypatch.setattr(TorchRuntime, "step", step)
+    code, partial, err = run(["generate", bundle, "--max-new-tokens", "30", "-q", "--eager"], capsys)
+    assert code == 130 and "interrupted" in err
+    assert partial.strip() and whole.startswith(partial.rstrip()), (partial, whole)
+    assert len(partial.split()) < len(whole.split())
+
+
+def test_decode_streams_pieces_that_add_up_and_never_print_a_stop_string():
+    from griffin_export.decoding import DecodeOptions, decode
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("ab#"[i % 3] for i in ids)
+
+    logits = [torch.nn.functional.one_hot(torch.tensor(i), 3).float() for i in (0, 1, 0, 2, 2, 1, 0)]
+    it = iter(logits[1:])
+    pieces = []
+    out = decode(lambda tok: next(it), logits[0], DecodeOptions(max_new_tokens=7, stop=["##"]), tokenizer=Tok(),
+                 on_text=pieces.append)
+    assert out.text == "aba" and "".join(pieces) == "aba" and out.stop_reason == "stop"
+
+
+def test_help_lists_every_registered_method_as_the_readme_does(capsys):
+    code, out, _ = run(["export", "--help"], capsys)
+    assert code == 0
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name, summary in METHOD_SUMMARIES.items():
+        assert re.search(rf"{name}\s+{re.escape(summary)}", out), name
+        assert re.search(rf"\| `{name}`( \(default\))? \| {re.escape(summary)} \|", readme), name
