@@ -319,11 +319,19 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
                     onnx_used[0] = ort_rt.provider
                     if runtime in s.runtimes:
                         configs[(runtime, name)] = (onnx_fn(ort_rt), k, bundle_bytes, read, size)
+                        if bundle is None and s.time_export:  # the full graph's prefill of the prompt
+                            full_rt = OnnxRuntime(directory, None, full=directory, provider=s.onnx_provider,
+                                                  threads=s.threads)
+                            prefill_times[(runtime, name)] = _median_time(lambda: full_rt.prefill(ids),
+                                                                          max(1, s.repeats // 2))
                     if runtime == "onnx-lean" and "genai" in s.runtimes:
                         key = ("genai", name if name != "full" else "lean full")
                         configs[key] = (genai_fn(_genai_model(directory, s.threads)), k, bundle_bytes, read, size)
 
+        from .runtime.onnx import OnnxRuntime
+
         onnx_used = [None]
+        prefill_times: dict[tuple[str, str], float] = {}
         if "genai" in s.runtimes:  # its own builder's full model first: the genai rows' reference
             graph = _genai_builder_graph(lm, Path(tmp), s.onnx_provider)
             configs[("genai", "full")] = (genai_fn(_genai_model(graph, s.threads)), None, 0, full_read,
@@ -372,6 +380,8 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
             row["k_per_layer"] = ks
         if graph_bytes is not None:
             row["graph_bytes"] = graph_bytes
+        if (runtime, name) in prefill_times:
+            row["prefill_s"] = prefill_times[(runtime, name)]
         rows.append(row)
     rows.sort(key=lambda row: RUNTIMES.index(row["runtime"]))  # grouped by runtime, full model first
     onnx_info = {}
@@ -428,6 +438,10 @@ def format_table(r: dict) -> str:
     if r["export_s"] is not None:
         lines.append(f"export (prefill + statistic + selection + write, density 0.5): {r['export_s']:.2f} s; "
                      f"plain prefill: {r['prefill_s']:.2f} s; ratio {r['export_over_prefill']:.2f}×")
+    for row in r["rows"]:
+        if "prefill_s" in row:
+            lines.append(f"{row['runtime']} full graph, prefill of the {r['prompt_tokens']}-token prompt: "
+                         f"{row['prefill_s']:.2f} s")
     lines += [
         f"peak RSS of the benchmark process (holds all configurations at once): {r['peak_rss_bytes'] / 1e9:.2f} GB",
     ]

@@ -351,3 +351,26 @@ def test_the_static_shape_step_equals_the_eager_one(lean):
             d.load_cache(cache_tensors(cache), e.half.cached_tokens)
         for t in decode_tokens()[:12]:
             torch.testing.assert_close(a.step(t), b.step(t), atol=ATOL, rtol=RTOL)
+
+
+def test_lean_graph_and_step_in_float16(tmp_path):
+    """float16 weights and KV through the lean graph (ONNX Runtime's CPU kernels) and the lean
+    step: logits close to the float16 eager runtime's (half precision: atol 3e-2 on O(1) logits)."""
+    from griffin_export import from_model
+
+    lm = from_model(tiny_model("llama", lean=True).model.half(), identity="tiny-llama-fp16")
+    bundle = export_ids(lm, prompt_ids(), ExportSettings(density=0.5))
+    assert bundle.info.dtype == "float16"
+    graph = export_onnx(lm, tmp_path / "g16", bundle, max_length=64)
+    assert read_graph(graph).info.dtype == "float16"
+    tokens = decode_tokens()
+    fresh = lambda: from_model(tiny_model("llama", lean=True).model.half(), identity="tiny-llama-fp16")  # noqa: E731
+    ref = TorchRuntime(fresh(), bundle, lean=False)
+    want = steps(ref, ref.start(), tokens)
+    ort_rt = OnnxRuntime(graph, bundle, provider="cpu")
+    torch.testing.assert_close(steps(ort_rt, ort_rt.start(), tokens), want, atol=3e-2, rtol=3e-2)
+    rt = TorchRuntime(fresh(), bundle, lean=False)
+    cache, first = rt.start()
+    dec = LeanDecoder(rt.lm.model, 64)
+    dec.load_cache(cache_tensors(cache), bundle.cached_tokens)
+    torch.testing.assert_close(torch.stack([first, *(dec.step(t) for t in tokens[:-1])]), want, atol=3e-2, rtol=3e-2)
