@@ -20,6 +20,7 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=8),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=8),
     "gemma2": lambda: Gemma2Config(**COMMON, head_dim=8, sliding_window=16),
     "phi3": lambda: Phi3Config(**{**COMMON, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1, eos_token_id=2),
