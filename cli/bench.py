@@ -31,9 +31,11 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
     """Decode speed of the full model vs bundles, side by side in one process.
 
     Prints decode tokens/s for the full model and each density, their ratio, the
-    bytes-read bound, export time vs a plain prefill, bundle size and peak memory.
-    With --runtime torch,onnx the ONNX Runtime rows (full graph and one pruned graph
-    per density) are timed in the same process, interleaved with the torch ones.
+    bytes-read bound (with and without the KV read), export time vs a plain prefill,
+    bundle size and peak memory. Every runtime named in --runtime is timed in the same
+    process, interleaved repeat by repeat. `generate` decodes the Llama family through
+    the lean paths: time those with --runtime torch-lean,onnx-lean (the default, torch,
+    is transformers' forward per step, as `generate --eager`).
 
     \b
     Examples:

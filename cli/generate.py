@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import click
 
@@ -12,7 +11,7 @@ from .options import decode_options, model_options, require_extra, status
 @click.argument("bundle", metavar="BUNDLE")
 @model_options
 @decode_options
-@click.option("--prompt-file", default=None, help="a new prompt: full-model prefill, then decode with the bundle's experts")
+@click.option("--prompt-file", default=None, metavar="FILE", help="a new prompt: full-model prefill, then decode with the bundle's experts")
 @click.option("--pruned-prefill", is_flag=True,
               help="prefill the prompt through the experts too (as a standalone pruned checkpoint does): "
                    "no full FF weights in memory, lower quality")
@@ -43,7 +42,7 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/ --onnx-full full_onnx/ --prompt-file new.txt
     """
-    from griffin_export.bundle import read_info
+    from griffin_export.bundle import read_bundle, read_info
     from griffin_export.decoding import DecodeOptions
     from griffin_export.errors import GriffinError
     from griffin_export.export import read_prompt
@@ -51,36 +50,52 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
 
     opts = DecodeOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                          stop=tuple(stop), seed=seed)
+    if runtime == "onnx":
+        if eager or compile_:
+            raise GriffinError("--eager and --compile choose the PyTorch decode step; the ONNX graph is chosen at export")
+        if model is not None or device != "cpu" or gguf_file is not None:
+            raise GriffinError("--model, --gguf-file and --device are for --runtime torch; the ONNX graph carries "
+                               "its model and ONNX Runtime picks the provider")
+        if onnx_dir is None:
+            raise GriffinError("--runtime onnx needs --onnx DIR (a graph from `griffin-export onnx BUNDLE -o DIR`)")
+    elif eager and compile_:
+        raise GriffinError("--compile compiles the lean step; --eager turns it off: choose one")
     prompt = read_prompt(prompt_file) if prompt_file else None
     info = read_info(bundle)
     if info.kind == "class" and prompt is None:
         raise GriffinError(f"{bundle} is a class bundle ({info.extra.get('class', '?')}): it has no prompt of its "
                            "own; give one with --prompt-file")
+    # the whole bundle is read and checked before anything loads, so a corrupt one costs no model load
+    b = read_bundle(bundle, load_kv=not (prompt is not None or pruned_prefill))
     if runtime == "onnx":
         require_extra("onnx", ("onnxruntime",))
         from griffin_export.runtime.onnx import load_onnx_runtime
 
-        if eager or compile_:
-            raise GriffinError("--eager and --compile choose the PyTorch decode step; the ONNX graph is chosen at export")
-        if onnx_dir is None:
-            raise GriffinError("--runtime onnx needs --onnx DIR (a graph from `griffin-export onnx BUNDLE -o DIR`)")
-        rt = load_onnx_runtime(onnx_dir, bundle, full=onnx_full, new_prompts=prompt is not None,
-                               pruned_prefill=pruned_prefill)
+        rt = load_onnx_runtime(onnx_dir, b, full=onnx_full, new_prompts=prompt is not None,
+                               pruned_prefill=pruned_prefill, source=str(bundle))
+        if prompt is None:
+            rt.check_room(info.prompt_tokens + opts.max_new_tokens)
         status(rt.describe(), quiet)
     else:
-        status(f"loading base model {model or info.base_model} ...", quiet)
-        if eager and compile_:
-            raise GriffinError("--compile compiles the lean step; --eager turns it off: choose one")
-        rt = load_runtime(bundle, model, gguf_file=gguf_file, device=device, new_prompts=prompt is not None,
-                          pruned_prefill=pruned_prefill, lean=False if eager else None, compile=compile_)
-    t0 = time.perf_counter()
+        if prompt is None:  # the context is in the model's config: refuse before the weights load
+            from griffin_export.models import check_device, peek_architecture
 
+            check_device(device)
+            ctx = peek_architecture(model or info.base_model, gguf_file).context_length
+            if ctx and info.prompt_tokens + opts.max_new_tokens > ctx:
+                raise GriffinError(f"prompt ({info.prompt_tokens} tokens) + --max-new-tokens {opts.max_new_tokens} is "
+                                   f"past the model's context of {ctx} tokens")
+        status(f"loading base model {model or info.base_model} ...", quiet)
+        rt = load_runtime(b, model, gguf_file=gguf_file, device=device, new_prompts=prompt is not None,
+                          pruned_prefill=pruned_prefill, lean=False if eager else None, compile=compile_,
+                          source=str(bundle))
+        rt.prepare()  # the lean step's one-time packing, before the timed decode
     def show(piece: str) -> None:  # streamed, so an interrupted run keeps what it printed
         click.echo(piece, nl=False)
         sys.stdout.flush()
 
     out = rt.generate(opts, prompt=prompt, on_text=show if rt.tokenizer is not None else None)
-    dt = time.perf_counter() - t0
+    dt = out.decode_s  # the decoding loop alone: a new prompt's prefill is not decode speed
     click.echo("")
     # the bundle's warm-up tokens start the output but cost no decoding here
     warm = 0 if prompt is not None else min(info.warmup_tokens, len(out.token_ids))

@@ -46,7 +46,21 @@ def _register() -> None:
 _register()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, job schedulers) raised as an interrupt, so the temp outputs of an
+    export are removed as on Ctrl-C instead of being left behind."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         rv = cli.main(args=argv, prog_name="griffin-export", standalone_mode=False)
     except GriffinError as e:
@@ -59,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         click.echo(f"griffin-export: error: {e.format_message()}", err=True)
         sys.exit(2)
-    except (click.Abort, KeyboardInterrupt):
+    except (click.Abort, KeyboardInterrupt) as e:
+        if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):  # click wraps it in Abort
+            click.echo("griffin-export: terminated", err=True)
+            sys.exit(143)
         click.echo("griffin-export: interrupted", err=True)
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)

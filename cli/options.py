@@ -31,7 +31,8 @@ def decode_options(f):
     f = click.option("--stop", multiple=True, help="stop string (repeatable)")(f)
     f = click.option("--top-p", default=1.0, show_default=True, help="nucleus sampling mass")(f)
     f = click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")(f)
-    f = click.option("--max-new-tokens", default=64, show_default=True)(f)
+    f = click.option("--max-new-tokens", default=64, show_default=True,
+                     help="tokens to generate (a bundle's warm-up tokens count towards them)")(f)
     return f
 
 
@@ -63,7 +64,7 @@ def precheck(model: str | None, gguf_file: str | None, device: str, densities=()
     from griffin_export.select import k_for
 
     check_device(device)
-    _, d_ff = peek_architecture(model, gguf_file)
+    d_ff = peek_architecture(model, gguf_file).d_ff
     if d_ff:
         for d in densities:
             k_for(d, d_ff)

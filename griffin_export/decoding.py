@@ -7,6 +7,7 @@ limits live here, so equal weights give equal tokens in both runtimes.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -40,6 +41,7 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     stop_reason: str = "length"  # length | eos | stop
+    decode_s: float = 0.0  # the decoding loop's time: no prefill, no model preparation
 
 
 def next_token(logits: torch.Tensor, opts: DecodeOptions, gen: torch.Generator) -> int:
@@ -82,20 +84,20 @@ def decode(
     the logits after them. They are the output's start and count towards max_new_tokens and
     the stop strings, exactly as if this loop had produced them.
 
-    `on_text` receives the text as it is decoded, in pieces that add up to the final text: a
-    piece is held back while it could still be the start of a stop string, or ends in an
-    incomplete character, so nothing printed is ever taken back."""
+    `on_text` receives the text as it is decoded, in pieces that add up to the final text: the
+    end of the text is held back while it could still begin a stop string, or is an incomplete
+    character, so nothing printed is ever taken back."""
     if (opts.stop or on_text) and tokenizer is None:
         raise GriffinError("stop strings and streamed text need a tokenizer")
+    t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(opts.seed)
     out = Generation()
     logits = first_logits
-    hold = max((len(s) for s in opts.stop), default=1) - 1
     shown = 0  # characters handed to on_text
 
     def stream(text: str, final: bool) -> None:
         nonlocal shown
-        end = len(text) if final else len(text) - hold
+        end = len(text) if final else len(text) - _stop_prefix(text, opts.stop)
         while not final and end > shown and text[end - 1] == "\ufffd":  # a multi-byte character not done yet
             end -= 1
         if on_text is not None and end > shown:
@@ -115,6 +117,7 @@ def decode(
             if cut >= 0:
                 out.text, out.stop_reason = text[:cut], "stop"
                 stream(out.text, final=True)
+                out.decode_s = time.perf_counter() - t0
                 return out
             stream(text, final=False)
         if not fed and i + 1 < opts.max_new_tokens:  # the last token needs no forward
@@ -122,4 +125,16 @@ def decode(
     if tokenizer is not None:
         out.text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
         stream(out.text, final=True)
+    out.decode_s = time.perf_counter() - t0
     return out
+
+
+def _stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (held back from the stream)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

@@ -181,10 +181,19 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def peek_architecture(model: str | None = None, gguf_file: str | None = None) -> tuple[str, int | None]:
-    """(architecture, d_ff) from config.json or the GGUF header alone: no weights read, no
-    conversion, so an unsupported model or a density that keeps no neuron is refused in seconds.
-    d_ff is None where the header does not say it."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What config.json or a GGUF header says without any weights: None where it does not."""
+
+    architecture: str
+    d_ff: int | None
+    context_length: int | None
+
+
+def peek_architecture(model: str | None = None, gguf_file: str | None = None) -> ModelFacts:
+    """The model's architecture (refused here if unsupported), FF width and context length from
+    config.json or the GGUF header alone: no weights read, no conversion, so an unsupported model
+    or a setting that cannot fit is refused in seconds."""
     directory, gguf, identity = resolve_model(model, gguf_file)
     if gguf is None:
         import json
@@ -197,8 +206,8 @@ def peek_architecture(model: str | None = None, gguf_file: str | None = None) ->
         if "text_config" in cfg and not cfg.get("intermediate_size"):
             cfg = cfg["text_config"]
         spec = spec_for(arch)
-        value = cfg.get(spec.d_ff_attr)
-        return arch, int(value) if isinstance(value, int) else None
+        d, ctx = cfg.get(spec.d_ff_attr), cfg.get("max_position_embeddings")
+        return ModelFacts(arch, d if isinstance(d, int) else None, ctx if isinstance(ctx, int) else None)
     from gguf import GGUFReader
 
     try:
@@ -216,8 +225,8 @@ def peek_architecture(model: str | None = None, gguf_file: str | None = None) ->
     gguf_arch = str(field("general.architecture") or "?")
     arch = GGUF_ARCHITECTURES.get(gguf_arch, gguf_arch)
     spec_for(arch)
-    d = field(f"{gguf_arch}.feed_forward_length")
-    return arch, int(d) if d is not None else None
+    d, ctx = field(f"{gguf_arch}.feed_forward_length"), field(f"{gguf_arch}.context_length")
+    return ModelFacts(arch, int(d) if d is not None else None, int(ctx) if ctx is not None else None)
 
 
 # GGUF's general.architecture -> transformers' model_type, where they differ

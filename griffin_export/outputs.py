@@ -42,9 +42,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
     try:
         yield Path(tmp)
+        # mkstemp makes it private, and writers that replace the file (safetensors) do too: the
+        # output is an ordinary file, so its mode is set once it is written
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -80,6 +82,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary directory
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers create private files (onnx's external data): ordinary ones
+            if f.is_file():
+                os.chmod(f, 0o666 & ~_umask())
         if path.exists():  # --force: move the old one aside, drop it once the new one is in place
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
             os.replace(path, old / "dir")

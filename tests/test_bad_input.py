@@ -114,7 +114,8 @@ def test_a_density_that_keeps_no_neuron_is_refused_from_the_config(tmp_path, pro
 def test_the_default_models_gguf_header_says_its_ff_width(real_model_available):
     from griffin_export.models import peek_architecture
 
-    assert peek_architecture(None) == ("llama", 1536)
+    facts = peek_architecture(None)
+    assert (facts.architecture, facts.d_ff, facts.context_length) == ("llama", 1536, 8192)
 
 
 def test_max_new_tokens_past_the_context_is_refused_up_front(bundle, capsys):
@@ -167,3 +168,74 @@ def test_help_lists_every_registered_method_as_the_readme_does(capsys):
     for name, summary in METHOD_SUMMARIES.items():
         assert re.search(rf"{name}\s+{re.escape(summary)}", out), name
         assert re.search(rf"\| `{name}`( \(default\))? \| {re.escape(summary)} \|", readme), name
+
+
+def test_outputs_are_ordinary_files_that_respect_the_umask(bundle, tmp_path, capsys):
+    import os
+    import stat
+
+    from griffin_export.outputs import _umask
+
+    want = 0o666 & ~_umask()
+    assert stat.S_IMODE(os.stat(bundle).st_mode) == want  # safetensors writes private files; we fix that
+    code, _, err = run(["onnx", bundle, "-o", tmp_path / "g", "-q"], capsys)
+    assert code == 0, err
+    for f in (tmp_path / "g").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == want, f
+
+
+def test_sigterm_during_an_export_leaves_nothing(bundle, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import griffin_export.onnx_export as onnx_export
+
+    real = onnx_export._trace
+
+    def killed(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(onnx_export, "_trace", killed)
+    before = {p.name for p in tmp_path.iterdir()}
+    code, _, err = run(["onnx", bundle, "-o", tmp_path / "g", "-q", "--graph", "traced"], capsys)
+    assert code == 143 and "terminated" in err, err
+    assert not leftovers(tmp_path, before)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_the_warm_up_counts_once_towards_the_context(tmp_path, prompt, tiny_dir, capsys):
+    """A bundle with W warm-up tokens: prompt + --max-new-tokens must fit the context (the
+    warm-up tokens are part of --max-new-tokens), in both runtimes alike."""
+    b = tmp_path / "w.safetensors"
+    assert run([prompt, "-o", b, "--model", tiny_dir("llama"), "-q", "--warmup", "4"], capsys)[0] == 0
+    from griffin_export.bundle import read_info
+
+    info = read_info(b)
+    assert info.warmup_tokens == 4 and info.prompt_tokens == 20
+    code, out, err = run(["generate", b, "--max-new-tokens", str(256 - 20), "-q"], capsys)
+    assert code == 0, err
+    one_line(["generate", b, "--max-new-tokens", str(256 - 19), "-q"], capsys, "past the model's context of 256")
+
+
+def test_onnx_runtime_refuses_torch_only_options(bundle, capsys):
+    one_line(["generate", bundle, "--runtime", "onnx", "--onnx", "x", "--device", "foo"], capsys,
+             "--model, --gguf-file and --device are for --runtime torch")
+    one_line(["generate", bundle, "--runtime", "onnx", "--onnx", "x", "--model", "/nowhere"], capsys, "for --runtime torch")
+
+
+def test_streaming_holds_back_only_what_could_begin_a_stop_string():
+    from griffin_export.decoding import DecodeOptions, decode
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("ab#"[i % 3] for i in ids)
+
+    seq = [0, 1, 0, 1, 0, 2, 2]
+    logits = [torch.nn.functional.one_hot(torch.tensor(i), 3).float() for i in seq]
+    it = iter(logits[1:])
+    pieces = []
+    out = decode(lambda tok: next(it), logits[0], DecodeOptions(max_new_tokens=7, stop=["##"]), tokenizer=Tok(),
+                 on_text=pieces.append)
+    assert out.text == "ababa" and "".join(pieces) == "ababa"
+    assert pieces[:5] == ["a", "b", "a", "b", "a"]  # nothing held back: no end of the text begins "##"

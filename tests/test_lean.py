@@ -375,3 +375,12 @@ def test_lean_graph_and_step_in_float16(tmp_path):
     dec = LeanDecoder(rt.lm.model, 64)
     dec.load_cache(cache_tensors(cache), bundle.cached_tokens)
     torch.testing.assert_close(torch.stack([first, *(dec.step(t) for t in tokens[:-1])]), want, atol=3e-2, rtol=3e-2)
+
+
+def test_lean_step_with_fewer_new_tokens_than_the_warm_up(lean):
+    e = lean("llama")
+    warm = export_ids(tiny_model("llama", lean=True), e.ids, ExportSettings(density=0.5, warmup=5))
+    for n in (3, 5, 6, 9):
+        opts = DecodeOptions(max_new_tokens=n, stop_at_eos=False)
+        got = TorchRuntime(tiny_model("llama", lean=True), warm).generate(opts).token_ids
+        assert got == eager("llama", warm).generate(opts).token_ids and len(got) == n

@@ -590,10 +590,11 @@ def _load_tokenizer(directory: Path):
 
 def load_onnx_runtime(graph: str | os.PathLike, bundle: str | os.PathLike | Bundle | None = None, *,
                       full: str | os.PathLike | None = None, provider: str = "auto", new_prompts: bool = False,
-                      pruned_prefill: bool = False, threads: int | None = None, cuda_graph: bool = False) -> OnnxRuntime:
+                      pruned_prefill: bool = False, threads: int | None = None, cuda_graph: bool = False,
+                      source: str | None = None) -> OnnxRuntime:
     """Graph directory + bundle -> OnnxRuntime. The bundle's KV cache is not read when a new
     prompt (or pruned_prefill) will replace it."""
-    source = "bundle" if bundle is None or isinstance(bundle, Bundle) else str(bundle)
+    source = source or ("bundle" if bundle is None or isinstance(bundle, Bundle) else str(bundle))
     if bundle is not None and not isinstance(bundle, Bundle):
         bundle = read_bundle(bundle, load_kv=not (new_prompts or pruned_prefill))
     return OnnxRuntime(graph, bundle, full=full, provider=provider, threads=threads, source=source,

@@ -78,6 +78,11 @@ class TorchRuntime:
     def tokenizer(self):
         return self.lm.tokenizer
 
+    def prepare(self) -> None:
+        """Build the lean step now (else the first generate does: it packs the weights once)."""
+        if self._lean_settings is not None and self.lean is None:
+            self.lean = LeanDecoder(self.lm.model, 0, **self._lean_settings)
+
     # -- FF width ---------------------------------------------------------------------
 
     def _use(self, which: list[dict[str, nn.Module]]) -> None:
@@ -121,7 +126,9 @@ class TorchRuntime:
         if prompt is not None:
             ids = tokenize(self.lm, prompt, chat=self.bundle.info.chat)
         n = ids.shape[1] if ids is not None else self.bundle.cached_tokens
-        check_context(self.lm, n, reserve=opts.max_new_tokens, what="--max-new-tokens")
+        # the warm-up tokens count towards max_new_tokens: the prompt alone plus max_new_tokens must fit
+        prompt_tokens = ids.shape[1] if ids is not None else self.bundle.info.prompt_tokens
+        check_context(self.lm, prompt_tokens, reserve=opts.max_new_tokens, what="--max-new-tokens")
         cache, logits = self.start(ids)
         # from the bundle's own prompt, its warm-up tokens are the output's start
         warm = self.bundle.warmup() if ids is None else []
@@ -130,8 +137,8 @@ class TorchRuntime:
             # built here, not in __init__: its packed weights leave the HF modules holding transposed
             # views, which forward() takes but save_pretrained() does not (checkpoint.py installs
             # experts through a TorchRuntime and saves)
-            self.lean = self.lean or LeanDecoder(self.lm.model, 0, **self._lean_settings)
-            self.lean.reserve(n + opts.max_new_tokens)
+            self.prepare()
+            self.lean.reserve(max(n + 1, prompt_tokens + opts.max_new_tokens))  # a warm-up may pass max_new_tokens
             self.lean.load_cache(cache_tensors(cache), n)
             step = self.lean.step
         return decode(step, logits, opts, tokenizer=self.lm.tokenizer, eos=self.eos, prefix=warm, on_text=on_text)
@@ -144,7 +151,7 @@ class TorchRuntime:
 def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | None = None, *,
                  gguf_file: str | None = None, device: str = "cpu", new_prompts: bool = False,
                  quiet: bool = True, pruned_prefill: bool = False, lean: bool | None = None,
-                 compile: bool = False) -> TorchRuntime:
+                 compile: bool = False, source: str | None = None) -> TorchRuntime:
     """Base model + bundle -> TorchRuntime. `model` defaults to the bundle's recorded base model.
 
     With new_prompts (or a bundle without KV) the full FF weights stay in memory for the
@@ -152,7 +159,7 @@ def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | 
     the bundle's KV cache is not even read when it will not be used. With pruned_prefill
     prompts are prefilled through the experts: the full FF weights and the KV are never kept.
     """
-    source = "bundle" if isinstance(bundle, Bundle) else str(bundle)
+    source = source or ("bundle" if isinstance(bundle, Bundle) else str(bundle))
     if not isinstance(bundle, Bundle):
         bundle = read_bundle(bundle, load_kv=not (new_prompts or pruned_prefill))
     if not isinstance(model, LoadedModel):
