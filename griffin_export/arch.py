@@ -42,6 +42,7 @@ ARCHITECTURES: dict[str, FFSpec] = {
     "qwen3": _LLAMA_FAMILY,
     "gemma": _GATED,
     "gemma2": _GATED,
+    "gemma3_text": _GATED,  # Gemma 3: sliding and global layers alternate, q/k norms; the same FF layout
     "phi3": FFSpec("model.layers", "mlp", ("gate_up_proj",), "down_proj", fused=2),
     "opt": FFSpec("model.decoder.layers", "", ("fc1",), "fc2", d_ff_attr="ffn_dim"),
 }

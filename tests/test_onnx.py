@@ -73,7 +73,7 @@ def exported(tmp_path_factory):
 def test_onnx_logits_equal_the_torch_runtime(exported, arch, density):
     e = exported(arch)
     bundle, graph = (e.one, e.full) if density == 1.0 else (e.half, e.pruned)
-    if arch == "gemma2":  # window 16 < 24 prompt tokens: the windowed KV really gets left-padded
+    if arch in ("gemma2", "gemma3_text"):  # window 16 < 24 prompt tokens: the windowed KV really gets left-padded
         assert min(k.shape[2] for k, _ in bundle.kv) < e.ids.shape[1]
     ort_rt = OnnxRuntime(graph, bundle, full=e.full, provider="cpu")
     torch_rt = TorchRuntime(tiny_model(arch), bundle, keep_full=True)
@@ -120,7 +120,7 @@ def test_pruned_prefill_runs_the_prompt_through_the_experts(exported):
                                atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text"])
 def test_a_warm_up_bundle_generates_like_the_torch_runtime(exported, arch):
     """export --warmup: the ONNX runtime resumes after the warm-up tokens and starts its output with them
     (gemma2: the windowed KV of prompt + warm-up); with and without the bundle's KV."""

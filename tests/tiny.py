@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from transformers import AutoModelForCausalLM
 from transformers import GemmaConfig, Gemma2Config, LlamaConfig, MistralConfig, OPTConfig, Phi3Config, Qwen2Config
-from transformers import Qwen3Config
+from transformers import Gemma3TextConfig, Qwen3Config
 
 from griffin_export import from_model
 from griffin_export.arch import ff_blocks
@@ -23,6 +23,9 @@ CONFIGS = {
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=8),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=8),
     "gemma2": lambda: Gemma2Config(**COMMON, head_dim=8, sliding_window=16),
+    # a sliding layer then a global one, as Gemma 3 interleaves them (window 16 < the 24-token prompts)
+    "gemma3_text": lambda: Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=16,
+                                            layer_types=["sliding_attention", "full_attention"]),
     "phi3": lambda: Phi3Config(**{**COMMON, "num_key_value_heads": 4}, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                              num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32),
