@@ -74,17 +74,16 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
         rt = load_onnx_runtime(onnx_dir, b, full=onnx_full, new_prompts=prompt is not None,
                                pruned_prefill=pruned_prefill, source=str(bundle))
         if prompt is None:
-            rt.check_room(info.prompt_tokens + opts.max_new_tokens)
+            rt.check_room(info.prompt_tokens, opts.max_new_tokens)
         status(rt.describe(), quiet)
     else:
         if prompt is None:  # the context is in the model's config: refuse before the weights load
+            from griffin_export.export import check_generation_fits
             from griffin_export.models import check_device, peek_architecture
 
             check_device(device)
             ctx = peek_architecture(model or info.base_model, gguf_file).context_length
-            if ctx and info.prompt_tokens + opts.max_new_tokens > ctx:
-                raise GriffinError(f"prompt ({info.prompt_tokens} tokens) + --max-new-tokens {opts.max_new_tokens} is "
-                                   f"past the model's context of {ctx} tokens")
+            check_generation_fits(info.prompt_tokens, opts.max_new_tokens, ctx)
         status(f"loading base model {model or info.base_model} ...", quiet)
         rt = load_runtime(b, model, gguf_file=gguf_file, device=device, new_prompts=prompt is not None,
                           pruned_prefill=pruned_prefill, lean=False if eager else None, compile=compile_,

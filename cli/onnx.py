@@ -4,6 +4,8 @@ import time
 
 import click
 
+from griffin_export.onnx_export import LAYOUTS
+
 from .options import DTYPES, human_bytes, k_summary, model_options, require_extra, status
 
 
@@ -14,7 +16,7 @@ from .options import DTYPES, human_bytes, k_summary, model_options, require_extr
 @model_options
 @click.option("--dtype", type=click.Choice(DTYPES), default=None,
               help="--full only: weights dtype [default: float32]; a bundle's graph has the bundle's dtype")
-@click.option("--graph", type=click.Choice(["auto", "lean", "traced"]), default="auto", show_default=True,
+@click.option("--graph", type=click.Choice(LAYOUTS), default="auto", show_default=True,
               help="lean: fused ops and one KV buffer per layer (the Llama family: Llama, Mistral, Qwen2, Qwen3); "
                    "traced: torch.export of the HF model (every architecture); auto: lean where it covers the model")
 @click.option("--max-length", type=click.IntRange(min=2), default=None,

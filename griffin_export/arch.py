@@ -198,3 +198,28 @@ def sliding_layers(model: nn.Module) -> list[int]:
     from transformers import DynamicCache
 
     return [i for i, s in enumerate(DynamicCache(config=model.config).is_sliding) if s]
+
+
+def attention_shape(config) -> tuple[int, int, int]:
+    """(heads, kv_heads, head_dim) of a Llama-family config."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return heads, kv_heads, int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def lean_gap(config) -> str | None:
+    """Why the lean decode paths (onnx_lean.py, runtime/lean.py) cannot run a model of this config,
+    or None when they can: they cover the table's Llama family with SiLU and whole-head rotary."""
+    try:
+        covered = spec_for(config.model_type).lean
+    except GriffinError:
+        covered = False
+    if not covered:
+        return f"the lean decode path does not cover {config.model_type} models yet"
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        return f"the lean decode paths compute SiLU; this {config.model_type} model uses {act!r}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if float(rope.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        return "the lean decode paths apply the rotary embedding to whole heads"
+    return None

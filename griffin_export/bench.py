@@ -215,10 +215,12 @@ def _onnx_config(lm: LoadedModel, directory: Path, bundle, threads: int | None, 
     from .runtime.onnx import OnnxRuntime
 
     export_onnx(lm, directory, bundle, graph=graph)
-    # on a GPU the lean graph's decode step is a captured CUDA graph (its buffers are fixed)
+    # on a GPU the lean graph's decode step is a captured CUDA graph (its buffers are fixed);
+    # the full model's graph prefills through its own session (pruned_prefill: no second session)
     cuda_graph = graph == "lean" and provider == "cuda"
-    return (OnnxRuntime(directory, None, provider=provider, threads=threads, cuda_graph=cuda_graph),
-            _graph_bytes(directory))
+    rt = OnnxRuntime(directory, None, provider=provider, threads=threads, cuda_graph=cuda_graph,
+                     pruned_prefill=bundle is None)
+    return rt, _graph_bytes(directory)
 
 
 def _genai_model(directory: Path, threads: int | None):
@@ -308,6 +310,7 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
 
         def add(name: str, bundle, k, bundle_bytes: int, read: int, model) -> None:
             """Every runtime's row for one configuration (bundle None: the full model)."""
+            nonlocal onnx_provider
             if "torch" in s.runtimes:
                 configs[("torch", name)] = (torch_fn(model), k, bundle_bytes, read, None)
             if "torch-lean" in s.runtimes:
@@ -316,21 +319,17 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
                 if runtime in s.runtimes or (runtime == "onnx-lean" and "genai" in s.runtimes):
                     directory = Path(tmp) / f"{runtime}-{name}"
                     ort_rt, size = _onnx_config(lm, directory, bundle, s.threads, s.onnx_provider, graph)
-                    onnx_used[0] = ort_rt.provider
+                    onnx_provider = ort_rt.provider
                     if runtime in s.runtimes:
                         configs[(runtime, name)] = (onnx_fn(ort_rt), k, bundle_bytes, read, size)
                         if bundle is None and s.time_export:  # the full graph's prefill of the prompt
-                            full_rt = OnnxRuntime(directory, None, full=directory, provider=s.onnx_provider,
-                                                  threads=s.threads)
-                            prefill_times[(runtime, name)] = _median_time(lambda: full_rt.prefill(ids),
+                            prefill_times[(runtime, name)] = _median_time(lambda: ort_rt.prefill(ids),
                                                                           max(1, s.repeats // 2))
                     if runtime == "onnx-lean" and "genai" in s.runtimes:
                         key = ("genai", name if name != "full" else "lean full")
                         configs[key] = (genai_fn(_genai_model(directory, s.threads)), k, bundle_bytes, read, size)
 
-        from .runtime.onnx import OnnxRuntime
-
-        onnx_used = [None]
+        onnx_provider = None
         prefill_times: dict[tuple[str, str], float] = {}
         if "genai" in s.runtimes:  # its own builder's full model first: the genai rows' reference
             graph = _genai_builder_graph(lm, Path(tmp), s.onnx_provider)
@@ -349,7 +348,6 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
                                                  lm.fingerprint), bundle, lean=False).lm.model
                 read = read_elements(model)
             add(name, bundle, bundle.info.k, bundle_bytes, read, model)
-        onnx_provider = onnx_used[0]
 
     times: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
     for fn, *_ in configs.values():  # warm-up, excluded

@@ -263,7 +263,7 @@ def read_bundle(path: str | os.PathLike, *, load_kv: bool = True, device: str = 
 
 def _check_finite(bundle: Bundle, source: str) -> None:
     """Every float tensor finite: a NaN in the KV or the weights would decode garbage silently."""
-    named = [*bundle.weights.items(), ("griffin.last_logits", bundle.last_logits)]
+    named = [*bundle.weights.items(), (LAST_LOGITS, bundle.last_logits)]
     for i, pair in enumerate(bundle.kv or []):
         named += [(KV_KEY.format(i), pair[0]), (KV_VALUE.format(i), pair[1])]
     for name, t in named:

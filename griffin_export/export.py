@@ -90,14 +90,20 @@ def tokenize(lm: LoadedModel, text: str, *, chat: bool = False) -> torch.Tensor:
     return ids
 
 
-def check_context(lm: LoadedModel, n_tokens: int, reserve: int = 1, warmup: int = 0, what: str = "") -> None:
+def check_context(lm: LoadedModel, n_tokens: int, reserve: int = 1, warmup: int = 0) -> None:
     """Refuse a prompt of n_tokens that leaves no room for `reserve` more tokens (and the warm-up)."""
     ctx = lm.context_length
     if ctx is not None and n_tokens + max(reserve, warmup + 1) > ctx:
-        if what:  # the reserve is what the user asked for
-            raise GriffinError(f"prompt ({n_tokens} tokens) + {what} {reserve} is past the model's context of {ctx} tokens")
         warm = f" + {warmup} warm-up tokens" if warmup else ""
         raise GriffinError(f"prompt has {n_tokens} tokens{warm}; the model's context is {ctx} (leave room to generate)")
+
+
+def check_generation_fits(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
+    """Refuse, before any decoding, a generation whose prompt + max_new_tokens (a bundle's warm-up
+    tokens are part of them) is past the model's context: one check for both runtimes and the CLI."""
+    if context and prompt_tokens + max_new_tokens > context:
+        raise GriffinError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} is past the model's "
+                           f"context of {context} tokens")
 
 
 def prompt_statistic(lm: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 512, gram: bool = False,

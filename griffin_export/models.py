@@ -195,6 +195,10 @@ def peek_architecture(model: str | None = None, gguf_file: str | None = None) ->
     config.json or the GGUF header alone: no weights read, no conversion, so an unsupported model
     or a setting that cannot fit is refused in seconds."""
     directory, gguf, identity = resolve_model(model, gguf_file)
+    converted = _conversion_target(directory, gguf) if gguf is not None else None
+    if converted is not None and (converted / "config.json").is_file():
+        # its converted copy's config says the same, without parsing the GGUF (seconds: its vocabulary)
+        directory, gguf = converted, None
     if gguf is None:
         import json
 
@@ -279,6 +283,19 @@ def cache_root() -> Path | None:
     return Path(value) if value else Path.home() / ".cache" / "griffin-export"
 
 
+def _conversion_target(directory: Path, gguf: str) -> Path | None:
+    """Where the converted copy of a GGUF file lives (made or not); None with the cache off."""
+    import transformers
+
+    root = cache_root()
+    if root is None:
+        return None
+    src = directory / gguf
+    st = src.stat()
+    key = hashlib.blake2b(f"{src}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}".encode(), digest_size=10)
+    return root / "gguf" / f"{Path(gguf).stem}-{key.hexdigest()}"
+
+
 def _converted_gguf(directory: Path, gguf: str, identity: str, quiet: bool) -> Path | None:
     """A float32 HF copy of a GGUF model, made once.
 
@@ -287,16 +304,11 @@ def _converted_gguf(directory: Path, gguf: str, identity: str, quiet: bool) -> P
     about 2 s. Keyed by the file's path, size and mtime and the transformers version.
     Dequantized weights are the same bytes either way, so fingerprints do not change.
     """
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root = cache_root()
-    if root is None:
+    target = _conversion_target(directory, gguf)
+    if target is None:
         return None  # the caller reads the GGUF file directly
-    src = directory / gguf
-    st = src.stat()
-    key = hashlib.blake2b(f"{src}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}".encode(), digest_size=10)
-    target = root / "gguf" / f"{Path(gguf).stem}-{key.hexdigest()}"
     if (target / "config.json").is_file():
         return target
     if not quiet:

@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from .arch import ff_blocks, rotary_table
+from .arch import attention_shape, ff_blocks, lean_gap, rotary_table
 from .errors import GriffinError
 
 # the graph's symbolic dimensions (onnxruntime-genai's names)
@@ -48,20 +47,13 @@ DEFAULT_MAX_LENGTH = 4096  # KV buffer positions when --max-length is not given 
 
 def check_lean_model(lm) -> None:
     """Refuse a model the lean graph does not cover, naming what is missing."""
-    if not lm.spec.lean:
-        raise GriffinError(f"the lean ONNX graph does not cover {lm.architecture} models yet; "
-                           "export the traced graph (--graph traced)")
-    cfg = lm.config
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    gap = lean_gap(lm.config)
+    if gap:
+        raise GriffinError(f"{gap}; export the traced graph (--graph traced)")
+    head_dim = attention_shape(lm.config)[2]
     if head_dim % 16:  # ONNX Runtime's CPU GroupQueryAttention (its rotary kernel) refuses others
         raise GriffinError(f"the lean ONNX graph needs head_dim a multiple of 16; this model's is {head_dim} "
                            "(--graph traced)")
-    act = getattr(cfg, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise GriffinError(f"the lean ONNX graph computes SiLU; this {lm.architecture} model uses {act!r} (--graph traced)")
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if float(rope.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
-        raise GriffinError("the lean ONNX graph applies the rotary embedding to whole heads (--graph traced)")
 
 
 def max_length_for(lm, requested: int | None) -> int:
@@ -110,10 +102,6 @@ class _Graph:
         return self.one("Transpose", [src], perm=[1, 0])
 
 
-def _np_dtype(dtype: torch.dtype):
-    return {torch.float32: np.float32, torch.float16: np.float16}[dtype]
-
-
 def build_lean(lm, max_length: int, ff_names: set[str], sliding: list[int]):
     """The lean decoder of `lm` (its experts installed, if any) as an onnx ModelProto; every
     initializer named after the model's parameter. Returns (proto, layout facts)."""
@@ -126,8 +114,7 @@ def build_lean(lm, max_length: int, ff_names: set[str], sliding: list[int]):
     if dtype not in (torch.float32, torch.float16):
         raise GriffinError(f"the ONNX graph takes float32 or float16 weights, not {dtype}")
     elem = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.FLOAT16
-    heads, kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    heads, kv_heads, head_dim = attention_shape(cfg)
     eps = float(cfg.rms_norm_eps)
     window = int(getattr(cfg, "sliding_window", None) or 0)
     g = _Graph()

@@ -20,18 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import rotary_table, sliding_layers, spec_for
+from ..arch import attention_shape, lean_gap, rotary_table, sliding_layers
 from ..errors import GriffinError
 
 
 def covers(model: nn.Module) -> bool:
-    """Whether the lean step can run this model: the Llama family of the adapter table, SiLU."""
-    cfg = model.config
-    try:
-        lean = spec_for(cfg.model_type).lean
-    except GriffinError:
-        return False
-    return lean and getattr(cfg, "hidden_act", "silu") in ("silu", "swish")
+    """Whether the lean step can run this model (arch.lean_gap)."""
+    return lean_gap(model.config) is None
 
 
 def _pack(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -94,8 +89,7 @@ class LeanDecoder:
             raise GriffinError(f"the lean PyTorch step covers the Llama family (SiLU); not {cfg.model_type}")
         inner = model.model
         self.eps = float(cfg.rms_norm_eps)
-        self.heads, self.kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
-        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
+        self.heads, self.kv_heads, self.head_dim = attention_shape(cfg)
         self.window = int(getattr(cfg, "sliding_window", None) or 0)
         self.sliding = set(sliding_layers(model))
         self.layers = [_Layer(layer, self.eps) for layer in inner.layers]

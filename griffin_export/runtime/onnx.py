@@ -46,6 +46,7 @@ class Graph:
     initializers: dict[str, tuple[int, list[int]]]  # name -> (onnx elem type, shape)
     widths: list[int]  # FF width per layer, from the initializer shapes
     external: set[str]  # initializers stored as external data (the only ones ORT can swap)
+    vocab: int = 0  # the logits output's last dimension where the graph fixes it (lean graphs), else 0
 
     @property
     def source(self) -> str:
@@ -119,7 +120,10 @@ def read_graph(path: str | os.PathLike) -> Graph:
     external = {t.name for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL}
     if info.layout == "lean":
         _check_lean(proto, info, inits, path)
-    return Graph(path, info, inits, widths, external)
+    logits = next((o for o in proto.graph.output if o.name == "logits"), None)
+    dims = logits.type.tensor_type.shape.dim if logits is not None else []
+    vocab = int(dims[-1].dim_value) if dims else 0
+    return Graph(path, info, inits, widths, external, vocab)
 
 
 def _check_lean(proto, info: GraphInfo, inits: dict[str, tuple[int, list[int]]], path: Path) -> None:
@@ -314,8 +318,9 @@ class _LeanSession(_Session):
         if self.static:
             import onnxruntime as ort
 
-            vocab = graph.initializers.get("lm_head.weight", graph.initializers.get("model.embed_tokens.weight"))[1][0]
-            dev = self.device
+            if graph.vocab < 1:
+                raise GriffinError(f"graph {graph.source} does not fix its logits' vocabulary size; re-export it")
+            vocab, dev = graph.vocab, self.device
             self._ids = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1), np.int64), *dev)
             self._static_mask = np.zeros((1, info.max_length), np.int64)
             self._mask_value = ort.OrtValue.ortvalue_from_numpy(self._static_mask, *dev)
@@ -494,13 +499,13 @@ class OnnxRuntime:
                 arrays.append(np.ascontiguousarray(arr))
         return self._decoder.from_arrays(arrays, length)
 
-    def check_room(self, tokens: int) -> None:
-        """Refuse, before any prefill, a generation whose tokens do not fit the model's context or
-        the lean graph's KV buffer."""
-        ctx = self.graph.info.context_length
-        if ctx and tokens > ctx:
-            raise GriffinError(f"prompt + --max-new-tokens is {tokens} tokens, past the model's context of {ctx}")
-        n = self.graph.info.max_length
+    def check_room(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse, before any prefill, a generation that does not fit the model's context or the
+        lean graph's KV buffer."""
+        from ..export import check_generation_fits
+
+        check_generation_fits(prompt_tokens, max_new_tokens, self.graph.info.context_length or None)
+        tokens, n = prompt_tokens + max_new_tokens, self.graph.info.max_length
         if n and tokens > n:
             raise GriffinError(f"prompt + --max-new-tokens is {tokens} tokens; graph {self.graph.source} has a KV "
                                f"buffer of {n} positions (export it with --max-length {tokens} or more)")
@@ -548,9 +553,9 @@ class OnnxRuntime:
         if prompt is not None:
             ids = self.tokenize(prompt)
         if ids is not None:
-            self.check_room(ids.shape[1] + opts.max_new_tokens)
+            self.check_room(ids.shape[1], opts.max_new_tokens)
         elif self.bundle is not None and self.bundle.prompt_ids is not None:
-            self.check_room(int(self.bundle.prompt_ids.shape[0]) + opts.max_new_tokens)
+            self.check_room(self.bundle.info.prompt_tokens, opts.max_new_tokens)
         state, logits = self.start(ids)
         warm = self.bundle.warmup() if ids is None else []  # see TorchRuntime.generate
         return decode(lambda tok: self.step(state, tok), logits, opts, tokenizer=self.tokenizer, eos=self.eos,

@@ -15,7 +15,7 @@ from ..arch import ff_blocks, install_slice
 from ..bundle import Bundle, check_compatible, kv_layout_of, read_bundle
 from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
-from ..export import check_context, tokenize
+from ..export import check_context, check_generation_fits, tokenize
 from ..models import LoadedModel, dtype_name, load_model
 from ..prefill import cache_tensors, forward, kv_layout, prefill, restore_cache
 from .lean import LeanDecoder, covers
@@ -128,7 +128,7 @@ class TorchRuntime:
         n = ids.shape[1] if ids is not None else self.bundle.cached_tokens
         # the warm-up tokens count towards max_new_tokens: the prompt alone plus max_new_tokens must fit
         prompt_tokens = ids.shape[1] if ids is not None else self.bundle.info.prompt_tokens
-        check_context(self.lm, prompt_tokens, reserve=opts.max_new_tokens, what="--max-new-tokens")
+        check_generation_fits(prompt_tokens, opts.max_new_tokens, self.lm.context_length)
         cache, logits = self.start(ids)
         # from the bundle's own prompt, its warm-up tokens are the output's start
         warm = self.bundle.warmup() if ids is None else []
