@@ -5,14 +5,14 @@ from pathlib import Path
 
 import click
 
-from .options import density_option, dtype_option, human_bytes, model_options, status, precheck
+from .options import density_option, dtype_option, human_bytes, k_summary, model_options, precheck, status
 
 AGGREGATIONS = ["mean", "topk_freq", "pooled"]  # griffin_export.classes.AGGREGATIONS (kept import-free for --help)
-METHODS = ["topk", "sample", "topk_sample"]
+METHODS = ["topk", "sample", "topk_sample", "topk_refit", "topk_refit_edges", "topk_refit_alloc"]
 
 
 @click.command("class")
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("--name", required=True, help="the class's name, recorded in the bundle (e.g. news)")
 @click.option("-o", "--output", required=True, metavar="FILE", help="class bundle to write (.safetensors)")
 @click.option("--field", default="prompt", show_default=True, help="JSONL key holding the prompt text")
@@ -25,14 +25,21 @@ METHODS = ["topk", "sample", "topk_sample"]
 @dtype_option
 @density_option
 @click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True,
-              help="neuron selection on the class score")
+              help="neuron selection on the class score; the topk_refit* methods also refit the kept "
+                   "down-projection columns on all the class's tokens (a D_ff × D_ff Gram per layer: "
+                   "283 MB on the default model, float64 while counting)")
+@click.option("--save-statistic", "save_statistic", default=None, metavar="FILE",
+              help="also write the class's statistic (its sums, and the Gram for a refit --method): "
+                   "bundles at other densities and methods, and merges of shards, come from it without a prefill")
+@click.option("--statistic", "statistics", multiple=True, metavar="FILE",
+              help="build from saved statistics instead of INPUTs (repeat it to merge shards of one class)")
 @click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
 @click.option("--chunk-size", default=512, show_default=True, help="prefill chunk length (tokens)")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
-def command(inputs, name, output, field, limit, aggregation, model, gguf_file, device, dtype, density, method, seed,
-            chat, chunk_size, force, quiet):
+def command(inputs, name, output, field, limit, aggregation, model, gguf_file, device, dtype, density, method,
+            save_statistic, statistics, seed, chat, chunk_size, force, quiet):
     """Experts for a class of prompts: one full prefill per prompt, one bundle for all.
 
     INPUT is a JSONL file (one prompt per line, in --field), a folder of .txt files (one
@@ -47,29 +54,58 @@ def command(inputs, name, output, field, limit, aggregation, model, gguf_file, d
       griffin-export class ../shared/data/xsum_dev.jsonl --field article --limit 200 --name news -o news.safetensors
       griffin-export class prompts/ --name code -o code.safetensors --density 0.75
       griffin-export class a.jsonl b.jsonl extra.txt --name mixed -o mixed.safetensors --aggregation topk_freq
+      griffin-export class news.jsonl --name news --method topk_refit -o news.safetensors --save-statistic news.stat
+      griffin-export class --statistic news.stat --name news --method topk_refit_edges --density 0.25 -o news_25.safetensors
+      griffin-export class --statistic shard1.stat --statistic shard2.stat --name news -o news.safetensors
     """
+    from griffin_export.aggregate import merge, read_statistic, write_statistic
     from griffin_export.bundle import check_output_path, write_bundle
-    from griffin_export.classes import ClassSettings, count_prompts, export_class, iter_prompts
+    from griffin_export.classes import ClassSettings, class_bundle, count_prompts, export_class, iter_prompts
     from griffin_export.models import load_model
 
     t0 = time.perf_counter()
     settings = ClassSettings(name=name, aggregation=aggregation, density=density, method=method, seed=seed,
                              chunk_size=chunk_size, chat=chat)
+    if bool(inputs) == bool(statistics):
+        raise click.UsageError("give the prompts (INPUT...) or saved statistics (--statistic), one of the two")
+    if statistics and save_statistic:
+        raise click.UsageError("--save-statistic writes what INPUTs are counted into; with --statistic there is "
+                               "nothing new to save")
     check_output_path(output, force)  # fail before loading anything
-    total = count_prompts(inputs, field, limit)  # reads every input once: bad lines fail here, not after an hour
-    precheck(model, gguf_file, device, [density])
-    status(f"{total} prompts; loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
-    lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet)
-    result = export_class(lm, iter_prompts(inputs, field, limit), settings, total=total, progress=not quiet,
-                          source=", ".join(Path(i).name for i in inputs))
-    if result.skipped:
-        click.echo(f"griffin-export: warning: skipped {result.skipped} of {total} prompts longer than the model's "
-                   f"context (first: {result.first_skipped})", err=True)
-    path = write_bundle(result.bundle, output, force=force)
-    info = result.bundle.info
+    if save_statistic:
+        check_output_path(save_statistic, force)
+    if statistics:
+        stat_info, stat = merge(read_statistic(s) for s in statistics)  # bad or mismatched files fail here
+        total = stat_info.prompts
+        precheck(model or stat_info.base_model, gguf_file, device, [density])
+        status(f"{len(statistics)} statistic(s) of {total} prompts; loading model {model or stat_info.base_model} ...",
+               quiet)
+    else:
+        total = count_prompts(inputs, field, limit)  # reads every input once: bad lines fail here, not after an hour
+        precheck(model, gguf_file, device, [density])
+        status(f"{total} prompts; loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
+    lm = load_model(model or (stat_info.base_model if statistics else None), gguf_file=gguf_file, dtype=dtype,
+                    device=device, quiet=quiet)
+    if statistics:
+        bundle = class_bundle(lm, stat_info, stat, settings, source=stat_info.extra.get("source", ""))
+        skipped, first_skipped = stat_info.skipped, None
+    else:
+        result = export_class(lm, iter_prompts(inputs, field, limit), settings, total=total, progress=not quiet,
+                              source=", ".join(Path(i).name for i in inputs))
+        bundle, stat, stat_info = result.bundle, result.statistic, result.info
+        skipped, first_skipped = result.skipped, result.first_skipped
+        if skipped:
+            click.echo(f"griffin-export: warning: skipped {skipped} of {total} prompts longer than the model's "
+                       f"context (first: {first_skipped})", err=True)
+    path = write_bundle(bundle, output, force=force)
+    if save_statistic:
+        stat_path = write_statistic(stat_info, stat, save_statistic, force=force)
+        status(f"wrote {stat_path}: the statistic of {stat.prompts} prompts"
+               f"{' with the Gram' if stat.gram is not None else ''}, {human_bytes(stat_path.stat().st_size)}", quiet)
+    info = bundle.info
     click.echo(
-        f"wrote {path}: class {name!r} from {result.statistic.prompts} prompts ({result.statistic.tokens} tokens, "
-        f"{result.skipped} skipped), {aggregation}, k={info.k[0]}/{info.d_ff} per layer × {info.num_layers} layers "
+        f"wrote {path}: class {name!r} from {stat.prompts} prompts ({stat.tokens} tokens, "
+        f"{skipped} skipped), {aggregation}, {k_summary(info.k, info.d_ff)} × {info.num_layers} layers "
         f"({info.method}, density {info.density}), {human_bytes(path.stat().st_size)}, "
         f"{time.perf_counter() - t0:.1f} s"
     )

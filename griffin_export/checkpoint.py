@@ -28,7 +28,8 @@ def uniform_k(info: BundleInfo, source: str, attr: str) -> int:
     if len(set(info.k)) != 1:
         raise GriffinError(
             f"{source}: k differs between layers ({min(info.k)}..{max(info.k)}); a Hugging Face config has one "
-            f"{attr} for every layer, so this bundle cannot become a standalone checkpoint"
+            f"{attr} for every layer, so this bundle cannot become a standalone checkpoint; `griffin-export onnx` "
+            "takes per-layer widths (a GGUF export does not exist yet)"
         )
     return info.k[0]
 

@@ -1,14 +1,16 @@
 """Prompt classes: one set of experts for every prompt of a kind ("news summaries").
 
-Each prompt of the class gets one full-model prefill (`export.layer_scores`), which gives
-its GRIFFIN scores s_p [L, D_ff]. A `ClassStatistic` keeps running float64 sums of a few
-per-prompt terms, and every aggregation in `AGGREGATIONS` is a function of those sums, so
-memory is O(L × D_ff) whatever the number of prompts, the prompts are read as a stream,
-and the result does not depend on their order.
+Each prompt of the class gets one full-model prefill (`export.prompt_statistic`), which gives
+its GRIFFIN scores s_p [L, D_ff] (and, for the refit methods, its activations' Gram matrix).
+A `ClassStatistic` (aggregate.py) keeps running float64 sums of a few per-prompt terms, and
+every aggregation is a function of those sums, so memory is O(L × D_ff) (O(L × D_ff²) with
+the Gram) whatever the number of prompts, the prompts are read as a stream, and the result
+does not depend on their order. The refit methods solve once, on the class's Gram.
 
     lm = load_model()
     result = export_class(lm, iter_prompts(["xsum.jsonl"], field="article"), ClassSettings("news"))
     write_bundle(result.bundle, "news.safetensors")      # then: load_runtime(..., new_prompts=True)
+    write_statistic(result.info, result.statistic, "news.stat.safetensors")   # class_bundle() from it later
 
 Also here: the paper's classification mode (`classification_logits`), where the experts
 come from all tokens but the last and only the last position runs through them.
@@ -19,9 +21,9 @@ from __future__ import annotations
 import itertools
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -29,15 +31,21 @@ from tqdm.auto import tqdm
 from .arch import ff_blocks, per_layer, sliced
 from .bundle import Bundle
 from .errors import GriffinError
-from .export import ExportSettings, bundle_from_indices, expert_weights, layer_scores, read_prompt, tokenize
+from .aggregate import (AGGREGATIONS, DEFAULT_AGGREGATION, Aggregation, ClassStatistic, StatisticInfo,  # noqa: F401
+                        check_aggregation)
+from .export import (ExportSettings, bundle_from_indices, choose_experts, expert_weights, prompt_statistic, read_prompt,
+                     tokenize)
 from .jsonl import parse_object, text_field
 from .models import LoadedModel
 from .prefill import forward, new_cache
-from .select import check_density, k_for, select_all
+from .budget import edge_budgets
+from .refit import DEFAULT_LAMBDA
+from .select import REFIT, k_for, select_all
 from .statistic import FFStatistic, recording
 
-# Selection methods that make sense on a class score (magnitude and random ignore the prompts).
-CLASS_METHODS = ("topk", "sample", "topk_sample")
+# Selection methods that make sense on a class score (magnitude and random ignore the prompts); the
+# refit ones solve the refit on the class's Gram (the sum of its prompts' Grams) and use its budgets.
+CLASS_METHODS = ("topk", "sample", "topk_sample", "topk_refit", "topk_refit_edges", "topk_refit_alloc")
 
 # -- prompt sources ----------------------------------------------------------------------
 
@@ -105,85 +113,6 @@ def count_prompts(paths: Sequence[str | os.PathLike], field: str = "prompt", lim
     return sum(1 for _ in iter_prompts(paths, field, limit))
 
 
-# -- aggregation -------------------------------------------------------------------------
-
-
-@dataclass
-class ClassStatistic:
-    """Running sums over prompts of per-prompt terms [L, D_ff], float64.
-
-    s_p are one prompt's scores (column L2 norms of its row-normalized activations).
-    Float64 sums keep the result independent of prompt order (to ~1e-16).
-    """
-
-    num_layers: int
-    d_ff: int
-    k: int  # the class's per-layer k, for the top-k frequency
-    prompts: int = 0
-    tokens: int = 0
-    normalized: torch.Tensor = field(init=False)  # Σ_p s_p / ‖s_p‖ per layer
-    squared: torch.Tensor = field(init=False)  # Σ_p s_p²: sums of squares over all the class's tokens
-    in_topk: torch.Tensor = field(init=False)  # Σ_p 1[j ∈ top-k(s_p)]
-
-    def __post_init__(self) -> None:
-        shape = (self.num_layers, self.d_ff)
-        self.normalized = torch.zeros(shape, dtype=torch.float64)
-        self.squared = torch.zeros(shape, dtype=torch.float64)
-        self.in_topk = torch.zeros(shape, dtype=torch.float64)
-
-    def add(self, scores: torch.Tensor, tokens: int = 0) -> None:
-        """One prompt's scores [L, D_ff]."""
-        s = scores.detach().to(torch.float64).cpu()
-        self.normalized += s / s.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        self.squared += s.square()
-        top = torch.topk(s, self.k, dim=-1).indices  # [L, k]
-        self.in_topk.scatter_add_(1, top, torch.ones_like(top, dtype=torch.float64))
-        self.prompts += 1
-        self.tokens += tokens
-
-
-def _mean(st: ClassStatistic) -> torch.Tensor:
-    # each token's activation row has unit norm, so ‖s_p‖² is the prompt's token count and
-    # s_p/‖s_p‖ is the per-token RMS: long and short prompts vote alike
-    return st.normalized / st.prompts
-
-
-def _topk_freq(st: ClassStatistic) -> torch.Tensor:
-    # the fraction of prompts whose top-k holds the neuron; ties (common with few prompts)
-    # broken by `mean`, which is in [0, 1], so scaled by 1/2 it never crosses a count step
-    return (st.in_topk + 0.5 * _mean(st)) / st.prompts
-
-
-def _pooled(st: ClassStatistic) -> torch.Tensor:
-    return st.squared.sqrt()
-
-
-@dataclass(frozen=True)
-class Aggregation:
-    name: str
-    help: str
-    score: Callable[[ClassStatistic], torch.Tensor]  # -> class score [L, D_ff]
-
-
-AGGREGATIONS: dict[str, Aggregation] = {a.name: a for a in (
-    Aggregation("mean", "mean of the prompts' scores, each normalized to unit L2 norm per layer "
-                        "(every prompt has one equal vote)", _mean),
-    Aggregation("topk_freq", "fraction of prompts whose own top-k holds the neuron (ties broken by mean)",
-                _topk_freq),
-    Aggregation("pooled", "the GRIFFIN statistic over all the class's tokens as if one long prompt "
-                          "(long prompts weigh more)", _pooled),
-)}
-# pooled kept the gold summaries' likelihood best in bench/class_aggregation.py (XSum, see README)
-DEFAULT_AGGREGATION = "pooled"
-
-
-def check_aggregation(name: str) -> Aggregation:
-    try:
-        return AGGREGATIONS[name]
-    except KeyError:
-        raise GriffinError(f"unknown aggregation {name!r}; known: {', '.join(AGGREGATIONS)}") from None
-
-
 # -- the class export --------------------------------------------------------------------
 
 
@@ -196,27 +125,36 @@ class ClassSettings:
     seed: int = 0
     chunk_size: int = 512
     chat: bool = False
+    refit_lambda: float = DEFAULT_LAMBDA  # ridge strength of the refit methods (refit.py)
 
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise GriffinError("a class needs a name (--name)")
         check_aggregation(self.aggregation)
-        check_density(self.density)
         if self.method not in CLASS_METHODS:
             raise GriffinError(f"method {self.method!r} does not use the prompts; a class takes one of "
                                f"{', '.join(CLASS_METHODS)}")
+        self.export_settings()  # density, chunk size, lambda: checked where export checks them
+
+    @property
+    def refit(self) -> bool:
+        return self.method in REFIT
 
     def export_settings(self) -> ExportSettings:
-        return ExportSettings(density=self.density, method=self.method, seed=self.seed,
-                              chunk_size=self.chunk_size, keep_kv=False, chat=self.chat)
+        return ExportSettings(density=self.density, method=self.method, seed=self.seed, chunk_size=self.chunk_size,
+                              keep_kv=False, chat=self.chat, refit_lambda=self.refit_lambda)
 
 
 @dataclass
 class ClassResult:
     bundle: Bundle
     statistic: ClassStatistic
-    skipped: int  # prompts longer than the context
-    first_skipped: str | None  # where the first one was
+    info: StatisticInfo  # what the statistic was counted on; write_statistic saves both
+    first_skipped: str | None  # where the first over-context prompt was
+
+    @property
+    def skipped(self) -> int:  # prompts longer than the context
+        return self.info.skipped
 
 
 def _over_context(lm: LoadedModel, e: GriffinError) -> bool:
@@ -225,12 +163,15 @@ def _over_context(lm: LoadedModel, e: GriffinError) -> bool:
 
 
 def class_statistic(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *,
-                    total: int | None = None, progress: bool = False) -> tuple[ClassStatistic, int, str | None]:
-    """One full prefill per prompt, folded into a ClassStatistic. Prompts that do not fit the
-    context are skipped and counted, never truncated. Returns (statistic, skipped, first skipped)."""
-    export = settings.export_settings()
-    stat = ClassStatistic(lm.num_layers, lm.d_ff, k_for(settings.density, lm.d_ff))
-    skipped, first_skipped = 0, None
+                    total: int | None = None, progress: bool = False
+                    ) -> tuple[StatisticInfo, ClassStatistic, str | None]:
+    """One full prefill per prompt, folded into a ClassStatistic (with the Gram of the raw
+    activations for refit methods). Prompts that do not fit the context are skipped and
+    counted, never truncated. Returns (info, statistic, where the first skipped one was)."""
+    stat = ClassStatistic(lm.num_layers, lm.d_ff, k_for(settings.density, lm.d_ff), with_gram=settings.refit)
+    info = StatisticInfo(base_model=lm.identity, base_fingerprint=lm.fingerprint, architecture=lm.architecture,
+                         num_layers=lm.num_layers, d_ff=lm.d_ff, k=stat.k, chat=settings.chat)
+    first_skipped = None
     bar = tqdm(total=total, desc=f"class {settings.name}", unit="prompt", disable=not progress)
     try:
         for prompt in prompts:
@@ -239,41 +180,68 @@ def class_statistic(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassS
             except GriffinError as e:
                 if not _over_context(lm, e):
                     raise GriffinError(f"{prompt.where}: {e}") from e
-                skipped += 1
+                info.skipped += 1
                 first_skipped = first_skipped or prompt.where
-                bar.set_postfix(skipped=skipped)
+                bar.set_postfix(skipped=info.skipped)
             else:
-                scores, _, _ = layer_scores(lm, ids, export)  # the cache is dropped right here
-                stat.add(scores, tokens=ids.shape[1])
+                # the cache is dropped right here; the Gram ([L, D_ff, D_ff] float32) is folded in and dropped too
+                one, _, _ = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, gram=settings.refit)
+                stat.add(one.scores(), tokens=ids.shape[1], gram=one.gram)
             bar.update(1)
     finally:
         bar.close()
-    return stat, skipped, first_skipped
+    info.prompts, info.tokens = stat.prompts, stat.tokens
+    return info, stat, first_skipped
 
 
-def class_indices(stat: ClassStatistic, settings: ClassSettings) -> list[torch.Tensor]:
+def class_bundle(lm: LoadedModel, info: StatisticInfo, stat: ClassStatistic, settings: ClassSettings, *,
+                 source: str = "") -> Bundle:
+    """A counted class (class_statistic, or read_statistic/merge of saved shards) -> its bundle."""
+    where = info.extra.get("file", "the statistic")
     if stat.prompts == 0:
-        raise GriffinError("no prompt to aggregate")
-    scores = check_aggregation(settings.aggregation).score(stat).float()
-    return select_all(scores, stat.k, settings.method, settings.seed)
+        why = f"all {info.skipped} prompts are longer than the model's context" if info.skipped else "no prompts"
+        raise GriffinError(f"class {settings.name!r}: {why}; nothing to export")
+    if info.base_fingerprint != lm.fingerprint:
+        raise GriffinError(f"{where} was counted on {info.base_model} (fingerprint {info.base_fingerprint[:16]}), "
+                           f"not on {lm.identity}; pass that model with --model")
+    if info.chat != settings.chat:
+        raise GriffinError(f"{where} was counted {'with' if info.chat else 'without'} --chat; "
+                           f"{'pass' if info.chat else 'drop'} --chat so new prompts are read the same way")
+    if settings.refit and stat.gram is None:
+        raise GriffinError(f"{settings.method} solves on the class's Gram matrices, and {where} has none (it was "
+                           "counted for a method without a refit); count the prompts again with a refit --method")
+    aggregation = check_aggregation(settings.aggregation)
+    if aggregation.uses_k and k_for(settings.density, lm.d_ff) != stat.k:
+        raise GriffinError(f"aggregation {aggregation.name} counts each prompt's top-k, and {where} counted it at "
+                           f"k={stat.k}; use that density, or pooled / mean, which hold at any density")
+    scores = aggregation.score(stat).float()
+    k = k_for(settings.density, lm.d_ff)
+    if settings.method == "topk_refit_edges" and k < lm.d_ff and len(set(edge_budgets(lm.num_layers, lm.d_ff, k))) == 1:
+        # per prompt this falls back to uniform widths (so evaluation grids run through); a class
+        # bundle is made one at a time, and a user who asked for the edges is told
+        raise GriffinError(f"topk_refit_edges cannot keep layers 0, 1 and the last whole at density {settings.density}: "
+                           f"{lm.num_layers} layers × k={k} leave too few neurons for the others; use a larger "
+                           "density or topk_refit")
+    indices, weights = choose_experts(lm, settings.method, scores, settings.density, settings.seed,
+                                      gram=stat.gram, refit_lambda=settings.refit_lambda)
+    extra = {"class": settings.name, "prompts": str(stat.prompts), "skipped": str(info.skipped),
+             "aggregation": settings.aggregation}
+    if settings.refit:
+        extra["refit_lambda"] = str(settings.refit_lambda)
+    if source:
+        extra["source"] = source
+    # prompt_tokens of a class bundle: the tokens its statistic was computed from
+    return bundle_from_indices(lm, indices, settings.export_settings(), prompt_tokens=stat.tokens,
+                               kind="class", extra=extra, weights=weights)
 
 
 def export_class(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *,
                  total: int | None = None, progress: bool = False, source: str = "") -> ClassResult:
     """Many prompts -> one class bundle (experts only: no KV, prompt ids or logits)."""
-    stat, skipped, first = class_statistic(lm, prompts, settings, total=total, progress=progress)
-    if stat.prompts == 0:
-        why = f"all {skipped} prompts are longer than the model's context" if skipped else "no prompts"
-        raise GriffinError(f"class {settings.name!r}: {why}; nothing to export")
-    indices = class_indices(stat, settings)
-    extra = {"class": settings.name, "prompts": str(stat.prompts), "skipped": str(skipped),
-             "aggregation": settings.aggregation}
+    info, stat, first = class_statistic(lm, prompts, settings, total=total, progress=progress)
     if source:
-        extra["source"] = source
-    # prompt_tokens of a class bundle: the tokens its statistic was computed from
-    bundle = bundle_from_indices(lm, indices, settings.export_settings(), prompt_tokens=stat.tokens,
-                                 kind="class", extra=extra)
-    return ClassResult(bundle, stat, skipped, first)
+        info.extra["source"] = source
+    return ClassResult(class_bundle(lm, info, stat, settings, source=source), stat, info, first)
 
 
 # -- experts in place, and the classification mode -----------------------------------------

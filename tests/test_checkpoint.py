@@ -92,12 +92,15 @@ def test_checkpoint_loads_with_plain_transformers_and_matches_the_runtime(arch, 
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
 
 
-def test_checkpoint_tokenizer_and_class_bundle(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["topk", "topk_refit"])
+def test_checkpoint_tokenizer_and_class_bundle(tiny_dir, tmp_path, capsys, method):
+    """A class bundle (refit on the class's Gram or not) becomes a plain checkpoint whose logits are the
+    runtime's with --pruned-prefill."""
     from transformers import AutoTokenizer
 
     base = tiny_dir("llama")
     lm = load_model(str(base), quiet=True)
-    result = export_class(lm, [Prompt(tiny_prompt(10 + i), str(i)) for i in range(3)], ClassSettings("news"))
+    result = export_class(lm, [Prompt(tiny_prompt(10 + i), str(i)) for i in range(3)], ClassSettings("news", method=method))
     path = write_bundle(result.bundle, tmp_path / "news.safetensors")
     with pytest.raises(SystemExit) as e:
         main(["checkpoint", str(path), "-o", str(tmp_path / "news-model"), "--model", str(base), "-q"])
@@ -112,7 +115,11 @@ def test_checkpoint_tokenizer_and_class_bundle(tiny_dir, tmp_path, capsys):
     got, model = plain_logits(out, ids, tokens)
     rt = TorchRuntime(load_model(str(base), quiet=True), read_bundle(path), pruned_prefill=True)
     torch.testing.assert_close(got, runtime_logits(rt, ids, tokens), rtol=1e-4, atol=1e-4)
-    assert model.config.griffin["bundle"]["extra.class"] == "news"
+    assert model.config.griffin["bundle"]["extra.class"] == "news" and model.config.griffin["bundle"]["method"] == method
+    # the refit columns are what the checkpoint holds: not the base model's sliced ones
+    block = ff_blocks(model, lm.spec)[0]
+    sliced = ff_blocks(lm.model, lm.spec)[0].output.weight[:, result.bundle.indices[0]]
+    assert torch.equal(block.output.weight, sliced) == (method == "topk")
 
 
 def test_plain_generate_equals_griffin_generate_with_pruned_prefill(tiny_dir, tmp_path):
@@ -145,6 +152,7 @@ def test_uneven_k_is_refused(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert "k differs between layers (16..32); a Hugging Face config has one intermediate_size" in err
+    assert "griffin-export onnx" in err  # where per-layer widths do go
     assert sorted(p.name for p in tmp_path.iterdir()) == ["uneven.safetensors"]
 
 

@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_prompt
 from griffin_export import ExportSettings, TorchRuntime, export_ids, read_bundle
 from griffin_export.arch import ff_blocks
-from griffin_export.classes import (AGGREGATIONS, DEFAULT_AGGREGATION, ClassSettings, Prompt, choice_loglik, classification_logits,
+from griffin_export.classes import (AGGREGATIONS, DEFAULT_AGGREGATION, ClassSettings, Prompt, choice_loglik, class_bundle,
+                                    classification_logits,
                                     count_prompts, experts, export_class, iter_prompts)
 from griffin_export.errors import GriffinError
 from griffin_export.export import layer_scores, tokenize
@@ -104,8 +105,8 @@ def test_prompts_are_streamed_one_at_a_time(lm, monkeypatch):
     import griffin_export.classes as classes
 
     calls = []
-    real = classes.layer_scores
-    monkeypatch.setattr(classes, "layer_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = classes.prompt_statistic
+    monkeypatch.setattr(classes, "prompt_statistic", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def source():
         for i, t in enumerate(texts(5)):
@@ -148,6 +149,182 @@ def test_class_bundle_decodes_a_new_prompt_after_a_full_prefill(lm, tiny_dir):
     assert (first_pruned - want_first).abs().max() > 1e-3  # --pruned-prefill really prunes the prefill
     with pytest.raises(GriffinError, match="class bundle"):
         TorchRuntime(load_model(str(tiny_dir("llama")), quiet=True), result.bundle).start()
+
+
+# -- class refit: the Gram of all the class's tokens, saved statistics, shards -------------------
+
+
+def refit_class(lm, prompts, method="topk_refit", density=0.5, **kw):
+    return export_class(lm, prompts, ClassSettings("c", method=method, density=density, **kw))
+
+
+def test_class_gram_is_the_sum_of_the_prompts_grams_in_any_order(lm):
+    from griffin_export.export import prompt_statistic
+
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(5))]
+    forward_order = refit_class(lm, prompts)
+    want = sum(prompt_statistic(lm, tokenize(lm, p.text), gram=True)[0].gram.double() for p in prompts)
+    torch.testing.assert_close(forward_order.statistic.gram, want, rtol=1e-12, atol=1e-9)
+    assert forward_order.statistic.gram.dtype == torch.float64
+    shuffled = refit_class(lm, [prompts[i] for i in (4, 2, 0, 3, 1)])
+    torch.testing.assert_close(shuffled.statistic.gram, forward_order.statistic.gram, rtol=1e-12, atol=1e-9)
+    assert same(shuffled.bundle.indices, forward_order.bundle.indices)
+    for name, t in forward_order.bundle.weights.items():
+        torch.testing.assert_close(shuffled.bundle.weights[name], t, rtol=1e-6, atol=1e-7)
+
+
+def test_class_refit_solves_on_the_class_gram(lm):
+    from griffin_export.refit import refit_down
+
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(4))]
+    refit = refit_class(lm, prompts)
+    plain = export_class(lm, prompts, ClassSettings("c"))
+    assert same(refit.bundle.indices, plain.bundle.indices)  # topk's neurons, refit columns
+    assert refit.bundle.info.method == "topk_refit" and refit.bundle.info.extra["refit_lambda"] == "1.0"
+    for i, (block, idx) in enumerate(zip(ff_blocks(lm.model, lm.spec), refit.bundle.indices)):
+        name = f"{block.prefix}{lm.spec.output}.weight"
+        want = refit_down(block.output.weight, refit.statistic.gram[i], idx)
+        torch.testing.assert_close(refit.bundle.weights[name], want)
+        assert (refit.bundle.weights[name] - plain.bundle.weights[name]).abs().max() > 1e-4  # the refit changed them
+        for other in set(refit.bundle.weights) - {name}:
+            if other.startswith(block.prefix):  # gate/up rows: sliced, not refit
+                assert torch.equal(refit.bundle.weights[other], plain.bundle.weights[other])
+
+
+@pytest.mark.parametrize("method", ["topk_refit", "topk_refit_edges", "topk_refit_alloc"])
+def test_class_refit_at_density_one_is_the_full_model(lm, tiny_dir, method):
+    result = refit_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(3))], method=method, density=1.0)
+    assert result.bundle.info.k == [lm.d_ff] * lm.num_layers
+    ids = tokenize(lm, tiny_prompt(14))
+    _, want = prefill(load_model(str(tiny_dir("llama")), quiet=True).model, ids)
+    rt = TorchRuntime(load_model(str(tiny_dir("llama")), quiet=True), result.bundle, pruned_prefill=True)
+    cache, first = rt.start(ids)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_budgets_for_a_class():
+    from conftest import _tiny_tokenizer
+    from griffin_export.budget import edge_budgets
+
+    lm = tiny_model("llama", lean=True)  # 4 layers, D_ff 64
+    lm.tokenizer = _tiny_tokenizer()
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(4))]
+    edges = export_class(lm, prompts, ClassSettings("c", method="topk_refit_edges", density=0.8)).bundle
+    assert edges.info.k == edge_budgets(4, 64, round(0.8 * 64)) == [64, 64, 12, 64]
+    alloc = export_class(lm, prompts, ClassSettings("c", method="topk_refit_alloc", density=0.8)).bundle
+    assert sum(alloc.info.k) == 4 * round(0.8 * 64) and len(set(alloc.info.k)) > 1
+    with pytest.raises(GriffinError, match="topk_refit_edges cannot keep layers 0, 1 and the last whole"):
+        export_class(lm, prompts, ClassSettings("c", method="topk_refit_edges", density=0.5))
+
+
+def test_a_saved_statistic_gives_the_same_bundles_and_shards_merge_exactly(lm, tmp_path):
+    from griffin_export.aggregate import merge, read_statistic, write_statistic
+
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(6))]
+    whole = refit_class(lm, prompts)
+    path = write_statistic(whole.info, whole.statistic, tmp_path / "all.stat")
+    info, stat = read_statistic(path)
+    assert (info.prompts, info.tokens) == (6, whole.statistic.tokens)
+    for method, density in (("topk_refit", 0.5), ("topk_refit_alloc", 0.25), ("topk", 0.75)):
+        settings = ClassSettings("c", method=method, density=density)
+        again = class_bundle(lm, info, stat, settings)
+        direct = export_class(lm, prompts, settings).bundle
+        assert same(again.indices, direct.indices)
+        for name, t in direct.weights.items():
+            torch.testing.assert_close(again.weights[name], t, rtol=1e-6, atol=1e-7)
+    halves = [refit_class(lm, part) for part in (prompts[:2], prompts[2:])]
+    files = [write_statistic(h.info, h.statistic, tmp_path / f"s{i}.stat") for i, h in enumerate(halves)]
+    m_info, m_stat = merge(read_statistic(f) for f in reversed(files))
+    assert (m_info.prompts, m_info.tokens) == (info.prompts, info.tokens)
+    for name, t in stat.terms().items():
+        torch.testing.assert_close(m_stat.terms()[name], t, rtol=1e-12, atol=1e-9)
+    merged = class_bundle(lm, m_info, m_stat, ClassSettings("c", method="topk_refit"))
+    assert same(merged.indices, whole.bundle.indices)
+
+
+def test_bad_class_refit_settings_are_one_line_errors(lm, tiny_dir, tmp_path):
+    from griffin_export.aggregate import merge, read_statistic, write_statistic
+
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(3))]
+    plain = export_class(lm, prompts, ClassSettings("c", aggregation="topk_freq"))
+    with pytest.raises(GriffinError, match="topk_refit solves on the class's Gram matrices, and .* has none"):
+        class_bundle(lm, plain.info, plain.statistic, ClassSettings("c", method="topk_refit"))
+    with pytest.raises(GriffinError, match="aggregation topk_freq counts each prompt's top-k, and .* k=32"):
+        class_bundle(lm, plain.info, plain.statistic, ClassSettings("c", aggregation="topk_freq", density=0.25))
+    with pytest.raises(GriffinError, match="counted without --chat; drop --chat"):
+        class_bundle(lm, plain.info, plain.statistic, ClassSettings("c", chat=True))
+    other = load_model(str(tiny_dir("llama", seed=1)), quiet=True)
+    with pytest.raises(GriffinError, match="was counted on .*, not on .*llama-1.*; pass that model with --model"):
+        class_bundle(other, plain.info, plain.statistic, ClassSettings("c"))
+    refit = refit_class(lm, prompts)
+    a = write_statistic(plain.info, plain.statistic, tmp_path / "a.stat")
+    b = write_statistic(refit.info, refit.statistic, tmp_path / "b.stat")
+    with pytest.raises(GriffinError, match="b.stat has the Gram matrices the first lacks"):
+        merge([read_statistic(a), read_statistic(b)])
+    quarter = export_class(lm, prompts, ClassSettings("c", density=0.25))
+    c = write_statistic(quarter.info, quarter.statistic, tmp_path / "c.stat")
+    with pytest.raises(GriffinError, match="count every shard at one density"):
+        merge([read_statistic(a), read_statistic(c)])
+    with pytest.raises(GriffinError, match="unknown aggregation|does not use the prompts"):
+        ClassSettings("c", method="magnitude")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-100]), "is not a readable class statistic"),
+    (lambda p: __import__("safetensors.torch").torch.save_file({"x": torch.zeros(1)}, str(p), metadata={
+        "format": "griffin-expert"}), r"is not a griffin-export class statistic \(format='griffin-expert'\)"),
+    (lambda p: p.unlink(), "does not exist"),
+])
+def test_damaged_statistic_files_are_refused(lm, tmp_path, damage, message):
+    from griffin_export.aggregate import read_statistic, write_statistic
+
+    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(2))], ClassSettings("c"))
+    path = write_statistic(result.info, result.statistic, tmp_path / "s.stat")
+    damage(path)
+    with pytest.raises(GriffinError, match=message):
+        read_statistic(path)
+
+
+def test_statistic_with_bad_tensors_is_refused(lm, tmp_path):
+    from safetensors.torch import save_file
+
+    from griffin_export.aggregate import read_statistic, write_statistic
+    from griffin_export.bundle import str_metadata
+
+    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(2))], ClassSettings("c"))
+    path = write_statistic(result.info, result.statistic, tmp_path / "s.stat")
+    terms = result.statistic.terms()
+    for name, bad, message in (("squared", terms["squared"].float(), "should be float64"),
+                               ("in_topk", terms["in_topk"][:1], "should be float64"),
+                               ("normalized", terms["normalized"] * float("nan"), "holds non-finite")):
+        save_file({**terms, name: bad}, str(path), metadata=str_metadata(result.info))
+        with pytest.raises(GriffinError, match=f"tensor {name} {message}"):
+            read_statistic(path)
+
+
+def test_class_command_saves_and_reuses_a_statistic(tmp_path, tiny_dir, capsys):
+    data = write_jsonl(tmp_path / "x.jsonl", texts(4))
+    model = tiny_dir("llama")
+    code, out, err = run(["class", data, "--name", "c", "-o", tmp_path / "a.safetensors", "--model", model,
+                          "--method", "topk_refit", "--save-statistic", tmp_path / "c.stat", "-q"], capsys)
+    assert code == 0, err
+    assert "(topk_refit, density 0.5)" in out
+    code, out, err = run(["class", "--statistic", tmp_path / "c.stat", "--name", "c", "-o", tmp_path / "b.safetensors",
+                          "--method", "topk_refit", "--density", "0.5", "-q"], capsys)  # the model from the file
+    assert code == 0, err
+    assert "class 'c' from 4 prompts" in out
+    a, b = read_bundle(tmp_path / "a.safetensors"), read_bundle(tmp_path / "b.safetensors")
+    assert same(a.indices, b.indices) and all(torch.equal(a.weights[n], b.weights[n]) for n in a.weights)
+    for argv, message in (
+        ([], "give the prompts (INPUT...) or saved statistics (--statistic), one of the two"),
+        ([data, "--statistic", tmp_path / "c.stat"], "one of the two"),
+        (["--statistic", tmp_path / "c.stat", "--save-statistic", tmp_path / "d.stat"], "nothing new to save"),
+        (["--statistic", tmp_path / "nope.stat"], "nope.stat does not exist"),
+        (["--statistic", data], "is not a readable class statistic"),
+    ):
+        code, _, err = run(["class", *argv, "--name", "c", "-o", tmp_path / "e.safetensors", "-q"], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "e.safetensors").exists() and not (tmp_path / "d.stat").exists()
 
 
 # -- input ---------------------------------------------------------------------------------
@@ -303,7 +480,7 @@ def test_interrupted_class_run_leaves_no_partial_output(tmp_path, tiny_dir, caps
 
     data = write_jsonl(tmp_path / "x.jsonl", texts(4))
     calls = []
-    real = classes.layer_scores
+    real = classes.prompt_statistic
 
     def interrupt_third(*a, **k):
         calls.append(1)
@@ -311,7 +488,7 @@ def test_interrupted_class_run_leaves_no_partial_output(tmp_path, tiny_dir, caps
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(classes, "layer_scores", interrupt_third)
+    monkeypatch.setattr(classes, "prompt_statistic", interrupt_third)
     code, _, err = run(["class", data, "--name", "c", "-o", tmp_path / "c.safetensors", "--model",
                         tiny_dir("llama"), "-q"], capsys)
     assert code == 130 and "interrupted" in err

@@ -120,6 +120,31 @@ def test_pruned_prefill_runs_the_prompt_through_the_experts(exported):
                                atol=ATOL, rtol=RTOL)
 
 
+def test_a_class_refit_bundle_decodes_alike_in_both_runtimes(exported, tiny_dir):
+    """A class bundle refit on its prompts' Gram swaps into the pruned graph: a new prompt, with the
+    full prefill and with the prefill through the experts, generates the PyTorch runtime's tokens."""
+    from griffin_export.classes import ClassSettings, Prompt, export_class
+    from griffin_export.models import load_model
+
+    e = exported("llama")
+    lm = load_model(str(tiny_dir("llama")), quiet=True)  # the same weights as tiny_model("llama"), with a tokenizer
+    assert lm.fingerprint == e.lm.fingerprint
+    prompts = [Prompt(tiny_prompt(12 + 5 * i), str(i)) for i in range(3)]
+    refit = export_class(lm, prompts, ClassSettings("c", method="topk_refit")).bundle
+    plain = export_class(lm, prompts, ClassSettings("c")).bundle
+    opts = DecodeOptions(max_new_tokens=12)
+    ids = prompt_ids(18, seed=4)
+    for pruned in (False, True):
+        want = TorchRuntime(tiny_model("llama"), refit, keep_full=not pruned, pruned_prefill=pruned)
+        got = OnnxRuntime(e.pruned, refit, full=None if pruned else e.full, provider="cpu", pruned_prefill=pruned)
+        tokens = want.generate(opts, ids=ids).token_ids
+        assert got.generate(opts, ids=ids).token_ids == tokens and len(tokens) > 3
+        # the refit columns are in play: the same neurons unrefit give other logits
+        other = OnnxRuntime(e.pruned, plain, full=None if pruned else e.full, provider="cpu", pruned_prefill=pruned)
+        assert (steps(got, got.start(ids), decode_tokens()) - steps(other, other.start(ids), decode_tokens())
+                ).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text"])
 def test_a_warm_up_bundle_generates_like_the_torch_runtime(exported, arch):
     """export --warmup: the ONNX runtime resumes after the warm-up tokens and starts its output with them
