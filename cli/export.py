@@ -48,7 +48,8 @@ def command(prompt, output, model, gguf_file, device, dtype, density, method, re
       griffin-export prompt.txt -o expert.safetensors --model ./my-llama-dir --dtype bfloat16
     """
     from griffin_export.bundle import check_output_path, write_bundle
-    from griffin_export.export import ExportSettings, export_prompt, read_prompt
+    from griffin_export.export import ExportSettings, export_prompt
+    from griffin_export.prompts import read_prompt
     from griffin_export.models import load_model
 
     t0 = time.perf_counter()

@@ -45,7 +45,7 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
     from griffin_export.bundle import read_bundle, read_info
     from griffin_export.decoding import DecodeOptions
     from griffin_export.errors import GriffinError
-    from griffin_export.export import read_prompt
+    from griffin_export.prompts import read_prompt
     from griffin_export.runtime.pytorch import load_runtime
 
     opts = DecodeOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -78,7 +78,7 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
         status(rt.describe(), quiet)
     else:
         if prompt is None:  # the context is in the model's config: refuse before the weights load
-            from griffin_export.export import check_generation_fits
+            from griffin_export.prompts import check_generation_fits
             from griffin_export.models import check_device, peek_architecture
 
             check_device(device)

@@ -79,6 +79,12 @@ def block_prefix(spec: FFSpec, layer: int) -> str:
     return f"{spec.layers}.{layer}{block}."
 
 
+def ff_param(spec: FFSpec, layer: int, proj: str, kind: str = "weight") -> str:
+    """The base model's name of one FF parameter, e.g. model.layers.3.mlp.down_proj.weight: the one
+    spelling bundles, graphs and checkpoints share (proj is one of spec.inputs or spec.output)."""
+    return f"{block_prefix(spec, layer)}{proj}.{kind}"
+
+
 def ff_blocks(model: nn.Module, spec: FFSpec) -> list[FFBlock]:
     blocks = []
     for i, layer in enumerate(_get(model, spec.layers)):
@@ -120,15 +126,14 @@ def slice_block(block: FFBlock, indices: torch.Tensor, spec: FFSpec, d: int) -> 
 
 def expected_shapes(spec: FFSpec, layer: int, k: int, hidden: int, biases: dict[str, bool]) -> dict[str, tuple[int, ...]]:
     """Shapes of one layer's sliced tensors; `biases` says which projections have one."""
-    prefix = block_prefix(spec, layer)
     shapes: dict[str, tuple[int, ...]] = {}
     for name in spec.inputs:
-        shapes[f"{prefix}{name}.weight"] = (spec.fused * k, hidden)
+        shapes[ff_param(spec, layer, name)] = (spec.fused * k, hidden)
         if biases[name]:
-            shapes[f"{prefix}{name}.bias"] = (spec.fused * k,)
-    shapes[f"{prefix}{spec.output}.weight"] = (hidden, k)
+            shapes[ff_param(spec, layer, name, "bias")] = (spec.fused * k,)
+    shapes[ff_param(spec, layer, spec.output)] = (hidden, k)
     if biases[spec.output]:
-        shapes[f"{prefix}{spec.output}.bias"] = (hidden,)
+        shapes[ff_param(spec, layer, spec.output, "bias")] = (hidden,)
     return shapes
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -24,9 +23,11 @@ from tqdm.auto import tqdm
 from .bundle import write_bundle
 from .errors import GriffinError
 from .select import check_density, check_method
-from .export import ExportSettings, check_context, export_ids, tokenize
+from .export import ExportSettings, export_ids, tokenize
+from .prompts import check_context
 from .models import LoadedModel, load_model
 from .prefill import cache_tensors, forward, prefill, restore_cache
+from .provenance import machine
 from .runtime.pytorch import TorchRuntime
 
 DEFAULT_DATA = Path("shared") / "data" / "xsum_dev.jsonl"
@@ -119,19 +120,6 @@ def read_elements(model: torch.nn.Module) -> int:
     if head is None or emb.weight.data_ptr() != head.weight.data_ptr():
         total -= emb.weight.numel()
     return total
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -271,7 +259,7 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         data = find_data(s.data)
         ids, prompt_source = tokenize(lm, read_row(data, s.row)), f"row {s.row} of {data.name}"
     ids = ids.to(lm.device)
-    check_context(lm, ids.shape[1] + s.new_tokens)
+    check_context(lm.context_length, ids.shape[1] + s.new_tokens)
 
     base = copy.deepcopy(lm.model)  # untouched full model for the plain-prefill baseline
     full_read, full_ff = read_elements(base), _ff_elements(lm)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import block_prefix, expected_shapes, spec_for
+from .arch import expected_shapes, ff_param, spec_for
 from .errors import GriffinError
 from .outputs import atomic_output, check_output_path
 
@@ -286,7 +286,7 @@ def _check_layout(info: BundleInfo, entries: dict[str, tuple[str, list[int]]], s
             problems.append(f"tensor {name} is missing")
         elif entries[name][1] != [k]:
             problems.append(f"tensor {name} has shape {entries[name][1]}, expected [{k}]")
-        biases = {p: f"{block_prefix(spec, i)}{p}.bias" in entries for p in (*spec.inputs, spec.output)}
+        biases = {p: ff_param(spec, i, p, "bias") in entries for p in (*spec.inputs, spec.output)}
         for tname, shape in expected_shapes(spec, i, k, info.hidden_size, biases).items():
             if tname not in entries:
                 problems.append(f"tensor {tname} is missing")

@@ -33,11 +33,11 @@ from .bundle import Bundle
 from .errors import GriffinError
 from .aggregate import (AGGREGATIONS, DEFAULT_AGGREGATION, Aggregation, ClassStatistic, StatisticInfo,  # noqa: F401
                         check_aggregation)
-from .export import (ExportSettings, bundle_from_indices, choose_experts, expert_weights, prompt_statistic, read_prompt,
-                     tokenize)
+from .export import ExportSettings, bundle_from_indices, choose_experts, expert_weights, prompt_statistic, tokenize
 from .jsonl import parse_object, text_field
 from .models import LoadedModel
 from .prefill import forward, new_cache
+from .prompts import OVER_CONTEXT, read_prompt
 from .budget import edge_budgets
 from .refit import DEFAULT_LAMBDA
 from .select import REFIT, k_for, select_all
@@ -158,8 +158,8 @@ class ClassResult:
 
 
 def _over_context(lm: LoadedModel, e: GriffinError) -> bool:
-    # export.tokenize refuses prompts that do not fit with this message (export.check_context)
-    return lm.context_length is not None and "the model's context is" in str(e)
+    # tokenize refuses prompts that do not fit with this message (prompts.check_context)
+    return lm.context_length is not None and OVER_CONTEXT in str(e)
 
 
 def class_statistic(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *,

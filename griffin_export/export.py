@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from . import __version__
-from .arch import ff_blocks, magnitude_scores, slice_block
+from .arch import ff_blocks, ff_param, magnitude_scores, slice_block
 from .budget import edge_budgets, refit_budgets
 from .bundle import WARMUP_FORMAT_VERSION, Bundle, BundleInfo
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
 from .decoding import eos_ids
 from .prefill import cache_tensors, forward, prefill
+from .prompts import check_context, encode
 from .refit import DEFAULT_LAMBDA, refit_down
 from .select import REFIT, check_density, check_method, k_for, select_all
 from .statistic import FFStatistic, recording
@@ -46,64 +45,9 @@ class ExportSettings:
             raise GriffinError(f"refit lambda must be > 0, got {self.refit_lambda}")
 
 
-def read_prompt(source: str | os.PathLike) -> str:
-    """UTF-8 prompt text from a file, or stdin for '-'."""
-    import sys
-
-    if str(source) == "-":
-        data = sys.stdin.buffer.read()
-        name = "stdin"
-    else:
-        path = Path(source)
-        if path.is_dir():
-            raise GriffinError(f"prompt file {source} is a directory; give a text file")
-        if not path.is_file():
-            raise GriffinError(f"prompt file {source} does not exist")
-        data = path.read_bytes()
-        name = str(source)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise GriffinError(f"prompt {name} is not valid UTF-8 (byte {e.start})") from None
-    if not text.strip():
-        raise GriffinError(f"prompt {name} is empty")
-    return text
-
-
 def tokenize(lm: LoadedModel, text: str, *, chat: bool = False) -> torch.Tensor:
-    """Prompt text -> ids [1, T], refusing prompts longer than the model's context."""
-    tok = lm.tokenizer
-    if tok is None:
-        raise GriffinError("the model has no tokenizer")
-    if chat:
-        if not getattr(tok, "chat_template", None):
-            raise GriffinError(f"--chat: the model {lm.identity} has no chat template")
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
-        )["input_ids"]
-    else:
-        ids = tok(text)["input_ids"]
-    if not ids:
-        raise GriffinError("the prompt encodes to 0 tokens")
-    ids = torch.tensor([ids], dtype=torch.long, device=lm.device)
-    check_context(lm, ids.shape[1])
-    return ids
-
-
-def check_context(lm: LoadedModel, n_tokens: int, reserve: int = 1, warmup: int = 0) -> None:
-    """Refuse a prompt of n_tokens that leaves no room for `reserve` more tokens (and the warm-up)."""
-    ctx = lm.context_length
-    if ctx is not None and n_tokens + max(reserve, warmup + 1) > ctx:
-        warm = f" + {warmup} warm-up tokens" if warmup else ""
-        raise GriffinError(f"prompt has {n_tokens} tokens{warm}; the model's context is {ctx} (leave room to generate)")
-
-
-def check_generation_fits(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
-    """Refuse, before any decoding, a generation whose prompt + max_new_tokens (a bundle's warm-up
-    tokens are part of them) is past the model's context: one check for both runtimes and the CLI."""
-    if context and prompt_tokens + max_new_tokens > context:
-        raise GriffinError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} is past the model's "
-                           f"context of {context} tokens")
+    """Prompt text -> ids [1, T] on the model's device, refusing prompts longer than its context."""
+    return encode(lm.tokenizer, text, context=lm.context_length, chat=chat, model=lm.identity, device=lm.device)
 
 
 def prompt_statistic(lm: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 512, gram: bool = False,
@@ -172,7 +116,7 @@ def expert_weights(lm: LoadedModel, indices: list[torch.Tensor], *, gram: torch.
         idx = idx.to(block.output.weight.device)
         layer = slice_block(block, idx, spec, lm.d_ff)
         if gram is not None:
-            name = f"{block.prefix}{spec.output}.weight"
+            name = ff_param(spec, i, spec.output)
             layer[name] = refit_down(block.output.weight, gram[i], idx.cpu(), refit_lambda).to(block.output.weight)
         weights.update(layer)
     return weights
@@ -209,7 +153,7 @@ def bundle_from_indices(lm: LoadedModel, indices: list[torch.Tensor], settings: 
 
 def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, progress: bool = False) -> Bundle:
     """The whole GRIFFIN export for token ids [1, T]."""
-    check_context(lm, ids.shape[1], warmup=settings.warmup)
+    check_context(lm.context_length, ids.shape[1], warmup=settings.warmup)
     refit = settings.method in REFIT
     stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, gram=refit, progress=progress)
     warm, last_logits = warm_up(lm, stat, cache, last_logits, settings.warmup)

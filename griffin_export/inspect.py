@@ -101,12 +101,12 @@ def _tensor_bytes(t) -> int:
 def _ff_widths(inits: dict, architecture: str | None) -> tuple[str | None, list[int]]:
     """Per-layer FF width read off the output projection's initializer [hidden, k]; the
     architecture from the metadata, else the first table row whose names the graph uses."""
-    from .arch import ARCHITECTURES, block_prefix
+    from .arch import ARCHITECTURES, ff_param
 
     specs = [(architecture, ARCHITECTURES[architecture])] if architecture in ARCHITECTURES else list(ARCHITECTURES.items())
     for name, spec in specs:
         widths, i = [], 0
-        while (w := inits.get(f"{block_prefix(spec, i)}{spec.output}.weight")) is not None:
+        while (w := inits.get(ff_param(spec, i, spec.output))) is not None:
             widths.append(int(w[-1]))
             i += 1
         if widths:
@@ -119,7 +119,7 @@ def describe_onnx(path: str | os.PathLike) -> dict:
 
     from onnx import TensorProto
 
-    from .runtime.onnx import graph_file, load_proto
+    from .graph import graph_file, load_proto
 
     f = graph_file(path)
     proto = load_proto(f)

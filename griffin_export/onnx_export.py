@@ -32,7 +32,6 @@ import contextlib
 import io
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -40,77 +39,23 @@ import torch
 from torch import nn
 
 from . import __version__
-from .arch import ff_blocks, per_layer, sliced, sliding_layers, spec_for
-from .bundle import FORMAT_VERSION as BUNDLE_FORMAT_VERSION
-from .bundle import Bundle, check_compatible, check_format, parse_metadata, str_metadata
+from .arch import ff_blocks, ff_param, per_layer, sliced, sliding_layers, spec_for
+from .bundle import Bundle, check_compatible
 from .decoding import eos_ids
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
 from .outputs import atomic_dir, check_output_dir
+from .graph import (BATCH, DATA_FILE, INPUT_NAMES, LAYOUTS, LEAN_FORMAT_VERSION, MODEL_FILE, PAST,  # noqa: F401
+                    PAST_LEN, PRESENT, SEQ, TOTAL_LEN, GraphInfo, read_graph)
 from .prefill import cache_kwarg, kv_layout
 
-GRAPH_FORMAT = "griffin-onnx"
-GRAPH_FORMAT_VERSION = "1"  # the traced graph
-LEAN_FORMAT_VERSION = "2"  # the lean graph (onnx_lean.py): an older reader refuses it instead of misbinding its KV
-LAYOUTS = ("auto", "lean", "traced")  # --graph: auto = lean where the adapter table covers the architecture
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 # 23: SDPA becomes one ONNX Attention node (GQA-aware) instead of ~15 decomposed ops; with
 # the GQA path below, ORT CPU decode ran ~1.5x faster than opset 20 on the default model
 # (999-token prompt). ONNX Runtime >= 1.23 has the Attention-23 kernel.
 OPSET = 23
 
-INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
-PAST = "past_key_values.{}.{}"  # layer, key|value
-PRESENT = "present.{}.{}"
-# symbolic dimension names, as HF Optimum names them
-BATCH, SEQ, PAST_LEN, TOTAL_LEN = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
-
 # example sizes for tracing: > 1 so torch.export does not specialize any axis to 0 or 1
 _EXAMPLE_BATCH, _EXAMPLE_SEQ, _EXAMPLE_PAST = 2, 3, 5
-
-
-@dataclass
-class GraphInfo:
-    """metadata_props of an exported graph. Every value is stored as a string."""
-
-    kind: str  # "pruned" (a bundle's experts) or "full" (the model as loaded)
-    base_model: str
-    base_fingerprint: str
-    architecture: str
-    dtype: str
-    num_layers: int
-    d_ff: int
-    hidden_size: int
-    k: list[int]  # FF width per layer, as found in the weights
-    density: float
-    method: str
-    kv_heads: int
-    head_dim: int
-    sliding_layers: list[int]  # layers whose attention is windowed (their bundle KV may be shorter)
-    eos_token_ids: list[int]
-    context_length: int  # 0 = unknown
-    chat: bool = False
-    tokenizer: str = ""
-    bundle_format_version: str = BUNDLE_FORMAT_VERSION
-    tool_version: str = __version__
-    format: str = GRAPH_FORMAT
-    format_version: str = GRAPH_FORMAT_VERSION
-    layout: str = "traced"  # "traced" (this module) or "lean" (onnx_lean.py)
-    max_length: int = 0  # lean: KV buffer positions (prompt + generated tokens); 0 = grows (traced)
-    batch_size: int = 0  # lean: the batch its buffers are allocated for; 0 = any (traced)
-    extra: dict[str, str] = field(default_factory=dict)  # the bundle's extra.* keys
-
-    def to_metadata(self) -> dict[str, str]:
-        return str_metadata(self)
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], source: str) -> "GraphInfo":
-        check_format(meta, source, GRAPH_FORMAT, (GRAPH_FORMAT_VERSION, LEAN_FORMAT_VERSION), "graph")
-        info = parse_metadata(cls, meta, source)
-        if info.layout not in ("traced", "lean") or (info.layout == "lean") != (info.format_version == LEAN_FORMAT_VERSION):
-            raise GriffinError(f"{source}: graph layout {info.layout!r} does not match format version {info.format_version}")
-        return info
 
 
 # -- the module torch.export traces ------------------------------------------------------------
@@ -156,11 +101,11 @@ def ff_widths(lm: LoadedModel) -> list[int]:
 
 def ff_weight_names(lm: LoadedModel) -> list[str]:
     names = []
-    for b in ff_blocks(lm.model, lm.spec):
+    for i, b in enumerate(ff_blocks(lm.model, lm.spec)):
         for name, lin in (*b.inputs.items(), (lm.spec.output, b.output)):
-            names.append(f"{b.prefix}{name}.weight")
+            names.append(ff_param(lm.spec, i, name))
             if lin.bias is not None:
-                names.append(f"{b.prefix}{name}.bias")
+                names.append(ff_param(lm.spec, i, name, "bias"))
     return names
 
 
@@ -340,10 +285,10 @@ def _finish(model, lm: LoadedModel, info: GraphInfo) -> None:
     missing = [n for n in ff_weight_names(lm) if n not in inits]
     if missing:  # the exporter folded or renamed an FF weight: swapping bundles would silently fail
         raise RuntimeError(f"FF weights are not named initializers in the exported graph: {missing[:3]}")
-    for b, k in zip(ff_blocks(lm.model, spec), info.k):
-        shape = tuple(inits[f"{b.prefix}{spec.output}.weight"].shape)
+    for i, k in enumerate(info.k):
+        shape = tuple(inits[ff_param(spec, i, spec.output)].shape)
         if shape[-1] != k:
-            raise RuntimeError(f"{b.prefix}{spec.output}.weight has shape {shape}, expected width {k}")
+            raise RuntimeError(f"{ff_param(spec, i, spec.output)} has shape {shape}, expected width {k}")
     # the exporter annotates every node with its Python stack trace (local paths, most of the
     # .onnx bytes); a deployable graph does not need them
     for node in model.graph.all_nodes():
@@ -385,7 +330,6 @@ def export_graph(output: str | os.PathLike, bundle: str | os.PathLike | None = N
     `model` is given) and export the bundle's graph, or the full model's when `bundle` is None."""
     from .bundle import read_bundle
     from .models import load_model
-    from .runtime.onnx import read_graph
 
     check_output_dir(output, force, MODEL_FILE)  # fail before loading anything
     b = read_bundle(bundle, load_kv=False) if bundle is not None else None

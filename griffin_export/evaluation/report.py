@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
-from ..bench import k_text, machine, parse_config
+from ..bench import k_text, parse_config
+from ..provenance import versions
 from ..errors import GriffinError
 from .metrics import ROUGE_TYPES, Interval, diff_ci, mean_ci, ratio_ci
 from .runner import PRUNED_PREFILL_PREFIX, bundle_path
@@ -24,20 +23,6 @@ JSON_FILE = "results.json"
 MD_FILE = "results.md"
 PLOTS = {"rougeL": "rouge_l.png", "gold_ll": "gold_ll.png", "agree_rougeL": "agreement.png", "speed": "speed.png"}
 RESAMPLES = 1000
-
-
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("griffin-export", "torch", "transformers", "rouge-score", "numpy", "matplotlib"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def environment() -> dict:
-    return {"machine": machine(), "versions": versions()}
 
 
 # -- aggregation ----------------------------------------------------------------------------

@@ -31,11 +31,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import FFBlock, ff_blocks, magnitude_scores, per_layer, sliced
+from ..arch import FFBlock, ff_blocks, ff_param, magnitude_scores, per_layer, sliced
 from ..bundle import atomic_output, check_compatible, read_bundle
 from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
-from ..export import check_context, choose_experts, prompt_statistic, tokenize, warm_up
+from ..export import choose_experts, prompt_statistic, tokenize, warm_up
+from ..prompts import check_context
 from ..jsonl import parse_object, text_field
 from ..models import LoadedModel, dtype_name
 from ..prefill import cache_tensors, forward, prefill, restore_cache
@@ -386,7 +387,7 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
     ids = tokenize(lm, row.prompt)  # [1, T]
     prompt_len = ids.shape[1]
     cont = continuation_ids(lm.tokenizer, row.prompt, s.separator, row.target, ids[0].tolist())
-    check_context(lm, prompt_len, reserve=max(cont.ids.numel(), row.max_tokens), warmup=s.warmup)
+    check_context(lm.context_length, prompt_len, reserve=max(cont.ids.numel(), row.max_tokens), warmup=s.warmup)
     stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=s.chunk_size,
                                                 gram=any(st.method in REFIT for st in settings))
     kv = cache_tensors(cache)
@@ -444,8 +445,8 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
 
 
 def _mean_k(ctx: Context, tensors: list[dict[str, torch.Tensor]]) -> float:
-    out = ctx.lm.spec.output
-    ks = [t[f"{b.prefix}{out}.weight"].shape[1] for b, t in zip(ctx.blocks, tensors)]
+    spec = ctx.lm.spec
+    ks = [t[ff_param(spec, i, spec.output)].shape[1] for i, t in enumerate(tensors)]
     return sum(ks) / len(ks)
 
 
@@ -455,7 +456,7 @@ def _mean_k(ctx: Context, tensors: list[dict[str, torch.Tensor]]) -> float:
 def run_header(lm: LoadedModel, settings: EvalSettings, bundle_hashes: dict[str, str]) -> dict:
     """The first line of eval.jsonl. `key` must match for a run to resume; the row range is
     not part of it (per-prompt records don't depend on it), so a run can also be extended."""
-    from .report import environment
+    from ..provenance import environment
 
     data = Path(settings.data)
     key = {

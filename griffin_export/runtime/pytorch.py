@@ -15,7 +15,8 @@ from ..arch import ff_blocks, install_slice
 from ..bundle import Bundle, check_compatible, kv_layout_of, read_bundle
 from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
-from ..export import check_context, check_generation_fits, tokenize
+from ..export import tokenize
+from ..prompts import check_context, check_generation_fits
 from ..models import LoadedModel, dtype_name, load_model
 from ..prefill import cache_tensors, forward, kv_layout, prefill, restore_cache
 from .lean import LeanDecoder, covers
@@ -94,7 +95,7 @@ class TorchRuntime:
         """Prefill ids [1, T] with the full FF layers; returns (cache, last logits)."""
         if self._full is None:
             raise GriffinError("a new prompt needs the full model for prefill; load the runtime with keep_full=True")
-        check_context(self.lm, ids.shape[1])
+        check_context(self.lm.context_length, ids.shape[1])
         self._use(self._full)
         try:
             return prefill(self.lm.model, ids)
@@ -114,7 +115,7 @@ class TorchRuntime:
                 raise GriffinError("this bundle has no prompt (a class bundle): give a prompt to generate from")
             ids = b.own_ids()[None].to(self.lm.device)
         if self.pruned_prefill:
-            check_context(self.lm, ids.shape[1])
+            check_context(self.lm.context_length, ids.shape[1])
             return prefill(self.lm.model, ids)
         return self.full_prefill(ids)
 
