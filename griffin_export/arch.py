@@ -29,6 +29,7 @@ class FFSpec:
     output: str  # neuron-column projection
     fused: int = 1  # row blocks per input: Phi-3's gate_up_proj stacks [gate; up] -> 2
     d_ff_attr: str = "intermediate_size"
+    context_attr: str = "max_position_embeddings"  # the config key of the context length
     lean: bool = False  # the lean ONNX decoder (onnx_lean.py) covers it; others export the traced graph
 
 
@@ -46,6 +47,10 @@ ARCHITECTURES: dict[str, FFSpec] = {
     "phi3": FFSpec("model.layers", "mlp", ("gate_up_proj",), "down_proj", fused=2),
     "opt": FFSpec("model.decoder.layers", "", ("fc1",), "fc2", d_ff_attr="ffn_dim"),
 }
+
+
+# GGUF's general.architecture -> transformers' model_type, where they differ
+GGUF_ARCHITECTURES = {"gemma3": "gemma3_text"}
 
 
 def spec_for(model_type: str) -> FFSpec:
@@ -206,7 +211,9 @@ def sliding_layers(model: nn.Module) -> list[int]:
 
 
 def attention_shape(config) -> tuple[int, int, int]:
-    """(heads, kv_heads, head_dim) of a Llama-family config."""
+    """(heads, kv_heads, head_dim) from the config, for every architecture of the table (the KV
+    cache is [batch, kv_heads, positions, head_dim]; tests/test_exactness.py checks it against a
+    real cache for each)."""
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     return heads, kv_heads, int(getattr(config, "head_dim", None) or config.hidden_size // heads)

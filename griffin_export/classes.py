@@ -28,9 +28,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .arch import ff_blocks, per_layer, sliced
+from .arch import ff_blocks
 from .bundle import Bundle
 from .errors import GriffinError
+from .experts import installed
 from .aggregate import (AGGREGATIONS, DEFAULT_AGGREGATION, Aggregation, ClassStatistic, StatisticInfo,  # noqa: F401
                         check_aggregation)
 from .export import ExportSettings, bundle_from_indices, choose_experts, expert_weights, prompt_statistic, tokenize
@@ -250,10 +251,7 @@ def export_class(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSett
 @contextmanager
 def experts(lm: LoadedModel, indices: Sequence[torch.Tensor]) -> Iterator[None]:
     """Run the model with only `indices` [k_i] per layer; the full FF linears come back after."""
-    if getattr(lm.model, "_griffin_experts", False):
-        raise GriffinError("this model already has a runtime's experts installed; use a fresh base model")
-    blocks = ff_blocks(lm.model, lm.spec)
-    with sliced(blocks, lm.spec, per_layer(blocks, expert_weights(lm, list(indices)))):
+    with installed(lm, expert_weights(lm, list(indices))):
         yield
 
 

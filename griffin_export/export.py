@@ -12,7 +12,7 @@ from .budget import edge_budgets, refit_budgets
 from .bundle import WARMUP_FORMAT_VERSION, Bundle, BundleInfo
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
-from .decoding import eos_ids
+from .decoding import DecodeOptions, decode, eos_ids
 from .prefill import cache_tensors, forward, prefill
 from .prompts import check_context, encode
 from .refit import DEFAULT_LAMBDA, refit_down
@@ -64,16 +64,16 @@ def prompt_statistic(lm: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 51
 def warm_up(lm: LoadedModel, stat: FFStatistic, cache, logits: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
     """Decode up to n greedy tokens with the model as it is (full width) from `cache`, adding their
     FF activations to `stat`. Stops before an end-of-sequence token. Returns (tokens, logits after them)."""
-    eos = eos_ids(lm.config, lm.tokenizer)
-    tokens: list[int] = []
+    def step(tok: int) -> torch.Tensor:
+        nonlocal logits  # the logits after the last token fed: what the bundle stores
+        logits = forward(lm.model, torch.tensor([[tok]], device=lm.device), cache)[-1]
+        return logits
+
     with recording(ff_blocks(lm.model, lm.spec), stat):
-        for _ in range(n):
-            tok = int(torch.argmax(logits))
-            if tok in eos:
-                break
-            tokens.append(tok)
-            logits = forward(lm.model, torch.tensor([[tok]], device=lm.device), cache)[-1]
-    return tokens, logits
+        gen = decode(step, logits, DecodeOptions(max_new_tokens=n), eos=eos_ids(lm.config, lm.tokenizer))
+        if gen.stop_reason == "length" and gen.token_ids:
+            step(gen.token_ids[-1])  # decode skips its n-th token's forward; the KV and logits come after it
+    return gen.token_ids, logits
 
 
 def layer_scores(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, progress: bool = False):

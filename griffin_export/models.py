@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import FFSpec, d_ff, ff_blocks, spec_for
+from .arch import GGUF_ARCHITECTURES, FFSpec, d_ff, ff_blocks, spec_for
 from .errors import GriffinError
 
 DEFAULT_MODEL = "default"
@@ -118,11 +118,8 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int | None:
-        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(self.model.config, attr, None)
-            if value:
-                return int(value)
-        return None
+        value = getattr(self.model.config, self.spec.context_attr, None)
+        return int(value) if value else None
 
     @property
     def fingerprint(self) -> str:
@@ -210,7 +207,7 @@ def peek_architecture(model: str | None = None, gguf_file: str | None = None) ->
         if "text_config" in cfg and not cfg.get("intermediate_size"):
             cfg = cfg["text_config"]
         spec = spec_for(arch)
-        d, ctx = cfg.get(spec.d_ff_attr), cfg.get("max_position_embeddings")
+        d, ctx = cfg.get(spec.d_ff_attr), cfg.get(spec.context_attr)
         return ModelFacts(arch, d if isinstance(d, int) else None, ctx if isinstance(ctx, int) else None)
     from gguf import GGUFReader
 
@@ -231,10 +228,6 @@ def peek_architecture(model: str | None = None, gguf_file: str | None = None) ->
     spec_for(arch)
     d, ctx = field(f"{gguf_arch}.feed_forward_length"), field(f"{gguf_arch}.context_length")
     return ModelFacts(arch, int(d) if d is not None else None, int(ctx) if ctx is not None else None)
-
-
-# GGUF's general.architecture -> transformers' model_type, where they differ
-GGUF_ARCHITECTURES = {"gemma3": "gemma3_text"}
 
 
 def load_model(

@@ -39,15 +39,16 @@ import torch
 from torch import nn
 
 from . import __version__
-from .arch import ff_blocks, ff_param, per_layer, sliced, sliding_layers, spec_for
-from .bundle import Bundle, check_compatible
+from .arch import attention_shape, ff_blocks, ff_param, sliding_layers, spec_for
+from .bundle import Bundle
 from .decoding import eos_ids
 from .errors import GriffinError
+from .experts import check_bundle, check_fresh, installed
 from .models import LoadedModel, dtype_name
 from .outputs import atomic_dir, check_output_dir
 from .graph import (BATCH, DATA_FILE, INPUT_NAMES, LAYOUTS, LEAN_FORMAT_VERSION, MODEL_FILE, PAST,  # noqa: F401
                     PAST_LEN, PRESENT, SEQ, TOTAL_LEN, GraphInfo, read_graph)
-from .prefill import cache_kwarg, kv_layout
+from .prefill import cache_kwarg
 
 # 23: SDPA becomes one ONNX Attention node (GQA-aware) instead of ~15 decomposed ops; with
 # the GQA path below, ORT CPU decode ran ~1.5x faster than opset 20 on the default model
@@ -88,12 +89,6 @@ class _Decoder(nn.Module):
 # -- export ------------------------------------------------------------------------------------
 
 
-def experts_installed(lm: LoadedModel, bundle: Bundle):
-    """The bundle's sliced FF linears in the model for the block's duration; the full ones after."""
-    blocks = ff_blocks(lm.model, lm.spec)
-    return sliced(blocks, lm.spec, per_layer(blocks, {k: v.to(lm.device) for k, v in bundle.weights.items()}))
-
-
 def ff_widths(lm: LoadedModel) -> list[int]:
     """Each layer's FF width as the weights have it (not the config's intermediate_size)."""
     return [int(b.output.weight.shape[1]) for b in ff_blocks(lm.model, lm.spec)]
@@ -110,7 +105,7 @@ def ff_weight_names(lm: LoadedModel) -> list[str]:
 
 
 def graph_info(lm: LoadedModel, bundle: Bundle | None, max_length: int = 0) -> GraphInfo:
-    kv_heads, head_dim = kv_layout(lm.model)
+    _, kv_heads, head_dim = attention_shape(lm.config)
     widths = ff_widths(lm)
     lean = dict(layout="lean", max_length=max_length, batch_size=1, format_version=LEAN_FORMAT_VERSION) if max_length else {}
     common = dict(base_model=lm.identity, base_fingerprint=lm.fingerprint, architecture=lm.architecture,
@@ -160,13 +155,8 @@ def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | Non
     elif max_length is not None:
         raise GriffinError("--max-length sizes the lean graph's KV buffer; the traced graph's cache grows")
     if bundle is not None:
-        info = bundle.info
-        check_compatible(info, architecture=lm.architecture, fingerprint=lm.fingerprint, identity=lm.identity,
-                         num_layers=lm.num_layers, d_ff=lm.d_ff, hidden_size=lm.hidden_size, source=source)
-        if info.dtype != dtype_name(lm.dtype):
-            raise GriffinError(f"{source} holds {info.dtype} weights; the base model is loaded as {dtype_name(lm.dtype)}")
-        if getattr(lm.model, "_griffin_experts", False):
-            raise GriffinError("this model already has experts installed; export from a fresh base model")
+        check_bundle(lm, bundle.info, source)
+        check_fresh(lm)
     _ = lm.fingerprint  # hashed before any swap
     bar = tqdm(total=4, desc="onnx export", unit="stage", disable=not progress, leave=False)
 
@@ -174,7 +164,7 @@ def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | Non
         bar.set_postfix_str(name)
         bar.refresh()
 
-    with atomic_dir(out) as tmp, (experts_installed(lm, bundle) if bundle else contextlib.nullcontext()):
+    with atomic_dir(out) as tmp, (installed(lm, bundle.weights) if bundle else contextlib.nullcontext()):
         info = graph_info(lm, bundle, max_length if layout == "lean" else 0)
         if bundle is not None and info.k != bundle.info.k:  # the swap went wrong: a bug, not bad input
             raise RuntimeError(f"installed widths {info.k} differ from the bundle's k {bundle.info.k}")

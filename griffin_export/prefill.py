@@ -105,14 +105,3 @@ def restore_cache(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]],
             # sliding-window layers store only the window; their position is the prompt's
             cache.layers[i].cumulative_length = prompt_len
     return cache
-
-
-def kv_layout(model: nn.Module) -> tuple[int, int]:
-    """(kv_heads, head_dim) of the model's cache, read off one tiny forward."""
-    cache = new_cache(model)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        model(input_ids=torch.ones(1, 1, dtype=torch.long, device=device), use_cache=True,
-              **{cache_kwarg(type(model)): cache})
-    k = cache.layers[0].keys
-    return int(k.shape[1]), int(k.shape[3])

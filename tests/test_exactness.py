@@ -95,3 +95,19 @@ def test_chunked_prefill_gives_the_same_selection(arch):
     for a, b in zip(one.indices, chunked.indices):
         assert torch.equal(a, b)
     torch.testing.assert_close(one.last_logits, chunked.last_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_shape_from_the_config_is_the_cache_layout(arch):
+    """The adapter table's KV layout (arch.attention_shape, read off the config) is what the model
+    really caches, so bundle checks and ONNX graphs never need a probing forward."""
+    from griffin_export.arch import attention_shape
+
+    lm = tiny_model(arch)
+    cache, _ = prefill(lm.model, prompt_ids(6))
+    k = cache.layers[0].keys
+    assert (int(k.shape[1]), int(k.shape[3])) == attention_shape(lm.config)[1:]
+    lean = tiny_model("llama", lean=True) if arch == "llama" else None  # a second layout: 64 hidden, 4 heads
+    if lean is not None:
+        k2 = prefill(lean.model, prompt_ids(6))[0].layers[0].keys
+        assert (int(k2.shape[1]), int(k2.shape[3])) == attention_shape(lean.config)[1:] != (k.shape[1], k.shape[3])

@@ -131,6 +131,21 @@ def test_eos_as_the_first_token_leaves_no_warm_up(tmp_path):
     assert back.warmup() == [] and TorchRuntime(lm, back).generate().stop_reason == "eos"
 
 
+def test_eos_inside_the_warm_up_ends_it_there(tmp_path):
+    """The full model ends its output after two tokens: the bundle holds those two, its KV covers
+    prompt + 2 positions (not one more) and its logits are those after them."""
+    lm = tiny_model("llama")
+    ids, first3 = next((i, f) for i in (prompt_ids(seed=s) for s in range(20))
+                       if len(set(f := greedy(copy.deepcopy(lm.model), i, 3))) == 3)  # the third token is new
+    lm.config.eos_token_id = first3[2]
+    bundle = export_ids(lm, ids, ExportSettings(density=0.5, warmup=WARM))
+    assert bundle.warmup() == first3[:2] and bundle.cached_tokens == ids.shape[1] + 2
+    assert all(k.shape[2] == ids.shape[1] + 2 for k, _ in bundle.kv)
+    _, want = prefill(copy.deepcopy(tiny_model("llama").model), torch.cat([ids, torch.tensor([first3[:2]])], 1))
+    torch.testing.assert_close(bundle.last_logits, want, rtol=1e-5, atol=1e-5)
+    assert read_bundle(write_bundle(bundle, tmp_path / "e.safetensors")).warmup() == first3[:2]
+
+
 @pytest.mark.parametrize("meta, tensors, message", [
     ({"warmup_tokens": "3"}, {}, "griffin.warmup_ids should have shape [3]"),
     ({"warmup_tokens": "0"}, {}, "griffin.warmup_ids is there but metadata warmup_tokens is 0"),

@@ -32,9 +32,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import FFBlock, ff_blocks, ff_param, magnitude_scores, per_layer, sliced
-from ..bundle import atomic_output, check_compatible, read_bundle
+from ..bundle import atomic_output, read_bundle
 from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
+from ..experts import check_bundle
 from ..export import choose_experts, prompt_statistic, tokenize, warm_up
 from ..prompts import check_context
 from ..jsonl import parse_object, text_field
@@ -264,10 +265,7 @@ def _bundle_setting(lm: LoadedModel, name: str) -> tuple[Setting, str]:
     path = bundle_path(name)
     bundle = read_bundle(path, load_kv=False)
     info = bundle.info
-    check_compatible(info, architecture=lm.architecture, fingerprint=lm.fingerprint, identity=lm.identity,
-                     num_layers=lm.num_layers, d_ff=lm.d_ff, hidden_size=lm.hidden_size, source=path)
-    if info.dtype != dtype_name(lm.dtype):
-        raise GriffinError(f"{path} holds {info.dtype} weights; the model is loaded as {dtype_name(lm.dtype)}")
+    check_bundle(lm, info, path)
     h = hashlib.blake2b(digest_size=16)
     for key in sorted(bundle.weights):
         h.update(key.encode())

@@ -11,14 +11,15 @@ import os
 import torch
 from torch import nn
 
-from ..arch import ff_blocks, install_slice
-from ..bundle import Bundle, check_compatible, kv_layout_of, read_bundle
+from ..arch import attention_shape, ff_blocks
+from ..bundle import Bundle, kv_layout_of, read_bundle
 from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
+from ..experts import check_bundle, check_fresh, install
 from ..export import tokenize
 from ..prompts import check_context, check_generation_fits
-from ..models import LoadedModel, dtype_name, load_model
-from ..prefill import cache_tensors, forward, kv_layout, prefill, restore_cache
+from ..models import LoadedModel, load_model
+from ..prefill import cache_tensors, forward, prefill, restore_cache
 from .lean import LeanDecoder, covers
 
 
@@ -32,7 +33,7 @@ def _check_bundle_tensors(lm: LoadedModel, bundle: Bundle, source: str) -> None:
     if any(int(t.max()) >= vocab for t in ids):
         raise GriffinError(f"{source}: prompt or warm-up token ids are outside the model's vocabulary 0..{vocab - 1}")
     have = kv_layout_of(bundle)
-    if have is not None and have != (want := kv_layout(lm.model)):
+    if have is not None and have != (want := attention_shape(lm.config)[1:]):
         raise GriffinError(f"{source}: its KV cache has {have[0]} heads × head_dim {have[1]}; the model's has "
                            f"{want[0]} × {want[1]}")
 
@@ -45,24 +46,16 @@ class TorchRuntime:
 
     def __init__(self, lm: LoadedModel, bundle: Bundle, *, keep_full: bool = False, source: str = "bundle",
                  pruned_prefill: bool = False, lean: bool | None = None, compile: bool = False):
-        if getattr(lm.model, "_griffin_experts", False):
-            raise GriffinError("this model already has experts installed; load a fresh base model")
-        info = bundle.info
-        check_compatible(info, architecture=lm.architecture, fingerprint=lm.fingerprint, identity=lm.identity,
-                         num_layers=lm.num_layers, d_ff=lm.d_ff, hidden_size=lm.hidden_size, source=source)
-        if info.dtype != dtype_name(lm.dtype):
-            raise GriffinError(f"{source} holds {info.dtype} weights; the base model is loaded as {dtype_name(lm.dtype)}")
+        check_fresh(lm)
+        check_bundle(lm, bundle.info, source)
         self.lm, self.bundle = lm, bundle
         self.pruned_prefill = pruned_prefill
         _check_bundle_tensors(lm, bundle, source)
         self.blocks = ff_blocks(lm.model, lm.spec)
         names = (*lm.spec.inputs, lm.spec.output)
         self._full = [{n: getattr(b.owner, n) for n in names} for b in self.blocks] if keep_full else None
-        device = lm.device
-        for block in self.blocks:
-            install_slice(block, lm.spec, {k: v.to(device) for k, v in bundle.weights.items() if k.startswith(block.prefix)})
+        install(lm, bundle.weights)
         self._pruned = [{n: getattr(b.owner, n) for n in names} for b in self.blocks]
-        lm.model._griffin_experts = True
         self.eos = eos_ids(lm.config, lm.tokenizer)
         # decode steps through the lean step (runtime/lean.py) where it covers the architecture,
         # unless lean=False; lean=True where it does not is an error; compile: torch.compile it
