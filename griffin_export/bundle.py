@@ -40,6 +40,16 @@ LAST_LOGITS = "griffin.last_logits"
 WARMUP_IDS = "griffin.warmup_ids"
 
 
+def tensor_role(name: str) -> str:
+    """What a bundle tensor holds, from its name: "kv", "indices", "prompt" (prompt and warm-up ids,
+    last logits) or "weights" (the base model's FF parameter names)."""
+    if name.startswith(KV_KEY.split("{")[0]):
+        return "kv"
+    if name.startswith(INDICES.split("{")[0]):
+        return "indices"
+    return "prompt" if name in (PROMPT_IDS, LAST_LOGITS, WARMUP_IDS) else "weights"
+
+
 def str_metadata(info) -> dict[str, str]:
     """A metadata dataclass as str->str (safetensors and ONNX metadata_props): lists
     comma-joined, bools as true/false, its `extra` dict as extra.* keys."""

@@ -26,6 +26,16 @@ DATA_FILE = "model.onnx.data"
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 PAST = "past_key_values.{}.{}"  # layer, key|value
 PRESENT = "present.{}.{}"
+
+
+def kv_io_parts(name: str) -> tuple[str, int, str] | None:
+    """A KV input/output name -> (its template PAST or PRESENT, layer, "key" | "value"); None for others."""
+    for template in (PAST, PRESENT):
+        head = template.split("{}")[0]
+        layer, _, kind = name[len(head):].partition(".") if name.startswith(head) else ("", "", "")
+        if layer.isdigit() and kind in ("key", "value"):
+            return template, int(layer), kind
+    return None
 # symbolic dimension names, as HF Optimum names them
 BATCH, SEQ, PAST_LEN, TOTAL_LEN = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 

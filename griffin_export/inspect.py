@@ -6,19 +6,16 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from .bundle import BundleInfo, read_metadata
+from .bundle import BundleInfo, read_metadata, tensor_role
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+_GROUPS = {"kv": "kv cache", "indices": "neuron indices", "prompt": "prompt ids / last logits", "weights": "FF weights"}
+
+
 def _group(name: str) -> str:
-    if name.startswith("griffin.kv."):
-        return "kv cache"
-    if name.startswith("griffin.indices."):
-        return "neuron indices"
-    if name.startswith("griffin."):
-        return "prompt ids / last logits"
-    return "FF weights"
+    return _GROUPS[tensor_role(name)]
 
 
 def describe_bundle(path: str | os.PathLike) -> dict:
@@ -159,13 +156,13 @@ def describe_onnx(path: str | os.PathLike) -> dict:
 
 def _io_lines(values: list[dict]) -> list[str]:
     """Inputs/outputs, with the per-layer KV entries folded into one line each."""
-    import re
+    from .graph import kv_io_parts
 
     lines, folded = [], {}
     for v in values:
-        m = re.fullmatch(r"(past_key_values|present)\.(\d+)\.(key|value)", v["name"])
-        if m:
-            key = f"{m[1]}.{{i}}.{m[3]}"
+        parts = kv_io_parts(v["name"])
+        if parts:
+            key = parts[0].format("{i}", parts[2])
             if key in folded:
                 folded[key][0] += 1
                 continue

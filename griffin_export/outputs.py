@@ -28,12 +28,17 @@ def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise GriffinError(f"output directory {parent} does not exist")
-    try:  # os.access lies for root; really create a file
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
+    check_writable(parent)
+    return path
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse a directory we cannot create files in. os.access lies for root, so really create one."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".griffin.", suffix=".probe"):
             pass
     except OSError as e:
-        raise GriffinError(f"output directory {parent} is not writable: {e.strerror}") from None
-    return path
+        raise GriffinError(f"output directory {directory} is not writable: {e.strerror}") from None
 
 
 @contextmanager
@@ -67,10 +72,7 @@ def check_output_dir(path: str | os.PathLike, force: bool, marker: str) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise GriffinError(f"output directory {parent} does not exist")
-    try:  # os.access lies for root; really create something
-        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=f".{path.name}.", suffix=".probe"))
-    except OSError as e:
-        raise GriffinError(f"output directory {parent} is not writable: {e.strerror}") from None
+    check_writable(parent)
     return path
 
 

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import FFBlock, ff_blocks, ff_param, magnitude_scores, per_layer, sliced
-from ..bundle import atomic_output, read_bundle
+from ..bundle import read_bundle
 from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
 from ..experts import check_bundle
@@ -40,6 +40,7 @@ from ..export import choose_experts, prompt_statistic, tokenize, warm_up
 from ..prompts import check_context
 from ..jsonl import parse_object, text_field
 from ..models import LoadedModel, dtype_name
+from ..outputs import atomic_output, check_writable
 from ..prefill import cache_tensors, forward, prefill, restore_cache
 from ..select import METHODS, REFIT, check_density
 from .metrics import first_divergence, rouge
@@ -609,8 +610,7 @@ def prepare_output(out: str | os.PathLike) -> Path:
         out_dir.mkdir(exist_ok=True)
     except OSError as e:
         raise GriffinError(f"cannot create output directory {out_dir}: {e.strerror}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise GriffinError(f"output directory {out_dir} is not writable")
+    check_writable(out_dir)
     return out_dir
 
 
