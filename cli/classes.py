@@ -7,8 +7,7 @@ import click
 
 from .options import density_option, dtype_option, human_bytes, k_summary, model_options, precheck, status
 
-AGGREGATIONS = ["mean", "topk_freq", "pooled"]  # griffin_export.classes.AGGREGATIONS (kept import-free for --help)
-METHODS = ["topk", "sample", "topk_sample", "topk_refit", "topk_refit_edges", "topk_refit_alloc"]
+from griffin_export.choices import AGGREGATION_SUMMARIES, CLASS_METHODS, DEFAULT_AGGREGATION
 
 
 @click.command("class")
@@ -17,14 +16,15 @@ METHODS = ["topk", "sample", "topk_sample", "topk_refit", "topk_refit_edges", "t
 @click.option("-o", "--output", required=True, metavar="FILE", help="class bundle to write (.safetensors)")
 @click.option("--field", default="prompt", show_default=True, help="JSONL key holding the prompt text")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="use only the first N prompts")
-@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="pooled", show_default=True,
+@click.option("--aggregation", type=click.Choice(list(AGGREGATION_SUMMARIES)), default=DEFAULT_AGGREGATION,
+              show_default=True,
               help="how per-prompt scores become one class score: pooled = the statistic over all the class's "
                    "tokens at once; mean = mean of each prompt's scores normalized per layer; topk_freq = how "
                    "often a neuron is in a prompt's top-k")
 @model_options
 @dtype_option
 @density_option
-@click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True,
+@click.option("--method", type=click.Choice(CLASS_METHODS), default="topk", show_default=True,
               help="neuron selection on the class score; the topk_refit* methods also refit the kept "
                    "down-projection columns on all the class's tokens (a D_ff × D_ff Gram per layer: "
                    "283 MB on the default model, float64 while counting)")

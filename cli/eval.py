@@ -4,7 +4,7 @@ import click
 
 from .options import dtype_option, model_options, precheck, require_extra, status
 
-from griffin_export.select import METHODS
+from griffin_export.choices import METHODS
 
 
 @click.command("eval")

@@ -6,7 +6,7 @@ import click
 
 from .options import density_option, dtype_option, human_bytes, k_summary, model_options, precheck, status
 
-from griffin_export.select import METHOD_SUMMARIES, METHODS
+from griffin_export.choices import METHOD_SUMMARIES, METHODS
 
 # The default: the best setting measured on the default model whose export cost scales to large
 # models (README, "Which method"): topk with 8 full-width warm-up tokens.

@@ -4,7 +4,7 @@ import time
 
 import click
 
-from griffin_export.onnx_export import LAYOUTS
+from griffin_export.choices import LAYOUTS
 
 from .options import DTYPES, human_bytes, k_summary, model_options, require_extra, status
 

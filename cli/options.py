@@ -51,9 +51,9 @@ def human_bytes(n: int) -> str:
 
 def k_summary(k: list[int], d_ff: int) -> str:
     """'k=768/1536 per layer', or for per-layer widths 'k=682..1536/1536 per layer (total 23040)'."""
-    if len(set(k)) == 1:
-        return f"k={k[0]}/{d_ff} per layer"
-    return f"k={min(k)}..{max(k)}/{d_ff} per layer (total {sum(k)})"
+    from griffin_export.budget import widths_text
+
+    return f"k={widths_text(k, d_ff)}"
 
 
 

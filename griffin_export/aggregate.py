@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import torch
 
 from .bundle import check_format, parse_metadata, str_metadata
+from .choices import AGGREGATION_SUMMARIES, DEFAULT_AGGREGATION  # noqa: F401  (imported from here too)
 from .errors import GriffinError
 from .outputs import atomic_output, check_output_path
 
@@ -122,16 +123,9 @@ class Aggregation:
     uses_k: bool = False  # depends on the k the statistic was counted at
 
 
-AGGREGATIONS: dict[str, Aggregation] = {a.name: a for a in (
-    Aggregation("mean", "mean of the prompts' scores, each normalized to unit L2 norm per layer "
-                        "(every prompt has one equal vote)", _mean),
-    Aggregation("topk_freq", "fraction of prompts whose own top-k holds the neuron (ties broken by mean)",
-                _topk_freq, uses_k=True),
-    Aggregation("pooled", "the GRIFFIN statistic over all the class's tokens as if one long prompt "
-                          "(long prompts weigh more)", _pooled),
-)}
-# pooled kept the gold summaries' likelihood best in bench/class_aggregation.py (XSum, see README)
-DEFAULT_AGGREGATION = "pooled"
+_SCORES = {"mean": _mean, "topk_freq": _topk_freq, "pooled": _pooled}
+AGGREGATIONS: dict[str, Aggregation] = {name: Aggregation(name, summary, _SCORES[name], uses_k=name == "topk_freq")
+                                        for name, summary in AGGREGATION_SUMMARIES.items()}
 
 
 def check_aggregation(name: str) -> Aggregation:

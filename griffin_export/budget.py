@@ -37,6 +37,16 @@ STEP = 16  # neurons handed out at a time
 EDGE_LAYERS = (0, 1, -1)  # kept at full width by topk_refit_edges
 
 
+def widths_text(k: list[int], d_ff: int | None = None) -> str:
+    """Per-layer FF widths in words, the one spelling of every message and summary line:
+    '768 in every layer' / '682..1536 per layer (total 23040)'; with d_ff (summary lines, followed
+    by '× N layers'): '768/1536 per layer' / '682..1536/1536 per layer (total 23040)'."""
+    of = f"/{d_ff}" if d_ff else ""
+    if len(set(k)) == 1:
+        return f"{k[0]}{of} {'per layer' if d_ff else 'in every layer'}"
+    return f"{min(k)}..{max(k)}{of} per layer (total {sum(k)})"
+
+
 def edge_budgets(num_layers: int, d_ff: int, k: int) -> list[int]:
     """Full width for the EDGE_LAYERS, the rest of num_layers·k spread evenly over the others
     (the remainder one neuron at a time from the first); uniform k when that cannot be met."""

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .arch import ff_blocks
 from .bundle import Bundle
+from .choices import CLASS_METHODS
 from .errors import GriffinError
 from .experts import installed
 from .aggregate import (AGGREGATIONS, DEFAULT_AGGREGATION, Aggregation, ClassStatistic, StatisticInfo,  # noqa: F401
@@ -44,9 +45,6 @@ from .refit import DEFAULT_LAMBDA
 from .select import REFIT, k_for, select_all
 from .statistic import FFStatistic, recording
 
-# Selection methods that make sense on a class score (magnitude and random ignore the prompts); the
-# refit ones solve the refit on the class's Gram (the sum of its prompts' Grams) and use its budgets.
-CLASS_METHODS = ("topk", "sample", "topk_sample", "topk_refit", "topk_refit_edges", "topk_refit_alloc")
 
 # -- prompt sources ----------------------------------------------------------------------
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from . import __version__
 from .arch import ff_param, spec_for
 from .bundle import FORMAT_VERSION as BUNDLE_FORMAT_VERSION
+from .budget import widths_text
 from .bundle import check_format, parse_metadata, str_metadata
 from .errors import GriffinError
 
 GRAPH_FORMAT = "griffin-onnx"
 GRAPH_FORMAT_VERSION = "1"  # the traced graph
 LEAN_FORMAT_VERSION = "2"  # the lean graph (onnx_lean.py): an older reader refuses it instead of misbinding its KV
-LAYOUTS = ("auto", "lean", "traced")  # --graph: auto = lean where the adapter table covers the architecture
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
@@ -190,10 +190,6 @@ def _check_lean(proto, info: GraphInfo, inits: dict[str, tuple[int, list[int]]],
                                f"head_dim {info.head_dim}; input {PAST.format(layer, 'key')} is {shape}")
 
 
-def _layers_text(k: list[int]) -> str:
-    return f"{k[0]} in every layer" if len(set(k)) == 1 else ",".join(map(str, k)) + " per layer"
-
-
 def check_graph_bundle(graph: Graph, bundle_info, bundle_source: str) -> None:
     """Refuse a bundle the graph cannot run, naming both sides in one line."""
     g, b, gs = graph.info, bundle_info, graph.source
@@ -208,5 +204,5 @@ def check_graph_bundle(graph: Graph, bundle_info, bundle_source: str) -> None:
                            f"bundle {bundle_source} belongs to {b.base_model} (fingerprint {b.base_fingerprint[:16]})")
     if graph.widths != list(b.k):
         first = next(i for i, (x, y) in enumerate(zip(graph.widths, b.k)) if x != y)
-        raise GriffinError(f"graph {gs} has k={_layers_text(graph.widths)}; bundle {bundle_source} has "
-                           f"k={_layers_text(list(b.k))} (first difference: layer {first}); export a graph for this bundle")
+        raise GriffinError(f"graph {gs} has k={widths_text(graph.widths)}; bundle {bundle_source} has "
+                           f"k={widths_text(list(b.k))} (first difference: layer {first}); export a graph for this bundle")

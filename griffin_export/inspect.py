@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from .budget import widths_text
 from .bundle import BundleInfo, read_metadata, tensor_role
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -44,7 +45,7 @@ def describe_bundle(path: str | os.PathLike) -> dict:
 def format_bundle(s: dict) -> str:
     m = s["metadata"]
     k = s["k_per_layer"]
-    k_text = f"{k[0]} in every layer" if len(set(k)) == 1 else f"{min(k)}..{max(k)} (total {sum(k)})"
+    k_text = widths_text(k)
     lines = [
         f"{s['file']}: {m['format']} v{m['format_version']} ({m.get('kind', 'prompt')} bundle), {s['file_bytes']:,} bytes",
         f"  base model   {m['base_model']}",

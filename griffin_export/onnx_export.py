@@ -46,7 +46,8 @@ from .errors import GriffinError
 from .experts import check_bundle, check_fresh, installed
 from .models import LoadedModel, dtype_name
 from .outputs import atomic_dir, check_output_dir
-from .graph import (BATCH, DATA_FILE, INPUT_NAMES, LAYOUTS, LEAN_FORMAT_VERSION, MODEL_FILE, PAST,  # noqa: F401
+from .choices import LAYOUTS
+from .graph import (BATCH, DATA_FILE, INPUT_NAMES, LEAN_FORMAT_VERSION, MODEL_FILE, PAST,  # noqa: F401
                     PAST_LEN, PRESENT, SEQ, TOTAL_LEN, GraphInfo, read_graph)
 from .prefill import cache_kwarg
 

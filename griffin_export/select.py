@@ -4,27 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .choices import METHOD_SUMMARIES, METHODS, REFIT  # noqa: F401  (the registry; imported from here too)
 from .errors import GriffinError
-
-# The registry of selection methods: name -> one-line summary. `--help` and the README's method
-# table both show these lines (tests/test_cli.py checks the README against it).
-METHOD_SUMMARIES = {
-    "topk": "the paper's: the k neurons with the largest prompt statistic",
-    "sample": "k neurons drawn without replacement, probability ∝ statistic",
-    "topk_sample": "the top k/2, then k/2 more drawn ∝ statistic from the rest",
-    "random": "k neurons uniformly at random (a baseline)",
-    "magnitude": "static, prompt-independent: the largest ‖W_gate row‖·‖W_up row‖ (‖W_fc1 row‖ for OPT)",
-    "topk_refit": "topk's neurons, the kept down-projection columns refit on the prompt's own activations",
-    "topk_refit_edges": "topk_refit with the same total spread unevenly: layers 0, 1 and the last at full width",
-    "topk_refit_alloc": "topk_refit with per-layer k from the prompt's refit error; measured worse, kept for "
-                        "reproducibility",
-}
-METHODS = tuple(METHOD_SUMMARIES)
-# Methods that select like another one, then refit the kept down-projection columns on the
-# prompt's activations (refit.py); they need the activations' Gram matrix from the prefill.
-REFIT = {"topk_refit": "topk", "topk_refit_edges": "topk", "topk_refit_alloc": "topk"}
-# topk_refit_edges and topk_refit_alloc also spread the same total unevenly over the layers (budget.py).
-
 
 def check_density(density: float) -> float:
     if not 0.0 < density <= 1.0:

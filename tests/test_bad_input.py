@@ -11,7 +11,7 @@ import torch
 
 from clirun import run
 from conftest import ROOT, tiny_prompt
-from griffin_export.select import METHOD_SUMMARIES
+from griffin_export.choices import METHOD_SUMMARIES
 
 
 @pytest.fixture

@@ -466,15 +466,6 @@ def test_class_command_bad_options(tmp_path, tiny_dir, capsys):
     assert (tmp_path / "c.safetensors").read_bytes() == b"keep"
 
 
-def test_cli_choices_match_the_registry():
-    from griffin_export.classes import CLASS_METHODS
-    from griffin_export_cli import classes as cli_classes
-
-    assert cli_classes.AGGREGATIONS == list(AGGREGATIONS) and cli_classes.METHODS == list(CLASS_METHODS)
-    defaults = {p.name: p.default for p in cli_classes.command.params}
-    assert defaults["aggregation"] == DEFAULT_AGGREGATION and defaults["method"] == "topk"
-
-
 def test_interrupted_class_run_leaves_no_partial_output(tmp_path, tiny_dir, capsys, monkeypatch):
     import griffin_export.classes as classes
 

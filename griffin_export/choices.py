@@ -1,0 +1,35 @@
+"""The names users choose from, with their one-line summaries: selection methods, class
+aggregations, ONNX graph layouts. No torch here, so `--help`, the CLI's choices and the README's
+tables (tests/test_cli.py checks them) read one registry without loading anything heavy."""
+
+from __future__ import annotations
+
+METHOD_SUMMARIES = {
+    "topk": "the paper's: the k neurons with the largest prompt statistic",
+    "sample": "k neurons drawn without replacement, probability ∝ statistic",
+    "topk_sample": "the top k/2, then k/2 more drawn ∝ statistic from the rest",
+    "random": "k neurons uniformly at random (a baseline)",
+    "magnitude": "static, prompt-independent: the largest ‖W_gate row‖·‖W_up row‖ (‖W_fc1 row‖ for OPT)",
+    "topk_refit": "topk's neurons, the kept down-projection columns refit on the prompt's own activations",
+    "topk_refit_edges": "topk_refit with the same total spread unevenly: layers 0, 1 and the last at full width",
+    "topk_refit_alloc": "topk_refit with per-layer k from the prompt's refit error; measured worse, kept for "
+                        "reproducibility",
+}
+METHODS = tuple(METHOD_SUMMARIES)
+# Methods that select like another one, then refit the kept down-projection columns on the
+# prompt's activations (refit.py); they need the activations' Gram matrix from the prefill.
+# topk_refit_edges and topk_refit_alloc also spread the same total unevenly over the layers (budget.py).
+REFIT = {"topk_refit": "topk", "topk_refit_edges": "topk", "topk_refit_alloc": "topk"}
+# Methods that make sense on a class score (magnitude and random ignore the prompts); the refit
+# ones solve the refit on the class's Gram (the sum of its prompts' Grams) and use its budgets.
+CLASS_METHODS = ("topk", "sample", "topk_sample", "topk_refit", "topk_refit_edges", "topk_refit_alloc")
+
+AGGREGATION_SUMMARIES = {
+    "mean": "mean of the prompts' scores, each normalized to unit L2 norm per layer (every prompt has one equal vote)",
+    "topk_freq": "fraction of prompts whose own top-k holds the neuron (ties broken by mean)",
+    "pooled": "the GRIFFIN statistic over all the class's tokens as if one long prompt (long prompts weigh more)",
+}
+# pooled kept the gold summaries' likelihood best in bench/class_aggregation.py (XSum, see README)
+DEFAULT_AGGREGATION = "pooled"
+
+LAYOUTS = ("auto", "lean", "traced")  # onnx --graph: auto = lean where the adapter table covers the architecture
