@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from griffin_export.evaluation.metrics import Interval, diff_ci, ratio_ci
-from griffin_export.evaluation.runner import RESULTS_FILE, read_results, setting_key
+from griffin_export.evaluation.results import RESULTS_FILE, read_results
+from griffin_export.evaluation.runner import setting_key
 
 
 def key(method: str, density: float) -> str:

@@ -59,8 +59,8 @@ import torch
 
 from griffin_export.arch import ff_blocks, per_layer
 from griffin_export.budget import allocate, edge_budgets, refit_error_curve
-from griffin_export.evaluation.runner import (Context, EvalSettings, continuation_ids, continuation_logprobs,
-                                              fresh_cache, pruned)
+from griffin_export.evaluation.runner import Context, continuation_ids, continuation_logprobs, fresh_cache, pruned
+from griffin_export.evaluation.settings import EvalSettings
 from griffin_export.export import choose_experts, expert_weights, tokenize
 from griffin_export.models import load_model
 from griffin_export.prefill import cache_tensors, forward, prefill

@@ -47,7 +47,7 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
       griffin-export bench --runtime torch,onnx --device cuda --dtype float16 --onnx-provider cuda
     """
     from griffin_export.bench import BenchSettings, check_results_dir, format_table, run_bench, write_results
-    from griffin_export.evaluation.runner import parse_densities, parse_list
+    from griffin_export.evaluation.settings import parse_densities, parse_list
 
     settings = BenchSettings(densities=parse_densities(density), methods=parse_list(method, "methods"), data=data,
                              row=row, new_tokens=new_tokens, repeats=repeats, threads=threads,

@@ -63,7 +63,8 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
     from griffin_export.evaluation.report import write_report
 
     if merge:
-        from griffin_export.evaluation.runner import merge_results, parse_rows
+        from griffin_export.evaluation.results import merge_results
+        from griffin_export.evaluation.settings import parse_rows
 
         given = click.get_current_context().get_parameter_source("rows") != click.core.ParameterSource.DEFAULT
         click.echo(f"wrote {merge_results(merge, output, force=force, rows=parse_rows(rows) if given else None)}")
@@ -75,8 +76,9 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
     import torch
 
     from griffin_export.errors import GriffinError
-    from griffin_export.evaluation.runner import (EvalSettings, parse_densities, parse_list, parse_rows, read_rows,
-                                                  run_eval, unescape)
+    from griffin_export.evaluation.data import read_rows
+    from griffin_export.evaluation.runner import run_eval
+    from griffin_export.evaluation.settings import EvalSettings, parse_densities, parse_list, parse_rows, unescape
     from griffin_export.models import load_model
 
     if data is None:

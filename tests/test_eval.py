@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from griffin_export.arch import ff_blocks, slice_block, spec_for
-from griffin_export.evaluation import runner
+from griffin_export.evaluation import results, runner
 from griffin_export.evaluation.metrics import bootstrap, diff_ci, first_divergence, mean_ci, ratio_ci, rouge
-from griffin_export.evaluation.runner import (Context, EvalSettings, continuation_ids, continuation_logprobs,
-                                              pruned)
+from griffin_export.evaluation.runner import Context, continuation_ids, continuation_logprobs, pruned
+from griffin_export.evaluation.settings import EvalSettings
 from griffin_export.prefill import cache_tensors, prefill
 from griffin_export.select import select_all
 from clirun import run
@@ -178,7 +178,7 @@ def eval_args(data, out, model_dir, rows="0:3", methods="full,topk,random", dens
 
 def records(out) -> dict[int, dict]:
     """Per-row results without the timings (which differ run to run)."""
-    _, recs = runner.read_results(out / runner.RESULTS_FILE)
+    _, recs = results.read_results(out / results.RESULTS_FILE)
     strip = lambda d: {k: v for k, v in d.items() if "seconds" not in k}  # noqa: E731
     return {row: {**strip(r), "results": {k: strip(v) for k, v in r["results"].items()}} for row, r in recs.items()}
 
@@ -204,7 +204,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, data, tiny_dir
     assert code == 130, err
     assert sorted(records(tmp_path / "b")) == [0]
     assert not (tmp_path / "b" / "results.json").exists()
-    with open(tmp_path / "b" / runner.RESULTS_FILE, "ab") as f:  # a record cut off mid-write
+    with open(tmp_path / "b" / results.RESULTS_FILE, "ab") as f:  # a record cut off mid-write
         f.write(b'{"row": 1, "prompt_tokens": 2')
 
     calls.clear()
@@ -385,7 +385,7 @@ def test_merged_halves_and_settings_equal_one_run(tmp_path, data, tiny_dir, caps
                         "-o", tmp_path / "m"], capsys)
     assert code == 0, err
     assert records(tmp_path / "m") == records(tmp_path / "one")
-    header, _ = runner.read_results(tmp_path / "m" / runner.RESULTS_FILE)
+    header, _ = results.read_results(tmp_path / "m" / results.RESULTS_FILE)
     assert header["settings"]["rows"] == [0, 3] and header["key"]["methods"] == ["full", "topk", "random"]
     assert f"griffin-export eval --merge {tmp_path / 'a'} --merge {tmp_path / 'b'}" in (tmp_path / "m" / "results.md").read_text()
     code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "r", "-o", tmp_path / "x"], capsys)
@@ -467,7 +467,7 @@ def test_default_model_one_prompt(real_lm, tmp_path):
     data.write_text(json.dumps({**row, "max_tokens": 8}) + "\n", encoding="utf-8")
     settings = EvalSettings(data=str(data), rows=(0, 1), methods=("full", "topk", "random"), densities=(0.5,))
     runner.run_eval(real_lm, settings, tmp_path / "out", progress=False)
-    _, recs = runner.read_results(tmp_path / "out" / runner.RESULTS_FILE)
+    _, recs = results.read_results(tmp_path / "out" / results.RESULTS_FILE)
     rec = recs[0]
     assert not rec["split_tokenization"] and rec["target_tokens"] >= 10
     res = rec["results"]

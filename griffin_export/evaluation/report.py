@@ -16,7 +16,7 @@ from ..bench import k_text, parse_config
 from ..provenance import versions
 from ..errors import GriffinError
 from .metrics import ROUGE_TYPES, Interval, diff_ci, mean_ci, ratio_ci
-from .runner import PRUNED_PREFILL_PREFIX, bundle_path
+from .settings import PRUNED_PREFILL_PREFIX, bundle_path
 
 BENCH_FILE = "bench.json"
 JSON_FILE = "results.json"
@@ -113,7 +113,7 @@ def command_line(header: dict, out_dir: str) -> str:
         merged = " ".join(f"--merge {d}" for d in header["merged_from"])
         rows = header["settings"]["rows"]
         return f"griffin-export eval {merged} --rows {rows[0]}:{rows[1]} -o {out_dir}"
-    from .runner import EvalSettings
+    from .settings import EvalSettings
 
     s, m = header["settings"], header["model"]
     default = EvalSettings(data=s["data"])
@@ -142,7 +142,7 @@ def command_line(header: dict, out_dir: str) -> str:
 
 def write_report(out: str | os.PathLike, *, resamples: int = RESAMPLES) -> list[Path]:
     """results.json, results.md and the plots in OUT, from OUT/eval.jsonl and/or OUT/bench.json."""
-    from .runner import RESULTS_FILE, read_results
+    from .results import RESULTS_FILE, read_results
 
     out_dir = Path(out)
     if not out_dir.is_dir():

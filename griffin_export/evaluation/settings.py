@@ -1,0 +1,134 @@
+"""What an evaluation is asked to do: the method names it takes (`full`, selection methods,
+`bundle:PATH`, `pruned-prefill:PATH`), its settings, and the parsing of the CLI's comma lists
+and row ranges. Read by the runner, the report and the CLI."""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..choices import METHODS
+from ..errors import GriffinError
+from ..select import check_density
+
+FULL = "full"
+BUNDLE_PREFIX = "bundle:"
+# a bundle's experts for the prompt's prefill as well (generate --pruned-prefill)
+PRUNED_PREFILL_PREFIX = "pruned-prefill:"
+
+
+def known_methods() -> list[str]:
+    """Every name `--methods` accepts: `full`, the selection methods of select.METHODS
+    (new ones join there), and fixed experts from a bundle file."""
+    return [FULL, *METHODS, f"{BUNDLE_PREFIX}PATH", f"{PRUNED_PREFILL_PREFIX}PATH"]
+
+
+def bundle_path(method: str) -> str | None:
+    """The bundle file a `bundle:PATH` or `pruned-prefill:PATH` method names, else None."""
+    for prefix in (BUNDLE_PREFIX, PRUNED_PREFILL_PREFIX):
+        if method.startswith(prefix):
+            return method[len(prefix):]
+    return None
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSettings:
+    data: str
+    rows: tuple[int, int] = (0, 100)  # [start, stop) line numbers of `data`, 0-based
+    methods: tuple[str, ...] = (FULL, "topk", "magnitude", "random")
+    densities: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
+    seed: int = 0  # prompt r uses seed + r (random / sampling methods)
+    prompt_field: str = "article"
+    target_field: str = "summary_gt"
+    separator: str = "\n"  # between the prompt and the gold text, as in the one-shot example
+    max_tokens: int = 64  # when a row has no `max_tokens`
+    chunk_size: int = 512
+    generate: bool = True  # False: gold log-likelihood only (no decoding, no ROUGE), for cheap searches
+    warmup: int = 0  # export --warmup for every selection method (their keys get "+wN")
+
+    def __post_init__(self) -> None:
+        self.rows = tuple(self.rows)
+        self.methods = tuple(self.methods)
+        self.densities = tuple(float(d) for d in self.densities)
+        start, stop = self.rows
+        if not 0 <= start < stop:
+            raise GriffinError(f"bad row range {start}:{stop}: need 0 <= START < STOP")
+        if not self.methods:
+            raise GriffinError("no methods given")
+        for m in self.methods:
+            check_method_name(m)
+            path = bundle_path(m)
+            if path is not None and not Path(path).is_file():
+                raise GriffinError(f"bundle {path} does not exist")
+        if not self.densities:
+            raise GriffinError("no densities given")
+        for d in self.densities:
+            check_density(d)
+        if self.max_tokens < 1:
+            raise GriffinError(f"max tokens must be >= 1, got {self.max_tokens}")
+        if self.chunk_size < 1:
+            raise GriffinError(f"chunk size must be >= 1, got {self.chunk_size}")
+        if self.warmup < 0:
+            raise GriffinError(f"warm-up must be >= 0 tokens, got {self.warmup}")
+        if self.warmup and any(bundle_path(m) for m in self.methods):
+            raise GriffinError("--warmup applies to selection methods; a bundle's experts have their own "
+                               "(export the bundle with --warmup)")
+
+
+def check_method_name(name: str) -> str:
+    if name == FULL or name in METHODS:
+        return name
+    if bundle_path(name):
+        return name
+    raise GriffinError(f"unknown method {name!r}; known: {', '.join(known_methods())}")
+
+
+def parse_rows(text: str) -> tuple[int, int]:
+    """'START:STOP' (STOP exclusive, START defaults to 0) or a single row 'N'."""
+    parts = text.split(":")
+    try:
+        if len(parts) == 1:
+            start = int(parts[0])
+            return _rows(start, start + 1, text)
+        if len(parts) == 2:
+            return _rows(int(parts[0]) if parts[0].strip() else 0, int(parts[1]), text)
+    except ValueError:
+        pass
+    raise GriffinError(f"bad row range {text!r}: expected START:STOP, e.g. 0:100")
+
+
+def _rows(start: int, stop: int, text: str) -> tuple[int, int]:
+    if not 0 <= start < stop:
+        raise GriffinError(f"bad row range {text!r}: need 0 <= START < STOP")
+    return start, stop
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise GriffinError(f"no {what} given")
+    if len(set(items)) != len(items):
+        raise GriffinError(f"{what} {text!r} names one more than once")
+    return items
+
+
+def parse_densities(text: str) -> list[float]:
+    out = []
+    for item in parse_list(text, "densities"):
+        try:
+            out.append(check_density(float(item)))
+        except ValueError:
+            raise GriffinError(f"density {item!r} is not a number") from None
+    return out
+
+
+def unescape(text: str) -> str:
+    r"""CLI separators arrive as typed: '\n' -> newline (other text kept as it is)."""
+    try:
+        return codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
+    except UnicodeDecodeError as e:
+        raise GriffinError(f"bad escape in separator {text!r}: {e.reason}") from None
