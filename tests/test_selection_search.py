@@ -1,4 +1,4 @@
-"""bench/selection_search.py (issue 8's search over selections) on a tiny model: every variant
+"""bench/research/selection_search.py (issue 8's search over selections) on a tiny model: every variant
 is the full model when nothing is dropped, and differs from it when half is."""
 
 import importlib.util
@@ -16,7 +16,7 @@ VARIANTS = ("topk,topk_refit,topk_refit_edges,budget:0,greedy,target_only,bias,l
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("selection_search", ROOT / "bench" / "selection_search.py")
+    spec = importlib.util.spec_from_file_location("selection_search", ROOT / "bench" / "research" / "selection_search.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
@@ -68,10 +68,11 @@ def test_greedy_picks_the_best_single_neuron_first(script):
     assert script.greedy_select(g[None], [w], [4])[0].numel() == 4
 
 
-def test_warmup_generation_at_density_1_is_the_full_model(data, tiny_dir):
-    """bench/warmup_generation.py: with every neuron kept, each warm-up length gives the full model's
+def test_warmup_generation_at_density_1_is_the_full_model(data, tiny_dir, monkeypatch):
+    """bench/research/warmup_generation.py: with every neuron kept, each warm-up length gives the full model's
     own text (agreement 1); at 0.5 the unwarmed pruned text differs from it."""
-    spec = importlib.util.spec_from_file_location("warmup_generation", ROOT / "bench" / "warmup_generation.py")
+    monkeypatch.syspath_prepend(str(ROOT / "bench" / "research"))  # as when it runs: its neighbour is importable
+    spec = importlib.util.spec_from_file_location("warmup_generation", ROOT / "bench" / "research" / "warmup_generation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     args = ["--data", str(data), "--model", str(tiny_dir("llama")), "--rows", "0:2", "--warmup", "0,3"]

@@ -3,7 +3,7 @@ export would, storing them and their KV), add their activations to the statistic
 then let the pruned model continue greedily. ROUGE-L of the whole text (warm-up + continuation)
 against the gold summary and against the full model's own output, on dev rows.
 
-    python bench/warmup_generation.py --rows 5:25 --warmup 0,4,8,16 --methods topk,topk_refit_edges
+    python bench/research/warmup_generation.py --rows 5:25 --warmup 0,4,8,16 --methods topk,topk_refit_edges
 
 N = 0 is the method as shipped. The warm-up tokens are the full model's greedy tokens, so they are
 the start of the full model's own output: the comparison says how much of the pruned model's loss is
@@ -13,10 +13,7 @@ in the first tokens (the issue saw generations drift to the one-shot example's s
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -32,11 +29,10 @@ MAX_TOKENS = 64
 
 
 def load_search():
-    spec = importlib.util.spec_from_file_location("selection_search", Path(__file__).with_name("selection_search.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    # its neighbour in bench/research/ (a script's own folder is on sys.path when it runs)
+    import selection_search
+
+    return selection_search
 
 
 def cut(text: str) -> str:
