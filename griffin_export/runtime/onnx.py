@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from ..bundle import Bundle, read_bundle
-from ..decoding import DecodeOptions, Generation, decode
 from ..errors import GriffinError
 from ..graph import PAST, PRESENT, Graph, GraphInfo, check_graph_bundle, read_graph
 from ..prompts import check_generation_fits, encode
+from .base import Runtime
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -279,7 +279,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
-class OnnxRuntime:
+class OnnxRuntime(Runtime):
     """Decodes a bundle with an exported graph. `full` (a graph exported with --full) runs the
     prefill of new prompts, as the PyTorch runtime uses the full model for it; with
     pruned_prefill the bundle's graph prefills them itself (what a pruned checkpoint computes)."""
@@ -412,22 +412,6 @@ class OnnxRuntime:
         logits, new = self._decoder.run(np.array([[token]], np.int64), state)
         state.past, state.length = new.past, new.length
         return torch.from_numpy(logits.astype(np.float32))
-
-    def generate(self, opts: DecodeOptions | None = None, *, prompt: str | None = None,
-                 ids: torch.Tensor | None = None, on_text=None) -> Generation:
-        """Decode from the bundle's own prompt (or `prompt` / `ids`); `on_text` gets the text as
-        it is decoded (decoding.decode)."""
-        opts = opts or DecodeOptions()
-        if prompt is not None:
-            ids = self.tokenize(prompt)
-        if ids is not None:
-            self.check_room(ids.shape[1], opts.max_new_tokens)
-        elif self.bundle is not None and self.bundle.prompt_ids is not None:
-            self.check_room(self.bundle.info.prompt_tokens, opts.max_new_tokens)
-        state, logits = self.start(ids)
-        warm = self.bundle.warmup() if ids is None else []  # see TorchRuntime.generate
-        return decode(lambda tok: self.step(state, tok), logits, opts, tokenizer=self.tokenizer, eos=self.eos,
-                      prefix=warm, on_text=on_text)
 
     def tokenize(self, text: str) -> torch.Tensor:
         chat = self.bundle.info.chat if self.bundle is not None else False

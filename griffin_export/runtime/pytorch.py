@@ -13,13 +13,14 @@ from torch import nn
 
 from ..arch import attention_shape, ff_blocks
 from ..bundle import Bundle, kv_layout_of, read_bundle
-from ..decoding import DecodeOptions, Generation, decode, eos_ids
+from ..decoding import eos_ids
 from ..errors import GriffinError
 from ..experts import check_bundle, check_fresh, install
 from ..export import tokenize
 from ..prompts import check_context, check_generation_fits
 from ..models import LoadedModel, load_model
 from ..prefill import cache_tensors, forward, prefill, restore_cache
+from .base import Runtime
 from .lean import LeanDecoder, covers
 
 
@@ -38,7 +39,7 @@ def _check_bundle_tensors(lm: LoadedModel, bundle: Bundle, source: str) -> None:
                            f"{want[0]} × {want[1]}")
 
 
-class TorchRuntime:
+class TorchRuntime(Runtime):
     """Decodes with a bundle's experts; prefill of a new prompt runs the full model
     (the GRIFFIN regime) when the full FF weights were kept. With pruned_prefill every
     prompt (a new one, or the bundle's own instead of its KV) is prefilled through the
@@ -112,30 +113,22 @@ class TorchRuntime:
             return prefill(self.lm.model, ids)
         return self.full_prefill(ids)
 
-    def generate(self, opts: DecodeOptions | None = None, *, prompt: str | None = None,
-                 ids: torch.Tensor | None = None, on_text=None) -> Generation:
-        """Decode from the bundle's own prompt (or `prompt` / `ids`); `on_text` gets the text as
-        it is decoded (decoding.decode)."""
-        opts = opts or DecodeOptions()
-        if prompt is not None:
-            ids = tokenize(self.lm, prompt, chat=self.bundle.info.chat)
-        n = ids.shape[1] if ids is not None else self.bundle.cached_tokens
-        # the warm-up tokens count towards max_new_tokens: the prompt alone plus max_new_tokens must fit
-        prompt_tokens = ids.shape[1] if ids is not None else self.bundle.info.prompt_tokens
-        check_generation_fits(prompt_tokens, opts.max_new_tokens, self.lm.context_length)
-        cache, logits = self.start(ids)
-        # from the bundle's own prompt, its warm-up tokens are the output's start
-        warm = self.bundle.warmup() if ids is None else []
-        step = lambda tok: self.step(cache, tok)  # noqa: E731
-        if self._lean_settings is not None:
-            # built here, not in __init__: its packed weights leave the HF modules holding transposed
-            # views, which forward() takes but save_pretrained() does not (checkpoint.py installs
-            # experts through a TorchRuntime and saves)
-            self.prepare()
-            self.lean.reserve(max(n + 1, prompt_tokens + opts.max_new_tokens))  # a warm-up may pass max_new_tokens
-            self.lean.load_cache(cache_tensors(cache), n)
-            step = self.lean.step
-        return decode(step, logits, opts, tokenizer=self.lm.tokenizer, eos=self.eos, prefix=warm, on_text=on_text)
+    def tokenize(self, text: str) -> torch.Tensor:
+        return tokenize(self.lm, text, chat=self.bundle.info.chat)
+
+    def check_room(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        check_generation_fits(prompt_tokens, max_new_tokens, self.lm.context_length)
+
+    def stepper(self, cache, cached: int, room: int):
+        if self._lean_settings is None:
+            return super().stepper(cache, cached, room)
+        # built here, not in __init__: its packed weights leave the HF modules holding transposed
+        # views, which forward() takes but save_pretrained() does not (checkpoint.py installs
+        # experts through a TorchRuntime and saves)
+        self.prepare()
+        self.lean.reserve(room)  # a warm-up may pass max_new_tokens
+        self.lean.load_cache(cache_tensors(cache), cached)
+        return self.lean.step
 
     def step(self, cache, token: int) -> torch.Tensor:
         """Feed one token with the experts through transformers' forward; logits [vocab] for the next."""
