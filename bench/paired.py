@@ -4,6 +4,7 @@ gold log-likelihood A − B, and ROUGE-L A ÷ B when both were generated, with 9
     python bench/paired.py RUN_DIR METHOD_A METHOD_B DENSITY...
     python bench/paired.py reports/ll_edges_200_299 topk_refit_edges topk_refit 0.25 0.5 0.75 0.9
     python bench/paired.py reports/warmup_200_299 topk_refit_edges+w8 topk 0.5    # eval --warmup 8 settings
+    python bench/paired.py RUN pruned-prefill:news_refit.safetensors pruned-prefill:news.safetensors 0.5  # bundles
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from pathlib import Path
 from griffin_export.evaluation.metrics import Interval, diff_ci, ratio_ci
 from griffin_export.evaluation.results import RESULTS_FILE, read_results
 from griffin_export.evaluation.runner import setting_key
+from griffin_export.evaluation.settings import bundle_path
 
 
 def key(method: str, density: float) -> str:
-    """`topk` -> `topk@0.5`; a warm-up run's `topk+w8` -> `topk@0.5+w8`."""
+    """`topk` -> `topk@0.5`; a warm-up run's `topk+w8` -> `topk@0.5+w8`; a bundle's setting
+    (`bundle:PATH`, `pruned-prefill:PATH`) is its own key, at its own density."""
+    if bundle_path(method) is not None:
+        return method
     name, _, warmup = method.partition("+w")
     return setting_key(name, density, int(warmup) if warmup else 0)
 

@@ -495,3 +495,5 @@ def test_paired_script_differences_match_the_records(tmp_path, data, tiny_dir, c
     assert script.paired(str(out), "topk", "topk", [0.5])[0][1].mean == 0.0
     assert "| 0.5 | " in script.main([str(out), "topk", "random", "0.5"])
     assert script.key("topk_refit", 0.5) == "topk_refit@0.5" and script.key("topk+w8", 0.25) == "topk@0.25+w8"
+    assert script.key("pruned-prefill:a/n.safetensors", 0.5) == "pruned-prefill:a/n.safetensors"  # a bundle's own key
+    assert script.key("bundle:n+w8.safetensors", 0.5) == "bundle:n+w8.safetensors"
