@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .options import density_option, dtype_option, human_bytes, k_summary, model_options, precheck, status
+from .options import chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options, precheck, status
 
 from griffin_export.choices import AGGREGATION_SUMMARIES, CLASS_METHODS, DEFAULT_AGGREGATION
 
@@ -35,7 +35,7 @@ from griffin_export.choices import AGGREGATION_SUMMARIES, CLASS_METHODS, DEFAULT
               help="build from saved statistics instead of INPUTs (repeat it to merge shards of one class)")
 @click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
-@click.option("--chunk-size", default=512, show_default=True, help="prefill chunk length (tokens)")
+@chunk_option
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
 def command(inputs, name, output, field, limit, aggregation, model, gguf_file, device, dtype, density, method,

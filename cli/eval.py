@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from .options import dtype_option, model_options, precheck, require_extra, status
+from .options import chunk_option, dtype_option, model_options, precheck, require_extra, status
 
 from griffin_export.choices import METHODS
 
@@ -25,7 +25,7 @@ from griffin_export.choices import METHODS
 @click.option("--separator", default=r"\n", show_default=True,
               help="text between prompt and gold text for the log-likelihood (backslash escapes work)")
 @click.option("--max-tokens", default=64, show_default=True, help="generation length for rows without max_tokens")
-@click.option("--chunk-size", default=512, show_default=True, help="prefill chunk length (tokens)")
+@chunk_option
 @click.option("--threads", default=None, type=int, help="torch threads [default: torch's choice]")
 @click.option("--ll-only", is_flag=True,
               help="only the gold log-likelihood (no generation, ROUGE or agreement): fast, for searching settings")

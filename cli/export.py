@@ -4,9 +4,9 @@ import time
 
 import click
 
-from .options import density_option, dtype_option, human_bytes, k_summary, model_options, precheck, status
+from .options import chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options, precheck, status
 
-from griffin_export.choices import METHOD_SUMMARIES, METHODS
+from griffin_export.choices import METHOD_SUMMARIES, METHODS, REFIT_LAMBDA
 
 # The default: the best setting measured on the default model whose export cost scales to large
 # models (README, "Which method"): topk with 8 full-width warm-up tokens.
@@ -24,7 +24,7 @@ _METHODS_HELP = "\b\nSelection methods (--method):\n" + "\n".join(
 @density_option
 @click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True,
               help="neuron selection (each one is listed below)")
-@click.option("--refit-lambda", default=1.0, show_default=True, help="ridge strength of topk_refit")
+@click.option("--refit-lambda", default=REFIT_LAMBDA, show_default=True, help="ridge strength of the topk_refit methods")
 @click.option("--warmup", default=DEFAULT_WARMUP, show_default=True, metavar="N",
               help="decode the first N tokens with the full model here: they join the statistic, the bundle stores "
                    "them and their KV, and generation from this prompt starts with them (greedy); 0 = the paper's "
@@ -32,7 +32,7 @@ _METHODS_HELP = "\b\nSelection methods (--method):\n" + "\n".join(
 @click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample / random")
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("--no-kv", is_flag=True, help="leave the prompt's KV cache out of the bundle")
-@click.option("--chunk-size", default=512, show_default=True, help="prefill chunk length (tokens)")
+@chunk_option
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
 def command(prompt, output, model, gguf_file, device, dtype, density, method, refit_lambda, warmup, seed, chat, no_kv, chunk_size,

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
+from griffin_export.choices import CHUNK_SIZE, DENSITY
+
 DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def chunk_option(f):
+    return click.option("--chunk-size", default=CHUNK_SIZE, show_default=True, type=click.IntRange(min=1),
+                        help="prefill chunk length (tokens)")(f)
 
 
 def model_options(f):
@@ -22,7 +29,7 @@ def dtype_option(f):
 
 
 def density_option(f):
-    return click.option("--density", default=0.5, show_default=True,
+    return click.option("--density", default=DENSITY, show_default=True,
                         help="fraction of FF neurons kept per layer, in (0, 1]")(f)
 
 
@@ -31,7 +38,7 @@ def decode_options(f):
     f = click.option("--stop", multiple=True, help="stop string (repeatable)")(f)
     f = click.option("--top-p", default=1.0, show_default=True, help="nucleus sampling mass")(f)
     f = click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")(f)
-    f = click.option("--max-new-tokens", default=64, show_default=True,
+    f = click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=0),
                      help="tokens to generate (a bundle's warm-up tokens count towards them)")(f)
     return f
 

@@ -32,4 +32,10 @@ AGGREGATION_SUMMARIES = {
 # pooled kept the gold summaries' likelihood best in bench/class_aggregation.py (XSum, see README)
 DEFAULT_AGGREGATION = "pooled"
 
+# Defaults shared by the settings dataclasses (export, class, eval, bench) and the CLI options that
+# fill them, so `--help` shows what the library does without importing torch.
+DENSITY = 0.5
+CHUNK_SIZE = 512  # prefill chunk (tokens); the statistic is the same for any chunking
+REFIT_LAMBDA = 1.0  # the refit's ridge strength relative to the mean activation energy; chosen on dev rows 0-5
+
 LAYOUTS = ("auto", "lean", "traced")  # onnx --graph: auto = lean where the adapter table covers the architecture

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .arch import ff_blocks
 from .bundle import Bundle
-from .choices import CLASS_METHODS
+from .choices import CHUNK_SIZE, CLASS_METHODS, DENSITY
 from .errors import GriffinError
 from .experts import installed
 from .aggregate import (AGGREGATIONS, DEFAULT_AGGREGATION, Aggregation, ClassStatistic, StatisticInfo,  # noqa: F401
@@ -119,10 +119,10 @@ def count_prompts(paths: Sequence[str | os.PathLike], field: str = "prompt", lim
 class ClassSettings:
     name: str
     aggregation: str = DEFAULT_AGGREGATION
-    density: float = 0.5
+    density: float = DENSITY
     method: str = "topk"
     seed: int = 0
-    chunk_size: int = 512
+    chunk_size: int = CHUNK_SIZE  # prefill chunk; the statistic is the same for any chunking
     chat: bool = False
     refit_lambda: float = DEFAULT_LAMBDA  # ridge strength of the refit methods (refit.py)
 

@@ -10,6 +10,7 @@ from . import __version__
 from .arch import ff_blocks, ff_param, magnitude_scores, slice_block
 from .budget import edge_budgets, refit_budgets
 from .bundle import WARMUP_FORMAT_VERSION, Bundle, BundleInfo
+from .choices import CHUNK_SIZE, DENSITY
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
 from .decoding import DecodeOptions, decode, eos_ids
@@ -22,10 +23,10 @@ from .statistic import FFStatistic, recording
 
 @dataclass
 class ExportSettings:
-    density: float = 0.5
+    density: float = DENSITY
     method: str = "topk"
     seed: int = 0
-    chunk_size: int = 512  # prefill chunk; the statistic is the same for any chunking
+    chunk_size: int = CHUNK_SIZE  # prefill chunk; the statistic is the same for any chunking
     keep_kv: bool = True
     chat: bool = False
     refit_lambda: float = DEFAULT_LAMBDA  # ridge strength of topk_refit

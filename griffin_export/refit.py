@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_LAMBDA = 1.0  # ridge strength relative to the mean activation energy; chosen on dev rows 0-5
+from .choices import REFIT_LAMBDA
+
+DEFAULT_LAMBDA = REFIT_LAMBDA
 
 
 def refit_down(w_down: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float = DEFAULT_LAMBDA) -> torch.Tensor:

@@ -165,3 +165,14 @@ def test_the_installed_command_prints_one_line_errors(tmp_path):
     assert r.stderr.strip() == f"griffin-export: error: prompt file {tmp_path / 'missing.txt'} does not exist"
     h = subprocess.run(["griffin-export", "--help"], capture_output=True, text=True)
     assert h.returncode == 0 and "Examples:" in h.stdout and "generate" in h.stdout
+
+
+def test_the_cli_loads_without_torch():
+    """--help and option parsing read choices.py only: no torch, no transformers at load (they
+    cost seconds; a command imports them when it runs)."""
+    import subprocess
+    import sys
+
+    code = "import sys, griffin_export_cli.main; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -8,7 +8,7 @@ import codecs
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..choices import METHODS
+from ..choices import CHUNK_SIZE, METHODS
 from ..errors import GriffinError
 from ..select import check_density
 
@@ -46,7 +46,7 @@ class EvalSettings:
     target_field: str = "summary_gt"
     separator: str = "\n"  # between the prompt and the gold text, as in the one-shot example
     max_tokens: int = 64  # when a row has no `max_tokens`
-    chunk_size: int = 512
+    chunk_size: int = CHUNK_SIZE
     generate: bool = True  # False: gold log-likelihood only (no decoding, no ROUGE), for cheap searches
     warmup: int = 0  # export --warmup for every selection method (their keys get "+wN")
 
