@@ -210,11 +210,11 @@ def class_bundle(lm: LoadedModel, info: StatisticInfo, stat: ClassStatistic, set
         raise GriffinError(f"{settings.method} solves on the class's Gram matrices, and {where} has none (it was "
                            "counted for a method without a refit); count the prompts again with a refit --method")
     aggregation = check_aggregation(settings.aggregation)
-    if aggregation.uses_k and k_for(settings.density, lm.d_ff) != stat.k:
+    k = k_for(settings.density, lm.d_ff)
+    if aggregation.uses_k and k != stat.k:
         raise GriffinError(f"aggregation {aggregation.name} counts each prompt's top-k, and {where} counted it at "
                            f"k={stat.k}; use that density, or pooled / mean, which hold at any density")
     scores = aggregation.score(stat).float()
-    k = k_for(settings.density, lm.d_ff)
     if settings.method == "topk_refit_edges" and k < lm.d_ff and len(set(edge_budgets(lm.num_layers, lm.d_ff, k))) == 1:
         # per prompt this falls back to uniform widths (so evaluation grids run through); a class
         # bundle is made one at a time, and a user who asked for the edges is told
