@@ -5,41 +5,58 @@ from pathlib import Path
 
 import click
 
-from .options import chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options, precheck, status
+from .options import (chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options, offload_from,
+                      offload_options, precheck, status)
 
 from griffin_export.choices import AGGREGATION_SUMMARIES, CLASS_METHODS, DEFAULT_AGGREGATION
+
+_AGGREGATION_HELP = ("how per-prompt scores become one class score: pooled = the statistic over all the class's "
+                     "tokens at once; mean = mean of each prompt's scores normalized per layer; topk_freq = how "
+                     "often a neuron is in a prompt's top-k")
+_METHOD_HELP = ("neuron selection on the class score; the topk_refit* methods also refit the kept down-projection "
+                "columns on all the class's tokens (a D_ff × D_ff Gram per layer: 283 MB on the default model, "
+                "float64 while counting)")
 
 
 @click.command("class")
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("--name", required=True, help="the class's name, recorded in the bundle (e.g. news)")
-@click.option("-o", "--output", required=True, metavar="FILE", help="class bundle to write (.safetensors)")
+@click.option("-o", "--output", required=True, metavar="FILE",
+              help="class bundle to write (.safetensors); with --shard, the shard's partial statistic")
 @click.option("--field", default="prompt", show_default=True, help="JSONL key holding the prompt text")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="use only the first N prompts")
 @click.option("--aggregation", type=click.Choice(list(AGGREGATION_SUMMARIES)), default=DEFAULT_AGGREGATION,
-              show_default=True,
-              help="how per-prompt scores become one class score: pooled = the statistic over all the class's "
-                   "tokens at once; mean = mean of each prompt's scores normalized per layer; topk_freq = how "
-                   "often a neuron is in a prompt's top-k")
+              show_default=True, help=_AGGREGATION_HELP)
 @model_options
+@offload_options
 @dtype_option
 @density_option
-@click.option("--method", type=click.Choice(CLASS_METHODS), default="topk", show_default=True,
-              help="neuron selection on the class score; the topk_refit* methods also refit the kept "
-                   "down-projection columns on all the class's tokens (a D_ff × D_ff Gram per layer: "
-                   "283 MB on the default model, float64 while counting)")
+@click.option("--method", type=click.Choice(CLASS_METHODS), default="topk", show_default=True, help=_METHOD_HELP)
 @click.option("--save-statistic", "save_statistic", default=None, metavar="FILE",
               help="also write the class's statistic (its sums, and the Gram for a refit --method): "
                    "bundles at other densities and methods, and merges of shards, come from it without a prefill")
 @click.option("--statistic", "statistics", multiple=True, metavar="FILE",
               help="build from saved statistics instead of INPUTs (repeat it to merge shards of one class)")
+@click.option("--shard", default=None, metavar="I/N",
+              help="count only the I-th of N slices of the prompts and write its partial statistic to -o; "
+                   "griffin-export class-merge sums the N parts into the bundle")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="prompts per prefill (right-padded; the statistic is the unbatched one)")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="count here, or on a Ray cluster (a pool of workers, each loading the model once)")
+@click.option("--address", default=None, metavar="ADDR",
+              help="with --engine ray: the cluster to join (e.g. auto, ray://head:10001) [default: a local cluster]")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="with --engine ray: actors")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="with --engine ray: GPUs per actor (0 = CPU workers)")
 @click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
 @chunk_option
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
-def command(inputs, name, output, field, limit, aggregation, model, gguf_file, device, dtype, density, method,
-            save_statistic, statistics, seed, chat, chunk_size, force, quiet):
+def command(inputs, name, output, field, limit, aggregation, model, gguf_file, device, device_map, max_memory,
+            offload_folder, dtype, density, method, save_statistic, statistics, shard, batch_size, engine, address,
+            workers, gpus_per_worker, seed, chat, chunk_size, force, quiet):
     """Experts for a class of prompts: one full prefill per prompt, one bundle for all.
 
     INPUT is a JSONL file (one prompt per line, in --field), a folder of .txt files (one
@@ -56,56 +73,165 @@ def command(inputs, name, output, field, limit, aggregation, model, gguf_file, d
       griffin-export class a.jsonl b.jsonl extra.txt --name mixed -o mixed.safetensors --aggregation topk_freq
       griffin-export class news.jsonl --name news --method topk_refit -o news.safetensors --save-statistic news.stat
       griffin-export class --statistic news.stat --name news --method topk_refit_edges --density 0.25 -o news_25.safetensors
-      griffin-export class --statistic shard1.stat --statistic shard2.stat --name news -o news.safetensors
+      griffin-export class news.jsonl --name news --shard 2/8 -o part-2.safetensors    # then: class-merge part-*
+      griffin-export class news.jsonl --name news --engine ray --workers 4 -o news.safetensors
     """
-    from griffin_export.aggregate import merge, read_statistic, write_statistic
+    from griffin_export.aggregate import Shard, merge, read_statistic, write_statistic
     from griffin_export.bundle import check_output_path, write_bundle
-    from griffin_export.classes import ClassSettings, class_bundle, count_prompts, export_class, iter_prompts
+    from griffin_export.classes import ClassSettings, class_bundle, survey_prompts
     from griffin_export.models import load_model
 
     t0 = time.perf_counter()
     settings = ClassSettings(name=name, aggregation=aggregation, density=density, method=method, seed=seed,
                              chunk_size=chunk_size, chat=chat)
-    if bool(inputs) == bool(statistics):
-        raise click.UsageError("give the prompts (INPUT...) or saved statistics (--statistic), one of the two")
-    if statistics and save_statistic:
-        raise click.UsageError("--save-statistic writes what INPUTs are counted into; with --statistic there is "
-                               "nothing new to save")
+    offload = offload_from(device_map, max_memory, offload_folder)
+    _check_combinations(inputs, statistics, save_statistic, shard, engine, address, workers, gpus_per_worker,
+                        batch_size, offload)
+    part = Shard.parse(shard) if shard else None
     check_output_path(output, force)  # fail before loading anything
     if save_statistic:
         check_output_path(save_statistic, force)
+    if engine == "ray":
+        from griffin_export.ray_engine import require_ray
+
+        require_ray()
     if statistics:
         stat_info, stat = merge(read_statistic(s) for s in statistics)  # bad or mismatched files fail here
-        total = stat_info.prompts
         precheck(model or stat_info.base_model, gguf_file, device, [density])
-        status(f"{len(statistics)} statistic(s) of {total} prompts; loading model {model or stat_info.base_model} ...",
-               quiet)
+        status(f"{len(statistics)} statistic(s) of {stat_info.prompts} prompts; loading model "
+               f"{model or stat_info.base_model} ...", quiet)
+        lm = load_model(model or stat_info.base_model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet,
+                        offload=offload)
+        skipped = stat_info.skipped
     else:
-        total = count_prompts(inputs, field, limit)  # reads every input once: bad lines fail here, not after an hour
+        survey = survey_prompts(inputs, field, limit)  # reads every input once: bad lines fail here, not after an hour
         precheck(model, gguf_file, device, [density])
-        status(f"{total} prompts; loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
-    lm = load_model(model or (stat_info.base_model if statistics else None), gguf_file=gguf_file, dtype=dtype,
-                    device=device, quiet=quiet)
-    if statistics:
-        bundle = class_bundle(lm, stat_info, stat, settings, source=stat_info.extra.get("source", ""))
-        skipped, first_skipped = stat_info.skipped, None
-    else:
-        result = export_class(lm, iter_prompts(inputs, field, limit), settings, total=total, progress=not quiet,
-                              source=", ".join(Path(i).name for i in inputs))
-        bundle, stat, stat_info = result.bundle, result.statistic, result.info
-        skipped, first_skipped = result.skipped, result.first_skipped
+        rows = part.rows(survey.prompts) if part else range(survey.prompts)
+        status(f"{survey.prompts} prompts{f', shard {part}: {len(rows)} of them' if part else ''}; loading model "
+               f"{model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
+        lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet, offload=offload)
+        stat_info, stat, first_skipped = _count(lm, inputs, field, limit, settings, part, survey.prompts, batch_size,
+                                                engine, address, workers, gpus_per_worker, model, gguf_file, dtype,
+                                                quiet)
+        stat_info.inputs_prompts, stat_info.inputs_digest = survey.prompts, survey.digest
+        stat_info.shard = str(part) if part else ""
+        stat_info.extra["source"] = ", ".join(Path(i).name for i in inputs)
+        skipped = stat_info.skipped
         if skipped:
-            click.echo(f"griffin-export: warning: skipped {skipped} of {total} prompts longer than the model's "
+            click.echo(f"griffin-export: warning: skipped {skipped} of {len(rows)} prompts longer than the model's "
                        f"context (first: {first_skipped})", err=True)
+    if part:
+        path = write_statistic(stat_info, stat, output, force=force)
+        click.echo(f"wrote {path}: shard {part} of class {name!r}, {stat.prompts} prompts ({stat.tokens} tokens, "
+                   f"{skipped} skipped){' with the Gram' if stat.gram is not None else ''}, "
+                   f"{human_bytes(path.stat().st_size)}, {time.perf_counter() - t0:.1f} s")
+        return
+    bundle = class_bundle(lm, stat_info, stat, settings, source=stat_info.extra.get("source", ""))
     path = write_bundle(bundle, output, force=force)
     if save_statistic:
         stat_path = write_statistic(stat_info, stat, save_statistic, force=force)
         status(f"wrote {stat_path}: the statistic of {stat.prompts} prompts"
                f"{' with the Gram' if stat.gram is not None else ''}, {human_bytes(stat_path.stat().st_size)}", quiet)
+    _summary(path, bundle, stat, skipped, aggregation, t0)
+
+
+def _check_combinations(inputs, statistics, save_statistic, shard, engine, address, workers, gpus_per_worker,
+                        batch_size, offload) -> None:
+    if bool(inputs) == bool(statistics):
+        raise click.UsageError("give the prompts (INPUT...) or saved statistics (--statistic), one of the two")
+    if statistics and save_statistic:
+        raise click.UsageError("--save-statistic writes what INPUTs are counted into; with --statistic there is "
+                               "nothing new to save")
+    if shard and (statistics or save_statistic):
+        raise click.UsageError("--shard counts INPUTs into the partial statistic it writes to -o; "
+                               "--statistic and --save-statistic do not go with it")
+    if engine != "ray" and (address or workers != 2 or gpus_per_worker):
+        raise click.UsageError("--address, --workers and --gpus-per-worker are for --engine ray")
+    if engine == "ray" and statistics:
+        raise click.UsageError("--engine ray counts INPUTs; with --statistic there is nothing to count")
+    if engine == "ray" and offload is not None:
+        raise click.UsageError("--device-map is for one process; Ray workers load the model whole "
+                               "(give them --gpus-per-worker, or count shards with --shard)")
+
+
+def _count(lm, inputs, field, limit, settings, part, total, batch_size, engine, address, workers, gpus_per_worker,
+           model, gguf_file, dtype, quiet):
+    from griffin_export.classes import class_statistic, iter_prompts, shard_of
+
+    prompts = iter_prompts(inputs, field, limit)
+    if part:
+        prompts = shard_of(prompts, part, total)
+    n = len(part.rows(total)) if part else total
+    if engine == "local":
+        return class_statistic(lm, prompts, settings, total=n, progress=not quiet, batch_size=batch_size)
+    import os
+
+    from griffin_export.ray_engine import ModelSource, RaySettings, ray_class_statistic
+
+    local_model = model if model is None or not os.path.exists(model) else os.path.abspath(model)
+    return ray_class_statistic(ModelSource(local_model, gguf_file, dtype), prompts, settings,
+                               RaySettings(address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                                           batch_size=batch_size),
+                               fingerprint=lm.fingerprint, total=n, progress=not quiet)
+
+
+def _summary(path, bundle, stat, skipped, aggregation, t0) -> None:
     info = bundle.info
     click.echo(
-        f"wrote {path}: class {name!r} from {stat.prompts} prompts ({stat.tokens} tokens, "
+        f"wrote {path}: class {info.extra.get('class')!r} from {stat.prompts} prompts ({stat.tokens} tokens, "
         f"{skipped} skipped), {aggregation}, {k_summary(info.k, info.d_ff)} × {info.num_layers} layers "
         f"({info.method}, density {info.density}), {human_bytes(path.stat().st_size)}, "
         f"{time.perf_counter() - t0:.1f} s"
     )
+
+
+@click.command("class-merge")
+@click.argument("parts", nargs=-1, required=True, metavar="PART...")
+@click.option("-o", "--output", required=True, metavar="FILE", help="class bundle to write (.safetensors)")
+@click.option("--name", default=None, help="the class's name [default: the one the shards were counted for]")
+@click.option("--aggregation", type=click.Choice(list(AGGREGATION_SUMMARIES)), default=None,
+              help=_AGGREGATION_HELP + " [default: the shards' own]")
+@click.option("--method", type=click.Choice(CLASS_METHODS), default=None, help=_METHOD_HELP + " [default: the shards' own]")
+@density_option
+@model_options
+@dtype_option
+@click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample")
+@click.option("--force", is_flag=True, help="overwrite an existing output file")
+@click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
+def merge_command(parts, output, name, aggregation, method, density, model, gguf_file, device, dtype, seed, force,
+                  quiet):
+    """Sum the partial statistics of `class --shard I/N` (every shard once) and write the class bundle.
+
+    The merge is exact: sums of sums in float64, in any order, so the bundle is the one a single
+    `class` run over all the prompts gives. The partial files hold no density (except topk_freq's
+    count), so one set of shards gives bundles at any --density.
+
+    \b
+    Examples:
+      griffin-export class-merge part-*.safetensors --density 0.5 -o news.safetensors
+      griffin-export class-merge part-1.st part-2.st part-3.st --method topk_refit_edges -o news.safetensors
+    """
+    from griffin_export.aggregate import merge, read_statistic
+    from griffin_export.bundle import check_output_path, write_bundle
+    from griffin_export.classes import ClassSettings, class_bundle
+    from griffin_export.errors import GriffinError
+    from griffin_export.models import load_model
+
+    t0 = time.perf_counter()
+    check_output_path(output, force)
+    read = [read_statistic(p) for p in parts]
+    whole = next((p for p, (info, _) in zip(parts, read) if not info.shard), None)
+    if whole is not None:
+        raise GriffinError(f"{whole} is a whole statistic, not a shard of `class --shard I/N`; build from it with "
+                           "griffin-export class --statistic")
+    stat_info, stat = merge(read)  # coverage, models and the shards' settings checked here
+    settings = ClassSettings(name=name or stat_info.name or "class", aggregation=aggregation or stat_info.aggregation
+                             or DEFAULT_AGGREGATION, density=density, method=method or stat_info.method or "topk",
+                             seed=seed, chat=stat_info.chat)
+    precheck(model or stat_info.base_model, gguf_file, device, [density])
+    status(f"{len(parts)} shards of {stat_info.prompts} prompts; loading model {model or stat_info.base_model} ...",
+           quiet)
+    lm = load_model(model or stat_info.base_model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet)
+    bundle = class_bundle(lm, stat_info, stat, settings, source=stat_info.extra.get("source", ""))
+    path = write_bundle(bundle, output, force=force)
+    _summary(path, bundle, stat, stat_info.skipped, settings.aggregation, t0)

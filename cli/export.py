@@ -4,7 +4,8 @@ import time
 
 import click
 
-from .options import chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options, precheck, status
+from .options import (chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options,
+                      offload_from, offload_options, precheck, status)
 
 from griffin_export.choices import METHOD_SUMMARIES, METHODS, REFIT_LAMBDA
 
@@ -20,6 +21,7 @@ _METHODS_HELP = "\b\nSelection methods (--method):\n" + "\n".join(
 @click.argument("prompt", metavar="PROMPT_FILE")
 @click.option("-o", "--output", required=True, metavar="FILE", help="bundle to write (.safetensors)")
 @model_options
+@offload_options
 @dtype_option
 @density_option
 @click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True,
@@ -35,8 +37,8 @@ _METHODS_HELP = "\b\nSelection methods (--method):\n" + "\n".join(
 @chunk_option
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
-def command(prompt, output, model, gguf_file, device, dtype, density, method, refit_lambda, warmup, seed, chat, no_kv, chunk_size,
-            force, quiet):
+def command(prompt, output, model, gguf_file, device, device_map, max_memory, offload_folder, dtype, density, method,
+            refit_lambda, warmup, seed, chat, no_kv, chunk_size, force, quiet):
     """Prefill PROMPT_FILE (UTF-8 text, or - for stdin) with the full model and write an expert bundle.
 
     \b
@@ -46,6 +48,7 @@ def command(prompt, output, model, gguf_file, device, dtype, density, method, re
       griffin-export samples/prompt.txt -o warm.safetensors --method topk_refit --warmup 8
       echo "Tell me about owls." | griffin-export - -o owls.safetensors --chat
       griffin-export prompt.txt -o expert.safetensors --model ./my-llama-dir --dtype bfloat16
+      griffin-export prompt.txt -o expert.safetensors --model ./big-model --device-map auto --max-memory cpu=8GiB
     """
     from griffin_export.bundle import check_output_path, write_bundle
     from griffin_export.export import ExportSettings, export_prompt
@@ -55,11 +58,12 @@ def command(prompt, output, model, gguf_file, device, dtype, density, method, re
     t0 = time.perf_counter()
     settings = ExportSettings(density=density, method=method, seed=seed, chunk_size=chunk_size,
                               keep_kv=not no_kv, chat=chat, refit_lambda=refit_lambda, warmup=warmup)
+    offload = offload_from(device_map, max_memory, offload_folder)
     check_output_path(output, force)  # fail before loading anything
     text = read_prompt(prompt)
     precheck(model, gguf_file, device, [density])
     status(f"loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
-    lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet)
+    lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet, offload=offload)
     bundle = export_prompt(lm, text, settings, progress=not quiet)
     path = write_bundle(bundle, output, force=force)
     info = bundle.info

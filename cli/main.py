@@ -41,6 +41,7 @@ def _register() -> None:
 
     for module in (export, generate, inspect, bench, classes, checkpoint, eval, onnx):
         cli.add_command(module.command)
+    cli.add_command(classes.merge_command)
 
 
 _register()

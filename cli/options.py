@@ -23,6 +23,30 @@ def model_options(f):
     return f
 
 
+def offload_options(f):
+    """--device-map / --max-memory / --offload-folder: a model larger than the device (export, class)."""
+    f = click.option("--offload-folder", default=None, metavar="DIR",
+                     help="where offloaded weights go with --device-map auto [default: a temporary folder]")(f)
+    f = click.option("--max-memory", default=None, metavar="DEV=SIZE,...",
+                     help="with --device-map auto: memory caps per device, e.g. cpu=2GiB or 0=20GiB,cpu=64GiB; "
+                          "what does not fit is offloaded to disk")(f)
+    f = click.option("--device-map", type=click.Choice(["auto"]), default=None,
+                     help="place the model with accelerate (GPU, CPU RAM, disk) instead of loading it whole; "
+                          "same bundle, slower prefill")(f)
+    return f
+
+
+def offload_from(device_map: str | None, max_memory: str | None, offload_folder: str | None):
+    """The offload options, checked once -> models.Offload, or None to load the model whole."""
+    if device_map is None:
+        if max_memory or offload_folder:
+            raise click.UsageError("--max-memory and --offload-folder need --device-map auto")
+        return None
+    from griffin_export.models import Offload, parse_max_memory
+
+    return Offload(max_memory=parse_max_memory(max_memory) if max_memory else None, folder=offload_folder)
+
+
 def dtype_option(f):
     return click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
                         help="weights and activations dtype (bfloat16/float16 for GPUs)")(f)

@@ -8,7 +8,10 @@ shards and the shards summed. With `gram=True` the sums include the raw activati
 matrix Σ ZᵀZ over all the class's tokens ([L, D_ff, D_ff]), which the refit methods solve on.
 
     write_statistic(stat, "news.stat.safetensors")           # griffin-export class --save-statistic
-    stat = merge([read_statistic(p) for p in shards])        # griffin-export class --statistic A --statistic B
+    stat = merge([read_statistic(p) for p in shards])        # griffin-export class-merge part-*.safetensors
+
+A partial statistic (`griffin-export class --shard I/N`) counts the I-th of N slices of the
+prompts; `merge` takes a complete set of them (every shard once, all from one run).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .errors import GriffinError
 from .outputs import atomic_output, check_output_path
 
 STATISTIC_FORMAT = "griffin-class-statistic"
-STATISTIC_VERSION = "1"
+STATISTIC_VERSION = "2"  # 2: the class's settings, its inputs and the shard (1 is read too)
 _TERMS = ("normalized", "squared", "in_topk")  # tensor names in the file, besides "gram"
 
 
@@ -44,6 +47,14 @@ class StatisticInfo:
     tokens: int = 0
     skipped: int = 0  # prompts longer than the context, not counted
     chat: bool = False
+    # what the statistic was counted for: class-merge builds with these unless told otherwise
+    name: str = ""
+    method: str = ""
+    aggregation: str = ""
+    # the whole input set (every shard reads all of it): prompt count and a digest of the texts
+    inputs_prompts: int = 0
+    inputs_digest: str = ""
+    shard: str = ""  # "I/N" for a partial statistic of shard I of N, "" for a whole one
     format: str = STATISTIC_FORMAT
     format_version: str = STATISTIC_VERSION
     extra: dict[str, str] = field(default_factory=dict)  # e.g. source files
@@ -79,15 +90,22 @@ class ClassStatistic:
         """One prompt's scores [L, D_ff] (and its Gram [L, D_ff, D_ff] when the class keeps one)."""
         if (gram is None) == (self.gram is not None):
             raise ValueError("a prompt's Gram is needed exactly when the class keeps one")
+        self.add_scores(scores, tokens)
+        if gram is not None:
+            self.add_gram(gram)
+
+    def add_scores(self, scores: torch.Tensor, tokens: int) -> None:
         s = scores.detach().to(torch.float64).cpu()
         self.normalized += s / s.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         self.squared += s.square()
         top = torch.topk(s, self.k, dim=-1).indices  # [L, k]
         self.in_topk.scatter_add_(1, top, torch.ones_like(top, dtype=torch.float64))
-        if gram is not None:
-            self.gram += gram.detach().cpu()  # float32 per prompt, summed in float64
         self.prompts += 1
         self.tokens += tokens
+
+    def add_gram(self, gram: torch.Tensor) -> None:
+        """The Gram of one or more prompts (a batch's sum): float32, summed here in float64."""
+        self.gram += gram.detach().cpu()
 
     def terms(self) -> dict[str, torch.Tensor]:
         out = {name: getattr(self, name) for name in _TERMS}
@@ -135,6 +153,68 @@ def check_aggregation(name: str) -> Aggregation:
         raise GriffinError(f"unknown aggregation {name!r}; known: {', '.join(AGGREGATIONS)}") from None
 
 
+# -- shards ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The I-th of N disjoint, contiguous slices of a class's prompts (1 <= I <= N)."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not (self.count >= 1 and 1 <= self.index <= self.count):
+            raise GriffinError(f"shard {self.index}/{self.count}: I/N needs 1 <= I <= N")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        i, sep, n = text.partition("/")
+        if not (sep and i.strip().isdigit() and n.strip().isdigit()):
+            raise GriffinError(f"--shard {text!r}: write it as I/N, e.g. 2/8 (shards are numbered from 1)")
+        return cls(int(i), int(n))
+
+    def rows(self, total: int) -> range:
+        """Which of `total` prompts (0-based) this shard counts: sizes differ by at most one."""
+        return range((self.index - 1) * total // self.count, self.index * total // self.count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def _check_shards(infos: list[StatisticInfo]) -> None:
+    """Partial statistics merge only as one complete set: the same run (inputs, class settings,
+    shard count) and every shard 1..N exactly once."""
+    sharded = [i for i in infos if i.shard]
+    if not sharded:
+        return
+    where = [i.extra.get("file", f"statistic {n + 1}") for n, i in enumerate(infos)]
+    if len(sharded) != len(infos):
+        whole = where[next(n for n, i in enumerate(infos) if not i.shard)]
+        raise GriffinError(f"{whole} is a whole statistic, the others are shards; merge shards of one run only")
+    first = infos[0]
+    for n, info in enumerate(infos[1:], start=1):
+        for key, what in (("inputs_digest", "other prompts"), ("name", "another class name"),
+                          ("method", "another --method"), ("aggregation", "another --aggregation")):
+            if getattr(info, key) != getattr(first, key):
+                raise GriffinError(f"{where[n]} was counted on {what} ({key} {getattr(info, key)!r}) than "
+                                   f"{where[0]} ({getattr(first, key)!r}); shards of one run must agree")
+    shards = [Shard.parse(i.shard) for i in infos]
+    counts = {s.count for s in shards}
+    if len(counts) > 1:
+        raise GriffinError(f"the shards split the prompts {' and '.join(f'{c} ways' for c in sorted(counts))}; "
+                           "merge the shards of one run")
+    seen: dict[int, str] = {}
+    for s, w in zip(shards, where):
+        if s.index in seen:
+            raise GriffinError(f"shard {s} is given twice ({seen[s.index]} and {w})")
+        seen[s.index] = w
+    missing = [f"{i}/{shards[0].count}" for i in range(1, shards[0].count + 1) if i not in seen]
+    if missing:
+        raise GriffinError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                           f"{'are' if len(missing) > 1 else 'is'} missing: the merge would leave out their prompts")
+
+
 # -- merging and files -------------------------------------------------------------------
 
 
@@ -144,8 +224,10 @@ def merge(parts: Iterable[tuple[StatisticInfo, ClassStatistic]]) -> tuple[Statis
     parts = list(parts)
     if not parts:
         raise GriffinError("no statistic to merge")
+    _check_shards([i for i, _ in parts])
     info0, st0 = parts[0]
-    info = StatisticInfo(**{**info0.__dict__, "prompts": 0, "tokens": 0, "skipped": 0, "extra": dict(info0.extra)})
+    info = StatisticInfo(**{**info0.__dict__, "prompts": 0, "tokens": 0, "skipped": 0, "shard": "",
+                            "extra": dict(info0.extra)})
     total = ClassStatistic(st0.num_layers, st0.d_ff, st0.k, with_gram=st0.gram is not None)
     for i, (part_info, st) in enumerate(parts):
         where = part_info.extra.get("file", f"statistic {i + 1}")
@@ -189,7 +271,7 @@ def read_statistic(path: str | os.PathLike) -> tuple[StatisticInfo, ClassStatist
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            check_format(meta, str(path), STATISTIC_FORMAT, (STATISTIC_VERSION,), "class statistic")
+            check_format(meta, str(path), STATISTIC_FORMAT, ("1", STATISTIC_VERSION), "class statistic")
             info = parse_metadata(StatisticInfo, meta, str(path))
             tensors = {n: f.get_tensor(n) for n in f.keys()}
     except GriffinError:
@@ -198,7 +280,14 @@ def read_statistic(path: str | os.PathLike) -> tuple[StatisticInfo, ClassStatist
         raise GriffinError(f"{path} is not a readable class statistic: {e}") from None
     info.extra["file"] = str(path)
     L, D = info.num_layers, info.d_ff
-    if not (L >= 1 and D >= 1 and 1 <= info.k <= D and info.prompts >= 1 and info.tokens >= info.prompts):
+    if info.shard:
+        try:
+            Shard.parse(info.shard)
+        except GriffinError:
+            raise GriffinError(f"{path}: metadata shard={info.shard!r} is not I/N") from None
+    empty_shard = info.shard and info.prompts == 0  # a shard whose prompts were all over-context
+    if not (L >= 1 and D >= 1 and 1 <= info.k <= D and (info.prompts >= 1 or empty_shard)
+            and info.tokens >= info.prompts):
         raise GriffinError(f"{path}: metadata layers={L}, d_ff={D}, k={info.k}, prompts={info.prompts}, "
                            f"tokens={info.tokens} do not describe a counted class")
     want = {n: (L, D) for n in _TERMS}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import GriffinError
+from .offload import param_values
 
 
 @dataclass(frozen=True)
@@ -119,13 +120,13 @@ def slice_block(block: FFBlock, indices: torch.Tensor, spec: FFSpec, d: int) -> 
     out: dict[str, torch.Tensor] = {}
     rows = input_rows(indices, d, spec.fused)
     for name, lin in block.inputs.items():
-        out[f"{block.prefix}{name}.weight"] = lin.weight.detach()[rows].contiguous()
+        out[f"{block.prefix}{name}.weight"] = param_values(lin).detach()[rows].contiguous()
         if lin.bias is not None:
-            out[f"{block.prefix}{name}.bias"] = lin.bias.detach()[rows].contiguous()
+            out[f"{block.prefix}{name}.bias"] = param_values(lin, "bias").detach()[rows].contiguous()
     lin = block.output
-    out[f"{block.prefix}{spec.output}.weight"] = lin.weight.detach()[:, indices].contiguous()
+    out[f"{block.prefix}{spec.output}.weight"] = param_values(lin).detach()[:, indices].contiguous()
     if lin.bias is not None:  # the output bias is not per neuron: kept whole
-        out[f"{block.prefix}{spec.output}.bias"] = lin.bias.detach().contiguous()
+        out[f"{block.prefix}{spec.output}.bias"] = param_values(lin, "bias").detach().contiguous()
     return out
 
 
@@ -186,7 +187,7 @@ def magnitude_scores(block: FFBlock, spec: FFSpec, d: int) -> torch.Tensor:
     """Prompt-independent score: product of the neuron's input-row norms (‖W_gate‖·‖W_up‖)."""
     score = torch.ones(d)
     for lin in block.inputs.values():
-        norms = lin.weight.detach().float().norm(dim=1).view(spec.fused, d)
+        norms = param_values(lin).detach().float().norm(dim=1).view(spec.fused, d)
         score = score * norms.prod(dim=0)
     return score
 

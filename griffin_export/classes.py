@@ -18,6 +18,7 @@ come from all tokens but the last and only the last position runs through them.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 from contextlib import contextmanager
@@ -33,9 +34,10 @@ from .bundle import Bundle
 from .choices import CHUNK_SIZE, CLASS_METHODS, DENSITY
 from .errors import GriffinError
 from .experts import installed
-from .aggregate import (AGGREGATIONS, DEFAULT_AGGREGATION, Aggregation, ClassStatistic, StatisticInfo,  # noqa: F401
-                        check_aggregation)
-from .export import ExportSettings, bundle_from_indices, choose_experts, expert_weights, prompt_statistic, tokenize
+from .aggregate import (AGGREGATIONS, DEFAULT_AGGREGATION, Aggregation, ClassStatistic, Shard,  # noqa: F401
+                        StatisticInfo, check_aggregation)
+from .export import (ExportSettings, batch_statistic, bundle_from_indices, choose_experts, expert_weights,
+                     prompt_statistic, tokenize)
 from .jsonl import parse_object, text_field
 from .models import LoadedModel
 from .prefill import forward, new_cache
@@ -106,10 +108,28 @@ def _jsonl(path: Path, field: str) -> Iterator[Prompt]:
         raise GriffinError(f"{path} has no prompts (the file is empty)")
 
 
-def count_prompts(paths: Sequence[str | os.PathLike], field: str = "prompt", limit: int | None = None) -> int:
-    """Read every input once without a model: counts prompts for the progress bar and
-    raises on bad input (naming file and line) before any prefill is spent."""
-    return sum(1 for _ in iter_prompts(paths, field, limit))
+@dataclass(frozen=True)
+class InputSet:
+    prompts: int
+    digest: str  # of every prompt's text in order: shards of one run must have read the same inputs
+
+
+def survey_prompts(paths: Sequence[str | os.PathLike], field: str = "prompt", limit: int | None = None) -> InputSet:
+    """Read every input once without a model: counts prompts for the progress bar and the shards,
+    and raises on bad input (naming file and line) before any prefill is spent."""
+    h = hashlib.blake2b(digest_size=12)
+    n = 0
+    for prompt in iter_prompts(paths, field, limit):
+        data = prompt.text.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little") + data)
+        n += 1
+    return InputSet(n, h.hexdigest())
+
+
+def shard_of(prompts: Iterable[Prompt], shard: Shard, total: int) -> Iterator[Prompt]:
+    """The prompts of one shard (a contiguous slice of the `total` prompts)."""
+    rows = shard.rows(total)
+    return itertools.islice(prompts, rows.start, rows.stop)
 
 
 # -- the class export --------------------------------------------------------------------
@@ -161,36 +181,74 @@ def _over_context(lm: LoadedModel, e: GriffinError) -> bool:
     return lm.context_length is not None and OVER_CONTEXT in str(e)
 
 
-def class_statistic(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *,
-                    total: int | None = None, progress: bool = False
-                    ) -> tuple[StatisticInfo, ClassStatistic, str | None]:
-    """One full prefill per prompt, folded into a ClassStatistic (with the Gram of the raw
-    activations for refit methods). Prompts that do not fit the context are skipped and
-    counted, never truncated. Returns (info, statistic, where the first skipped one was)."""
-    stat = ClassStatistic(lm.num_layers, lm.d_ff, k_for(settings.density, lm.d_ff), with_gram=settings.refit)
-    info = StatisticInfo(base_model=lm.identity, base_fingerprint=lm.fingerprint, architecture=lm.architecture,
-                         num_layers=lm.num_layers, d_ff=lm.d_ff, k=stat.k, chat=settings.chat)
-    first_skipped = None
-    bar = tqdm(total=total, desc=f"class {settings.name}", unit="prompt", disable=not progress)
-    try:
+class ClassCounter:
+    """Folds prompts into a class's statistic: one full prefill per prompt (or per batch of
+    `batch_size`, right-padded), the Gram of the raw activations too for refit methods.
+    Prompts that do not fit the context are skipped and counted, never truncated. A Ray
+    worker holds one of these; `class_statistic` runs one here."""
+
+    def __init__(self, lm: LoadedModel, settings: ClassSettings, *, batch_size: int = 1):
+        if batch_size < 1:
+            raise GriffinError(f"batch size must be >= 1, got {batch_size}")
+        self.lm, self.settings, self.batch_size = lm, settings, batch_size
+        self.stat = ClassStatistic(lm.num_layers, lm.d_ff, k_for(settings.density, lm.d_ff), with_gram=settings.refit)
+        self.info = StatisticInfo(base_model=lm.identity, base_fingerprint=lm.fingerprint,
+                                  architecture=lm.architecture, num_layers=lm.num_layers, d_ff=lm.d_ff,
+                                  k=self.stat.k, chat=settings.chat, name=settings.name, method=settings.method,
+                                  aggregation=settings.aggregation)
+        self.first_skipped: str | None = None
+
+    def feed(self, prompts: Iterable[Prompt], on_prompt=None) -> None:
+        """Count these prompts in; `on_prompt()` after each one read (a progress bar)."""
+        batch: list[torch.Tensor] = []
         for prompt in prompts:
             try:
-                ids = tokenize(lm, prompt.text, chat=settings.chat)
+                ids = tokenize(self.lm, prompt.text, chat=self.settings.chat)
             except GriffinError as e:
-                if not _over_context(lm, e):
+                if not _over_context(self.lm, e):
                     raise GriffinError(f"{prompt.where}: {e}") from e
-                info.skipped += 1
-                first_skipped = first_skipped or prompt.where
-                bar.set_postfix(skipped=info.skipped)
+                self.info.skipped += 1
+                self.first_skipped = self.first_skipped or prompt.where
             else:
-                # the cache is dropped right here; the Gram ([L, D_ff, D_ff] float32) is folded in and dropped too
-                one, _, _ = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, gram=settings.refit)
-                stat.add(one.scores(), tokens=ids.shape[1], gram=one.gram)
-            bar.update(1)
+                batch.append(ids)
+                if len(batch) == self.batch_size:
+                    self._count(batch)
+                    batch = []
+            if on_prompt is not None:
+                on_prompt()
+        if batch:
+            self._count(batch)
+
+    def _count(self, batch: list[torch.Tensor]) -> None:
+        chunk, gram = self.settings.chunk_size, self.settings.refit
+        if len(batch) == 1:
+            # the cache is dropped right here; the Gram ([L, D_ff, D_ff] float32) is folded in and dropped too
+            one, _, _ = prompt_statistic(self.lm, batch[0], chunk_size=chunk, gram=gram)
+            self.stat.add(one.scores(), tokens=batch[0].shape[1], gram=one.gram)
+            return
+        many = batch_statistic(self.lm, batch, chunk_size=chunk, gram=gram)
+        for row, n in zip(many.rows, many.lengths):
+            self.stat.add_scores(row.scores(), n)
+        if many.gram is not None:
+            self.stat.add_gram(many.gram)
+
+    def result(self) -> tuple[StatisticInfo, ClassStatistic, str | None]:
+        self.info.prompts, self.info.tokens = self.stat.prompts, self.stat.tokens
+        return self.info, self.stat, self.first_skipped
+
+
+def class_statistic(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *,
+                    total: int | None = None, progress: bool = False, batch_size: int = 1
+                    ) -> tuple[StatisticInfo, ClassStatistic, str | None]:
+    """The prompts folded into a ClassStatistic here, in this process (ClassCounter).
+    Returns (info, statistic, where the first skipped prompt was)."""
+    counter = ClassCounter(lm, settings, batch_size=batch_size)
+    bar = tqdm(total=total, desc=f"class {settings.name}", unit="prompt", disable=not progress)
+    try:
+        counter.feed(prompts, on_prompt=lambda: bar.update(1))
     finally:
         bar.close()
-    info.prompts, info.tokens = stat.prompts, stat.tokens
-    return info, stat, first_skipped
+    return counter.result()
 
 
 def class_bundle(lm: LoadedModel, info: StatisticInfo, stat: ClassStatistic, settings: ClassSettings, *,
@@ -235,9 +293,10 @@ def class_bundle(lm: LoadedModel, info: StatisticInfo, stat: ClassStatistic, set
 
 
 def export_class(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *,
-                 total: int | None = None, progress: bool = False, source: str = "") -> ClassResult:
+                 total: int | None = None, progress: bool = False, source: str = "", batch_size: int = 1
+                 ) -> ClassResult:
     """Many prompts -> one class bundle (experts only: no KV, prompt ids or logits)."""
-    info, stat, first = class_statistic(lm, prompts, settings, total=total, progress=progress)
+    info, stat, first = class_statistic(lm, prompts, settings, total=total, progress=progress, batch_size=batch_size)
     if source:
         info.extra["source"] = source
     return ClassResult(class_bundle(lm, info, stat, settings, source=source), stat, info, first)

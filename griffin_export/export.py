@@ -13,12 +13,13 @@ from .bundle import WARMUP_FORMAT_VERSION, Bundle, BundleInfo
 from .choices import CHUNK_SIZE, DENSITY
 from .errors import GriffinError
 from .models import LoadedModel, dtype_name
+from .offload import param_values
 from .decoding import DecodeOptions, decode, eos_ids
-from .prefill import cache_tensors, forward, prefill
+from .prefill import forward, new_cache, prefill, take_kv
 from .prompts import check_context, encode
 from .refit import DEFAULT_LAMBDA, refit_down
 from .select import REFIT, check_density, check_method, k_for, select_all
-from .statistic import FFStatistic, recording
+from .statistic import BatchStatistic, FFStatistic, recording
 
 
 @dataclass
@@ -52,14 +53,34 @@ def tokenize(lm: LoadedModel, text: str, *, chat: bool = False) -> torch.Tensor:
 
 
 def prompt_statistic(lm: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 512, gram: bool = False,
-                     progress: bool = False) -> tuple[FFStatistic, object, torch.Tensor]:
+                     progress: bool = False, then: int = 0) -> tuple[FFStatistic, object, torch.Tensor]:
     """Prefill the prompt once, full model, recording the FF statistic (and the Gram
-    matrices for refit methods). Returns (statistic, cache, last logits [vocab])."""
+    matrices for refit methods). Returns (statistic, cache, last logits [vocab]); the cache
+    has room for `then` more tokens (the warm-up) without growing."""
     blocks = ff_blocks(lm.model, lm.spec)
     stat = FFStatistic(len(blocks), lm.d_ff, gram=gram)
     with recording(blocks, stat):
-        cache, last_logits = prefill(lm.model, ids, chunk_size=chunk_size, progress=progress)
+        cache, last_logits = prefill(lm.model, ids, chunk_size=chunk_size, progress=progress,
+                                     capacity=ids.shape[1] + then)
     return stat, cache, last_logits
+
+
+def batch_statistic(lm: LoadedModel, batch: list[torch.Tensor], *, chunk_size: int = 512,
+                    gram: bool = False) -> BatchStatistic:
+    """One full-model prefill of several prompts (ids [1, T_b] each), right-padded into one
+    batch: each prompt's statistic as its own prefill gives it (statistic.BatchStatistic)."""
+    lengths = [int(ids.shape[1]) for ids in batch]
+    ids = torch.zeros(len(batch), max(lengths), dtype=torch.long, device=lm.device)  # pad id 0: never attended
+    for b, one in enumerate(batch):
+        ids[b, : lengths[b]] = one[0]
+    blocks = ff_blocks(lm.model, lm.spec)
+    stat = BatchStatistic(len(blocks), lm.d_ff, lengths, gram=gram)
+    cache = new_cache(lm.model)
+    with recording(blocks, stat):
+        for start in range(0, ids.shape[1], chunk_size):
+            stat.start = start
+            forward(lm.model, ids[:, start : start + chunk_size], cache)
+    return stat
 
 
 def warm_up(lm: LoadedModel, stat: FFStatistic, cache, logits: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
@@ -101,7 +122,7 @@ def choose_experts(lm: LoadedModel, method: str, scores: torch.Tensor, density: 
     if method == "topk_refit_edges":
         k = edge_budgets(lm.num_layers, lm.d_ff, k)
     elif method == "topk_refit_alloc":
-        w_downs = [b.output.weight for b in ff_blocks(lm.model, lm.spec)]
+        w_downs = [param_values(b.output) for b in ff_blocks(lm.model, lm.spec)]
         k = refit_budgets(w_downs, gram, scores, k, refit_lambda)
     indices = select_all(scores, k, method, seed)
     return indices, expert_weights(lm, indices, gram=gram if method in REFIT else None, refit_lambda=refit_lambda)
@@ -114,11 +135,12 @@ def expert_weights(lm: LoadedModel, indices: list[torch.Tensor], *, gram: torch.
     spec = lm.spec
     weights: dict[str, torch.Tensor] = {}
     for i, (block, idx) in enumerate(zip(ff_blocks(lm.model, spec), indices)):
-        idx = idx.to(block.output.weight.device)
+        w_down = param_values(block.output)
+        idx = idx.to(w_down.device)
         layer = slice_block(block, idx, spec, lm.d_ff)
         if gram is not None:
             name = ff_param(spec, i, spec.output)
-            layer[name] = refit_down(block.output.weight, gram[i], idx.cpu(), refit_lambda).to(block.output.weight)
+            layer[name] = refit_down(w_down, gram[i], idx.cpu(), refit_lambda).to(w_down)
         weights.update(layer)
     return weights
 
@@ -156,7 +178,8 @@ def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, 
     """The whole GRIFFIN export for token ids [1, T]."""
     check_context(lm.context_length, ids.shape[1], warmup=settings.warmup)
     refit = settings.method in REFIT
-    stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, gram=refit, progress=progress)
+    stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, gram=refit, progress=progress,
+                                                then=settings.warmup)
     warm, last_logits = warm_up(lm, stat, cache, last_logits, settings.warmup)
     indices, weights = choose_experts(lm, settings.method, method_scores(lm, settings.method, stat.scores()),
                                       settings.density, settings.seed, gram=stat.gram,
@@ -170,7 +193,7 @@ def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, 
         bundle.info.format_version = WARMUP_FORMAT_VERSION
     bundle.last_logits = last_logits.float().cpu()
     if settings.keep_kv:
-        bundle.kv = cache_tensors(cache)
+        bundle.kv = take_kv(cache)
         bundle.info.has_kv = True
     return bundle
 

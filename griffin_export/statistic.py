@@ -43,8 +43,38 @@ class FFStatistic:
         return self.sumsq.sqrt().float()
 
 
+class BatchStatistic:
+    """The statistic of each prompt of a right-padded batch, from one batched prefill.
+
+    Row b holds a prompt of lengths[b] tokens followed by padding; causal attention means a
+    real token never sees the padding after it, so its activations are the unbatched ones (up
+    to float rounding of the batched matmuls), and the padded positions are left out here.
+    The prefill sets `start` to the first position of each chunk it feeds. With gram=True one
+    Gram summed over the batch's real tokens is kept (a class only needs the sum)."""
+
+    def __init__(self, num_layers: int, d_ff: int, lengths: list[int], *, gram: bool = False):
+        self.rows = [FFStatistic(num_layers, d_ff) for _ in lengths]
+        self.lengths = lengths
+        self.gram = torch.zeros(num_layers, d_ff, d_ff) if gram else None
+        self.start = 0
+
+    def add(self, layer: int, z: torch.Tensor) -> None:
+        # z: [B, t, D_ff] for positions start .. start + t (OPT's FF sees it flattened to [B·t, D_ff])
+        z = z.reshape(len(self.rows), -1, z.shape[-1])
+        t = z.shape[1]
+        real = []
+        for row, n, zb in zip(self.rows, self.lengths, z):
+            valid = min(max(n - self.start, 0), t)
+            if valid:
+                row.add(layer, zb[:valid])
+                real.append(zb[:valid])
+        if self.gram is not None and real:
+            zr = torch.cat(real).detach().float()
+            self.gram[layer] += zr.T @ zr
+
+
 @contextmanager
-def recording(blocks: list[FFBlock], stat: FFStatistic) -> Iterator[FFStatistic]:
+def recording(blocks: list[FFBlock], stat: FFStatistic | BatchStatistic) -> Iterator[FFStatistic | BatchStatistic]:
     """Feed every forward's FF activations (the output projection's input) to `stat`."""
 
     def hook(layer: int):

@@ -12,7 +12,7 @@ from griffin_export import ExportSettings, TorchRuntime, export_ids, read_bundle
 from griffin_export.arch import ff_blocks
 from griffin_export.classes import (AGGREGATIONS, DEFAULT_AGGREGATION, ClassSettings, Prompt, choice_loglik, class_bundle,
                                     classification_logits,
-                                    count_prompts, experts, export_class, iter_prompts)
+                                    experts, export_class, iter_prompts, survey_prompts)
 from griffin_export.errors import GriffinError
 from griffin_export.export import layer_scores, tokenize
 from griffin_export.models import load_model
@@ -341,7 +341,7 @@ def test_inputs_jsonl_field_folder_and_text_files(tmp_path):
     prompts = list(iter_prompts([tmp_path / "x.jsonl", folder, tmp_path / "single.txt"], field="article"))
     assert [p.text for p in prompts] == ["one", "two", "ay", "bee", "single"]
     assert prompts[1].where == f"{tmp_path / 'x.jsonl'}:3"
-    assert count_prompts([tmp_path / "x.jsonl", folder], field="article", limit=3) == 3
+    assert survey_prompts([tmp_path / "x.jsonl", folder], field="article", limit=3).prompts == 3
     assert [p.text for p in iter_prompts([folder, folder], limit=3)] == ["ay", "bee", "ay"]
 
 
@@ -367,7 +367,7 @@ def test_bad_jsonl_names_the_file_and_line(tmp_path, content, message):
     path = tmp_path / "p.jsonl"
     path.write_text(content)
     with pytest.raises(GriffinError, match="^" + str(tmp_path).replace("\\", "\\\\")) as e:
-        count_prompts([path])
+        survey_prompts([path])
     assert message in str(e.value)
 
 
@@ -375,15 +375,15 @@ def test_non_utf8_line(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(GriffinError, match=r"p.jsonl:2: not valid UTF-8"):
-        count_prompts([path])
+        survey_prompts([path])
 
 
 def test_folder_without_text_files_and_missing_input(tmp_path):
     (tmp_path / "notes.md").write_text("x")
     with pytest.raises(GriffinError, match=f"folder {tmp_path} has no .txt files"):
-        count_prompts([tmp_path])
+        survey_prompts([tmp_path])
     with pytest.raises(GriffinError, match="input .*nope.jsonl does not exist"):
-        count_prompts([tmp_path / "nope.jsonl"])
+        survey_prompts([tmp_path / "nope.jsonl"])
 
 
 # -- the command line ----------------------------------------------------------------------
