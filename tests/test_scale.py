@@ -73,6 +73,28 @@ def test_sharded_and_merged_equals_one_process(lm, aggregation, method):
     assert not same(class_bundle(lm, first[0], first[1], settings).indices, whole.indices)
 
 
+def test_every_class_method_and_aggregation_from_merged_shards():
+    """One counted statistic (with the Gram) serves every method; on a 4-layer model, so that
+    topk_refit_edges can favour its edge layers, the merged shards select what one process does."""
+    from conftest import _tiny_tokenizer
+    from griffin_export.choices import CLASS_METHODS
+    from griffin_export.models import from_model
+    from tiny import tiny_model
+
+    lm4 = from_model(tiny_model("llama", lean=True).model, _tiny_tokenizer(), "tiny-llama-4-layers")
+    counted = ClassSettings("c", method="topk_refit", density=0.9)  # topk_freq counts its top-k at 0.9
+    info, stat, _ = class_statistic(lm4, prompts(), counted)
+    m_info, m_stat = sharded(lm4, counted, 3, (1, 2, 0))
+    for method in CLASS_METHODS:
+        for aggregation in sorted(AGGREGATIONS):
+            settings = ClassSettings("c", method=method, aggregation=aggregation, density=0.9)
+            a, b = class_bundle(lm4, info, stat, settings), class_bundle(lm4, m_info, m_stat, settings)
+            assert same(a.indices, b.indices), (method, aggregation)
+            for n in a.weights:
+                torch.testing.assert_close(b.weights[n], a.weights[n], rtol=1e-5, atol=1e-6)
+    assert len(set(class_bundle(lm4, info, stat, ClassSettings("c", method="topk_refit_edges", density=0.9)).info.k)) > 1
+
+
 def test_class_shard_and_class_merge_commands(tmp_path, tiny_dir, capsys):
     data = write_jsonl(tmp_path / "x.jsonl", texts(N_PROMPTS))
     model = tiny_dir("llama")
