@@ -12,6 +12,15 @@ from .options import decode_options, model_options, require_extra, status
 @model_options
 @decode_options
 @click.option("--prompt-file", default=None, metavar="FILE", help="a new prompt: full-model prefill, then decode with the bundle's experts")
+@click.option("--prompts", "prompts_file", default=None, metavar="FILE.jsonl",
+              help="many new prompts (one per JSONL line, in --field), generated in batches; answers go to -o")
+@click.option("--field", default="prompt", show_default=True, help="--prompts: the JSONL key holding the prompt")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="--prompts: sequences prefilled and decoded together")
+@click.option("-o", "--output", default=None, metavar="FILE.jsonl",
+              help="--prompts: answers, one JSON row per finished prompt (index, where, text, tokens, stop_reason)")
+@click.option("--resume", is_flag=True, help="--prompts: keep the answers already in -o, generate the rest")
+@click.option("--force", is_flag=True, help="--prompts: overwrite an existing -o")
 @click.option("--pruned-prefill", is_flag=True,
               help="prefill the prompt through the experts too (as a standalone pruned checkpoint does): "
                    "no full FF weights in memory, lower quality")
@@ -26,7 +35,8 @@ from .options import decode_options, model_options, require_extra, status
               help="--runtime torch: torch.compile the lean step (CUDA graphs on a GPU; on a CPU it measured no faster)")
 @click.option("-q", "--quiet", is_flag=True, help="print only the generated text")
 def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file,
-            pruned_prefill, runtime, onnx_dir, onnx_full, eager, compile_, quiet):
+            prompts_file, field, batch_size, output, resume, force, pruned_prefill, runtime, onnx_dir, onnx_full, eager,
+            compile_, quiet):
     """Decode from BUNDLE with its experts, resuming from the bundle's cached KV.
 
     The base model is the one recorded in the bundle unless --model says otherwise; it must
@@ -41,7 +51,15 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
       griffin-export generate news.safetensors --prompt-file new_article.txt --pruned-prefill
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/ --onnx-full full_onnx/ --prompt-file new.txt
+      griffin-export generate news.safetensors --prompts queue.jsonl --batch-size 16 -o answers.jsonl
+      griffin-export generate news.safetensors --prompts queue.jsonl -o answers.jsonl --resume   # after an interruption
     """
+    if prompts_file is not None:
+        return _batched(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file,
+                        prompts_file, field, batch_size, output, resume, force, pruned_prefill, runtime, onnx_dir,
+                        onnx_full, eager, compile_, quiet)
+    if output or resume or force:
+        raise click.UsageError("-o, --resume and --force are for --prompts")
     from griffin_export.bundle import read_bundle, read_info
     from griffin_export.decoding import DecodeOptions
     from griffin_export.errors import GriffinError
@@ -101,3 +119,68 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
     decoded = len(out.token_ids) - warm
     status(f"[{decoded} tokens in {dt:.2f} s, {decoded / max(dt, 1e-9):.1f} tok/s"
            + (f", after {warm} warm-up tokens from the bundle" if warm else "") + f", stop: {out.stop_reason}]", quiet)
+
+
+def _batched(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file,
+             prompts_file, field, batch_size, output, resume, force, pruned_prefill, runtime, onnx_dir, onnx_full, eager,
+             compile_, quiet):
+    """generate --prompts: every prompt of a JSONL file, in batches, answers appended to -o."""
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from griffin_export.answers import AnswerWriter, finished
+    from griffin_export.bundle import read_bundle
+    from griffin_export.classes import iter_prompts
+    from griffin_export.decoding import DecodeOptions
+    from griffin_export.outputs import check_output_path
+    from griffin_export.runtime.pytorch import load_runtime
+
+    if prompt_file is not None:
+        raise click.UsageError("--prompt-file is one prompt, --prompts many: give one of them")
+    if output is None:
+        raise click.UsageError("--prompts writes its answers to a JSONL file: give -o FILE.jsonl")
+    if resume and force:
+        raise click.UsageError("--resume keeps the answers in -o, --force overwrites them: choose one")
+    if compile_:
+        raise click.UsageError("--compile compiles the batch-1 lean step; batches run through transformers' forward")
+    if runtime == "onnx" and onnx_dir is None:
+        raise click.UsageError("--runtime onnx needs --onnx DIR (a traced graph: griffin-export onnx --graph traced)")
+    opts = DecodeOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop),
+                         seed=seed)
+    prompts = list(iter_prompts([prompts_file], field))  # every line checked (file:line named) before any work
+    wheres = [p.where for p in prompts]
+    out = Path(output)
+    done = finished(out, wheres) if resume and out.exists() else set()
+    if not resume:
+        check_output_path(out, force)
+    todo = [i for i in range(len(prompts)) if i not in done]
+    b = read_bundle(bundle, load_kv=False)
+    status(f"{len(prompts)} prompts, {len(done)} answered already; loading {model or b.info.base_model} ...", quiet)
+    if runtime == "onnx":
+        require_extra("onnx", ("onnxruntime",))
+        from griffin_export.runtime.onnx import load_onnx_runtime
+
+        rt = load_onnx_runtime(onnx_dir, b, full=onnx_full, new_prompts=True, pruned_prefill=pruned_prefill,
+                               source=str(bundle))
+    else:
+        rt = load_runtime(b, model, gguf_file=gguf_file, device=device, new_prompts=True,
+                          pruned_prefill=pruned_prefill, lean=False, source=str(bundle))
+    writer = AnswerWriter(out, append=resume)
+    bar = tqdm(total=len(todo), desc="generate", unit="prompt", disable=quiet)
+    tokens = 0
+
+    def on_done(j: int, gen) -> None:
+        nonlocal tokens
+        writer.write(todo[j], wheres[todo[j]], gen)
+        tokens += len(gen.token_ids)
+        bar.update(1)
+        bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s")
+
+    try:
+        rt.generate_batch([prompts[i].text for i in todo], opts, batch_size=batch_size, on_done=on_done,
+                          names=[wheres[i] for i in todo])
+    finally:
+        bar.close()
+        writer.close()
+    status(f"wrote {out}: {len(todo)} answers ({tokens} tokens){f', {len(done)} kept' if done else ''}", quiet)

@@ -68,6 +68,77 @@ def eos_ids(model_config, tokenizer) -> set[int]:
     return ids
 
 
+class Continuation:
+    """One sequence being decoded: it picks its tokens from the logits it is shown and applies the
+    warm-up prefix, end-of-sequence, stop strings and the token limit. `decode` runs one; a batch
+    runs one per sequence, each with its own generator seeded with opts.seed, so a prompt samples
+    as it would alone whatever batch it is in (up to float rounding of its logits).
+
+    `prefix`: tokens generated already (a bundle's warm-up), already in the cache, and the first
+    logits are the ones after them. They are the output's start and count towards max_new_tokens
+    and the stop strings, exactly as if this loop had produced them.
+
+    `on_text` receives the text as it is decoded, in pieces that add up to the final text: the
+    end of the text is held back while it could still begin a stop string, or is an incomplete
+    character, so nothing printed is ever taken back."""
+
+    def __init__(self, opts: DecodeOptions, *, tokenizer=None, eos: set[int] = frozenset(),
+                 prefix: Sequence[int] = (), on_text: Callable[[str], None] | None = None):
+        if (opts.stop or on_text) and tokenizer is None:
+            raise GriffinError("stop strings and streamed text need a tokenizer")
+        self.opts, self.tokenizer, self.eos, self.prefix, self.on_text = opts, tokenizer, eos, list(prefix), on_text
+        self.t0 = time.perf_counter()
+        self.gen = torch.Generator().manual_seed(opts.seed)
+        self.out = Generation()
+        self.i = 0  # tokens decided, the prefix's included
+        self.shown = 0  # characters handed to on_text
+        self.done = False
+
+    def advance(self, logits: torch.Tensor) -> int | None:
+        """The logits after the last token fed ([vocab]) -> the next token to feed, or None once
+        the sequence is done (its Generation is `result`). Prefix tokens need no forward."""
+        o = self.opts
+        while self.i < o.max_new_tokens:
+            fed = self.i < len(self.prefix)
+            tok = self.prefix[self.i] if fed else next_token(logits, o, self.gen)
+            self.i += 1
+            if o.stop_at_eos and tok in self.eos:
+                self.out.stop_reason = "eos"
+                break
+            self.out.token_ids.append(tok)
+            if o.stop or self.on_text:
+                text = self.tokenizer.decode(self.out.token_ids, skip_special_tokens=True)
+                cut = min((text.find(s) for s in o.stop if s in text), default=-1)
+                if cut >= 0:
+                    self.out.text, self.out.stop_reason = text[:cut], "stop"
+                    return self._finish(final_text=self.out.text)
+                self._stream(text, final=False)
+            if not fed and self.i < o.max_new_tokens:  # the last token needs no forward
+                return tok
+        return self._finish()
+
+    @property
+    def result(self) -> Generation:
+        return self.out
+
+    def _finish(self, final_text: str | None = None) -> None:
+        if final_text is None and self.tokenizer is not None:
+            final_text = self.out.text = self.tokenizer.decode(self.out.token_ids, skip_special_tokens=True)
+        if final_text is not None:
+            self._stream(final_text, final=True)
+        self.out.decode_s = time.perf_counter() - self.t0
+        self.done = True
+        return None
+
+    def _stream(self, text: str, final: bool) -> None:
+        end = len(text) if final else len(text) - _stop_prefix(text, self.opts.stop)
+        while not final and end > self.shown and text[end - 1] == "\ufffd":  # a multi-byte character not done yet
+            end -= 1
+        if self.on_text is not None and end > self.shown:
+            self.on_text(text[self.shown:end])
+            self.shown = end
+
+
 def decode(
     step: Callable[[int], torch.Tensor],
     first_logits: torch.Tensor,
@@ -78,55 +149,13 @@ def decode(
     prefix: Sequence[int] = (),
     on_text: Callable[[str], None] | None = None,
 ) -> Generation:
-    """Generate from the logits after the prompt; `step` feeds one token and returns the next logits.
-
-    `prefix`: tokens generated already (a bundle's warm-up), already in the cache, `first_logits`
-    the logits after them. They are the output's start and count towards max_new_tokens and
-    the stop strings, exactly as if this loop had produced them.
-
-    `on_text` receives the text as it is decoded, in pieces that add up to the final text: the
-    end of the text is held back while it could still begin a stop string, or is an incomplete
-    character, so nothing printed is ever taken back."""
-    if (opts.stop or on_text) and tokenizer is None:
-        raise GriffinError("stop strings and streamed text need a tokenizer")
-    t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(opts.seed)
-    out = Generation()
-    logits = first_logits
-    shown = 0  # characters handed to on_text
-
-    def stream(text: str, final: bool) -> None:
-        nonlocal shown
-        end = len(text) if final else len(text) - _stop_prefix(text, opts.stop)
-        while not final and end > shown and text[end - 1] == "\ufffd":  # a multi-byte character not done yet
-            end -= 1
-        if on_text is not None and end > shown:
-            on_text(text[shown:end])
-            shown = end
-
-    for i in range(opts.max_new_tokens):
-        fed = i < len(prefix)
-        tok = prefix[i] if fed else next_token(logits, opts, gen)
-        if opts.stop_at_eos and tok in eos:
-            out.stop_reason = "eos"
-            break
-        out.token_ids.append(tok)
-        if opts.stop or on_text:
-            text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
-            cut = min((text.find(s) for s in opts.stop if s in text), default=-1)
-            if cut >= 0:
-                out.text, out.stop_reason = text[:cut], "stop"
-                stream(out.text, final=True)
-                out.decode_s = time.perf_counter() - t0
-                return out
-            stream(text, final=False)
-        if not fed and i + 1 < opts.max_new_tokens:  # the last token needs no forward
-            logits = step(tok)
-    if tokenizer is not None:
-        out.text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        stream(out.text, final=True)
-    out.decode_s = time.perf_counter() - t0
-    return out
+    """Generate from the logits after the prompt; `step` feeds one token and returns the next
+    logits. `prefix` and `on_text`: see Continuation."""
+    seq = Continuation(opts, tokenizer=tokenizer, eos=eos, prefix=prefix, on_text=on_text)
+    tok = seq.advance(first_logits)
+    while tok is not None:
+        tok = seq.advance(step(tok))
+    return seq.result
 
 
 def _stop_prefix(text: str, stops: Sequence[str]) -> int:

@@ -1,18 +1,37 @@
-"""What both runtimes share: one generate over their own start / step.
+"""What both runtimes share: one generate over their own start / step, and one batched
+generate over their start_batch / step_batch.
 
 A runtime supplies `tokenize(text)`, `check_room(prompt_tokens, max_new_tokens)` (refuse, before
 any prefill, what cannot fit), `start(ids)` -> (state, first logits) and `step(state, token)`;
-`stepper` may hand back a faster step for one generation (the lean PyTorch step does).
+`stepper` may hand back a faster step for one generation (the lean PyTorch step does). For
+batches: `start_batch(list of ids)` -> (state, logits [B, vocab]) and
+`step_batch(state, tokens, keep)` -> logits [len(keep), vocab], where `keep` are the rows
+(of the previous step's) still decoding: finished sequences leave the batch and cost nothing.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from ..bundle import Bundle
-from ..decoding import DecodeOptions, Generation, decode
+from ..decoding import Continuation, DecodeOptions, Generation, decode
+from ..errors import GriffinError
+
+
+def left_padded(batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts ids [1, T_b] -> (ids, attention mask, positions), each [B, max T_b] int64 on the
+    CPU: every prompt ends at the last column (so each row's last logits are its next token's),
+    mask 0 on the padding, positions counted from each prompt's first token."""
+    lengths = [int(x.shape[1]) for x in batch]
+    T = max(lengths)
+    ids = torch.zeros(len(batch), T, dtype=torch.long)
+    mask = torch.zeros(len(batch), T, dtype=torch.long)
+    for b, x in enumerate(batch):
+        ids[b, T - lengths[b]:] = x[0].cpu()
+        mask[b, T - lengths[b]:] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 class Runtime:
@@ -30,6 +49,12 @@ class Runtime:
         raise NotImplementedError
 
     def step(self, state, token: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def start_batch(self, batch: list[torch.Tensor]):
+        raise GriffinError(f"{type(self).__name__} does not generate batches")
+
+    def step_batch(self, state, tokens: list[int], keep: list[int]) -> torch.Tensor:
         raise NotImplementedError
 
     def stepper(self, state, cached: int, room: int) -> Callable[[int], torch.Tensor]:
@@ -54,3 +79,47 @@ class Runtime:
         cached = ids.shape[1] if ids is not None else (b.cached_tokens if b is not None else 0)
         step = self.stepper(state, cached, max(cached + 1, prompt_tokens + opts.max_new_tokens))
         return decode(step, logits, opts, tokenizer=self.tokenizer, eos=self.eos, prefix=warm, on_text=on_text)
+
+    def generate_batch(self, prompts: Sequence[str | torch.Tensor], opts: DecodeOptions | None = None, *,
+                       batch_size: int = 8, on_done: Callable[[int, Generation], None] | None = None,
+                       names: Sequence[str] | None = None) -> list[Generation]:
+        """Every prompt (text, or ids [1, T]) prefilled and decoded with the bundle's experts,
+        `batch_size` at a time in input order: each batch is prefilled together (left-padded,
+        masked), then decoded together; a sequence that finishes (eos, stop string, its token
+        limit) leaves the batch, and its slot stays empty until the batch is done. Greedy output
+        is each prompt's alone (up to float rounding in near ties); sampling gives every sequence
+        its own generator seeded with opts.seed. `on_done(index, generation)` as each finishes.
+        Every prompt is checked against the context before any prefill (errors name it by
+        `names[i]`, e.g. "file.jsonl:4", else by index)."""
+        opts = opts or DecodeOptions()
+        if batch_size < 1:
+            raise GriffinError(f"batch size must be >= 1, got {batch_size}")
+        ids = []
+        for n, p in enumerate(prompts):
+            try:
+                x = self.tokenize(p) if isinstance(p, str) else p
+                self.check_room(x.shape[1], opts.max_new_tokens)
+            except GriffinError as e:
+                name = names[n] if names is not None else f"prompt {n}"
+                raise GriffinError(f"{name}: {e}; no prompt was generated") from None
+            ids.append(x)
+        results: list[Generation | None] = [None] * len(ids)
+        for first in range(0, len(ids), batch_size):
+            rows = list(range(first, min(first + batch_size, len(ids))))
+            state, logits = self.start_batch([ids[r] for r in rows])
+            seqs = {r: Continuation(opts, tokenizer=self.tokenizer, eos=self.eos) for r in rows}
+            while rows:
+                keep, tokens = [], []
+                for j, r in enumerate(rows):
+                    tok = seqs[r].advance(logits[j])
+                    if tok is None:
+                        results[r] = seqs[r].result
+                        if on_done is not None:
+                            on_done(r, seqs[r].result)
+                    else:
+                        keep.append(j)
+                        tokens.append(tok)
+                if keep:
+                    logits = self.step_batch(state, tokens, keep)
+                rows = [rows[j] for j in keep]
+        return results  # type: ignore[return-value]

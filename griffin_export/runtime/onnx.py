@@ -28,7 +28,7 @@ from ..bundle import Bundle, read_bundle
 from ..errors import GriffinError
 from ..graph import PAST, PRESENT, Graph, GraphInfo, check_graph_bundle, read_graph
 from ..prompts import check_generation_fits, encode
-from .base import Runtime
+from .base import Runtime, left_padded
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -136,27 +136,41 @@ class _Session:
     def run(self, ids: np.ndarray, state: KVState) -> tuple[np.ndarray, KVState]:
         """ids [1, S] after state.length cached tokens -> (last-position logits [vocab], new state)."""
         s = ids.shape[1]
+        logits, present = self.run_batch(ids, np.ones((1, state.length + s), np.int64),
+                                         np.arange(state.length, state.length + s, dtype=np.int64)[None], state.past)
+        return logits[0], KVState(present, state.length + s)
+
+    def run_batch(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list
+                  ) -> tuple[np.ndarray, list]:
+        """ids [B, S], attention mask [B, past + S], positions [B, S] -> (last-position logits
+        [B, vocab], the present KV OrtValues, left on the provider's device for the next step)."""
         io = self.sess.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        io.bind_cpu_input("attention_mask", np.ones((1, state.length + s), np.int64))
-        io.bind_cpu_input("position_ids", np.arange(state.length, state.length + s, dtype=np.int64)[None])
-        for name, value in zip(self.past_names, state.past):
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        for name, value in zip(self.past_names, past):
             io.bind_ortvalue_input(name, value)
         io.bind_output("logits", "cpu")
         for name in self.present_names:
-            io.bind_output(name, *self.device)  # stays on the device for the next step
+            io.bind_output(name, *self.device)
         self.sess.run_with_iobinding(io)
         out = io.get_outputs()
-        logits = out[0].numpy()[0, -1]
-        return logits, KVState(list(out[1:]), state.length + s)
+        return out[0].numpy()[:, -1], list(out[1:])
 
-    def empty(self) -> KVState:
+    def empty(self, batch: int = 1) -> KVState:
         import onnxruntime as ort
 
         info = self.graph.info
-        empty = np.zeros((1, info.kv_heads, 0, info.head_dim), _NP_DTYPES[info.dtype])
+        empty = np.zeros((batch, info.kv_heads, 0, info.head_dim), _NP_DTYPES[info.dtype])
         # host memory even under CUDA: nothing to copy, and no zero-byte device allocations
         return KVState([ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * info.num_layers)], 0)
+
+    def select_rows(self, past: list, rows: list[int]) -> list:
+        """The batch rows `rows` of every KV tensor (finished sequences leave the batch); under
+        CUDA this goes through host memory."""
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[rows]), *self.device) for v in past]
 
     def from_arrays(self, arrays: list[np.ndarray], length: int) -> KVState:
         import onnxruntime as ort
@@ -407,6 +421,29 @@ class OnnxRuntime(Runtime):
             return self.prefill(b.own_ids()[None])
         raise GriffinError("this bundle has no prompt (a class bundle): give a prompt to generate from")
 
+    def start_batch(self, batch: list[torch.Tensor]):
+        """Prefill prompts ids [1, T_b] together through the traced graph (full, unless
+        pruned_prefill): left-padded, masked, positions from each prompt's first token."""
+        if self.graph.info.layout == "lean":
+            raise GriffinError(f"graph {self.graph.source} is a lean graph, built for batch 1; batched generation "
+                               "on ONNX Runtime needs a traced graph (griffin-export onnx --graph traced)")
+        session = self._decoder if self.pruned_prefill else self._prefill
+        if session is None:
+            self.prefill(batch[0])  # raises the error that names the fix
+        ids, mask, positions = (t.numpy() for t in left_padded(batch))
+        logits, past = session.run_batch(ids, mask, positions, self._decoder.empty(len(batch)).past)
+        return _OnnxBatch(past, mask, positions[:, -1] + 1), torch.from_numpy(logits.astype(np.float32))
+
+    def step_batch(self, state: "_OnnxBatch", tokens: list[int], keep: list[int]) -> torch.Tensor:
+        if len(keep) < state.mask.shape[0]:  # finished sequences leave the batch
+            state.past = self._decoder.select_rows(state.past, keep)
+            state.mask, state.next_pos = state.mask[keep], state.next_pos[keep]
+        state.mask = np.concatenate([state.mask, np.ones((len(keep), 1), np.int64)], axis=1)
+        logits, state.past = self._decoder.run_batch(np.array(tokens, np.int64)[:, None], state.mask,
+                                                     state.next_pos[:, None], state.past)
+        state.next_pos = state.next_pos + 1
+        return torch.from_numpy(logits.astype(np.float32))
+
     def step(self, state: KVState, token: int) -> torch.Tensor:
         """Feed one token; logits [vocab] for the next. Updates `state` in place."""
         logits, new = self._decoder.run(np.array([[token]], np.int64), state)
@@ -417,6 +454,13 @@ class OnnxRuntime(Runtime):
         chat = self.bundle.info.chat if self.bundle is not None else False
         return encode(self.tokenizer, text, context=self.graph.info.context_length or None, chat=chat,
                       model=self.graph.source)
+
+
+@dataclass
+class _OnnxBatch:
+    past: list  # per layer key, value OrtValues [B, kv_heads, tokens so far, head_dim]
+    mask: np.ndarray  # [B, tokens so far]: 0 at the left padding
+    next_pos: np.ndarray  # [B]
 
 
 def _load_tokenizer(directory: Path):

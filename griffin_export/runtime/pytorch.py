@@ -7,20 +7,22 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..arch import attention_shape, ff_blocks
 from ..bundle import Bundle, kv_layout_of, read_bundle
+from ..choices import CHUNK_SIZE
 from ..decoding import eos_ids
 from ..errors import GriffinError
 from ..experts import check_bundle, check_fresh, install
 from ..export import tokenize
 from ..prompts import check_context, check_generation_fits
 from ..models import LoadedModel, load_model
-from ..prefill import cache_tensors, forward, prefill, restore_cache
-from .base import Runtime
+from ..prefill import cache_kwarg, cache_tensors, forward, new_cache, prefill, restore_cache
+from .base import Runtime, left_padded
 from .lean import LeanDecoder, covers
 
 
@@ -130,9 +132,53 @@ class TorchRuntime(Runtime):
         self.lean.load_cache(cache_tensors(cache), cached)
         return self.lean.step
 
+    def start_batch(self, batch: list[torch.Tensor]):
+        """Prefill prompts ids [1, T_b] together: left-padded to the longest, masked, positions
+        counted from each prompt's first token; full FF unless pruned_prefill."""
+        ids, mask, positions = (t.to(self.lm.device) for t in left_padded(batch))
+        T = ids.shape[1]
+        state = _Batch(new_cache(self.lm.model), mask, positions[:, -1] + 1)
+        if not self.pruned_prefill and self._full is None:
+            raise GriffinError("a new prompt needs the full model for prefill; load the runtime with keep_full=True")
+        if not self.pruned_prefill:
+            self._use(self._full)
+        try:
+            for s in range(0, T, CHUNK_SIZE):
+                logits = self._forward(ids[:, s:s + CHUNK_SIZE], mask[:, :s + CHUNK_SIZE],
+                                       positions[:, s:s + CHUNK_SIZE], state.cache)
+        finally:
+            self._use(self._pruned)
+        return state, logits
+
+    def step_batch(self, state: "_Batch", tokens: list[int], keep: list[int]) -> torch.Tensor:
+        dev = self.lm.device
+        if len(keep) < state.mask.shape[0]:  # finished sequences leave the batch
+            rows = torch.tensor(keep, device=dev)
+            state.cache.batch_select_indices(rows)
+            state.mask, state.next_pos = state.mask[rows], state.next_pos[rows]
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(keep), 1)], dim=1)
+        logits = self._forward(torch.tensor(tokens, device=dev)[:, None], state.mask, state.next_pos[:, None],
+                               state.cache)
+        state.next_pos = state.next_pos + 1
+        return logits
+
+    @torch.inference_mode()
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        kw = {cache_kwarg(type(self.lm.model)): cache}
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **kw)
+        return out.logits[:, -1].float()  # [B, vocab]
+
     def step(self, cache, token: int) -> torch.Tensor:
         """Feed one token with the experts through transformers' forward; logits [vocab] for the next."""
         return forward(self.lm.model, torch.tensor([[token]], device=self.lm.device), cache)[-1]
+
+
+@dataclass
+class _Batch:
+    cache: object
+    mask: torch.Tensor  # [B, tokens so far]: 0 at the left padding
+    next_pos: torch.Tensor  # [B]: the position of each sequence's next token
 
 
 def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | None = None, *,
