@@ -202,14 +202,14 @@ def merge_command(parts, output, name, aggregation, method, density, model, gguf
                   quiet):
     """Sum the partial statistics of `class --shard I/N` (every shard once) and write the class bundle.
 
-    The merge is exact: sums of sums in float64, in any order, so the bundle is the one a single
-    `class` run over all the prompts gives. The partial files hold no density (except topk_freq's
+    The merge adds sums in float64 (equal to one process's to ~1e-12, in any order), so the
+    bundle is the one a single `class` run over all the prompts gives. The partial files hold no density (except topk_freq's
     count), so one set of shards gives bundles at any --density.
 
     \b
     Examples:
       griffin-export class-merge part-*.safetensors --density 0.5 -o news.safetensors
-      griffin-export class-merge part-1.st part-2.st part-3.st --method topk_refit_edges -o news.safetensors
+      griffin-export class-merge part-1.st part-2.st part-3.st --method topk_refit_edges -o news.safetensors  # refit parts
     """
     from griffin_export.aggregate import merge, read_statistic
     from griffin_export.bundle import check_output_path, write_bundle

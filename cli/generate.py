@@ -40,7 +40,9 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
     """Decode from BUNDLE with its experts, resuming from the bundle's cached KV.
 
     The base model is the one recorded in the bundle unless --model says otherwise; it must
-    be the exact model the bundle was exported from (checked by fingerprint).
+    be the exact model the bundle was exported from (checked by fingerprint). With --prompts,
+    every prompt of a JSONL file is generated, --batch-size at a time, and each answer appended
+    to -o as it finishes (--resume continues an interrupted run).
 
     \b
     Examples:
