@@ -9,8 +9,9 @@ import click
 @click.argument("path", metavar="FILE")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def command(path, as_json):
-    """Summarize a bundle (.safetensors) or an ONNX graph (.onnx, or its directory) from its
-    header alone: no weights are loaded.
+    """Summarize a bundle (.safetensors), a class statistic (class --save-statistic, or a shard's
+    from class --shard) or an ONNX graph (.onnx, or its directory) from its header alone: no
+    weights are loaded.
 
     For a graph: inputs and outputs with dtypes and symbolic shapes, per-layer FF widths
     found in the initializers, operator histogram, initializer bytes inline vs external,
@@ -20,6 +21,7 @@ def command(path, as_json):
     Examples:
       griffin-export inspect expert.safetensors
       griffin-export inspect expert.safetensors --json | jq .metadata
+      griffin-export inspect part-3.safetensors                 # a shard's partial statistic
       griffin-export inspect expert_onnx/model.onnx
       griffin-export inspect expert_onnx/ --json | jq .ff_width_per_layer
     """

@@ -69,6 +69,33 @@ def format_bundle(s: dict) -> str:
     return "\n".join(lines)
 
 
+def describe_statistic(path: str | os.PathLike, meta: dict[str, str], entries: dict) -> dict:
+    """A class statistic (class --save-statistic) or a shard's partial one (class --shard), from its header."""
+    from .aggregate import STATISTIC_FORMAT, STATISTIC_VERSION, StatisticInfo
+    from .bundle import check_format, parse_metadata
+
+    check_format(meta, str(path), STATISTIC_FORMAT, ("1", STATISTIC_VERSION), "class statistic")
+    info = parse_metadata(StatisticInfo, meta, str(path))
+    return {"file": str(path), "file_bytes": os.path.getsize(path), "metadata": meta, "gram": "gram" in entries,
+            "kind": "partial statistic" if info.shard else "class statistic"}
+
+
+def format_statistic(s: dict) -> str:
+    m = s["metadata"]
+    shard = f", shard {m['shard']} of the {m.get('inputs_prompts', '?')} prompts" if m.get("shard") else ""
+    return "\n".join([
+        f"{s['file']}: {m['format']} v{m['format_version']} ({s['kind']}{shard}), {s['file_bytes']:,} bytes",
+        f"  base model   {m['base_model']}",
+        f"  fingerprint  {m['base_fingerprint']}",
+        f"  architecture {m['architecture']}, {m['num_layers']} layers, d_ff {m['d_ff']}",
+        f"  class        {m.get('name') or '?'}: method {m.get('method') or '?'}, aggregation "
+        f"{m.get('aggregation') or '?'}, top-k counted at k={m['k']}, chat template: {m.get('chat', 'false')}",
+        f"  counted      {m['prompts']} prompts, {m['tokens']} tokens, {m.get('skipped', '0')} skipped"
+        + (", with the Gram (refit methods)" if s["gram"] else ", no Gram"),
+        *(f"  {key[6:]:<12} {value}" for key, value in m.items() if key.startswith("extra.")),
+    ])
+
+
 # -- ONNX graphs (protobuf only: external weight data is never read) ----------------------------
 
 
@@ -228,5 +255,9 @@ def inspect_path(path: str | os.PathLike) -> tuple[dict, str]:
     if p.endswith(".onnx") or os.path.isdir(p):
         s = describe_onnx(path)
         return s, format_onnx(s)
+    meta, entries = read_metadata(path)
+    if meta.get("format") == "griffin-class-statistic":
+        s = describe_statistic(path, meta, entries)
+        return s, format_statistic(s)
     s = describe_bundle(path)
     return s, format_bundle(s)

@@ -107,6 +107,10 @@ def test_class_shard_and_class_merge_commands(tmp_path, tiny_dir, capsys):
         assert code == 0, err
         assert f"shard {i}/3 of class 'c', {(2, 2, 3)[i - 1]} prompts" in out
     parts = [tmp_path / f"part-{i}.st" for i in (3, 1, 2)]
+    code, out, err = run(["inspect", parts[0]], capsys)  # what a part file is, from its header
+    assert code == 0, err
+    assert "(partial statistic, shard 3/3 of the 7 prompts)" in out and "counted      3 prompts" in out
+    assert "method topk, aggregation pooled" in out and "no Gram" in out
     code, out, err = run(["class-merge", *parts, "-o", tmp_path / "merged.safetensors", "-q"], capsys)  # model from the parts
     assert code == 0, err
     assert f"class 'c' from {N_PROMPTS} prompts" in out
