@@ -4,13 +4,13 @@ import time
 
 import click
 
-from .options import model_options, status
+from .options import recorded_model_options, status
 
 
 @click.command("checkpoint")
 @click.argument("bundle", metavar="BUNDLE")
 @click.option("-o", "--output", required=True, metavar="DIR", help="model directory to write")
-@model_options
+@recorded_model_options
 @click.option("--force", is_flag=True, help="replace an existing model directory")
 @click.option("-q", "--quiet", is_flag=True, help="only the summary line")
 def command(bundle, output, model, gguf_file, device, force, quiet):

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from .options import (chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options, offload_from,
-                      offload_options, precheck, status)
+                      offload_options, precheck, recorded_model_options, status)
 
 from griffin_export.choices import AGGREGATION_SUMMARIES, CLASS_METHODS, DEFAULT_AGGREGATION
 
@@ -107,6 +107,9 @@ def command(inputs, name, output, field, limit, aggregation, model, gguf_file, d
         survey = survey_prompts(inputs, field, limit)  # reads every input once: bad lines fail here, not after an hour
         precheck(model, gguf_file, device, [density])
         rows = part.rows(survey.prompts) if part else range(survey.prompts)
+        if part and not rows:
+            click.echo(f"griffin-export: warning: shard {part} of {survey.prompts} prompts has none of them; its "
+                       "partial statistic is empty (it still completes the set for class-merge)", err=True)
         status(f"{survey.prompts} prompts{f', shard {part}: {len(rows)} of them' if part else ''}; loading model "
                f"{model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
         lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet, offload=offload)
@@ -193,7 +196,7 @@ def _summary(path, bundle, stat, skipped, aggregation, t0) -> None:
               help=_AGGREGATION_HELP + " [default: the shards' own]")
 @click.option("--method", type=click.Choice(CLASS_METHODS), default=None, help=_METHOD_HELP + " [default: the shards' own]")
 @density_option
-@model_options
+@recorded_model_options
 @dtype_option
 @click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")

@@ -4,12 +4,12 @@ import sys
 
 import click
 
-from .options import decode_options, model_options, require_extra, status
+from .options import decode_options, recorded_model_options, require_extra, status
 
 
 @click.command("generate")
 @click.argument("bundle", metavar="BUNDLE")
-@model_options
+@recorded_model_options
 @decode_options
 @click.option("--prompt-file", default=None, metavar="FILE", help="a new prompt: full-model prefill, then decode with the bundle's experts")
 @click.option("--prompts", "prompts_file", default=None, metavar="FILE.jsonl",
@@ -131,8 +131,8 @@ def _batched(bundle, model, gguf_file, device, max_new_tokens, temperature, top_
 
     from tqdm.auto import tqdm
 
-    from griffin_export.answers import AnswerWriter, finished
-    from griffin_export.bundle import read_bundle
+    from griffin_export.answers import AnswerWriter, digest, finished
+    from griffin_export.bundle import read_bundle, read_metadata
     from griffin_export.classes import iter_prompts
     from griffin_export.decoding import DecodeOptions
     from griffin_export.outputs import check_output_path
@@ -152,8 +152,12 @@ def _batched(bundle, model, gguf_file, device, max_new_tokens, temperature, top_
                          seed=seed)
     prompts = list(iter_prompts([prompts_file], field))  # every line checked (file:line named) before any work
     wheres = [p.where for p in prompts]
+    texts = [p.text for p in prompts]
+    meta, _ = read_metadata(bundle)
+    # what makes an answer: the bundle (its metadata names model, experts and settings) and how it decodes
+    run = digest(meta, opts.__dict__, pruned_prefill, runtime)
     out = Path(output)
-    done = finished(out, wheres) if resume and out.exists() else set()
+    done = finished(out, texts, run) if resume and out.exists() else set()
     if not resume:
         check_output_path(out, force)
     todo = [i for i in range(len(prompts)) if i not in done]
@@ -168,13 +172,13 @@ def _batched(bundle, model, gguf_file, device, max_new_tokens, temperature, top_
     else:
         rt = load_runtime(b, model, gguf_file=gguf_file, device=device, new_prompts=True,
                           pruned_prefill=pruned_prefill, lean=False, source=str(bundle))
-    writer = AnswerWriter(out, append=resume)
+    writer = AnswerWriter(out, run, append=resume)
     bar = tqdm(total=len(todo), desc="generate", unit="prompt", disable=quiet)
     tokens = 0
 
     def on_done(j: int, gen) -> None:
         nonlocal tokens
-        writer.write(todo[j], wheres[todo[j]], gen)
+        writer.write(todo[j], wheres[todo[j]], texts[todo[j]], gen)
         tokens += len(gen.token_ids)
         bar.update(1)
         bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s")

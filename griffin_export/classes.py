@@ -271,7 +271,8 @@ def class_bundle(lm: LoadedModel, info: StatisticInfo, stat: ClassStatistic, set
     k = k_for(settings.density, lm.d_ff)
     if aggregation.uses_k and k != stat.k:
         raise GriffinError(f"aggregation {aggregation.name} counts each prompt's top-k, and {where} counted it at "
-                           f"k={stat.k}; use that density, or pooled / mean, which hold at any density")
+                           f"k={stat.k} of {lm.d_ff} (density {stat.k / lm.d_ff:.4g}); use that density, or pooled / "
+                           "mean, which hold at any density")
     scores = aggregation.score(stat).float()
     if settings.method == "topk_refit_edges" and k < lm.d_ff and len(set(edge_budgets(lm.num_layers, lm.d_ff, k))) == 1:
         # per prompt this falls back to uniform widths (so evaluation grids run through); a class

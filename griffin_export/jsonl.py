@@ -25,7 +25,7 @@ def text_field(obj: dict, name: str, where: str, hint: str = "") -> str:
         raise GriffinError(f"{where}: no field {name!r} (fields: {', '.join(sorted(obj)) or 'none'}){hint}")
     value = obj[name]
     if not isinstance(value, str):
-        raise GriffinError(f"{where}: field {name!r} is a {type(value).__name__}, not a string")
+        raise GriffinError(f"{where}: field {name!r} holds {type(value).__name__} {json.dumps(value)[:40]}, not a string")
     if not value.strip():
         raise GriffinError(f"{where}: field {name!r} is empty")
     return value

@@ -145,6 +145,13 @@ def test_generate_prompts_writes_every_answer_and_resumes(tmp_path, tiny_dir, bu
     assert code == 0, err
     assert "7 prompts, 3 answered already" in err and "4 answers" in err
     assert answers(out) == full
+    # the same prompts under another path resume; other settings do not
+    moved = tmp_path / "elsewhere.jsonl"
+    moved.write_text(queue.read_text())
+    code, _, err = run([*argv, "--resume", "--prompts", moved], capsys)
+    assert code == 0 and "7 answered already" in err, err
+    code, _, err = run([*argv, "--resume", "--max-new-tokens", "3"], capsys)
+    assert code == 2 and "with another bundle or other decoding settings" in err
     code, _, err = run(argv, capsys)
     assert code == 2 and "exists; pass --force to overwrite" in err
     code, _, err = run([*argv, "--force"], capsys)
@@ -181,6 +188,14 @@ def test_resume_refuses_the_answers_of_other_inputs(tmp_path, tiny_dir, bundle_f
     code, _, err = run(["generate", bundle_file, "--prompts", queue, "-o", out, "--resume", "-q"], capsys)
     assert code == 2 and "the answers file of other inputs" in err
     assert json.loads(out.read_text())["where"] == "other.jsonl:1"  # left as it was
+    # the same file name holding other prompts is refused too: answers are tied to the texts
+    code, _, err = run(["generate", bundle_file, "--prompts", queue, "-o", out, "--force", "-q",
+                        "--max-new-tokens", "3"], capsys)
+    assert code == 0, err
+    write_prompts(queue, [{"prompt": t} for t in reversed(texts(2))])
+    code, _, err = run(["generate", bundle_file, "--prompts", queue, "-o", out, "--resume", "-q",
+                        "--max-new-tokens", "3"], capsys)
+    assert code == 2 and "answers another text as prompt" in err
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "opt"])

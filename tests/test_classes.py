@@ -360,7 +360,7 @@ def test_the_shared_xsum_file_reads_with_field_article():
     ('{"prompt": "ok"}\nnot json\n', "p.jsonl:2: not valid JSON"),
     ('{"text": "a"}\n', "p.jsonl:1: no field 'prompt' (fields: text); choose one with --field"),
     ('{"prompt": "ok"}\n[1, 2]\n', "p.jsonl:2: expected a JSON object, got list"),
-    ('{"prompt": 3}\n', "p.jsonl:1: field 'prompt' is a int, not a string"),
+    ('{"prompt": 3}\n', "p.jsonl:1: field 'prompt' holds int 3, not a string"),
     ('{"prompt": "ok"}\n{"prompt": "  "}\n', "p.jsonl:2: field 'prompt' is empty"),
 ])
 def test_bad_jsonl_names_the_file_and_line(tmp_path, content, message):

@@ -185,6 +185,9 @@ def test_bad_shard_options_and_files(shard_files, tmp_path, tiny_dir, capsys):
                         "--save-statistic", whole, "-q"], capsys)
     assert code == 0, err
     bundle = tmp_path / "c.safetensors"
+    code, _, err = run(["class", "--statistic", whole, "--statistic", whole, "--name", "c", "-o", tmp_path / "x.st"],
+                       capsys)
+    assert code == 2 and "were counted on the same prompts: merging them would count every prompt twice" in err
     for files, message in (([truncated, shard_files["2"]], "t.st is not a readable class statistic"),
                            ([whole], "whole.st is a whole statistic, not a shard"),
                            ([bundle], "is not a griffin-export class statistic (format='griffin-expert')"),
