@@ -113,9 +113,9 @@ def command(inputs, name, output, field, limit, aggregation, model, gguf_file, d
         status(f"{survey.prompts} prompts{f', shard {part}: {len(rows)} of them' if part else ''}; loading model "
                f"{model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
         lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet, offload=offload)
-        stat_info, stat, first_skipped = _count(lm, inputs, field, limit, settings, part, survey.prompts, batch_size,
-                                                engine, address, workers, gpus_per_worker, model, gguf_file, dtype,
-                                                quiet)
+        stat_info, stat, first_skipped = _count(lm, inputs, field, limit, settings, part, survey.prompts, len(rows),
+                                                batch_size, engine, address, workers, gpus_per_worker, model,
+                                                gguf_file, dtype, quiet)
         stat_info.inputs_prompts, stat_info.inputs_digest = survey.prompts, survey.digest
         stat_info.shard = str(part) if part else ""
         stat_info.extra["source"] = ", ".join(Path(i).name for i in inputs)
@@ -157,14 +157,14 @@ def _check_combinations(inputs, statistics, save_statistic, shard, engine, addre
                                "(give them --gpus-per-worker, or count shards with --shard)")
 
 
-def _count(lm, inputs, field, limit, settings, part, total, batch_size, engine, address, workers, gpus_per_worker,
+def _count(lm, inputs, field, limit, settings, part, total, n, batch_size, engine, address, workers, gpus_per_worker,
            model, gguf_file, dtype, quiet):
+    """The inputs (of one shard, with `part`) counted here or on Ray; `n` prompts of `total` to count."""
     from griffin_export.classes import class_statistic, iter_prompts, shard_of
 
     prompts = iter_prompts(inputs, field, limit)
     if part:
         prompts = shard_of(prompts, part, total)
-    n = len(part.rows(total)) if part else total
     if engine == "local":
         return class_statistic(lm, prompts, settings, total=n, progress=not quiet, batch_size=batch_size)
     import os

@@ -188,12 +188,12 @@ def _check_shards(infos: list[StatisticInfo]) -> None:
     sharded = [i for i in infos if i.shard]
     where = [i.extra.get("file", f"statistic {n + 1}") for n, i in enumerate(infos)]
     if not sharded:
-        seen: dict[str, str] = {}
+        by_inputs: dict[str, str] = {}
         for info, w in zip(infos, where):
-            if info.inputs_digest and info.inputs_digest in seen:
-                raise GriffinError(f"{seen[info.inputs_digest]} and {w} were counted on the same prompts: merging "
-                                   "them would count every prompt twice")
-            seen.setdefault(info.inputs_digest, w)
+            if info.inputs_digest and info.inputs_digest in by_inputs:
+                raise GriffinError(f"{by_inputs[info.inputs_digest]} and {w} were counted on the same prompts: "
+                                   "merging them would count every prompt twice")
+            by_inputs.setdefault(info.inputs_digest, w)
         return
     if len(sharded) != len(infos):
         whole = where[next(n for n, i in enumerate(infos) if not i.shard)]

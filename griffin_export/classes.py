@@ -244,8 +244,14 @@ def class_statistic(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassS
     Returns (info, statistic, where the first skipped prompt was)."""
     counter = ClassCounter(lm, settings, batch_size=batch_size)
     bar = tqdm(total=total, desc=f"class {settings.name}", unit="prompt", disable=not progress)
+
+    def on_prompt() -> None:
+        if counter.info.skipped:
+            bar.set_postfix(skipped=counter.info.skipped, refresh=False)
+        bar.update(1)
+
     try:
-        counter.feed(prompts, on_prompt=lambda: bar.update(1))
+        counter.feed(prompts, on_prompt=on_prompt)
     finally:
         bar.close()
     return counter.result()

@@ -92,7 +92,6 @@ class Continuation:
         self.out = Generation()
         self.i = 0  # tokens decided, the prefix's included
         self.shown = 0  # characters handed to on_text
-        self.done = False
 
     def advance(self, logits: torch.Tensor) -> int | None:
         """The logits after the last token fed ([vocab]) -> the next token to feed, or None once
@@ -127,7 +126,6 @@ class Continuation:
         if final_text is not None:
             self._stream(final_text, final=True)
         self.out.decode_s = time.perf_counter() - self.t0
-        self.done = True
         return None
 
     def _stream(self, text: str, final: bool) -> None:

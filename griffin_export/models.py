@@ -108,10 +108,6 @@ class LoadedModel:
         return execution_device(self.model)
 
     @property
-    def offloaded(self) -> bool:
-        return hasattr(self.model, "hf_device_map")
-
-    @property
     def d_ff(self) -> int:
         return d_ff(self.model.config, self.spec)
 
