@@ -280,7 +280,13 @@ def _offload_kwargs(offload: Offload, device: torch.device) -> dict:
     if device.type == "cpu":
         # --device cpu: keep accelerate off any GPU it would otherwise fill first
         max_memory = {"cpu": (max_memory or {}).get("cpu") or _available_cpu_memory()}
-    folder = offload.folder or tempfile.mkdtemp(prefix="griffin-offload-")
+    folder = offload.folder
+    if folder is None:
+        # accelerate writes every offloaded weight here (a model's size on disk): gone when the process ends
+        import atexit
+
+        folder = tempfile.mkdtemp(prefix="griffin-offload-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return {"device_map": "auto", "max_memory": max_memory, "offload_folder": folder, "offload_buffers": False}
 
 
