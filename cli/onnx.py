@@ -4,7 +4,7 @@ import time
 
 import click
 
-from griffin_export.choices import LAYOUTS
+from griffin_export.choices import LAYOUTS, QUANT_ACCURACY_LEVEL, QUANT_BLOCK_SIZE, QUANT_SCHEMES
 
 from .options import DTYPES, human_bytes, k_summary, model_options, require_extra, status
 
@@ -21,9 +21,17 @@ from .options import DTYPES, human_bytes, k_summary, model_options, require_extr
                    "traced: torch.export of the HF model (every architecture); auto: lean where it covers the model")
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
               help="lean graph: KV buffer positions, prompt + generated tokens [default: min(context, 4096)]")
+@click.option("--quantize", type=click.Choice(QUANT_SCHEMES), default=None,
+              help="block-wise 4-bit MatMul weights (ONNX Runtime's MatMulNBits quantizer); embedding and norms stay float")
+@click.option("--block-size", type=click.IntRange(min=16), default=QUANT_BLOCK_SIZE, show_default=True,
+              help="--quantize: weights per 4-bit block (a power of 2)")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=QUANT_ACCURACY_LEVEL, show_default=True,
+              help="--quantize: MatMulNBits compute type (4 = int8 activations, the fast CPU path; 0 = float32)")
+@click.option("--float-lm-head", is_flag=True, help="--quantize: keep the lm_head float")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
-def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_length, force, quiet):
+def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_length, quantize, block_size,
+            accuracy_level, float_lm_head, force, quiet):
     """Export BUNDLE's pruned decoder (or with --full the whole model) as an ONNX graph.
 
     One graph serves prefill and decode. The lean graph (the default for the Llama family)
@@ -40,6 +48,7 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
       griffin-export onnx expert.safetensors -o expert_onnx/ --max-length 2048
       griffin-export onnx --full -o full_onnx/
       griffin-export onnx expert.safetensors -o traced_onnx/ --graph traced
+      griffin-export onnx expert.safetensors -o expert_int4/ --quantize int4
       griffin-export onnx --full -o pruned_ckpt_onnx/ --model ./pruned-checkpoint-dir
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
     """
@@ -50,12 +59,22 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
     if full == (bundle is not None):
         raise GriffinError("give a BUNDLE, or --full for the unpruned model (not both)")
     require_extra("onnx")
+    settings = None
+    if quantize:
+        from griffin_export.onnx_quant import QuantSettings
+
+        settings = QuantSettings(quantize, block_size, accuracy_level, lm_head=not float_lm_head)
+    elif (block_size, accuracy_level, float_lm_head) != (QUANT_BLOCK_SIZE, QUANT_ACCURACY_LEVEL, False):
+        raise GriffinError("--block-size, --accuracy-level and --float-lm-head go with --quantize int4")
     t0 = time.perf_counter()
     check_output_dir(output, force, MODEL_FILE)  # fail before loading anything
     status(f"exporting {'the full model' if full else bundle} to ONNX ...", quiet)
     path, info = export_graph(output, bundle, model=model, gguf_file=gguf_file, dtype=dtype, device=device,
-                              force=force, progress=not quiet, graph=graph, max_length=max_length)
+                              force=force, progress=not quiet, graph=graph, max_length=max_length,
+                              quantize=settings)
     size = sum((path / f).stat().st_size for f in (MODEL_FILE, DATA_FILE) if (path / f).exists())
     layout = f"lean graph (KV buffer {info.max_length})" if info.layout == "lean" else "graph"
+    if info.quantization:
+        layout += f", {info.quantization} (block {info.quant_block_size})"
     click.echo(f"wrote {path}: {info.kind} {info.architecture} {layout}, {k_summary(info.k, info.d_ff)} × "
                f"{info.num_layers} layers, {info.dtype}, {human_bytes(size)}, {time.perf_counter() - t0:.1f} s")

@@ -39,3 +39,12 @@ CHUNK_SIZE = 512  # prefill chunk (tokens); the statistic is the same for any ch
 REFIT_LAMBDA = 1.0  # the refit's ridge strength relative to the mean activation energy; chosen on dev rows 0-5
 
 LAYOUTS = ("auto", "lean", "traced")  # onnx --graph: auto = lean where the adapter table covers the architecture
+
+# `griffin-export onnx --quantize` (onnx_quant.py): schemes, and the defaults measured in the README
+QUANT_SCHEMES = ("int4",)
+QUANT_BLOCK_SIZE = 32  # as llama.cpp's Q4_0/Q4_1 blocks
+QUANT_ACCURACY_LEVEL = 4  # MatMulNBits with int8 activations: ONNX Runtime's fast CPU path
+
+# `griffin-export checkpoint --gguf --quant` (gguf_export.py): llama.cpp file types (F32: no quantizer)
+GGUF_QUANTS = ("Q4_1", "Q4_K_M", "Q8_0", "F16", "F32")
+GGUF_QUANT = "Q4_1"  # the default model's own type

@@ -17,6 +17,7 @@ from .bundle import FORMAT_VERSION as BUNDLE_FORMAT_VERSION
 from .budget import widths_text
 from .bundle import check_format, parse_metadata, str_metadata
 from .errors import GriffinError
+from .onnx_quant import Packed, QuantSettings, packing_from_text, param_shapes
 
 GRAPH_FORMAT = "griffin-onnx"
 GRAPH_FORMAT_VERSION = "1"  # the traced graph
@@ -68,10 +69,23 @@ class GraphInfo:
     layout: str = "traced"  # "traced" (this module) or "lean" (onnx_lean.py)
     max_length: int = 0  # lean: KV buffer positions (prompt + generated tokens); 0 = grows (traced)
     batch_size: int = 0  # lean: the batch its buffers are allocated for; 0 = any (traced)
+    # block-wise 4-bit weights (onnx_quant.py); "" = float weights
+    quantization: str = ""
+    quant_block_size: int = 0
+    quant_accuracy_level: int = 0
+    quant_symmetric: bool = False
+    quant_lm_head: bool = False
+    quant_packing: str = ""  # JSON: each quantized weight -> the parameters packed into it
     extra: dict[str, str] = field(default_factory=dict)  # the bundle's extra.* keys
 
     def to_metadata(self) -> dict[str, str]:
         return str_metadata(self)
+
+    def quant_settings(self) -> QuantSettings | None:
+        if not self.quantization:
+            return None
+        return QuantSettings(self.quantization, self.quant_block_size, self.quant_accuracy_level,
+                             self.quant_symmetric, self.quant_lm_head)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str) -> "GraphInfo":
@@ -95,6 +109,15 @@ class Graph:
     widths: list[int]  # FF width per layer, from the initializer shapes
     external: set[str]  # initializers stored as external data (the only ones ORT can swap)
     vocab: int = 0  # the logits output's last dimension where the graph fixes it (lean graphs), else 0
+    packing: dict[str, Packed] = field(default_factory=dict)  # quantized graphs: weight -> parameters in it
+
+    def param_shape(self, name: str) -> list[int] | None:
+        """A parameter's shape as the graph holds it: a float initializer, or packed into a
+        quantized weight. None when the graph has no such parameter."""
+        if name in self.initializers:
+            return self.initializers[name][1]
+        shape = param_shapes(self.packing).get(name)
+        return list(shape) if shape else None
 
     @property
     def source(self) -> str:
@@ -156,22 +179,38 @@ def read_graph(path: str | os.PathLike) -> Graph:
     info = GraphInfo.from_metadata(meta, str(path))
     check_external_data(proto, path)
     inits = {t.name: (int(t.data_type), list(t.dims)) for t in proto.graph.initializer}
+    from onnx import TensorProto
+
+    external = {t.name for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    packing = _read_packing(info, inits, external, path)
+    shapes = {**{n: list(s) for n, s in param_shapes(packing).items()}, **{n: s for n, (_, s) in inits.items()}}
     spec = spec_for(info.architecture)
     widths = []
     for i in range(info.num_layers):
         name = ff_param(spec, i, spec.output)
-        if name not in inits:
+        if name not in shapes:
             raise GriffinError(f"{path}: FF initializer {name} is missing; this graph cannot take a bundle's weights")
-        widths.append(inits[name][1][-1])
-    from onnx import TensorProto
-
-    external = {t.name for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+        widths.append(shapes[name][-1])
     if info.layout == "lean":
         _check_lean(proto, info, inits, path)
     logits = next((o for o in proto.graph.output if o.name == "logits"), None)
     dims = logits.type.tensor_type.shape.dim if logits is not None else []
     vocab = int(dims[-1].dim_value) if dims else 0
-    return Graph(path, info, inits, widths, external, vocab)
+    return Graph(path, info, inits, widths, external, vocab, packing)
+
+
+def _read_packing(info: GraphInfo, inits: dict, external: set[str], path: Path) -> dict[str, Packed]:
+    """A quantized graph's packing, checked against its initializers (each quantized tensor
+    there and external, so a bundle can be swapped in)."""
+    if not info.quantization:
+        return {}
+    info.quant_settings()  # a scheme or block size this version does not know is refused here
+    packing = packing_from_text(info.quant_packing, str(path))
+    for p in packing.values():
+        for name in (p.weight, p.scales, p.zero_points):
+            if name is not None and (name not in inits or name not in external):
+                raise GriffinError(f"{path}: quantized tensor {name} is missing from the graph's external data")
+    return packing
 
 
 def _check_lean(proto, info: GraphInfo, inits: dict[str, tuple[int, list[int]]], path: Path) -> None:

@@ -162,7 +162,19 @@ def describe_onnx(path: str | os.PathLike) -> dict:
         else:
             inline["count"] += 1
             inline["bytes"] += _tensor_bytes(t)
-    arch, widths = _ff_widths({t.name: list(t.dims) for t in g.initializer}, meta.get("architecture"))
+    shapes = {t.name: list(t.dims) for t in g.initializer}
+    quantization = None
+    if meta.get("quantization"):
+        from .onnx_quant import packing_from_text, param_shapes
+
+        packing = packing_from_text(meta.get("quant_packing", "{}"), str(f))
+        shapes.update({n: list(sh) for n, sh in param_shapes(packing).items()})
+        quantization = {"scheme": meta["quantization"], "block_size": int(meta.get("quant_block_size", 0)),
+                        "accuracy_level": int(meta.get("quant_accuracy_level", 0)),
+                        "symmetric": meta.get("quant_symmetric") == "true", "lm_head": meta.get("quant_lm_head") == "true",
+                        "quantized_weights": len(packing),
+                        "quantized_params": sum(len(p.params) for p in packing.values())}
+    arch, widths = _ff_widths(shapes, meta.get("architecture"))
     return {
         "file": str(f),
         "file_bytes": f.stat().st_size,
@@ -177,6 +189,7 @@ def describe_onnx(path: str | os.PathLike) -> dict:
         "operators": dict(Counter(n.op_type for n in g.node).most_common()),
         "architecture": arch,
         "ff_width_per_layer": widths,
+        "quantization": quantization,
         "initializers": {"inline": inline, "external": external},
         "metadata": meta,
     }
@@ -232,6 +245,12 @@ def format_onnx(s: dict) -> str:
                                  if m.get("layout") == "lean" else "traced (the cache grows every step)"),
         ]
     lines.append(f"  FF width     {ff}" + (f" ({s['architecture']} names)" if s["architecture"] else ""))
+    q = s.get("quantization")
+    if q:
+        lines.append(f"  quantized    {q['scheme']} MatMulNBits: {q['quantized_weights']} weights ({q['quantized_params']} "
+                     f"parameters), block {q['block_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'}, "
+                     f"accuracy_level {q['accuracy_level']}, lm_head {'int4' if q['lm_head'] else 'float'}; "
+                     "embedding, norms and biases float")
     lines.append("  inputs:")
     lines += _io_lines(s["inputs"])
     lines.append("  outputs:")
@@ -242,7 +261,7 @@ def format_onnx(s: dict) -> str:
         lines.append(f"    {loc}: " + ("MISSING" if size is None else f"{size:,} bytes"))
     ops = ", ".join(f"{op} {n}" for op, n in s["operators"].items())
     lines.append(f"  operators    {s['nodes']} nodes: {ops}")
-    shown = {k: v for k, v in m.items() if not k.startswith("pkg.")}
+    shown = {k: v for k, v in m.items() if not k.startswith("pkg.") and k != "quant_packing"}  # packing: above
     if shown:
         lines.append("  metadata:")
         lines += [f"    {k:<22} {v}" for k, v in sorted(shown.items())]

@@ -49,6 +49,7 @@ from .outputs import atomic_dir, check_output_dir
 from .choices import LAYOUTS
 from .graph import (BATCH, DATA_FILE, INPUT_NAMES, LEAN_FORMAT_VERSION, MODEL_FILE, PAST,  # noqa: F401
                     PAST_LEN, PRESENT, SEQ, TOTAL_LEN, GraphInfo, read_graph)
+from .onnx_quant import QuantSettings, packing_to_text, quantize_proto
 from .prefill import cache_kwarg
 
 # 23: SDPA becomes one ONNX Attention node (GQA-aware) instead of ~15 decomposed ops; with
@@ -140,11 +141,11 @@ def choose_layout(lm: LoadedModel, graph: str) -> str:
 
 def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | None = None, *,
                 force: bool = False, progress: bool = False, source: str = "bundle", graph: str = "auto",
-                max_length: int | None = None) -> Path:
+                max_length: int | None = None, quantize: QuantSettings | None = None) -> Path:
     """Write OUTPUT/model.onnx (+ model.onnx.data and the tokenizer): the decoder with the
     bundle's experts, or the model as loaded when `bundle` is None. `graph`: the lean decoder
     (onnx_lean.py; with a KV buffer of `max_length` positions) where the architecture has one
-    (auto), or the traced one. Returns OUTPUT."""
+    (auto), or the traced one. `quantize`: block-wise 4-bit MatMuls (onnx_quant.py). Returns OUTPUT."""
     from tqdm.auto import tqdm
 
     out = check_output_dir(output, force, MODEL_FILE)
@@ -158,8 +159,10 @@ def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | Non
     if bundle is not None:
         check_bundle(lm, bundle.info, source)
         check_fresh(lm)
+    if quantize is not None and lm.dtype != torch.float32:
+        raise GriffinError(f"--quantize {quantize.scheme} takes a float32 model; this one is {dtype_name(lm.dtype)}")
     _ = lm.fingerprint  # hashed before any swap
-    bar = tqdm(total=4, desc="onnx export", unit="stage", disable=not progress, leave=False)
+    bar = tqdm(total=5 if quantize else 4, desc="onnx export", unit="stage", disable=not progress, leave=False)
 
     def stage(name: str) -> None:
         bar.set_postfix_str(name)
@@ -180,6 +183,10 @@ def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | Non
             stage("save")
             _finish(program.model, lm, info)
             _save(program.model, tmp, ff_weight_names(lm))
+            bar.update()
+        if quantize is not None:
+            stage(f"quantize ({quantize.scheme})")
+            _quantize(tmp, info, quantize, ff_weight_names(lm))
             bar.update()
         stage("onnx.checker")
         check_graph(tmp / MODEL_FILE)
@@ -212,6 +219,33 @@ def _export_lean(lm: LoadedModel, info: GraphInfo, directory: Path) -> None:
     except OSError as e:
         raise GriffinError(f"cannot write {directory / MODEL_FILE}: {e.strerror or e}") from e
     write_genai_config(directory, genai_config(lm, facts, info.max_length, MODEL_FILE))
+
+
+def _quantize(directory: Path, info: GraphInfo, settings: QuantSettings, ff_names: list[str]) -> None:
+    """Quantize the graph just written in `directory` and record how in its metadata."""
+    import dataclasses
+
+    import onnx
+
+    path = directory / MODEL_FILE
+    proto = onnx.load(str(path), load_external_data=True)
+    packing = quantize_proto(proto, settings)
+    onnx.helper.set_model_props(proto, dataclasses.replace(info, **_quant_fields(settings, packing)).to_metadata())
+    # what a runtime swaps (quantized FF weights and FF biases) goes external however small
+    swap = {n for p in packing.values() for n in (p.weight, p.scales, p.zero_points) if n} | set(ff_names)
+    smallest = min(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer if t.name in swap)
+    (directory / DATA_FILE).unlink()  # loaded above; written anew
+    try:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=min(256, smallest))
+    except OSError as e:
+        raise GriffinError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def _quant_fields(settings: QuantSettings, packing) -> dict:
+    return dict(quantization=settings.scheme, quant_block_size=settings.block_size,
+                quant_accuracy_level=settings.accuracy_level, quant_symmetric=settings.symmetric,
+                quant_lm_head=settings.lm_head, quant_packing=packing_to_text(packing))
 
 
 def _example_inputs(lm: LoadedModel, info: GraphInfo):
@@ -316,7 +350,8 @@ def check_graph(path: Path) -> None:
 
 def export_graph(output: str | os.PathLike, bundle: str | os.PathLike | None = None, *, model: str | None = None,
                  gguf_file: str | None = None, dtype: str | None = None, device: str = "cpu", force: bool = False,
-                 progress: bool = False, graph: str = "auto", max_length: int | None = None) -> tuple[Path, GraphInfo]:
+                 progress: bool = False, graph: str = "auto", max_length: int | None = None,
+                 quantize: QuantSettings | None = None) -> tuple[Path, GraphInfo]:
     """What `griffin-export onnx` does: load the base model (the bundle's recorded one unless
     `model` is given) and export the bundle's graph, or the full model's when `bundle` is None."""
     from .bundle import read_bundle
@@ -329,6 +364,6 @@ def export_graph(output: str | os.PathLike, bundle: str | os.PathLike | None = N
     lm = load_model(model or (b.info.base_model if b else None), gguf_file=gguf_file,
                     dtype=b.info.dtype if b else (dtype or "float32"), device=device, quiet=not progress)
     path = export_onnx(lm, output, b, force=force, progress=progress, source=str(bundle or "bundle"), graph=graph,
-                       max_length=max_length)
+                       max_length=max_length, quantize=quantize)
     return path, read_graph(path).info
 

@@ -27,6 +27,7 @@ import torch
 from ..bundle import Bundle, read_bundle
 from ..errors import GriffinError
 from ..graph import PAST, PRESENT, Graph, GraphInfo, check_graph_bundle, read_graph
+from ..onnx_quant import param_shapes, quantize_for_swap
 from ..prompts import check_generation_fits, encode
 from .base import Runtime, left_padded
 
@@ -104,7 +105,7 @@ class KVState:
 class _Session:
     """A traced graph: past in, a new present out every step."""
 
-    def __init__(self, graph: Graph, provider: str, overrides: dict[str, torch.Tensor] | None, threads: int | None,
+    def __init__(self, graph: Graph, provider: str, overrides: dict[str, np.ndarray] | None, threads: int | None,
                  cuda_options: dict[str, str] | None = None):
         import onnxruntime as ort
 
@@ -119,8 +120,9 @@ class _Session:
             # add_external_initializers replaces the (external-data) tensors before any
             # optimization, and checks name, shape and dtype.
             names = list(overrides)
-            values = [ort.OrtValue.ortvalue_from_numpy(_numpy(overrides[n])) for n in names]
+            values = [ort.OrtValue.ortvalue_from_numpy(overrides[n]) for n in names]
             so.add_external_initializers(names, values)
+            self._held = (overrides, values)  # must outlive the session: ORT may use the buffers in place
         providers = [(CUDA, {"device_id": 0, **(cuda_options or {})}), CPU] if provider == CUDA else [CPU]
         try:
             self.sess = ort.InferenceSession(str(graph.path), so, providers=providers)
@@ -190,7 +192,7 @@ class _LeanSession(_Session):
 
     GRAPH_ID = "1"  # the decode step's captured CUDA graph
 
-    def __init__(self, graph: Graph, provider: str, overrides: dict[str, torch.Tensor] | None, threads: int | None,
+    def __init__(self, graph: Graph, provider: str, overrides: dict[str, np.ndarray] | None, threads: int | None,
                  *, cuda_graph: bool = False, static: bool = False):
         super().__init__(graph, provider, overrides, threads, {"enable_cuda_graph": "1"} if cuda_graph else None)
         info = graph.info
@@ -287,7 +289,21 @@ def _layout_text(info: GraphInfo) -> str:
     return f"a lean graph (KV buffer {info.max_length})" if info.layout == "lean" else "a traced graph"
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
+def _overrides(graph: Graph, bundle: Bundle) -> dict[str, np.ndarray]:
+    """The initializers a bundle replaces: its FF weights as they are, or, in a quantized graph,
+    quantized as the exporter quantized its own (onnx_quant.quantize_for_swap)."""
+    weights = {n: _numpy(t) for n, t in bundle.weights.items()}
+    if not graph.packing:
+        return weights
+    packed = param_shapes(graph.packing)
+    out = quantize_for_swap(graph.packing, weights, graph.info.quant_settings())
+    out.update({n: w for n, w in weights.items() if n not in packed})
+    return out
+
+
+def _numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t
     if t.dtype == torch.bfloat16:
         raise GriffinError("the ONNX runtime takes float32 or float16 bundles (numpy has no bfloat16)")
     return t.detach().cpu().contiguous().numpy()
@@ -310,12 +326,13 @@ class OnnxRuntime(Runtime):
             raise GriffinError(f"graph {self.graph.source} is {info.dtype}; the ONNX runtime runs float32 or float16 graphs")
         if bundle is not None:
             check_graph_bundle(self.graph, bundle.info, source)
+            packed = param_shapes(self.graph.packing)
             for name, t in bundle.weights.items():
-                have = self.graph.initializers.get(name)
-                if have is None or have[1] != list(t.shape):
+                have = self.graph.param_shape(name)
+                if have != list(t.shape):
                     raise GriffinError(f"bundle {source} tensor {name} {list(t.shape)} has no initializer of that shape "
-                                       f"in graph {self.graph.source} ({have[1] if have else 'missing'})")
-                if name not in self.graph.external:
+                                       f"in graph {self.graph.source} ({have or 'missing'})")
+                if name not in packed and name not in self.graph.external:
                     raise GriffinError(f"graph {self.graph.source} stores {name} inline; ONNX Runtime only swaps "
                                        "external-data weights: re-export the graph with this griffin-export")
         self.full = full if isinstance(full, Graph) or full is None else read_graph(full)
@@ -333,7 +350,7 @@ class OnnxRuntime(Runtime):
         if info.layout == "lean" and info.batch_size != 1:
             raise GriffinError(f"graph {self.graph.source} was built for batch {info.batch_size}; this runtime decodes batch 1")
         self.provider, self.provider_reason = choose_provider(provider)
-        overrides = bundle.weights if bundle is not None else None
+        overrides = _overrides(self.graph, bundle) if bundle is not None else None
         if (cuda_graph or static) and info.layout != "lean":
             raise GriffinError(f"CUDA graphs need the lean graph's fixed buffers; {self.graph.source} is a traced graph")
         if cuda_graph and self.provider != CUDA:

@@ -1,0 +1,131 @@
+"""Quality of 4-bit experts: the int4 ONNX graph against the float32 one, same bundles.
+
+    python bench/int4_quality.py --data ../shared/data/xsum_dev.jsonl --rows 200:300 -o reports/int4_quality
+
+Per XSum row: one export (the default `topk`, density 0.5, warm-up 8, as `griffin-export`
+writes it), then ONNX Runtime decodes that bundle on two lean graphs exported once from the
+first row's bundle, every later bundle swapped in: float32, and `--quantize int4` (its FF
+weights quantized at load, as the runtime does for any swapped bundle). The full model
+(float32 and int4 graphs) gives the reference output. Per setting: ROUGE-L against the
+gold summary, ROUGE-L agreement with the float32 full model's output, and the gold summary's
+mean log-likelihood per token (teacher-forced after a full-model prefill of the prompt,
+pruned decode steps, as `griffin-export eval` scores it). Each row is appended to
+OUT/rows.jsonl (resumable); OUT/summary.json and OUT/summary.md hold the means with 95 %
+bootstrap intervals and the paired differences int4 - float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from griffin_export.decoding import DecodeOptions
+from griffin_export.evaluation.data import read_rows
+from griffin_export.evaluation.metrics import diff_ci, mean_ci, ratio_ci, rouge
+from griffin_export.evaluation.runner import continuation_ids
+from griffin_export.evaluation.settings import EvalSettings
+from griffin_export.export import ExportSettings, export_ids, tokenize
+from griffin_export.models import load_model
+from griffin_export.onnx_export import export_onnx
+from griffin_export.onnx_quant import QuantSettings
+from griffin_export.runtime.onnx import OnnxRuntime
+
+SETTINGS = ("full fp32", "full int4", "pruned fp32", "pruned int4")
+
+
+def gold_ll(rt: OnnxRuntime, ids: torch.Tensor, cont) -> float:
+    """Mean log p of the gold tokens: full-model prefill of the prompt, then the runtime's steps."""
+    state, first = rt.start(ids)
+    logits = [first]
+    for tok in cont.ids[:-1].tolist():
+        logits.append(rt.step(state, tok))
+    logp = torch.log_softmax(torch.stack(logits).float(), -1).gather(1, cont.ids[:, None])[:, 0]
+    return float(logp[cont.scored_from:].mean())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--rows", default="200:300")
+    ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--method", default="topk")
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--block-size", type=int, default=QuantSettings().block_size)
+    ap.add_argument("--accuracy-level", type=int, default=QuantSettings().accuracy_level)
+    ap.add_argument("-o", "--output", required=True)
+    a = ap.parse_args(argv)
+    start, stop = (int(x) for x in a.rows.split(":"))
+    torch.set_num_threads(a.threads)
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    done = {json.loads(line)["row"] for line in rows_path.open()} if rows_path.exists() else set()
+    rows = read_rows(EvalSettings(data=a.data, rows=(start, stop), methods=("full",)))
+    lm = load_model(None, quiet=True)
+    quant = QuantSettings(block_size=a.block_size, accuracy_level=a.accuracy_level)
+    export = ExportSettings(density=a.density, method=a.method, warmup=a.warmup)
+    tmp = Path(tempfile.mkdtemp(prefix="int4-quality."))
+    first = export_ids(lm, tokenize(lm, rows[0].prompt), export)
+    graphs = {"full fp32": export_onnx(lm, tmp / "full", None), "full int4": export_onnx(lm, tmp / "full4", None, quantize=quant),
+              "pruned fp32": export_onnx(lm, tmp / "p", first), "pruned int4": export_onnx(lm, tmp / "p4", first, quantize=quant)}
+    full_graph = graphs["full fp32"]
+    with rows_path.open("a") as f:
+        for row in tqdm([r for r in rows if r.index not in done], desc="int4 quality", unit="prompt"):
+            t0 = time.perf_counter()
+            ids = tokenize(lm, row.prompt)
+            cont = continuation_ids(lm.tokenizer, row.prompt, "\n", row.target, ids[0].tolist())
+            bundle = export_ids(lm, ids, export)
+            opts = DecodeOptions(max_new_tokens=row.max_tokens, stop=row.stop)
+            rec = {"row": row.index, "prompt_tokens": ids.shape[1], "results": {}}
+            full_text = None
+            for name in SETTINGS:
+                pruned = name.startswith("pruned")
+                rt = OnnxRuntime(graphs[name], bundle if pruned else None, full=full_graph, provider="cpu",
+                                 threads=a.threads, pruned_prefill=not pruned)
+                gen = rt.generate(opts) if pruned else rt.generate(opts, ids=ids)
+                if name == "full fp32":
+                    full_text = gen.text
+                rec["results"][name] = {"rougeL": rouge(gen.text, row.target)["rougeL"],
+                                        "agree_rougeL": rouge(gen.text, full_text)["rougeL"],
+                                        "gold_ll": gold_ll(rt, ids, cont), "text": gen.text}
+            rec["seconds"] = time.perf_counter() - t0
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+    summarize(out, a)
+
+
+def summarize(out: Path, a) -> None:
+    recs = [json.loads(line) for line in (out / "rows.jsonl").open()]
+    col = lambda name, key: [r["results"][name][key] for r in recs]  # noqa: E731
+    summary = {"rows": len(recs), "args": vars(a), "settings": {}}
+    lines = [f"{len(recs)} XSum rows ({a.rows}), {a.method} density {a.density:g}, warm-up {a.warmup}; "
+             f"int4 block {a.block_size}, accuracy_level {a.accuracy_level}; 95 % bootstrap intervals", "",
+             "| setting | ROUGE-L | vs full fp32 ROUGE-L | agreement with full fp32 (ROUGE-L) | gold log-lik / token |",
+             "|---|---|---|---|---|"]
+    fmt = lambda i: f"{i.mean:.3f} [{i.low:.3f}, {i.high:.3f}]"  # noqa: E731
+    for name in SETTINGS:
+        s = {"rougeL": mean_ci(col(name, "rougeL")), "ratio": ratio_ci(col(name, "rougeL"), col("full fp32", "rougeL")),
+             "agree": mean_ci(col(name, "agree_rougeL")), "gold_ll": mean_ci(col(name, "gold_ll"))}
+        summary["settings"][name] = {k: v.as_dict() for k, v in s.items()}
+        lines.append(f"| {name} | {fmt(s['rougeL'])} | {fmt(s['ratio'])} | {fmt(s['agree'])} | {fmt(s['gold_ll'])} |")
+    lines += ["", "paired difference, pruned int4 - pruned fp32:"]
+    for key in ("rougeL", "agree_rougeL", "gold_ll"):
+        d = diff_ci(col("pruned int4", key), col("pruned fp32", key))
+        summary[f"diff_{key}"] = d.as_dict()
+        lines.append(f"- {key}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

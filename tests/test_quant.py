@@ -1,0 +1,125 @@
+"""4-bit experts: ONNX Runtime int4 graphs (onnx_quant.py) and pruned GGUF files (gguf_export.py).
+
+Tolerance: int4 blocks of 16 weights on the tiny models move logits by up to ~0.25 on a scale
+of ~2 (measured); asserted as max |int4 - fp32| < 0.25 * max |fp32| + 0.05.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from griffin_export import ExportSettings, export_ids
+from griffin_export.errors import GriffinError
+from griffin_export.onnx_export import export_onnx
+from griffin_export.onnx_quant import QuantSettings
+from griffin_export.runtime.onnx import OnnxRuntime, read_graph
+from tiny import VOCAB, prompt_ids, tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+Q = QuantSettings(block_size=16, accuracy_level=0)
+
+
+def steps(rt, n=10, seed=5):
+    toks = torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    state, first = rt.start()
+    return torch.stack([first, *(rt.step(state, t) for t in toks)])
+
+
+@pytest.mark.parametrize("arch,lean", [("llama", True), ("opt", False), ("gemma3_text", False)])
+def test_int4_graph_is_close_to_fp32_and_a_swapped_bundle_gets_its_own_quantized_weights(tmp_path, arch, lean):
+    lm = tiny_model(arch, lean=lean)
+    b = export_ids(lm, prompt_ids(), ExportSettings(density=0.5))
+    other = export_ids(lm, prompt_ids(seed=7), ExportSettings(density=0.5, method="random", seed=3))
+    fp32 = export_onnx(lm, tmp_path / "f", b)
+    q = export_onnx(lm, tmp_path / "q", b, quantize=Q)
+    q_other = export_onnx(lm, tmp_path / "qo", other, quantize=Q)
+    g = read_graph(q)
+    assert g.info.quantization == "int4" and g.packing and g.widths == list(b.info.k)
+    assert not any(n.endswith("mlp.down_proj.weight") or n.endswith("fc2.weight") for n in g.initializers)
+    want, got = steps(OnnxRuntime(fp32, b, provider="cpu")), steps(OnnxRuntime(q, b, provider="cpu"))
+    err = (want - got).abs().max()
+    assert 0 < err < 0.25 * want.abs().max() + 0.05
+    swapped = steps(OnnxRuntime(q, other, provider="cpu"))
+    torch.testing.assert_close(swapped, steps(OnnxRuntime(q_other, other, provider="cpu")), atol=1e-5, rtol=1e-5)
+    assert (swapped - got).abs().max() > 1e-3  # the swap is real
+
+
+def test_a_bundle_of_another_k_or_model_is_refused_by_a_quantized_graph(tmp_path):
+    lm = tiny_model("llama", lean=True)
+    b = export_ids(lm, prompt_ids(), ExportSettings(density=0.5))
+    q = export_onnx(lm, tmp_path / "q", b, quantize=Q)
+    with pytest.raises(GriffinError, match="k="):
+        OnnxRuntime(q, export_ids(lm, prompt_ids(), ExportSettings(density=0.25)), provider="cpu")
+    foreign = tiny_model("llama", seed=3, lean=True)
+    with pytest.raises(GriffinError, match="fingerprint"):
+        OnnxRuntime(q, export_ids(foreign, prompt_ids(), ExportSettings(density=0.5)), provider="cpu")
+
+
+@pytest.mark.parametrize("kw,needle", [({"block_size": 24}, "power of 2"), ({"accuracy_level": 7}, "accuracy-level"),
+                                        ({"scheme": "int3"}, "unknown quantization")])
+def test_bad_quant_settings_are_one_line_errors(kw, needle):
+    with pytest.raises(GriffinError, match=needle):
+        QuantSettings(**kw)
+
+
+def test_inspect_shows_the_quantization(tmp_path):
+    from griffin_export.inspect import inspect_path
+
+    lm = tiny_model("llama", lean=True)
+    q = export_onnx(lm, tmp_path / "q", export_ids(lm, prompt_ids(), ExportSettings(density=0.5)), quantize=Q)
+    data, text = inspect_path(q)
+    assert data["quantization"]["scheme"] == "int4" and data["quantization"]["block_size"] == 16
+    assert "int4 MatMulNBits" in text and "quant_packing" not in text
+
+
+@pytest.mark.real_model
+def test_pruned_gguf_round_trips_through_the_gguf_reader(real_lm, tmp_path):
+    import gguf
+
+    from griffin_export.gguf_export import base_gguf, write_pruned_gguf
+
+    b = export_ids(real_lm, prompt_ids(40, seed=2) + 10, ExportSettings(density=0.5, method="topk_refit_edges",
+                                                                        warmup=0))
+    assert len(set(b.info.k)) > 1
+    base = base_gguf(None, None, b.info)
+    out = write_pruned_gguf(b, base, tmp_path / "p.gguf", "F32")
+    r, src = gguf.GGUFReader(str(out)), gguf.GGUFReader(str(base))
+    assert list(r.fields["llama.feed_forward_length"].contents()) == list(b.info.k)
+    assert r.fields["tokenizer.chat_template"].contents() == src.fields["tokenizer.chat_template"].contents()
+    assert r.fields["griffin.base_fingerprint"].contents() == b.info.base_fingerprint
+    t = {x.name: x for x in r.tensors}
+    for i in (0, 5):
+        gate = b.weights[f"model.layers.{i}.mlp.gate_proj.weight"]
+        torch.testing.assert_close(torch.from_numpy(t[f"blk.{i}.ffn_gate.weight"].data.copy()), gate)
+        assert list(t[f"blk.{i}.ffn_down.weight"].shape) == [b.info.k[i], 576]
+    with pytest.raises(GriffinError, match="exists"):
+        write_pruned_gguf(b, base, out, "F32")
+    with pytest.raises(GriffinError, match="unknown --quant"):
+        write_pruned_gguf(b, base, tmp_path / "x.gguf", "Q9")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed ([llama])")
+def test_llama_cpp_runs_a_pruned_gguf_like_the_pruned_torch_model(real_lm, tmp_path):
+    import numpy as np
+    from llama_cpp import Llama
+
+    from griffin_export.experts import installed
+    from griffin_export.gguf_export import base_gguf, write_pruned_gguf
+    from griffin_export.prefill import prefill
+
+    ids = prompt_ids(40, seed=2) + 10
+    b = export_ids(real_lm, ids, ExportSettings(density=0.5, warmup=0))
+    out = write_pruned_gguf(b, base_gguf(None, None, b.info), tmp_path / "p.gguf", "F16")
+    llm = Llama(str(out), n_ctx=128, n_threads=2, verbose=False)
+    llm.eval(ids[0].tolist())
+    got = torch.from_numpy(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy())
+    with installed(real_lm, b.weights):
+        _, want = prefill(real_lm.model, ids)
+    # F16 weights and llama.cpp's kernels: same argmax, logits within 0.1 of a ~20 scale
+    assert int(got.argmax()) == int(want.argmax())
+    assert (got - want.float()).abs().max() < 0.1 * want.abs().max()
