@@ -110,14 +110,11 @@ class Graph:
     external: set[str]  # initializers stored as external data (the only ones ORT can swap)
     vocab: int = 0  # the logits output's last dimension where the graph fixes it (lean graphs), else 0
     packing: dict[str, Packed] = field(default_factory=dict)  # quantized graphs: weight -> parameters in it
+    # every parameter's shape as the graph holds it: a float initializer, or packed into a quantized weight
+    param_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     def param_shape(self, name: str) -> list[int] | None:
-        """A parameter's shape as the graph holds it: a float initializer, or packed into a
-        quantized weight. None when the graph has no such parameter."""
-        if name in self.initializers:
-            return self.initializers[name][1]
-        shape = param_shapes(self.packing).get(name)
-        return list(shape) if shape else None
+        return self.param_shapes.get(name)
 
     @property
     def source(self) -> str:
@@ -196,7 +193,7 @@ def read_graph(path: str | os.PathLike) -> Graph:
     logits = next((o for o in proto.graph.output if o.name == "logits"), None)
     dims = logits.type.tensor_type.shape.dim if logits is not None else []
     vocab = int(dims[-1].dim_value) if dims else 0
-    return Graph(path, info, inits, widths, external, vocab, packing)
+    return Graph(path, info, inits, widths, external, vocab, packing, shapes)
 
 
 def _read_packing(info: GraphInfo, inits: dict, external: set[str], path: Path) -> dict[str, Packed]:

@@ -247,10 +247,11 @@ def format_onnx(s: dict) -> str:
     lines.append(f"  FF width     {ff}" + (f" ({s['architecture']} names)" if s["architecture"] else ""))
     q = s.get("quantization")
     if q:
+        from .onnx_quant import QuantSettings, describe
+
+        how = describe(QuantSettings(q["scheme"], q["block_size"], q["accuracy_level"], q["symmetric"], q["lm_head"]))
         lines.append(f"  quantized    {q['scheme']} MatMulNBits: {q['quantized_weights']} weights ({q['quantized_params']} "
-                     f"parameters), block {q['block_size']}, {'symmetric' if q['symmetric'] else 'asymmetric'}, "
-                     f"accuracy_level {q['accuracy_level']}, lm_head {'int4' if q['lm_head'] else 'float'}; "
-                     "embedding, norms and biases float")
+                     f"parameters), {how}")
     lines.append("  inputs:")
     lines += _io_lines(s["inputs"])
     lines.append("  outputs:")

@@ -66,9 +66,9 @@ class Packed:
 
 def describe(settings: QuantSettings) -> str:
     sym = "symmetric" if settings.symmetric else "asymmetric"
-    head = "lm_head included" if settings.lm_head else "lm_head float"
-    return (f"{settings.scheme} MatMulNBits, block {settings.block_size}, {sym}, accuracy_level "
-            f"{settings.accuracy_level}, {head}; embedding, norms and biases float")
+    head = f"lm_head {settings.scheme}" if settings.lm_head else "lm_head float"
+    return (f"block {settings.block_size}, {sym}, accuracy_level {settings.accuracy_level}, {head}; "
+            "embedding, norms and biases float")
 
 
 def _nbits():
@@ -85,7 +85,7 @@ def _nbits():
 
 def _quantizer(settings: QuantSettings):
     return _nbits().DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
-                                        accuracy_level=settings.accuracy_level or None, bits=BITS)
+                                                 accuracy_level=settings.accuracy_level or None, bits=BITS)
 
 
 def _lm_head(g, producer: dict) -> object | None:

@@ -1,5 +1,5 @@
 """Scratch: int4 accuracy levels on the default model: decode tok/s + greedy agreement vs fp32 pruned."""
-import sys, time, json, tempfile
+import time, tempfile
 from pathlib import Path
 import torch
 from griffin_export.models import load_model
@@ -11,7 +11,7 @@ from griffin_export.runtime.onnx import OnnxRuntime
 from griffin_export.prefill import prefill, cache_tensors
 torch.set_num_threads(2)
 lm = load_model(None, quiet=True)
-ids = tokenize(lm, read_row(find_data("/work/shared/data/xsum_dev.jsonl"), 0))
+ids = tokenize(lm, read_row(find_data(None), 0))
 print("tokens", ids.shape)
 b = export_ids(lm, ids, ExportSettings(density=0.5, warmup=0))
 cache, last = prefill(lm.model, ids); kv = cache_tensors(cache); T = ids.shape[1]; first = int(last.argmax())

@@ -1,3 +1,7 @@
+"""Scratch A/B (research): llama.cpp decode tok/s of GGUF files, interleaved, 999-token XSum row 0, 2 threads.
+
+    python bench/research/lcpp_ab.py BASE.gguf PRUNED.gguf   # prints median tok/s, ratio to the first, per-repeat tok/s
+"""
 import sys, time, statistics
 import numpy as np
 from llama_cpp import Llama
@@ -5,7 +9,7 @@ from griffin_export.models import load_model
 from griffin_export.bench import read_row, find_data
 from griffin_export.export import tokenize
 lm = load_model(None, quiet=True)
-ids = tokenize(lm, read_row(find_data("/work/shared/data/xsum_dev.jsonl"), 0))[0].tolist()
+ids = tokenize(lm, read_row(find_data(None), 0))[0].tolist()
 paths = sys.argv[1:]
 runs = {}
 for p in paths:
@@ -20,7 +24,7 @@ def run(p, n=64):
     return time.perf_counter() - t0
 for p in paths: run(p, 8)
 ts = {p: [] for p in paths}
-for r in range(int(sys.argv[0:1] and 7)):
+for r in range(7):
     for p in paths: ts[p].append(run(p))
 b = statistics.median(ts[paths[0]])
 for p in paths:

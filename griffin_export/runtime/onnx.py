@@ -27,7 +27,7 @@ import torch
 from ..bundle import Bundle, read_bundle
 from ..errors import GriffinError
 from ..graph import PAST, PRESENT, Graph, GraphInfo, check_graph_bundle, read_graph
-from ..onnx_quant import param_shapes, quantize_for_swap
+from ..onnx_quant import quantize_for_swap
 from ..prompts import check_generation_fits, encode
 from .base import Runtime, left_padded
 
@@ -295,15 +295,12 @@ def _overrides(graph: Graph, bundle: Bundle) -> dict[str, np.ndarray]:
     weights = {n: _numpy(t) for n, t in bundle.weights.items()}
     if not graph.packing:
         return weights
-    packed = param_shapes(graph.packing)
     out = quantize_for_swap(graph.packing, weights, graph.info.quant_settings())
-    out.update({n: w for n, w in weights.items() if n not in packed})
+    out.update({n: w for n, w in weights.items() if n in graph.initializers})  # float ones (biases)
     return out
 
 
-def _numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(t, np.ndarray):
-        return t
+def _numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         raise GriffinError("the ONNX runtime takes float32 or float16 bundles (numpy has no bfloat16)")
     return t.detach().cpu().contiguous().numpy()
@@ -326,13 +323,12 @@ class OnnxRuntime(Runtime):
             raise GriffinError(f"graph {self.graph.source} is {info.dtype}; the ONNX runtime runs float32 or float16 graphs")
         if bundle is not None:
             check_graph_bundle(self.graph, bundle.info, source)
-            packed = param_shapes(self.graph.packing)
             for name, t in bundle.weights.items():
                 have = self.graph.param_shape(name)
                 if have != list(t.shape):
                     raise GriffinError(f"bundle {source} tensor {name} {list(t.shape)} has no initializer of that shape "
                                        f"in graph {self.graph.source} ({have or 'missing'})")
-                if name not in packed and name not in self.graph.external:
+                if name in self.graph.initializers and name not in self.graph.external:
                     raise GriffinError(f"graph {self.graph.source} stores {name} inline; ONNX Runtime only swaps "
                                        "external-data weights: re-export the graph with this griffin-export")
         self.full = full if isinstance(full, Graph) or full is None else read_graph(full)
