@@ -1,17 +1,21 @@
-"""Quality of 4-bit experts: the int4 ONNX graph against the float32 one, same bundles.
+"""Quality of 4-bit experts: int4 ONNX graphs against the float32 one, same bundles.
 
     python bench/int4_quality.py --data ../shared/data/xsum_dev.jsonl --rows 200:300 -o reports/int4_quality
+    python bench/int4_quality.py --data ../shared/data/xsum_dev.jsonl --rows 0:40 --no-full-int4 \
+        --variant level=4 --variant level=0 --variant level=4,head=float --variant level=0,head=float -o dev/
 
 Per XSum row: one export (the default `topk`, density 0.5, warm-up 8, as `griffin-export`
-writes it), then ONNX Runtime decodes that bundle on two lean graphs exported once from the
-first row's bundle, every later bundle swapped in: float32, and `--quantize int4` (its FF
-weights quantized at load, as the runtime does for any swapped bundle). The full model
-(float32 and int4 graphs) gives the reference output. Per setting: ROUGE-L against the
-gold summary, ROUGE-L agreement with the float32 full model's output, and the gold summary's
-mean log-likelihood per token (teacher-forced after a full-model prefill of the prompt,
-pruned decode steps, as `griffin-export eval` scores it). Each row is appended to
-OUT/rows.jsonl (resumable); OUT/summary.json and OUT/summary.md hold the means with 95 %
-bootstrap intervals and the paired differences int4 - float32.
+writes it), then ONNX Runtime decodes that bundle on lean graphs exported once from the
+first row's bundle, every later bundle swapped in: float32, and one `--quantize int4` graph
+per --variant (its FF weights quantized at load, as the runtime does for any swapped bundle;
+a variant is `level=L,block=B,head=int4|float`, unset keys from --accuracy-level,
+--block-size and int4). The full model (float32, and int4 with the first variant unless
+--no-full-int4) gives the reference output. Per setting: ROUGE-L against the gold summary,
+ROUGE-L agreement with the float32 full model's output, and the gold summary's mean
+log-likelihood per token (teacher-forced after a full-model prefill of the prompt, pruned
+decode steps, as `griffin-export eval` scores it). Each row is appended to OUT/rows.jsonl
+(resumable with the same arguments); OUT/summary.json and OUT/summary.md hold the means with
+95 % bootstrap intervals and the paired differences of each int4 setting - pruned float32.
 """
 
 from __future__ import annotations
@@ -37,7 +41,20 @@ from griffin_export.onnx_export import export_onnx
 from griffin_export.onnx_quant import QuantSettings
 from griffin_export.runtime.onnx import OnnxRuntime
 
-SETTINGS = ("full fp32", "full int4", "pruned fp32", "pruned int4")
+
+
+def parse_variant(text: str, block_size: int, level: int) -> QuantSettings:
+    """'level=0,block=32,head=float' -> QuantSettings (unset keys from the defaults given)."""
+    keys = dict(item.split("=", 1) for item in text.split(",") if item)
+    unknown = set(keys) - {"level", "block", "head"}
+    if unknown or keys.get("head", "int4") not in ("int4", "float"):
+        raise SystemExit(f"bad --variant {text!r}: keys level=, block=, head=int4|float")
+    return QuantSettings(block_size=int(keys.get("block", block_size)), accuracy_level=int(keys.get("level", level)),
+                         lm_head=keys.get("head", "int4") == "int4")
+
+
+def variant_name(q: QuantSettings) -> str:
+    return f"int4 L{q.accuracy_level} b{q.block_size}" + ("" if q.lm_head else " float head")
 
 
 def gold_ll(rt: OnnxRuntime, ids: torch.Tensor, cont) -> float:
@@ -60,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--block-size", type=int, default=QuantSettings().block_size)
     ap.add_argument("--accuracy-level", type=int, default=QuantSettings().accuracy_level)
+    ap.add_argument("--variant", action="append", default=None,
+                    help="an int4 setting, level=L,block=B,head=int4|float (repeatable) [default: the defaults]")
+    ap.add_argument("--no-full-int4", action="store_true", help="skip the full model's int4 graph")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args(argv)
     start, stop = (int(x) for x in a.rows.split(":"))
@@ -70,12 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     done = {json.loads(line)["row"] for line in rows_path.open()} if rows_path.exists() else set()
     rows = read_rows(EvalSettings(data=a.data, rows=(start, stop), methods=("full",)))
     lm = load_model(None, quiet=True)
-    quant = QuantSettings(block_size=a.block_size, accuracy_level=a.accuracy_level)
+    variants = [parse_variant(v, a.block_size, a.accuracy_level) for v in (a.variant or [""])]
     export = ExportSettings(density=a.density, method=a.method, warmup=a.warmup)
     tmp = Path(tempfile.mkdtemp(prefix="int4-quality."))
     first = export_ids(lm, tokenize(lm, rows[0].prompt), export)
-    graphs = {"full fp32": export_onnx(lm, tmp / "full", None), "full int4": export_onnx(lm, tmp / "full4", None, quantize=quant),
-              "pruned fp32": export_onnx(lm, tmp / "p", first), "pruned int4": export_onnx(lm, tmp / "p4", first, quantize=quant)}
+    graphs = {"full fp32": export_onnx(lm, tmp / "full", None)}
+    if not a.no_full_int4:
+        graphs[f"full {variant_name(variants[0])}"] = export_onnx(lm, tmp / "full4", None, quantize=variants[0])
+    graphs["pruned fp32"] = export_onnx(lm, tmp / "p", first)
+    for i, q in enumerate(variants):
+        graphs[f"pruned {variant_name(q)}"] = export_onnx(lm, tmp / f"p4-{i}", first, quantize=q)
     full_graph = graphs["full fp32"]
     with rows_path.open("a") as f:
         for row in tqdm([r for r in rows if r.index not in done], desc="int4 quality", unit="prompt"):
@@ -86,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             opts = DecodeOptions(max_new_tokens=row.max_tokens, stop=row.stop)
             rec = {"row": row.index, "prompt_tokens": ids.shape[1], "results": {}}
             full_text = None
-            for name in SETTINGS:
+            for name in graphs:
                 pruned = name.startswith("pruned")
                 rt = OnnxRuntime(graphs[name], bundle if pruned else None, full=full_graph, provider="cpu",
                                  threads=a.threads, pruned_prefill=not pruned)
@@ -106,21 +130,23 @@ def summarize(out: Path, a) -> None:
     recs = [json.loads(line) for line in (out / "rows.jsonl").open()]
     col = lambda name, key: [r["results"][name][key] for r in recs]  # noqa: E731
     summary = {"rows": len(recs), "args": vars(a), "settings": {}}
+    names = list(recs[0]["results"])
     lines = [f"{len(recs)} XSum rows ({a.rows}), {a.method} density {a.density:g}, warm-up {a.warmup}; "
-             f"int4 block {a.block_size}, accuracy_level {a.accuracy_level}; 95 % bootstrap intervals", "",
+             "int4 Ln bB: accuracy_level n, block B; 95 % bootstrap intervals", "",
              "| setting | ROUGE-L | vs full fp32 ROUGE-L | agreement with full fp32 (ROUGE-L) | gold log-lik / token |",
              "|---|---|---|---|---|"]
     fmt = lambda i: f"{i.mean:.3f} [{i.low:.3f}, {i.high:.3f}]"  # noqa: E731
-    for name in SETTINGS:
+    for name in names:
         s = {"rougeL": mean_ci(col(name, "rougeL")), "ratio": ratio_ci(col(name, "rougeL"), col("full fp32", "rougeL")),
              "agree": mean_ci(col(name, "agree_rougeL")), "gold_ll": mean_ci(col(name, "gold_ll"))}
         summary["settings"][name] = {k: v.as_dict() for k, v in s.items()}
         lines.append(f"| {name} | {fmt(s['rougeL'])} | {fmt(s['ratio'])} | {fmt(s['agree'])} | {fmt(s['gold_ll'])} |")
-    lines += ["", "paired difference, pruned int4 - pruned fp32:"]
-    for key in ("rougeL", "agree_rougeL", "gold_ll"):
-        d = diff_ci(col("pruned int4", key), col("pruned fp32", key))
-        summary[f"diff_{key}"] = d.as_dict()
-        lines.append(f"- {key}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+    for name in (n for n in names if n.startswith("pruned int4")):
+        lines += ["", f"paired difference, {name} - pruned fp32:"]
+        for key in ("rougeL", "agree_rougeL", "gold_ll"):
+            d = diff_ci(col(name, key), col("pruned fp32", key))
+            summary.setdefault("diffs", {}).setdefault(name, {})[key] = d.as_dict()
+            lines.append(f"- {key}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

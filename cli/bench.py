@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .options import dtype_option, model_options, precheck, require_extra
+from griffin_export.choices import GGUF_QUANT, GGUF_QUANTS
+
+from .options import dtype_option, int4_options, int4_settings, model_options, precheck, require_extra
 
 
 @click.command("bench")
@@ -20,14 +22,19 @@ from .options import dtype_option, model_options, precheck, require_extra
 @click.option("--threads", default=None, type=int, help="torch (and ONNX Runtime) threads [default: their choice]")
 @click.option("--runtime", default="torch", show_default=True,
               help="comma-separated runtimes: torch (transformers' forward per step), torch-lean (the lean step), "
-                   "onnx (the traced graph), onnx-lean (the lean graph), genai (onnxruntime-genai's runtime: its own "
-                   "builder's full model and our lean graphs); ONNX rows export a graph per config")
+                   "onnx (the traced graph), onnx-lean (the lean graph), onnx-int4 / onnx-lean-int4 (those graphs "
+                   "with 4-bit MatMuls), genai (onnxruntime-genai's runtime: its own builder's full model and our "
+                   "lean graphs), llama.cpp (the base GGUF and each bundle's pruned GGUF, --gguf-quant; the [llama] "
+                   "extra); ONNX rows export a graph per config")
 @click.option("--onnx-provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="ONNX Runtime provider for the onnx rows (auto: CUDA when a GPU answers)")
+@int4_options("-int4 rows")
+@click.option("--gguf-quant", type=click.Choice(GGUF_QUANTS), default=GGUF_QUANT, show_default=True,
+              help="llama.cpp rows: the GGUF file type of the base and the pruned files")
 @click.option("-o", "--output", default=None, metavar="DIR", help="also write DIR/bench.json and DIR/bench.md")
 @click.option("--force", is_flag=True, help="overwrite an existing DIR/bench.json / bench.md")
 def command(model, gguf_file, device, dtype, density, method, data, row, new_tokens, repeats, threads, runtime, onnx_provider,
-            output, force):
+            block_size, accuracy_level, float_lm_head, gguf_quant, output, force):
     """Decode speed of the full model vs bundles, side by side in one process.
 
     Prints decode tokens/s for the full model and each density, their ratio, the
@@ -45,13 +52,15 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
       griffin-export bench --runtime torch,onnx -o bench_out/
       griffin-export bench --runtime torch,torch-lean,onnx,onnx-lean,genai --density 0.5 --repeats 15
       griffin-export bench --runtime torch,onnx --device cuda --dtype float16 --onnx-provider cuda
+      griffin-export bench --runtime onnx-lean,onnx-lean-int4,llama.cpp --density 0.5 --threads 2 --repeats 9
     """
     from griffin_export.bench import BenchSettings, check_results_dir, format_table, run_bench, write_results
     from griffin_export.evaluation.settings import parse_densities, parse_list
 
     settings = BenchSettings(densities=parse_densities(density), methods=parse_list(method, "methods"), data=data,
                              row=row, new_tokens=new_tokens, repeats=repeats, threads=threads,
-                             runtimes=parse_list(runtime, "runtimes"), onnx_provider=onnx_provider)
+                             runtimes=parse_list(runtime, "runtimes"), onnx_provider=onnx_provider,
+                             quantize=int4_settings(block_size, accuracy_level, float_lm_head), gguf_quant=gguf_quant)
     if output is not None:  # refuse an existing result before the long run
         check_results_dir(output, force)
     if any(r.startswith("onnx") or r == "genai" for r in settings.runtimes):

@@ -4,9 +4,10 @@ import time
 
 import click
 
-from griffin_export.choices import LAYOUTS, QUANT_ACCURACY_LEVEL, QUANT_BLOCK_SIZE, QUANT_SCHEMES
+from griffin_export.choices import LAYOUTS, QUANT_SCHEMES
 
-from .options import DTYPES, human_bytes, k_summary, model_options, require_extra, status
+from .options import (DTYPES, human_bytes, int4_changed, int4_options, int4_settings, k_summary, model_options,
+                      require_extra, status)
 
 
 @click.command("onnx")
@@ -23,11 +24,7 @@ from .options import DTYPES, human_bytes, k_summary, model_options, require_extr
               help="lean graph: KV buffer positions, prompt + generated tokens [default: min(context, 4096)]")
 @click.option("--quantize", type=click.Choice(QUANT_SCHEMES), default=None,
               help="block-wise 4-bit MatMul weights (ONNX Runtime's MatMulNBits quantizer); embedding and norms stay float")
-@click.option("--block-size", type=click.IntRange(min=16), default=QUANT_BLOCK_SIZE, show_default=True,
-              help="--quantize: weights per 4-bit block (a power of 2)")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=QUANT_ACCURACY_LEVEL, show_default=True,
-              help="--quantize: MatMulNBits compute type (4 = int8 activations, the fast CPU path; 0 = float32)")
-@click.option("--float-lm-head", is_flag=True, help="--quantize: keep the lm_head float")
+@int4_options("--quantize")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
 def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_length, quantize, block_size,
@@ -61,10 +58,8 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
     require_extra("onnx")
     settings = None
     if quantize:
-        from griffin_export.onnx_quant import QuantSettings
-
-        settings = QuantSettings(quantize, block_size, accuracy_level, lm_head=not float_lm_head)
-    elif (block_size, accuracy_level, float_lm_head) != (QUANT_BLOCK_SIZE, QUANT_ACCURACY_LEVEL, False):
+        settings = int4_settings(block_size, accuracy_level, float_lm_head)
+    elif int4_changed(block_size, accuracy_level, float_lm_head):
         raise GriffinError("--block-size, --accuracy-level and --float-lm-head go with --quantize int4")
     t0 = time.perf_counter()
     check_output_dir(output, force, MODEL_FILE)  # fail before loading anything

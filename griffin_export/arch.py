@@ -32,6 +32,7 @@ class FFSpec:
     d_ff_attr: str = "intermediate_size"
     context_attr: str = "max_position_embeddings"  # the config key of the context length
     lean: bool = False  # the lean ONNX decoder (onnx_lean.py) covers it; others export the traced graph
+    llama_cpp: bool = True  # llama.cpp runs it (checkpoint --gguf); it has no OPT
 
 
 _GATED = FFSpec("model.layers", "mlp", ("gate_proj", "up_proj"), "down_proj")
@@ -46,7 +47,7 @@ ARCHITECTURES: dict[str, FFSpec] = {
     "gemma2": _GATED,
     "gemma3_text": _GATED,  # Gemma 3: sliding and global layers alternate, q/k norms; the same FF layout
     "phi3": FFSpec("model.layers", "mlp", ("gate_up_proj",), "down_proj", fused=2),
-    "opt": FFSpec("model.decoder.layers", "", ("fc1",), "fc2", d_ff_attr="ffn_dim"),
+    "opt": FFSpec("model.decoder.layers", "", ("fc1",), "fc2", d_ff_attr="ffn_dim", llama_cpp=False),
 }
 
 

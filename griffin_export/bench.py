@@ -17,11 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .bundle import write_bundle
+from .choices import GGUF_QUANT
 from .errors import GriffinError
+from .onnx_quant import QuantSettings
 from .select import check_density, check_method
 from .export import ExportSettings, export_ids, tokenize
 from .prompts import check_context
@@ -32,9 +35,14 @@ from .runtime.pytorch import TorchRuntime
 
 DEFAULT_DATA = Path("shared") / "data" / "xsum_dev.jsonl"
 # torch: transformers' forward per step; torch-lean: runtime/lean.py's step; onnx: the traced graph;
-# onnx-lean: the lean graph (onnx_lean.py); genai: onnxruntime-genai's runtime, its "full" row on its
-# own builder's graph of the same weights, the others on our lean graphs
-RUNTIMES = ("torch", "torch-lean", "onnx", "onnx-lean", "genai")
+# onnx-lean: the lean graph (onnx_lean.py); -int4: the same graph with 4-bit MatMuls (onnx_quant.py);
+# genai: onnxruntime-genai's runtime, its "full" row on its own builder's graph of the same weights,
+# the others on our lean graphs; llama.cpp: the base GGUF and the pruned GGUF (gguf_export.py) at
+# the same file type, through llama-cpp-python
+RUNTIMES = ("torch", "torch-lean", "onnx", "onnx-lean", "onnx-int4", "onnx-lean-int4", "genai", "llama.cpp")
+# ONNX runtime rows: (runtime, graph, quantized)
+_ONNX_ROWS = (("onnx", "traced", False), ("onnx-lean", "lean", False), ("onnx-int4", "traced", True),
+              ("onnx-lean-int4", "lean", True))
 
 
 @dataclass
@@ -48,6 +56,8 @@ class BenchSettings:
     threads: int | None = None
     runtimes: list[str] = field(default_factory=lambda: ["torch"])  # torch and/or onnx (ONNX Runtime)
     onnx_provider: str = "cpu"  # ONNX Runtime provider: cpu, cuda or auto (runtime/onnx.choose_provider)
+    quantize: QuantSettings = field(default_factory=QuantSettings)  # the -int4 rows' quantization
+    gguf_quant: str = GGUF_QUANT  # the llama.cpp rows' file type, base and pruned alike
     time_export: bool = True  # also time export vs a plain prefill (writes the bundle each repeat)
 
     def __post_init__(self) -> None:
@@ -59,6 +69,11 @@ class BenchSettings:
 
             if importlib.util.find_spec("onnxruntime_genai") is None:
                 raise GriffinError("--runtime genai needs onnxruntime-genai: pip install --no-deps onnxruntime-genai")
+        if "llama.cpp" in self.runtimes:
+            from .gguf_export import check_quant, require_llama_cpp
+
+            check_quant(self.gguf_quant)
+            require_llama_cpp()
         if not self.methods or not self.densities:
             raise GriffinError("bench needs at least one selection method and one density")
         for m in self.methods:
@@ -197,18 +212,71 @@ def _graph_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.iterdir() if f.name.startswith("model.onnx"))
 
 
-def _onnx_config(lm: LoadedModel, directory: Path, bundle, threads: int | None, provider: str, graph: str):
+def _onnx_config(lm: LoadedModel, directory: Path, bundle, threads: int | None, provider: str, graph: str,
+                 quantize: QuantSettings | None = None):
     """Export a graph (the full model's when bundle is None) and open it with ONNX Runtime."""
     from .onnx_export import export_onnx
     from .runtime.onnx import OnnxRuntime
 
-    export_onnx(lm, directory, bundle, graph=graph)
+    export_onnx(lm, directory, bundle, graph=graph, quantize=quantize)
     # on a GPU the lean graph's decode step is a captured CUDA graph (its buffers are fixed);
     # the full model's graph prefills through its own session (pruned_prefill: no second session)
     cuda_graph = graph == "lean" and provider == "cuda"
     rt = OnnxRuntime(directory, None, provider=provider, threads=threads, cuda_graph=cuda_graph,
                      pruned_prefill=bundle is None)
     return rt, _graph_bytes(directory)
+
+
+class _LlamaCpp:
+    """A GGUF in llama.cpp (llama-cpp-python), the prompt evaluated once and its state saved, so
+    each timed run decodes from the same KV as the other runtimes' rows."""
+
+    def __init__(self, path: Path, prompt: list[int], threads: int | None, room: int, log: Path):
+        from llama_cpp import Llama
+
+        from .gguf_export import stderr_to
+
+        n = threads or os.cpu_count() or 1
+        try:
+            with stderr_to(log):  # llama.cpp logs its load from C
+                self.llm = Llama(str(path), n_ctx=room, n_threads=n, n_threads_batch=n, verbose=False)
+        except ValueError as e:  # llama-cpp-python's word for a file llama.cpp refused
+            lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+            raise GriffinError(f"llama.cpp could not load {path.name}: {lines[-1] if lines else e}") from None
+        self.llm.eval(prompt)
+        self.state = self.llm.save_state()
+        self.n_vocab = self.llm.n_vocab()
+
+    def _next(self) -> int:
+        # the last position's logits from the context (without logits_all, Llama.eval leaves
+        # its `scores` at zero)
+        import llama_cpp
+
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm.ctx), shape=(self.n_vocab,))))
+
+    def decode_seconds(self, n: int) -> float:
+        self.llm.load_state(self.state)
+        tok = self._next()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.llm.eval([tok])
+            tok = self._next()
+        return time.perf_counter() - t0
+
+
+def _llama_cpp_file(lm: LoadedModel, directory: Path, bundle, quant: str, threads: int | None) -> Path:
+    """The GGUF llama.cpp runs for a config: the base GGUF itself when it already has the file type
+    (what a user runs), else the base requantized by llama.cpp; a bundle's pruned GGUF."""
+    from .gguf_export import base_gguf, file_type, llama_quantize, write_pruned_gguf
+
+    base = base_gguf(lm.identity, None, None)
+    path = directory.with_suffix(".gguf")
+    if bundle is not None:
+        return write_pruned_gguf(bundle, base, path, quant, threads=threads)
+    if file_type(base) == quant:
+        return base
+    llama_quantize(base, path, quant, threads)
+    return path
 
 
 def _genai_model(directory: Path, threads: int | None):
@@ -303,19 +371,25 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
                 configs[("torch", name)] = (torch_fn(model), k, bundle_bytes, read, None)
             if "torch-lean" in s.runtimes:
                 configs[("torch-lean", name)] = (lean_fn(lean_decoder(model)), k, bundle_bytes, read, None)
-            for runtime, graph in (("onnx", "traced"), ("onnx-lean", "lean")):
-                if runtime in s.runtimes or (runtime == "onnx-lean" and "genai" in s.runtimes):
+            for runtime, graph, quantized in _ONNX_ROWS:
+                genai = runtime == "onnx-lean" and "genai" in s.runtimes
+                if runtime in s.runtimes or genai:
                     directory = Path(tmp) / f"{runtime}-{name}"
-                    ort_rt, size = _onnx_config(lm, directory, bundle, s.threads, s.onnx_provider, graph)
+                    ort_rt, size = _onnx_config(lm, directory, bundle, s.threads, s.onnx_provider, graph,
+                                                s.quantize if quantized else None)
                     onnx_provider = ort_rt.provider
                     if runtime in s.runtimes:
                         configs[(runtime, name)] = (onnx_fn(ort_rt), k, bundle_bytes, read, size)
                         if bundle is None and s.time_export:  # the full graph's prefill of the prompt
                             prefill_times[(runtime, name)] = _median_time(lambda: ort_rt.prefill(ids),
                                                                           max(1, s.repeats // 2))
-                    if runtime == "onnx-lean" and "genai" in s.runtimes:
+                    if genai:
                         key = ("genai", name if name != "full" else "lean full")
                         configs[key] = (genai_fn(_genai_model(directory, s.threads)), k, bundle_bytes, read, size)
+            if "llama.cpp" in s.runtimes:
+                path = _llama_cpp_file(lm, Path(tmp) / f"llama.cpp-{name}", bundle, s.gguf_quant, s.threads)
+                llm = _LlamaCpp(path, prompt, s.threads, lean_room, Path(tmp) / "llama.cpp.log")
+                configs[("llama.cpp", name)] = (llm.decode_seconds, k, bundle_bytes, read, path.stat().st_size)
 
         onnx_provider = None
         prefill_times: dict[tuple[str, str], float] = {}
@@ -359,15 +433,21 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         ks = k or [lm.d_ff]
         row = {"runtime": runtime, "config": name, "k": round(sum(ks) / len(ks)), "decode_tok_s": tps,
                "speedup": tps / full_tps, "bound": full_read / read,
-               "bound_with_kv": (full_read + kv_read) / (read + kv_read), "bundle_bytes": size,
-               "weight_bytes": read * lm.dtype.itemsize, "vs": ref,
+               "bound_with_kv": (full_read + kv_read) / (read + kv_read), "bundle_bytes": size, "vs": ref,
                "speedup_quartiles": [_quantile(per_repeat, 0.25), _quantile(per_repeat, 0.75)]}
+        if not (runtime.endswith("-int4") or runtime == "llama.cpp"):  # 4-bit rows: see graph_bytes
+            row["weight_bytes"] = read * lm.dtype.itemsize
         if len(set(ks)) > 1:  # per-layer widths (e.g. topk_refit_edges): "k" is their mean
             row["k_per_layer"] = ks
         if graph_bytes is not None:
             row["graph_bytes"] = graph_bytes
         if (runtime, name) in prefill_times:
             row["prefill_s"] = prefill_times[(runtime, name)]
+        if ("llama.cpp", "full") in times:  # the tool users pick instead: llama.cpp on the full GGUF
+            lcpp = times[("llama.cpp", "full")]
+            row["vs_llama_cpp"] = statistics.median(lcpp) / statistics.median(times[(runtime, name)])
+            row["vs_llama_cpp_quartiles"] = [_quantile(sorted(a / b for a, b in zip(lcpp, times[(runtime, name)])), q)
+                                             for q in (0.25, 0.75)]
         rows.append(row)
     rows.sort(key=lambda row: RUNTIMES.index(row["runtime"]))  # grouped by runtime, full model first
     onnx_info = {}
@@ -386,9 +466,23 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         "prefill_s": prefill_s, "export_s": export_s,
         "export_over_prefill": export_s / prefill_s if s.time_export else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "runtimes": list(s.runtimes), **onnx_info,
+        "runtimes": list(s.runtimes), **onnx_info, **_quant_info(s),
         "rows": rows,
     }
+
+
+def _quant_info(s: BenchSettings) -> dict:
+    """What the 4-bit rows ran: the int4 settings, llama.cpp's file type and version."""
+    info = {}
+    if any(r.endswith("-int4") for r in s.runtimes):
+        from .onnx_quant import describe
+
+        info["int4"] = describe(s.quantize)
+    if "llama.cpp" in s.runtimes:
+        import llama_cpp
+
+        info.update(gguf_quant=s.gguf_quant, llama_cpp_python=llama_cpp.__version__)
+    return info
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -410,15 +504,25 @@ def format_table(r: dict) -> str:
         genai = f"; onnxruntime-genai {r['onnxruntime_genai']}" if "onnxruntime_genai" in r else ""
         lines[-1:-1] = [f"onnx rows: ONNX Runtime {r['onnxruntime']}, {r['onnx_provider']}{genai}; "
                         "'vs full' compares with the same runtime's full model"]
+    if "int4" in r:
+        lines[-1:-1] = [f"-int4 rows: MatMulNBits int4, {r['int4']}"]
+    if "gguf_quant" in r:
+        lines[-1:-1] = [f"llama.cpp rows: {r['gguf_quant']} GGUF files (llama-cpp-python {r['llama_cpp_python']}); "
+                        "'vs llama.cpp' compares with llama.cpp on the full model's GGUF"]
+    lcpp = any("vs_llama_cpp" in row for row in r["rows"])
     lines += [
-        "| runtime | config | k / layer | decode tok/s | vs full | (quartiles of repeats) | bytes-read bound "
-        "| bound with KV | bundle size |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| runtime | config | k / layer | decode tok/s | vs full | (quartiles of repeats) | "
+        + ("vs llama.cpp | (quartiles) | " if lcpp else "") + "bytes-read bound | bound with KV | bundle size |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if lcpp else ""),
     ]
     for row in r["rows"]:
         kv = f"{row['bound_with_kv']:.2f}×" if "bound_with_kv" in row else "—"
+        vs = ""
+        if lcpp:
+            q = row["vs_llama_cpp_quartiles"]
+            vs = f"{row['vs_llama_cpp']:.2f}× | {q[0]:.2f}–{q[1]:.2f} | "
         lines.append(f"| {row.get('runtime', 'torch')} | {config_label(row['config'])} | {k_text(row)} | "
-                     f"{row['decode_tok_s']:.1f} | {row['speedup']:.2f}× | {_quartiles(row)} | {row['bound']:.2f}× | "
+                     f"{row['decode_tok_s']:.1f} | {row['speedup']:.2f}× | {_quartiles(row)} | {vs}{row['bound']:.2f}× | "
                      f"{kv} | {_size(row)} |")
     lines.append("")
     if r["export_s"] is not None:

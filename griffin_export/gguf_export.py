@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .arch import spec_for
 from .bundle import Bundle
 from .choices import GGUF_QUANTS
 from .errors import GriffinError
@@ -39,6 +40,13 @@ def require_llama_cpp():
         raise GriffinError("quantizing a GGUF needs llama-cpp-python: pip install -e \".[llama]\" "
                            "(or --quant F32, written without it)") from None
     return llama_cpp
+
+
+def check_architecture(architecture: str) -> None:
+    """Refuse, before any work, a bundle whose architecture llama.cpp does not run."""
+    if not spec_for(architecture).llama_cpp:
+        raise GriffinError(f"llama.cpp does not run {architecture!r} models, so there is no GGUF to write; "
+                           "write a Hugging Face checkpoint (without --gguf) or an ONNX graph instead")
 
 
 def check_quant(quant: str) -> str:
@@ -127,7 +135,7 @@ def pruned_gguf_f32(bundle: Bundle, base: Path, out: Path, *, source: str = "bun
 
 
 @contextlib.contextmanager
-def _stderr_to(path: Path) -> Iterator[None]:
+def stderr_to(path: Path) -> Iterator[None]:
     """llama.cpp logs from C to file descriptor 2; keep that out of the terminal."""
     saved = os.dup(2)
     with open(path, "wb") as f:
@@ -139,15 +147,28 @@ def _stderr_to(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
+def file_type(path: Path) -> str | None:
+    """A GGUF's general.file_type as a --quant name (Q4_1, F32, ...), None if unset or another."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    if field is None:
+        return None
+    name = gguf.LlamaFileType(int(field.contents())).name  # MOSTLY_Q4_1, ALL_F32
+    return name.split("_", 1)[1] if name.split("_", 1)[1] in GGUF_QUANTS else None
+
+
 def llama_quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
-    """llama.cpp's own quantizer, as its llama-quantize tool runs it."""
+    """llama.cpp's own quantizer, as its llama-quantize tool runs it (a quantized `src` is
+    dequantized first, as llama-quantize --allow-requantize does)."""
     llama_cpp = require_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_ALL_F32" if quant == "F32" else f"LLAMA_FTYPE_MOSTLY_{quant}")
     params.nthread = threads or 0
+    params.allow_requantize = True
     log = dst.with_name(dst.name + ".log")
     try:
-        with _stderr_to(log):
+        with stderr_to(log):
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
         if rc != 0:
             lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
@@ -172,6 +193,7 @@ def write_pruned_gguf(bundle: Bundle, base: Path, output: str | os.PathLike, qua
                       force: bool = False, threads: int | None = None, source: str = "bundle",
                       progress: bool = False) -> Path:
     """The pruned GGUF at `output` (atomically: nothing is left behind on failure)."""
+    check_architecture(bundle.info.architecture)
     check_quant(quant)
     output = check_output_path(output, force)
     if quant != "F32":

@@ -105,6 +105,7 @@ def test_pruned_gguf_round_trips_through_the_gguf_reader(real_lm, tmp_path):
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed ([llama])")
 def test_llama_cpp_runs_a_pruned_gguf_like_the_pruned_torch_model(real_lm, tmp_path):
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -117,9 +118,71 @@ def test_llama_cpp_runs_a_pruned_gguf_like_the_pruned_torch_model(real_lm, tmp_p
     out = write_pruned_gguf(b, base_gguf(None, None, b.info), tmp_path / "p.gguf", "F16")
     llm = Llama(str(out), n_ctx=128, n_threads=2, verbose=False)
     llm.eval(ids[0].tolist())
-    got = torch.from_numpy(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy())
+    got = torch.from_numpy(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),)).copy())
     with installed(real_lm, b.weights):
         _, want = prefill(real_lm.model, ids)
     # F16 weights and llama.cpp's kernels: same argmax, logits within 0.1 of a ~20 scale
     assert int(got.argmax()) == int(want.argmax())
     assert (got - want.float()).abs().max() < 0.1 * want.abs().max()
+
+
+def test_bench_times_int4_rows_beside_the_float_ones():
+    from griffin_export.bench import BenchSettings, format_table, run_bench
+
+    runtimes = ["onnx-lean", "onnx-int4", "onnx-lean-int4"]
+    r = run_bench(lm=tiny_model("llama", lean=True), ids=prompt_ids(40), prompt_source="random tokens",
+                  settings=BenchSettings(densities=[0.5], new_tokens=4, repeats=1, runtimes=runtimes,
+                                         time_export=False, quantize=Q))
+    assert {(row["runtime"], row["config"]) for row in r["rows"]} == {(x, c) for x in runtimes for c in ("full", "0.5")}
+    int4 = {row["config"]: row for row in r["rows"] if row["runtime"] == "onnx-lean-int4"}
+    lean = {row["config"]: row for row in r["rows"] if row["runtime"] == "onnx-lean"}
+    assert int4["0.5"]["vs"] == "full" and "weight_bytes" not in int4["0.5"] and "weight_bytes" in lean["0.5"]
+    assert int4["full"]["graph_bytes"] < lean["full"]["graph_bytes"]  # 4-bit weights are smaller
+    assert "block 16" in r["int4"] and "-int4 rows: MatMulNBits int4, block 16" in format_table(r)
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed ([llama])")
+def test_bench_times_llama_cpp_on_the_base_and_the_pruned_gguf(real_lm):
+    from griffin_export.bench import BenchSettings, format_table, run_bench
+
+    r = run_bench(lm=real_lm, ids=prompt_ids(40, seed=2) + 10, prompt_source="random tokens",
+                  settings=BenchSettings(densities=[0.5], new_tokens=4, repeats=1, runtimes=["llama.cpp"],
+                                         time_export=False))
+    rows = {row["config"]: row for row in r["rows"]}
+    assert set(rows) == {"full", "0.5"} and r["gguf_quant"] == "Q4_1"
+    assert rows["full"]["vs_llama_cpp"] == 1.0 and rows["0.5"]["vs_llama_cpp"] == pytest.approx(rows["0.5"]["speedup"])
+    assert rows["0.5"]["graph_bytes"] < rows["full"]["graph_bytes"]  # the pruned GGUF is smaller
+    assert "| llama.cpp | density 0.5 | 768 |" in format_table(r) and "vs llama.cpp" in format_table(r)
+
+
+def test_4bit_bad_inputs_are_one_line_errors_and_leave_nothing(tmp_path, tiny_dir, capsys):
+    from clirun import run
+
+    def one_line(argv, *parts):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert all(p in err for p in parts), err
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("the cat sat on the mat and then the dog ran to the cat", encoding="utf-8")
+    bundles = {}
+    for name, arch, density in (("b", "llama", "0.5"), ("quarter", "llama", "0.25"), ("opt", "opt", "0.5")):
+        bundles[name] = tmp_path / f"{name}.safetensors"
+        assert run([prompt, "-o", bundles[name], "--model", tiny_dir(arch), "--density", density, "-q"], capsys)[0] == 0
+    model = ["--model", tiny_dir("llama")]
+    q = tmp_path / "q"
+    assert run(["onnx", bundles["b"], "-o", q, *model, "--quantize", "int4", "--block-size", "16", "-q"], capsys)[0] == 0
+    before = {p.name for p in tmp_path.iterdir()}
+    one_line(["checkpoint", bundles["opt"], "--gguf", "-o", tmp_path / "x.gguf"], "llama.cpp does not run 'opt'")
+    one_line(["checkpoint", bundles["b"], "--gguf", "-o", tmp_path / "x.gguf", "--quant", "Q9"], "Q9")
+    one_line(["checkpoint", bundles["b"], "--gguf", "-o", prompt], "exists", "--force")
+    one_line(["checkpoint", bundles["b"], "-o", tmp_path / "d", "--quant", "Q4_1"], "go with --gguf")
+    one_line(["onnx", bundles["b"], "-o", q, *model, "--quantize", "int4"], "exists")
+    one_line(["onnx", bundles["b"], "-o", tmp_path / "g", *model, "--quantize", "int3"], "int3")
+    one_line(["onnx", bundles["b"], "-o", tmp_path / "g", *model, "--block-size", "16"], "go with --quantize")
+    one_line(["onnx", bundles["b"], "-o", tmp_path / "g", *model, "--quantize", "int4", "--block-size", "24"],
+             "power of 2")
+    one_line(["generate", bundles["quarter"], "--runtime", "onnx", "--onnx", q], "k=")
+    one_line(["bench", *model, "--runtime", "onnx-lean-int4", "--accuracy-level", "7"], "accuracy-level")
+    assert {p.name for p in tmp_path.iterdir()} == before and prompt.read_text().startswith("the cat")
