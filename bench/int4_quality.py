@@ -8,7 +8,7 @@ Per XSum row: one export (the default `topk`, density 0.5, warm-up 8, as `griffi
 writes it), then ONNX Runtime decodes that bundle on lean graphs exported once from the
 first row's bundle, every later bundle swapped in: float32, and one `--quantize int4` graph
 per --variant (its FF weights quantized at load, as the runtime does for any swapped bundle;
-a variant is `level=L,block=B,head=int4|float`, unset keys from --accuracy-level,
+a variant is `algorithm=rtn|hqq,level=L,block=B,head=int4|float`, unset keys from --accuracy-level,
 --block-size and int4). The full model (float32, and int4 with the first variant unless
 --no-full-int4) gives the reference output. Per setting: ROUGE-L against the gold summary,
 ROUGE-L agreement with the float32 full model's output, and the gold summary's mean
@@ -38,6 +38,7 @@ from griffin_export.evaluation.settings import EvalSettings
 from griffin_export.export import ExportSettings, export_ids, tokenize
 from griffin_export.models import load_model
 from griffin_export.onnx_export import export_onnx
+from griffin_export.choices import QUANT_ALGORITHM
 from griffin_export.onnx_quant import QuantSettings
 from griffin_export.runtime.onnx import OnnxRuntime
 
@@ -46,15 +47,16 @@ from griffin_export.runtime.onnx import OnnxRuntime
 def parse_variant(text: str, block_size: int, level: int) -> QuantSettings:
     """'level=0,block=32,head=float' -> QuantSettings (unset keys from the defaults given)."""
     keys = dict(item.split("=", 1) for item in text.split(",") if item)
-    unknown = set(keys) - {"level", "block", "head"}
+    unknown = set(keys) - {"level", "block", "head", "algorithm"}
     if unknown or keys.get("head", "int4") not in ("int4", "float"):
-        raise SystemExit(f"bad --variant {text!r}: keys level=, block=, head=int4|float")
+        raise SystemExit(f"bad --variant {text!r}: keys algorithm=rtn|hqq, level=, block=, head=int4|float")
     return QuantSettings(block_size=int(keys.get("block", block_size)), accuracy_level=int(keys.get("level", level)),
-                         lm_head=keys.get("head", "int4") == "int4")
+                         lm_head=keys.get("head", "int4") == "int4", algorithm=keys.get("algorithm", QUANT_ALGORITHM))
 
 
 def variant_name(q: QuantSettings) -> str:
-    return f"int4 L{q.accuracy_level} b{q.block_size}" + ("" if q.lm_head else " float head")
+    return (f"int4 {q.algorithm + ' ' if q.algorithm != 'rtn' else ''}L{q.accuracy_level} b{q.block_size}"
+            + ("" if q.lm_head else " float head"))
 
 
 def gold_ll(rt: OnnxRuntime, ids: torch.Tensor, cont) -> float:

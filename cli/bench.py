@@ -34,7 +34,7 @@ from .options import dtype_option, int4_options, int4_settings, model_options, p
 @click.option("-o", "--output", default=None, metavar="DIR", help="also write DIR/bench.json and DIR/bench.md")
 @click.option("--force", is_flag=True, help="overwrite an existing DIR/bench.json / bench.md")
 def command(model, gguf_file, device, dtype, density, method, data, row, new_tokens, repeats, threads, runtime, onnx_provider,
-            block_size, accuracy_level, float_lm_head, gguf_quant, output, force):
+            algorithm, block_size, accuracy_level, float_lm_head, gguf_quant, output, force):
     """Decode speed of the full model vs bundles, side by side in one process.
 
     Prints decode tokens/s for the full model and each density, their ratio, the
@@ -60,7 +60,7 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
     settings = BenchSettings(densities=parse_densities(density), methods=parse_list(method, "methods"), data=data,
                              row=row, new_tokens=new_tokens, repeats=repeats, threads=threads,
                              runtimes=parse_list(runtime, "runtimes"), onnx_provider=onnx_provider,
-                             quantize=int4_settings(block_size, accuracy_level, float_lm_head), gguf_quant=gguf_quant)
+                             quantize=int4_settings(algorithm, block_size, accuracy_level, float_lm_head), gguf_quant=gguf_quant)
     if output is not None:  # refuse an existing result before the long run
         check_results_dir(output, force)
     if any(r.startswith("onnx") or r == "genai" for r in settings.runtimes):

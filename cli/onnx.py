@@ -27,7 +27,7 @@ from .options import (DTYPES, human_bytes, int4_changed, int4_options, int4_sett
 @int4_options("--quantize")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
-def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_length, quantize, block_size,
+def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_length, quantize, algorithm, block_size,
             accuracy_level, float_lm_head, force, quiet):
     """Export BUNDLE's pruned decoder (or with --full the whole model) as an ONNX graph.
 
@@ -46,6 +46,7 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
       griffin-export onnx --full -o full_onnx/
       griffin-export onnx expert.safetensors -o traced_onnx/ --graph traced
       griffin-export onnx expert.safetensors -o expert_int4/ --quantize int4
+      griffin-export onnx expert.safetensors -o expert_int4q/ --quantize int4 --block-size 16 --float-lm-head
       griffin-export onnx --full -o pruned_ckpt_onnx/ --model ./pruned-checkpoint-dir
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
     """
@@ -58,9 +59,9 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
     require_extra("onnx")
     settings = None
     if quantize:
-        settings = int4_settings(block_size, accuracy_level, float_lm_head)
-    elif int4_changed(block_size, accuracy_level, float_lm_head):
-        raise GriffinError("--block-size, --accuracy-level and --float-lm-head go with --quantize int4")
+        settings = int4_settings(algorithm, block_size, accuracy_level, float_lm_head)
+    elif int4_changed(algorithm, block_size, accuracy_level, float_lm_head):
+        raise GriffinError("--algorithm, --block-size, --accuracy-level and --float-lm-head go with --quantize int4")
     t0 = time.perf_counter()
     check_output_dir(output, force, MODEL_FILE)  # fail before loading anything
     status(f"exporting {'the full model' if full else bundle} to ONNX ...", quiet)
@@ -70,6 +71,6 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
     size = sum((path / f).stat().st_size for f in (MODEL_FILE, DATA_FILE) if (path / f).exists())
     layout = f"lean graph (KV buffer {info.max_length})" if info.layout == "lean" else "graph"
     if info.quantization:
-        layout += f", {info.quantization} (block {info.quant_block_size})"
+        layout += f", {info.quantization} ({info.quant_algorithm}, block {info.quant_block_size})"
     click.echo(f"wrote {path}: {info.kind} {info.architecture} {layout}, {k_summary(info.k, info.d_ff)} × "
                f"{info.num_layers} layers, {info.dtype}, {human_bytes(size)}, {time.perf_counter() - t0:.1f} s")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from griffin_export.choices import CHUNK_SIZE, DENSITY, QUANT_ACCURACY_LEVEL, QUANT_BLOCK_SIZE
+from griffin_export.choices import (CHUNK_SIZE, DENSITY, QUANT_ACCURACY_LEVEL, QUANT_ALGORITHM, QUANT_ALGORITHMS,
+                                   QUANT_BLOCK_SIZE)
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -55,8 +56,8 @@ def offload_from(device_map: str | None, max_memory: str | None, offload_folder:
 
 
 def int4_options(which: str):
-    """--block-size / --accuracy-level / --float-lm-head: how `which` (the --quantize graph, the
-    -int4 bench rows) is quantized; int4_settings turns them into one QuantSettings."""
+    """--algorithm / --block-size / --accuracy-level / --float-lm-head: how `which` (the --quantize
+    graph, the -int4 bench rows) is quantized; int4_settings turns them into one QuantSettings."""
     def decorate(f):
         f = click.option("--float-lm-head", is_flag=True, help=f"{which}: keep the lm_head float")(f)
         f = click.option("--accuracy-level", type=click.IntRange(0, 4), default=QUANT_ACCURACY_LEVEL,
@@ -65,19 +66,23 @@ def int4_options(which: str):
                               "0 = float32)")(f)
         f = click.option("--block-size", type=click.IntRange(min=16), default=QUANT_BLOCK_SIZE, show_default=True,
                          help=f"{which}: weights per 4-bit block (a power of 2)")(f)
+        f = click.option("--algorithm", type=click.Choice(QUANT_ALGORITHMS), default=QUANT_ALGORITHM, show_default=True,
+                         help=f"{which}: ONNX Runtime's 4-bit algorithm (rtn: round to nearest, an integer zero "
+                              "point; hqq: a fitted float zero point per block)")(f)
         return f
     return decorate
 
 
-def int4_settings(block_size: int, accuracy_level: int, float_lm_head: bool):
+def int4_settings(algorithm: str, block_size: int, accuracy_level: int, float_lm_head: bool):
     from griffin_export.onnx_quant import QuantSettings
 
-    return QuantSettings("int4", block_size, accuracy_level, lm_head=not float_lm_head)
+    return QuantSettings("int4", block_size, accuracy_level, lm_head=not float_lm_head, algorithm=algorithm)
 
 
-def int4_changed(block_size: int, accuracy_level: int, float_lm_head: bool) -> bool:
+def int4_changed(algorithm: str, block_size: int, accuracy_level: int, float_lm_head: bool) -> bool:
     """Whether any int4 option differs from its default (refused where nothing is quantized)."""
-    return (block_size, accuracy_level, float_lm_head) != (QUANT_BLOCK_SIZE, QUANT_ACCURACY_LEVEL, False)
+    return (algorithm, block_size, accuracy_level, float_lm_head) != (QUANT_ALGORITHM, QUANT_BLOCK_SIZE,
+                                                                      QUANT_ACCURACY_LEVEL, False)
 
 
 def dtype_option(f):

@@ -264,13 +264,12 @@ class _LlamaCpp:
         return time.perf_counter() - t0
 
 
-def _llama_cpp_file(lm: LoadedModel, directory: Path, bundle, quant: str, threads: int | None) -> Path:
+def _llama_cpp_file(lm: LoadedModel, path: Path, bundle, quant: str, threads: int | None) -> Path:
     """The GGUF llama.cpp runs for a config: the base GGUF itself when it already has the file type
     (what a user runs), else the base requantized by llama.cpp; a bundle's pruned GGUF."""
     from .gguf_export import base_gguf, file_type, llama_quantize, write_pruned_gguf
 
     base = base_gguf(lm.identity, None, None)
-    path = directory.with_suffix(".gguf")
     if bundle is not None:
         return write_pruned_gguf(bundle, base, path, quant, threads=threads)
     if file_type(base) == quant:
@@ -387,7 +386,7 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
                         key = ("genai", name if name != "full" else "lean full")
                         configs[key] = (genai_fn(_genai_model(directory, s.threads)), k, bundle_bytes, read, size)
             if "llama.cpp" in s.runtimes:
-                path = _llama_cpp_file(lm, Path(tmp) / f"llama.cpp-{name}", bundle, s.gguf_quant, s.threads)
+                path = _llama_cpp_file(lm, Path(tmp) / f"llama.cpp-{name}.gguf", bundle, s.gguf_quant, s.threads)
                 llm = _LlamaCpp(path, prompt, s.threads, lean_room, Path(tmp) / "llama.cpp.log")
                 configs[("llama.cpp", name)] = (llm.decode_seconds, k, bundle_bytes, read, path.stat().st_size)
 

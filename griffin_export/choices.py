@@ -42,6 +42,10 @@ LAYOUTS = ("auto", "lean", "traced")  # onnx --graph: auto = lean where the adap
 
 # `griffin-export onnx --quantize` (onnx_quant.py): schemes, and the defaults measured in the README
 QUANT_SCHEMES = ("int4",)
+# how the 4-bit values are chosen, both ONNX Runtime's: rtn = round to nearest (an integer zero point
+# per block), hqq = half-quadratic quantization (a float zero point per block, iteratively fitted)
+QUANT_ALGORITHMS = ("rtn", "hqq")
+QUANT_ALGORITHM = "rtn"
 QUANT_BLOCK_SIZE = 32  # as llama.cpp's Q4_0/Q4_1 blocks
 QUANT_ACCURACY_LEVEL = 4  # MatMulNBits with int8 activations: ONNX Runtime's fast CPU path
 

@@ -75,6 +75,7 @@ class GraphInfo:
     quant_accuracy_level: int = 0
     quant_symmetric: bool = False
     quant_lm_head: bool = False
+    quant_algorithm: str = "rtn"  # graphs written before hqq existed were rtn
     quant_packing: str = ""  # JSON: each quantized weight -> the parameters packed into it
     extra: dict[str, str] = field(default_factory=dict)  # the bundle's extra.* keys
 
@@ -85,7 +86,7 @@ class GraphInfo:
         if not self.quantization:
             return None
         return QuantSettings(self.quantization, self.quant_block_size, self.quant_accuracy_level,
-                             self.quant_symmetric, self.quant_lm_head)
+                             self.quant_symmetric, self.quant_lm_head, self.quant_algorithm)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], source: str) -> "GraphInfo":

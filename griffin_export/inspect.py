@@ -172,6 +172,7 @@ def describe_onnx(path: str | os.PathLike) -> dict:
         quantization = {"scheme": meta["quantization"], "block_size": int(meta.get("quant_block_size", 0)),
                         "accuracy_level": int(meta.get("quant_accuracy_level", 0)),
                         "symmetric": meta.get("quant_symmetric") == "true", "lm_head": meta.get("quant_lm_head") == "true",
+                        "algorithm": meta.get("quant_algorithm", "rtn"),
                         "quantized_weights": len(packing),
                         "quantized_params": sum(len(p.params) for p in packing.values())}
     arch, widths = _ff_widths(shapes, meta.get("architecture"))
@@ -249,7 +250,8 @@ def format_onnx(s: dict) -> str:
     if q:
         from .onnx_quant import QuantSettings, describe
 
-        how = describe(QuantSettings(q["scheme"], q["block_size"], q["accuracy_level"], q["symmetric"], q["lm_head"]))
+        how = describe(QuantSettings(q["scheme"], q["block_size"], q["accuracy_level"], q["symmetric"], q["lm_head"],
+                                     q["algorithm"]))
         lines.append(f"  quantized    {q['scheme']} MatMulNBits: {q['quantized_weights']} weights ({q['quantized_params']} "
                      f"parameters), {how}")
     lines.append("  inputs:")

@@ -245,7 +245,8 @@ def _quantize(directory: Path, info: GraphInfo, settings: QuantSettings, ff_name
 def _quant_fields(settings: QuantSettings, packing) -> dict:
     return dict(quantization=settings.scheme, quant_block_size=settings.block_size,
                 quant_accuracy_level=settings.accuracy_level, quant_symmetric=settings.symmetric,
-                quant_lm_head=settings.lm_head, quant_packing=packing_to_text(packing))
+                quant_lm_head=settings.lm_head, quant_algorithm=settings.algorithm,
+                quant_packing=packing_to_text(packing))
 
 
 def _example_inputs(lm: LoadedModel, info: GraphInfo):

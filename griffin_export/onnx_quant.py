@@ -7,26 +7,33 @@ along the input dimension, a float scale per block, a zero point unless symmetri
 by onnxruntime.quantization's MatMulNBitsQuantizer. The embedding's Gather, norms, biases
 and the rotary tables stay float; the lm_head is quantized unless `lm_head=False`.
 
+Two of ONNX Runtime's algorithms: rtn (round to nearest, an integer zero point per block: the
+kernels' fast CPU path) and hqq (a float zero point per block, fitted). A model that was itself
+4-bit with a float minimum per block (the default model is Q4_1) loses accuracy again under rtn,
+whose integer zero point shifts each block by up to half a step; hqq reproduces such blocks
+almost exactly, but ONNX Runtime's CPU kernel takes float zero points on a slow path (README).
+
 The exported graphs keep their weights as initializers named after the model's parameters
 ([out, in]) behind Transpose/Concat nodes that ONNX Runtime folds at session creation
 (that is what lets a bundle be swapped in by name). The quantizer only takes a constant
 [in, out] operand, so those nodes are folded here first, into one constant per MatMul
 (Gemm with transB, the traced OPT's FF, becomes MatMul + Add). `packing` records which
 parameters each quantized weight holds and in what order, and the runtime quantizes a
-swapped bundle's FF weights the same way at load (`quantize_for_swap`), with the same
-quantizer function, so a bundle swapped into the graph gets exactly the weights an export
-of its own graph would have.
+swapped bundle's FF weights the same way at load (`quantize_for_swap`: the same quantizer
+over a one-MatMul graph per weight), so a bundle swapped into the graph gets exactly the
+weights an export of its own graph would have.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from .choices import QUANT_ACCURACY_LEVEL, QUANT_BLOCK_SIZE, QUANT_SCHEMES
+from .choices import QUANT_ACCURACY_LEVEL, QUANT_ALGORITHM, QUANT_ALGORITHMS, QUANT_BLOCK_SIZE, QUANT_SCHEMES
 from .errors import GriffinError
 
 BITS = 4
@@ -42,6 +49,7 @@ class QuantSettings:
     accuracy_level: int = QUANT_ACCURACY_LEVEL
     symmetric: bool = False  # asymmetric (a zero point per block), like Q4_1
     lm_head: bool = True
+    algorithm: str = QUANT_ALGORITHM
 
     def __post_init__(self) -> None:
         if self.scheme not in QUANT_SCHEMES:
@@ -51,6 +59,10 @@ class QuantSettings:
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise GriffinError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))}; "
                                f"got {self.accuracy_level}")
+        if self.algorithm not in QUANT_ALGORITHMS:
+            raise GriffinError(f"unknown --algorithm {self.algorithm!r}; choose {', '.join(QUANT_ALGORITHMS)}")
+        if self.algorithm == "hqq" and self.symmetric:
+            raise GriffinError("hqq fits a float zero point per block; it has no symmetric form")
 
 
 @dataclass(frozen=True)
@@ -67,8 +79,8 @@ class Packed:
 def describe(settings: QuantSettings) -> str:
     sym = "symmetric" if settings.symmetric else "asymmetric"
     head = f"lm_head {settings.scheme}" if settings.lm_head else "lm_head float"
-    return (f"block {settings.block_size}, {sym}, accuracy_level {settings.accuracy_level}, {head}; "
-            "embedding, norms and biases float")
+    return (f"{settings.algorithm}, block {settings.block_size}, {sym}, accuracy_level {settings.accuracy_level}, "
+            f"{head}; embedding, norms and biases float")
 
 
 def _nbits():
@@ -84,8 +96,29 @@ def _nbits():
 
 
 def _quantizer(settings: QuantSettings):
-    return _nbits().DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
-                                                 accuracy_level=settings.accuracy_level or None, bits=BITS)
+    m = _nbits()
+    if settings.algorithm == "hqq":
+        return m.HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=BITS)
+    return m.DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
+                                          accuracy_level=settings.accuracy_level or None, bits=BITS)
+
+
+def _run_quantizer(proto, settings: QuantSettings, exclude: list[str]):
+    """ONNX Runtime's MatMulNBitsQuantizer over `proto`; the quantized model proto."""
+    from onnx import helper
+
+    q = _nbits().MatMulNBitsQuantizer(proto, bits=BITS, block_size=settings.block_size, is_symmetric=settings.symmetric,
+                                      accuracy_level=settings.accuracy_level or None, nodes_to_exclude=exclude,
+                                      algo_config=_quantizer(settings))
+    with warnings.catch_warnings():  # hqq hands torch a read-only numpy view and torch warns about it
+        warnings.simplefilter("ignore", UserWarning)
+        q.process()
+    out = q.model.model
+    for node in out.graph.node:  # the HQQ path writes no accuracy_level: the same compute type for both
+        if node.op_type == "MatMulNBits" and settings.accuracy_level and \
+                not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("accuracy_level", settings.accuracy_level))
+    return out
 
 
 def _lm_head(g, producer: dict) -> object | None:
@@ -184,12 +217,7 @@ def quantize_proto(proto, settings: QuantSettings) -> dict[str, Packed]:
     if not folded:
         raise RuntimeError("no MatMul over a weight found to quantize")  # our own graph: a bug
     exclude = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] not in folded]
-    q = _nbits().MatMulNBitsQuantizer(proto, bits=BITS, block_size=settings.block_size, is_symmetric=settings.symmetric,
-                             accuracy_level=settings.accuracy_level or None, nodes_to_exclude=exclude,
-                             algo_config=_quantizer(settings))
-    q.process()
-    out = q.model.model
-    proto.CopyFrom(out)
+    proto.CopyFrom(_run_quantizer(proto, settings, exclude))
     packing: dict[str, Packed] = {}
     for node in proto.graph.node:
         if node.op_type != "MatMulNBits":
@@ -235,8 +263,8 @@ def param_shapes(packing: dict[str, Packed]) -> dict[str, tuple[int, int]]:
 def quantize_for_swap(packing: dict[str, Packed], weights: dict[str, np.ndarray],
                       settings: QuantSettings) -> dict[str, np.ndarray]:
     """The quantized initializers (weight, scales, zero points) of every packed weight whose
-    parameters `weights` holds, quantized as the exporter quantized its own (same function)."""
-    quantizer = _nbits().DefaultWeightOnlyQuantizer(_quantizer(settings))
+    parameters `weights` holds, quantized as the exporter quantized its own: the same quantizer
+    run over a graph of one MatMul on that weight."""
     out: dict[str, np.ndarray] = {}
     for p in packing.values():
         have = [n in weights for n, _ in p.params]
@@ -247,9 +275,25 @@ def quantize_for_swap(packing: dict[str, Packed], weights: dict[str, np.ndarray]
             raise GriffinError(f"the quantized graph packs {', '.join(n for n, _ in p.params)} into one weight; "
                                f"the bundle lacks {', '.join(missing)}")
         w = np.ascontiguousarray(np.concatenate([weights[n].astype(np.float32, copy=False) for n, _ in p.params], 0).T)
-        packed, scales, zp = quantizer.qbits_block_quant(w)
+        packed, scales, zp = _quantize_one(w, settings)
         out[p.weight] = packed
         out[p.scales] = scales
         if p.zero_points is not None:
             out[p.zero_points] = zp
     return out
+
+
+def _quantize_one(w: np.ndarray, settings: QuantSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(packed weight, scales, zero points) of one [in, out] weight, by the quantizer itself."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="one")], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(w, "w")])
+    out = _run_quantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), settings, [])
+    node = next(x for x in out.graph.node if x.op_type == "MatMulNBits")
+    values = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    zp = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    return values[node.input[1]], values[node.input[2]], values[zp] if zp else None

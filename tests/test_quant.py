@@ -28,8 +28,12 @@ def steps(rt, n=10, seed=5):
     return torch.stack([first, *(rt.step(state, t) for t in toks)])
 
 
-@pytest.mark.parametrize("arch,lean", [("llama", True), ("opt", False), ("gemma3_text", False)])
-def test_int4_graph_is_close_to_fp32_and_a_swapped_bundle_gets_its_own_quantized_weights(tmp_path, arch, lean):
+@pytest.mark.parametrize("arch,lean,algorithm", [("llama", True, "rtn"), ("opt", False, "rtn"),
+                                                 ("gemma3_text", False, "rtn"), ("llama", True, "hqq"),
+                                                 ("opt", False, "hqq")])
+def test_int4_graph_is_close_to_fp32_and_a_swapped_bundle_gets_its_own_quantized_weights(tmp_path, arch, lean,
+                                                                                          algorithm):
+    Q = QuantSettings(block_size=16, accuracy_level=0, algorithm=algorithm)
     lm = tiny_model(arch, lean=lean)
     b = export_ids(lm, prompt_ids(), ExportSettings(density=0.5))
     other = export_ids(lm, prompt_ids(seed=7), ExportSettings(density=0.5, method="random", seed=3))
@@ -38,6 +42,7 @@ def test_int4_graph_is_close_to_fp32_and_a_swapped_bundle_gets_its_own_quantized
     q_other = export_onnx(lm, tmp_path / "qo", other, quantize=Q)
     g = read_graph(q)
     assert g.info.quantization == "int4" and g.packing and g.widths == list(b.info.k)
+    assert g.info.quant_settings() == Q
     assert not any(n.endswith("mlp.down_proj.weight") or n.endswith("fc2.weight") for n in g.initializers)
     want, got = steps(OnnxRuntime(fp32, b, provider="cpu")), steps(OnnxRuntime(q, b, provider="cpu"))
     err = (want - got).abs().max()
@@ -59,7 +64,9 @@ def test_a_bundle_of_another_k_or_model_is_refused_by_a_quantized_graph(tmp_path
 
 
 @pytest.mark.parametrize("kw,needle", [({"block_size": 24}, "power of 2"), ({"accuracy_level": 7}, "accuracy-level"),
-                                        ({"scheme": "int3"}, "unknown quantization")])
+                                        ({"scheme": "int3"}, "unknown quantization"),
+                                        ({"algorithm": "gptq"}, "unknown --algorithm"),
+                                        ({"algorithm": "hqq", "symmetric": True}, "no symmetric form")])
 def test_bad_quant_settings_are_one_line_errors(kw, needle):
     with pytest.raises(GriffinError, match=needle):
         QuantSettings(**kw)
@@ -138,7 +145,7 @@ def test_bench_times_int4_rows_beside_the_float_ones():
     lean = {row["config"]: row for row in r["rows"] if row["runtime"] == "onnx-lean"}
     assert int4["0.5"]["vs"] == "full" and "weight_bytes" not in int4["0.5"] and "weight_bytes" in lean["0.5"]
     assert int4["full"]["graph_bytes"] < lean["full"]["graph_bytes"]  # 4-bit weights are smaller
-    assert "block 16" in r["int4"] and "-int4 rows: MatMulNBits int4, block 16" in format_table(r)
+    assert "block 16" in r["int4"] and "-int4 rows: MatMulNBits int4, rtn, block 16" in format_table(r)
 
 
 @pytest.mark.real_model
@@ -146,13 +153,16 @@ def test_bench_times_int4_rows_beside_the_float_ones():
 def test_bench_times_llama_cpp_on_the_base_and_the_pruned_gguf(real_lm):
     from griffin_export.bench import BenchSettings, format_table, run_bench
 
+    # Q8_0: the base (Q4_1) is requantized by llama.cpp for the full row; two densities, two files
     r = run_bench(lm=real_lm, ids=prompt_ids(40, seed=2) + 10, prompt_source="random tokens",
-                  settings=BenchSettings(densities=[0.5], new_tokens=4, repeats=1, runtimes=["llama.cpp"],
-                                         time_export=False))
+                  settings=BenchSettings(densities=[0.25, 0.5], new_tokens=4, repeats=1, runtimes=["llama.cpp"],
+                                         time_export=False, gguf_quant="Q8_0"))
     rows = {row["config"]: row for row in r["rows"]}
-    assert set(rows) == {"full", "0.5"} and r["gguf_quant"] == "Q4_1"
+    assert set(rows) == {"full", "0.25", "0.5"} and r["gguf_quant"] == "Q8_0"
     assert rows["full"]["vs_llama_cpp"] == 1.0 and rows["0.5"]["vs_llama_cpp"] == pytest.approx(rows["0.5"]["speedup"])
-    assert rows["0.5"]["graph_bytes"] < rows["full"]["graph_bytes"]  # the pruned GGUF is smaller
+    # the pruned GGUFs are smaller; Q8_0 is larger than the Q4_1 base (~105 MB)
+    assert rows["0.25"]["graph_bytes"] < rows["0.5"]["graph_bytes"] < rows["full"]["graph_bytes"]
+    assert rows["full"]["graph_bytes"] > 130e6
     assert "| llama.cpp | density 0.5 | 768 |" in format_table(r) and "vs llama.cpp" in format_table(r)
 
 
