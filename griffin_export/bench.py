@@ -232,27 +232,25 @@ class _LlamaCpp:
     each timed run decodes from the same KV as the other runtimes' rows."""
 
     def __init__(self, path: Path, prompt: list[int], threads: int | None, room: int, log: Path):
-        from llama_cpp import Llama
+        import llama_cpp
 
-        from .gguf_export import stderr_to
+        from .gguf_export import last_log_line, stderr_to
 
         n = threads or os.cpu_count() or 1
         try:
             with stderr_to(log):  # llama.cpp logs its load from C
-                self.llm = Llama(str(path), n_ctx=room, n_threads=n, n_threads_batch=n, verbose=False)
+                self.llm = llama_cpp.Llama(str(path), n_ctx=room, n_threads=n, n_threads_batch=n, verbose=False)
         except ValueError as e:  # llama-cpp-python's word for a file llama.cpp refused
-            lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
-            raise GriffinError(f"llama.cpp could not load {path.name}: {lines[-1] if lines else e}") from None
+            raise GriffinError(f"llama.cpp could not load {path.name}: {last_log_line(log) or e}") from None
         self.llm.eval(prompt)
         self.state = self.llm.save_state()
         self.n_vocab = self.llm.n_vocab()
+        self._get_logits = llama_cpp.llama_get_logits  # bound once, outside the timed loop
 
     def _next(self) -> int:
         # the last position's logits from the context (without logits_all, Llama.eval leaves
         # its `scores` at zero)
-        import llama_cpp
-
-        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm.ctx), shape=(self.n_vocab,))))
+        return int(np.argmax(np.ctypeslib.as_array(self._get_logits(self.llm.ctx), shape=(self.n_vocab,))))
 
     def decode_seconds(self, n: int) -> float:
         self.llm.load_state(self.state)

@@ -147,6 +147,12 @@ def stderr_to(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
+def last_log_line(log: Path) -> str | None:
+    """The last non-empty line llama.cpp wrote to `log` (its reason for a refusal), if any."""
+    lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()] if log.exists() else []
+    return lines[-1] if lines else None
+
+
 def file_type(path: Path) -> str | None:
     """A GGUF's general.file_type as a --quant name (Q4_1, F32, ...), None if unset or another."""
     import gguf
@@ -154,8 +160,8 @@ def file_type(path: Path) -> str | None:
     field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
     if field is None:
         return None
-    name = gguf.LlamaFileType(int(field.contents())).name  # MOSTLY_Q4_1, ALL_F32
-    return name.split("_", 1)[1] if name.split("_", 1)[1] in GGUF_QUANTS else None
+    quant = gguf.LlamaFileType(int(field.contents())).name.partition("_")[2]  # MOSTLY_Q4_1 -> Q4_1, ALL_F32 -> F32
+    return quant if quant in GGUF_QUANTS else None
 
 
 def llama_quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
@@ -171,8 +177,7 @@ def llama_quantize(src: Path, dst: Path, quant: str, threads: int | None = None)
         with stderr_to(log):
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
         if rc != 0:
-            lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
-            raise GriffinError(f"llama.cpp could not quantize to {quant}: {lines[-1] if lines else f'code {rc}'}")
+            raise GriffinError(f"llama.cpp could not quantize to {quant}: {last_log_line(log) or f'code {rc}'}")
     finally:
         log.unlink(missing_ok=True)
 
