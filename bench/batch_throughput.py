@@ -2,7 +2,12 @@
 PyTorch runtime, CPU, at several batch sizes, in one process (the settings interleaved over
 `--repeats` rounds; the table shows medians and the pruned/full ratio per batch size).
 
-    python bench/batch_throughput.py [--runtime torch|onnx] [--batch-size 1,4,16] [--prompts 16] [--new-tokens 32]
+    python bench/batch_throughput.py [--runtime torch|onnx] [--decoder lean|eager] [--batch-size 1,4,16]
+                                     [--prompts 16] [--new-tokens 32]
+
+--decoder lean (the default) decodes through the lean step (PyTorch, runtime/lean.py) or the lean
+graph (ONNX Runtime, onnx_lean.py), each with its batch buffers; eager through transformers'
+forward or the traced graph.
 
 Prompts are XSum articles from ../shared/data/xsum_dev.jsonl (rows 0..N-1, cut to --max-prompt-tokens);
 the class bundle is counted on rows 200..231 (topk, pooled). The "full" model is the class bundle
@@ -48,6 +53,7 @@ def main() -> None:
     ap.add_argument("--max-prompt-tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--runtime", choices=["torch", "onnx"], default="torch")
+    ap.add_argument("--decoder", choices=["lean", "eager"], default="lean")
     ns = ap.parse_args()
     sizes = [int(x) for x in ns.batch_size.split(",")]
     base = load_model(quiet=True)
@@ -57,8 +63,9 @@ def main() -> None:
     if ns.runtime == "torch":
         for name, density in (("full", 1.0), (f"class {ns.density}", ns.density)):
             bundle = export_class(base, train, ClassSettings("news", density=density)).bundle
-            runtimes[name] = load_runtime(bundle, load_model(quiet=True), new_prompts=True)
-    else:  # ONNX Runtime on traced graphs (the lean graph decodes batch 1): the full model's, the class's
+            runtimes[name] = load_runtime(bundle, load_model(quiet=True), new_prompts=True,
+                                          lean=None if ns.decoder == "lean" else False)
+    else:  # ONNX Runtime: the full model's graph, the class's
         import tempfile
 
         from griffin_export.onnx_export import export_onnx
@@ -66,8 +73,9 @@ def main() -> None:
 
         tmp = Path(tempfile.mkdtemp(prefix="griffin-batch-"))
         bundle = export_class(base, train, ClassSettings("news", density=ns.density)).bundle
-        export_onnx(base, tmp / "full", graph="traced")
-        export_onnx(base, tmp / "class", bundle, graph="traced")
+        graph = "lean" if ns.decoder == "lean" else "traced"
+        export_onnx(base, tmp / "full", graph=graph)
+        export_onnx(base, tmp / "class", bundle, graph=graph)
         runtimes["full"] = OnnxRuntime(tmp / "full", None, full=tmp / "full")
         runtimes[f"class {ns.density}"] = OnnxRuntime(tmp / "class", bundle, full=tmp / "full")
     opts = DecodeOptions(max_new_tokens=ns.new_tokens, stop_at_eos=False)
@@ -84,7 +92,7 @@ def main() -> None:
                     sum(max(per_prompt[i] for i in range(s, min(s + b, ns.prompts))) for s in range(0, ns.prompts, b)))
     tokens = ns.prompts * ns.new_tokens
     full, pruned = runtimes
-    print(f"{ns.runtime}: {ns.prompts} prompts (<= {ns.max_prompt_tokens} tokens), {ns.new_tokens} new tokens each, "
+    print(f"{ns.runtime} ({ns.decoder}): {ns.prompts} prompts (<= {ns.max_prompt_tokens} tokens), {ns.new_tokens} new tokens each, "
           f"{torch.get_num_threads()} threads, medians of {ns.repeats}; tok/s = generated tokens / seconds "
           "(whole: prefill + decode; decode: the decoding loops only)")
     print(f"| batch | {full} tok/s whole | {pruned} whole | ratio | {full} decode | {pruned} decode | ratio "

@@ -145,9 +145,9 @@ def _batched(bundle, model, gguf_file, device, max_new_tokens, temperature, top_
     if resume and force:
         raise click.UsageError("--resume keeps the answers in -o, --force overwrites them: choose one")
     if compile_:
-        raise click.UsageError("--compile compiles the batch-1 lean step; batches run through transformers' forward")
+        raise click.UsageError("--compile compiles the batch-1 lean step; batches run it uncompiled")
     if runtime == "onnx" and onnx_dir is None:
-        raise click.UsageError("--runtime onnx needs --onnx DIR (a traced graph: griffin-export onnx --graph traced)")
+        raise click.UsageError("--runtime onnx needs --onnx DIR (a graph from griffin-export onnx)")
     opts = DecodeOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop),
                          seed=seed)
     prompts = list(iter_prompts([prompts_file], field))  # every line checked (file:line named) before any work
@@ -171,7 +171,7 @@ def _batched(bundle, model, gguf_file, device, max_new_tokens, temperature, top_
                                source=str(bundle))
     else:
         rt = load_runtime(b, model, gguf_file=gguf_file, device=device, new_prompts=True,
-                          pruned_prefill=pruned_prefill, lean=False, source=str(bundle))
+                          pruned_prefill=pruned_prefill, lean=False if eager else None, source=str(bundle))
     writer = AnswerWriter(out, run, append=resume)
     bar = tqdm(total=len(todo), desc="generate", unit="prompt", disable=quiet)
     tokens = 0

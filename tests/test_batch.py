@@ -15,7 +15,7 @@ from griffin_export.errors import GriffinError
 from griffin_export.models import from_model
 from griffin_export.runtime.pytorch import TorchRuntime
 from clirun import run
-from tiny import ARCHS, VOCAB, tiny_model
+from tiny import ARCHS, LEAN_ARCHS, VOCAB, tiny_model
 
 
 def texts(n: int = 7) -> list[str]:
@@ -235,3 +235,44 @@ def test_generate_prompts_on_onnx_runtime_answers_as_torch(tmp_path, tiny_dir, b
     assert code == 0, err
     t, o = answers(tmp_path / "t.jsonl"), answers(tmp_path / "o.jsonl")
     assert sorted(o) == list(range(5)) and all(o[i]["text"] == t[i]["text"] for i in t)
+
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_lean_decoders_batch_like_each_prompt_alone(arch, tmp_path):
+    """The lean decoders batch too: the lean PyTorch step's batch buffers (left-padded, as the
+    prefill) and the lean ONNX graph's (right-padded, per-row lengths) give each prompt's greedy
+    output alone, as transformers' forward batched does; rows that stop early leave the buffers.
+    Mistral's sliding window (8) is shorter than most prompts."""
+    from griffin_export.onnx_export import export_onnx
+    from griffin_export.runtime.onnx import OnnxRuntime, read_graph
+
+    def lean_runtime(**kw) -> TorchRuntime:
+        lm = from_model(tiny_model(arch, lean=True).model, _tiny_tokenizer(), f"tiny-{arch}")
+        return TorchRuntime(lm, bundle, keep_full=True, **kw)
+
+    lm = from_model(tiny_model(arch, lean=True).model, _tiny_tokenizer(), f"tiny-{arch}")
+    bundle = export_prompt(lm, texts()[2], ExportSettings(warmup=0))
+    rt, eager = lean_runtime(), lean_runtime(lean=False)
+    prompts, opts = texts(), DecodeOptions(max_new_tokens=10)
+    early_stopper(eager, prompts, opts)
+    rt.eos = eager.eos
+    alone = [eager.generate(opts, prompt=p).token_ids for p in prompts]
+    assert len({len(a) for a in alone}) > 1  # some stop early
+    rt.prepare()
+    calls = []
+    step_batch = rt.lean.step_batch
+    rt.lean.step_batch = lambda *a: calls.append(len(a[2])) or step_batch(*a)
+    assert [g.token_ids for g in rt.generate_batch(prompts, opts, batch_size=4)] == alone
+    assert calls and min(calls) < max(calls) <= 4  # through the lean step, rows dropped as they finish
+    assert [g.token_ids for g in eager.generate_batch(prompts, opts, batch_size=4)] == alone
+
+    fresh = from_model(tiny_model(arch, lean=True).model, _tiny_tokenizer(), f"tiny-{arch}")
+    export_onnx(fresh, tmp_path / "full", max_length=128)
+    export_onnx(fresh, tmp_path / "pruned", bundle, max_length=128)
+    assert read_graph(tmp_path / "pruned").info.layout == "lean"
+    for pruned_prefill in (False, True):
+        ort = OnnxRuntime(tmp_path / "pruned", bundle, full=tmp_path / "full", provider="cpu",
+                          pruned_prefill=pruned_prefill)
+        ort.tokenizer, ort.eos = lm.tokenizer, eager.eos
+        want = alone if not pruned_prefill else [ort.generate(opts, prompt=p).token_ids for p in prompts]
+        assert [g.token_ids for g in ort.generate_batch(prompts, opts, batch_size=4)] == want

@@ -4,7 +4,7 @@ generate over their start_batch / step_batch.
 A runtime supplies `tokenize(text)`, `check_room(prompt_tokens, max_new_tokens)` (refuse, before
 any prefill, what cannot fit), `start(ids)` -> (state, first logits) and `step(state, token)`;
 `stepper` may hand back a faster step for one generation (the lean PyTorch step does). For
-batches: `start_batch(list of ids)` -> (state, logits [B, vocab]) and
+batches: `start_batch(list of ids, max_new_tokens)` -> (state, logits [B, vocab]) and
 `step_batch(state, tokens, keep)` -> logits [len(keep), vocab], where `keep` are the rows
 (of the previous step's) still decoding: finished sequences leave the batch and cost nothing.
 """
@@ -51,7 +51,7 @@ class Runtime:
     def step(self, state, token: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def start_batch(self, batch: list[torch.Tensor]):
+    def start_batch(self, batch: list[torch.Tensor], max_new_tokens: int):
         raise GriffinError(f"{type(self).__name__} does not generate batches")
 
     def step_batch(self, state, tokens: list[int], keep: list[int]) -> torch.Tensor:
@@ -106,7 +106,7 @@ class Runtime:
         results: list[Generation | None] = [None] * len(ids)
         for first in range(0, len(ids), batch_size):
             rows = list(range(first, min(first + batch_size, len(ids))))
-            state, logits = self.start_batch([ids[r] for r in rows])
+            state, logits = self.start_batch([ids[r] for r in rows], opts.max_new_tokens)
             seqs = {r: Continuation(opts, tokenizer=self.tokenizer, eos=self.eos) for r in rows}
             while rows:
                 keep, tokens = [], []

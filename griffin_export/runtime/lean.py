@@ -4,17 +4,24 @@
     lean.load_cache(cache, T)                          # the prompt's KV, copied once
     logits = lean.step(token)                          # one token in, logits [vocab] out
 
+    batch = lean.start_batch(cache, mask, next_pos, room)   # a left-padded batch's KV [B, ...]
+    logits = lean.step_batch(batch, tokens, keep)            # one token per row still decoding
+
 What it removes from a decode step against transformers' forward: the per-layer Python of
 the HF modules (cache objects, mask building, kwargs plumbing) and the cache's re-allocation.
 A layer is one packed QKV matmul, the rotary from a precomputed table, a write into a
 preallocated KV buffer [1, kv_heads, max_length, head_dim], SDPA over its filled part, one
-packed gate/up matmul. The packed weights are made once and the HF modules' weights become
+packed gate/up matmul. A batch has its own buffers [B, kv_heads, columns, head_dim] in the
+left-padded layout of the batched prefill (every row writes the same column; a mask hides each
+row's padding, a per-row position drives the rotary); rows that finish are dropped from them. The packed weights are made once and the HF modules' weights become
 views into them, so nothing is held twice. On CUDA the step can be compiled with
 torch.compile(mode="reduce-overhead") (CUDA graphs); on the CPU eager is kept unless compiling
 measures faster (see README, Speed).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +146,59 @@ class LeanDecoder:
             self.v[i][:, :, length - n:length].copy_(v)
         self.length = length
 
+    def start_batch(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, next_pos: torch.Tensor,
+                    room: int) -> "LeanBatch":
+        """A batch's decode state from its left-padded prefill: per layer KV [B, kv_heads, n, head_dim]
+        (n <= T: a sliding layer may hold only the last n columns), the attention mask [B, T] (0 on
+        the padding), each row's next position [B], and `room` columns in all (T + the tokens to
+        come). The compiled step is batch-1; a batch runs eager."""
+        B, T = mask.shape
+        columns = max(room, T + 1)
+        self.reserve(columns)  # the rotary table: a position never passes its column
+        shape = (B, self.kv_heads, columns, self.head_dim)
+        ks, vs = [], []
+        for k, v in kv:
+            n = k.shape[2]
+            for src, out in ((k, ks), (v, vs)):
+                buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                buf[:, :, T - n:T].copy_(src)
+                out.append(buf)
+        valid = torch.zeros(B, columns, dtype=torch.bool, device=self.device)
+        valid[:, :T] = mask.to(self.device).bool()
+        return LeanBatch(ks, vs, valid, next_pos.to(self.device).clone(), T)
+
+    @torch.inference_mode()
+    def step_batch(self, state: "LeanBatch", tokens: list[int], keep: list[int]) -> torch.Tensor:
+        """Feed one token to each row in `keep` (rows of the previous step; the others finished
+        and leave the buffers); float32 logits [len(keep), vocab]."""
+        if len(keep) < state.valid.shape[0]:
+            rows = torch.tensor(keep, device=self.device)
+            state.k = [t.index_select(0, rows) for t in state.k]
+            state.v = [t.index_select(0, rows) for t in state.v]
+            state.valid, state.next_pos = state.valid[rows], state.next_pos[rows]
+        n = state.length + 1
+        if n > state.valid.shape[1]:
+            raise GriffinError(f"the lean decoder's batch buffer of {state.valid.shape[1]} positions is full")
+        state.valid[:, n - 1] = True
+        causal = state.valid[:, None, None, :n]
+        local = causal
+        if self.window and n > self.window:  # column distance is position distance: no gaps after a row's padding
+            local = causal.clone()
+            local[..., :n - self.window] = False
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            state.k[i][:, :, n - 1] = k
+            state.v[i][:, :, n - 1] = v
+            return self._sdpa(q, state.k[i][:, :, :n], state.v[i][:, :, :n], scale,
+                              local if i in self.sliding else causal)
+
+        pos = state.next_pos
+        ids = torch.tensor(tokens, device=self.device)
+        logits = self._layers(self.embed[ids], self.cos[pos][:, None], self.sin[pos][:, None], attend)
+        state.next_pos = pos + 1
+        state.length = n
+        return logits.float()
+
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
         """Feed one token; float32 logits [vocab] for the next."""
@@ -160,8 +220,8 @@ class LeanDecoder:
         local = causal & (self._positions > pos - self.window).view(1, 1, 1, -1) if self.window else causal
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-            self.k[i].index_copy_(2, at, k[None, :, None])
-            self.v[i].index_copy_(2, at, v[None, :, None])
+            self.k[i].index_copy_(2, at, k[:, :, None])
+            self.v[i].index_copy_(2, at, v[:, :, None])
             return self._sdpa(q, self.k[i], self.v[i], scale, local if i in self.sliding else causal)
 
         return self._layers(self.embed[ids], cos, sin, attend)
@@ -170,30 +230,44 @@ class LeanDecoder:
         n = int(pos) + 1
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-            self.k[i][0, :, n - 1] = k
-            self.v[i][0, :, n - 1] = v
+            self.k[i][:, :, n - 1] = k
+            self.v[i][:, :, n - 1] = v
             start = max(0, n - self.window) if self.window and i in self.sliding else 0
             return self._sdpa(q, self.k[i][:, :, start:n], self.v[i][:, :, start:n], scale, None)
 
         return self._layers(self.embed[ids], self.cos[pos], self.sin[pos], attend)
 
     def _sdpa(self, q, keys, values, scale: float, mask) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q[None, :, None], keys, values, attn_mask=mask, scale=scale,
+        return F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale,
                                               enable_gqa=self.heads != self.kv_heads)
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
-        """x [1, hidden] through every layer and the head; `attend(layer, q, k, v, scale)` stores
-        the new key and value and returns the attention output."""
-        hd = self.head_dim
+        """x [B, hidden] through every layer and the head; `attend(layer, q, k, v, scale)` stores
+        the new key and value (q [B, heads, head_dim], k and v [B, kv_heads, head_dim]) and returns
+        the attention output [B, heads, 1, head_dim]. cos and sin broadcast over the heads."""
+        hd, B = self.head_dim, x.shape[0]
         for i, L in enumerate(self.layers):
             h = _rms(x, L.norm_in, self.eps)
             q, k, v = _mm(h, L.wqkv, L.bqkv).split(L.sizes, dim=-1)
-            q, k, v = q.view(self.heads, hd), k.view(self.kv_heads, hd), v.view(self.kv_heads, hd)
+            q, k, v = q.view(B, self.heads, hd), k.view(B, self.kv_heads, hd), v.view(B, self.kv_heads, hd)
             if L.q_norm is not None:
                 q, k = _rms(q, L.q_norm, self.eps), _rms(k, L.k_norm, self.eps)
             att = attend(i, _rotate(q, cos, sin), _rotate(k, cos, sin), v, L.scaling)
-            x = x + _mm(att.reshape(1, -1), L.wo, L.bo)
+            x = x + _mm(att.reshape(B, -1), L.wo, L.bo)
             h = _rms(x, L.norm_post, self.eps)
             gate, up = _mm(h, L.w_gate_up).split(L.width, dim=-1)
             x = x + _mm(F.silu(gate) * up, L.w_down)
         return _mm(_rms(x, self.norm, self.eps), self.head, self.head_bias)
+
+
+@dataclass
+class LeanBatch:
+    """A batch's decode state: per layer KV buffers [B, kv_heads, columns, head_dim], which
+    columns each row may attend to (its prompt after the padding, and what it decoded), each
+    row's next position, and the columns filled."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    valid: torch.Tensor  # [B, columns] bool
+    next_pos: torch.Tensor  # [B]
+    length: int

@@ -258,6 +258,30 @@ class _LeanSession(_Session):
             state.io = (self, io)
         return state.io[1]
 
+    def batch_buffers(self, batch: int, columns: int) -> KVState:
+        """Zeroed buffers [batch, kv_heads, columns, head_dim] for a batch (columns <= max_length:
+        GroupQueryAttention takes a buffer shorter than the graph's rotary table)."""
+        import onnxruntime as ort
+
+        info = self.graph.info
+        shape = (batch, info.kv_heads, min(columns, self.max_length), info.head_dim)
+        # one array per buffer: on the CPU an OrtValue wraps the numpy array's memory, not a copy
+        return KVState([ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _NP_DTYPES[info.dtype]), *self.device)
+                        for _ in range(2 * info.num_layers)], 0)
+
+    def run_rows(self, ids: np.ndarray, lengths: np.ndarray, state: KVState) -> np.ndarray:
+        """A batch step: ids [B, S] right-padded, `lengths` [B] each row's tokens after this step
+        (a row's tokens sit at the start of its buffer row, so GroupQueryAttention's per-row
+        seqlens_k, from the mask's sums, place each row's keys and rotary positions by themselves).
+        Returns logits [B, S, vocab]; a prompt row's last logits are at its length - 1."""
+        io = self._binding(state)
+        mask = (np.arange(int(lengths.max()))[None] < lengths[:, None]).astype(np.int64)
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_output("logits", "cpu")
+        self.sess.run_with_iobinding(io, self._prefill_opts if self.static else None)
+        return io.get_outputs()[0].numpy()
+
     def run(self, ids: np.ndarray, state: KVState) -> tuple[np.ndarray, KVState]:
         s = ids.shape[1]
         end = state.length + s
@@ -434,20 +458,39 @@ class OnnxRuntime(Runtime):
             return self.prefill(b.own_ids()[None])
         raise GriffinError("this bundle has no prompt (a class bundle): give a prompt to generate from")
 
-    def start_batch(self, batch: list[torch.Tensor]):
-        """Prefill prompts ids [1, T_b] together through the traced graph (full, unless
-        pruned_prefill): left-padded, masked, positions from each prompt's first token."""
-        if self.graph.info.layout == "lean":
-            raise GriffinError(f"graph {self.graph.source} is a lean graph, built for batch 1; batched generation "
-                               "on ONNX Runtime needs a traced graph (griffin-export onnx --graph traced)")
+    def start_batch(self, batch: list[torch.Tensor], max_new_tokens: int):
+        """Prefill prompts ids [1, T_b] together (the full graph, unless pruned_prefill). A traced
+        graph: left-padded, masked, positions from each prompt's first token. A lean graph:
+        right-padded into batch buffers of the longest prompt + max_new_tokens positions."""
         session = self._decoder if self.pruned_prefill else self._prefill
         if session is None:
             self.prefill(batch[0])  # raises the error that names the fix
+        if self.graph.info.layout == "lean":
+            return self._start_lean_batch(session, batch, max_new_tokens)
         ids, mask, positions = (t.numpy() for t in left_padded(batch))
         logits, past = session.run_batch(ids, mask, positions, self._decoder.empty(len(batch)).past)
         return _OnnxBatch(past, mask, positions[:, -1] + 1), torch.from_numpy(logits.astype(np.float32))
 
-    def step_batch(self, state: "_OnnxBatch", tokens: list[int], keep: list[int]) -> torch.Tensor:
+    def _start_lean_batch(self, session: _LeanSession, batch: list[torch.Tensor], max_new_tokens: int):
+        if self._decoder.static:
+            raise GriffinError("CUDA graphs capture the batch-1 decode step; generate batches without --cuda-graph")
+        lengths = np.array([int(x.shape[1]) for x in batch], np.int64)
+        ids = np.zeros((len(batch), int(lengths.max())), np.int64)
+        for b, x in enumerate(batch):
+            ids[b, :lengths[b]] = x[0].cpu().numpy()
+        state = self._decoder.batch_buffers(len(batch), int(lengths.max()) + max_new_tokens)
+        logits = session.run_rows(ids, lengths, state)[np.arange(len(batch)), lengths - 1]
+        state.io = None  # the decoder binds the buffers anew (the prefill may be the full graph's session)
+        return _LeanBatch(state, lengths), torch.from_numpy(logits.astype(np.float32))
+
+    def step_batch(self, state, tokens: list[int], keep: list[int]) -> torch.Tensor:
+        if isinstance(state, _LeanBatch):
+            if len(keep) < len(state.lengths):  # finished sequences leave the batch
+                state.kv = KVState(self._decoder.select_rows(state.kv.past, keep), state.kv.length)
+                state.lengths = state.lengths[keep]
+            state.lengths = state.lengths + 1
+            logits = self._decoder.run_rows(np.array(tokens, np.int64)[:, None], state.lengths, state.kv)
+            return torch.from_numpy(logits[:, -1].astype(np.float32))
         if len(keep) < state.mask.shape[0]:  # finished sequences leave the batch
             state.past = self._decoder.select_rows(state.past, keep)
             state.mask, state.next_pos = state.mask[keep], state.next_pos[keep]
@@ -467,6 +510,12 @@ class OnnxRuntime(Runtime):
         chat = self.bundle.info.chat if self.bundle is not None else False
         return encode(self.tokenizer, text, context=self.graph.info.context_length or None, chat=chat,
                       model=self.graph.source)
+
+
+@dataclass
+class _LeanBatch:
+    kv: KVState  # the batch buffers [B, kv_heads, columns, head_dim] (and their binding)
+    lengths: np.ndarray  # [B]: tokens each row holds, from the start of its buffer row
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..prompts import check_context, check_generation_fits
 from ..models import LoadedModel, load_model
 from ..prefill import cache_kwarg, cache_tensors, forward, new_cache, prefill, restore_cache
 from .base import Runtime, left_padded
-from .lean import LeanDecoder, covers
+from .lean import LeanBatch, LeanDecoder, covers
 
 
 def _check_bundle_tensors(lm: LoadedModel, bundle: Bundle, source: str) -> None:
@@ -132,12 +132,14 @@ class TorchRuntime(Runtime):
         self.lean.load_cache(cache_tensors(cache), cached)
         return self.lean.step
 
-    def start_batch(self, batch: list[torch.Tensor]):
+    def start_batch(self, batch: list[torch.Tensor], max_new_tokens: int):
         """Prefill prompts ids [1, T_b] together: left-padded to the longest, masked, positions
-        counted from each prompt's first token; full FF unless pruned_prefill."""
+        counted from each prompt's first token; full FF unless pruned_prefill. Decoding then runs
+        through the lean step where it covers the model (its batch buffers hold T + max_new_tokens
+        columns), else through transformers' forward."""
         ids, mask, positions = (t.to(self.lm.device) for t in left_padded(batch))
         T = ids.shape[1]
-        state = _Batch(new_cache(self.lm.model), mask, positions[:, -1] + 1)
+        state = _Batch(new_cache(self.lm.model), mask, positions[:, -1] + 1, T + max_new_tokens)
         if not self.pruned_prefill and self._full is None:
             raise GriffinError("a new prompt needs the full model for prefill; load the runtime with keep_full=True")
         if not self.pruned_prefill:
@@ -151,6 +153,12 @@ class TorchRuntime(Runtime):
         return state, logits
 
     def step_batch(self, state: "_Batch", tokens: list[int], keep: list[int]) -> torch.Tensor:
+        if self._lean_settings is not None:
+            if state.lean is None:  # the prefill's cache copied once into the lean step's batch buffers
+                self.prepare()
+                state.lean = self.lean.start_batch(cache_tensors(state.cache), state.mask, state.next_pos, state.room)
+                state.cache = None
+            return self.lean.step_batch(state.lean, tokens, keep)
         dev = self.lm.device
         if len(keep) < state.mask.shape[0]:  # finished sequences leave the batch
             rows = torch.tensor(keep, device=dev)
@@ -176,9 +184,11 @@ class TorchRuntime(Runtime):
 
 @dataclass
 class _Batch:
-    cache: object
+    cache: object  # transformers' cache: the prefill's, then transformers' decode steps'
     mask: torch.Tensor  # [B, tokens so far]: 0 at the left padding
     next_pos: torch.Tensor  # [B]: the position of each sequence's next token
+    room: int  # columns a lean batch buffer needs: the padded prompt + max_new_tokens
+    lean: LeanBatch | None = None  # decoding through the lean step: its buffers (the cache is dropped)
 
 
 def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | None = None, *,
