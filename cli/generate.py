@@ -8,7 +8,7 @@ from .options import decode_options, recorded_model_options, require_extra, stat
 
 
 @click.command("generate")
-@click.argument("bundle", metavar="BUNDLE")
+@click.argument("bundles", metavar="BUNDLE", nargs=-1, required=True)
 @recorded_model_options
 @decode_options
 @click.option("--prompt-file", default=None, metavar="FILE", help="a new prompt: full-model prefill, then decode with the bundle's experts")
@@ -34,7 +34,7 @@ from .options import decode_options, recorded_model_options, require_extra, stat
 @click.option("--compile", "compile_", is_flag=True,
               help="--runtime torch: torch.compile the lean step (CUDA graphs on a GPU; on a CPU it measured no faster)")
 @click.option("-q", "--quiet", is_flag=True, help="print only the generated text")
-def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file,
+def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file,
             prompts_file, field, batch_size, output, resume, force, pruned_prefill, runtime, onnx_dir, onnx_full, eager,
             compile_, quiet):
     """Decode from BUNDLE with its experts, resuming from the bundle's cached KV.
@@ -56,6 +56,10 @@ def command(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p
       griffin-export generate news.safetensors --prompts queue.jsonl --batch-size 16 -o answers.jsonl
       griffin-export generate news.safetensors --prompts queue.jsonl -o answers.jsonl --resume   # after an interruption
     """
+    if len(bundles) > 1:  # one run decodes with one bundle's experts: a batch shares its weights
+        raise click.UsageError(f"generate takes one BUNDLE, got {len(bundles)}: a batch decodes with one bundle's "
+                               "experts (mixing bundles would mix weights); run one generate per bundle")
+    bundle = bundles[0]
     if prompts_file is not None:
         return _batched(bundle, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file,
                         prompts_file, field, batch_size, output, resume, force, pruned_prefill, runtime, onnx_dir,

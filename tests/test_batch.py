@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import _tiny_tokenizer
 from griffin_export import ExportSettings, export_prompt
@@ -96,10 +95,19 @@ def test_batched_greedy_equals_alone_on_the_default_model(real_lm, tmp_path):
     bundle = export_class(real_lm, [Prompt(p, str(i)) for i, p in enumerate(prompts)], ClassSettings("news")).bundle
     from griffin_export.models import load_model
 
-    rt = load_runtime(bundle, load_model(quiet=True), new_prompts=True)
+    rt = load_runtime(bundle, load_model(quiet=True), new_prompts=True)  # the lean step
     opts = DecodeOptions(max_new_tokens=12)
     alone = [rt.generate(opts, prompt=p).token_ids for p in prompts]
     assert [g.token_ids for g in rt.generate_batch(prompts, opts, batch_size=4)] == alone
+    assert rt.lean is not None
+    # ONNX Runtime's lean graph, prefilling through the experts (one graph to export)
+    from griffin_export.onnx_export import export_onnx
+    from griffin_export.runtime.onnx import OnnxRuntime
+
+    ort = OnnxRuntime(export_onnx(real_lm, tmp_path / "class_onnx", bundle, max_length=512), bundle,
+                      provider="cpu", pruned_prefill=True)
+    alone = [ort.generate(opts, prompt=p).token_ids for p in prompts]
+    assert [g.token_ids for g in ort.generate_batch(prompts, opts, batch_size=4)] == alone
 
 
 # -- generate --prompts ---------------------------------------------------------------------
@@ -168,6 +176,7 @@ def test_generate_prompts_writes_every_answer_and_resumes(tmp_path, tiny_dir, bu
     ([{"prompt": "w1"}], ["--prompt-file", "x.txt"], "--prompt-file is one prompt, --prompts many"),
     ([{"prompt": "w1"}], ["--runtime", "onnx"], "--runtime onnx needs --onnx DIR"),
     ([{"prompt": "w1"}], ["--compile"], "--compile compiles the batch-1 lean step"),
+    ([{"prompt": "w1"}], ["other.safetensors"], "generate takes one BUNDLE, got 2: .*mixing bundles would mix weights"),
 ])
 def test_generate_prompts_bad_input(tmp_path, tiny_dir, bundle_file, capsys, rows, extra, message):
     import re
@@ -238,11 +247,12 @@ def test_generate_prompts_on_onnx_runtime_answers_as_torch(tmp_path, tiny_dir, b
 
 
 @pytest.mark.parametrize("arch", LEAN_ARCHS)
-def test_lean_decoders_batch_like_each_prompt_alone(arch, tmp_path):
+def test_lean_decoders_batch_like_each_prompt_alone(arch, tmp_path, monkeypatch):
     """The lean decoders batch too: the lean PyTorch step's batch buffers (left-padded, as the
     prefill) and the lean ONNX graph's (right-padded, per-row lengths) give each prompt's greedy
     output alone, as transformers' forward batched does; rows that stop early leave the buffers.
     Mistral's sliding window (8) is shorter than most prompts."""
+    import griffin_export.runtime.onnx as onnx_runtime
     from griffin_export.onnx_export import export_onnx
     from griffin_export.runtime.onnx import OnnxRuntime, read_graph
 
@@ -270,7 +280,9 @@ def test_lean_decoders_batch_like_each_prompt_alone(arch, tmp_path):
     export_onnx(fresh, tmp_path / "full", max_length=128)
     export_onnx(fresh, tmp_path / "pruned", bundle, max_length=128)
     assert read_graph(tmp_path / "pruned").info.layout == "lean"
-    for pruned_prefill in (False, True):
+    for pruned_prefill, budget in ((False, 1), (True, onnx_runtime.PREFILL_LOGITS)):
+        # budget 1: every prompt prefilled alone, its buffers stacked into the batch's
+        monkeypatch.setattr(onnx_runtime, "PREFILL_LOGITS", budget)
         ort = OnnxRuntime(tmp_path / "pruned", bundle, full=tmp_path / "full", provider="cpu",
                           pruned_prefill=pruned_prefill)
         ort.tokenizer, ort.eos = lm.tokenizer, eager.eos

@@ -32,6 +32,9 @@ from ..prompts import check_generation_fits, encode
 from .base import Runtime, left_padded
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# logits elements one batched prefill run of a lean graph may return (it computes every position's):
+# 2**26 float32 = 256 MB, e.g. two 512-token prompts of a 49k vocabulary
+PREFILL_LOGITS = 1 << 26
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -269,6 +272,13 @@ class _LeanSession(_Session):
         return KVState([ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _NP_DTYPES[info.dtype]), *self.device)
                         for _ in range(2 * info.num_layers)], 0)
 
+    def stack_rows(self, parts: list[list]) -> list:
+        """Buffers of several row groups (each a list of per-layer OrtValues) as one batch's."""
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(np.concatenate([p[i].numpy() for p in parts]), *self.device)
+                for i in range(len(parts[0]))]
+
     def run_rows(self, ids: np.ndarray, lengths: np.ndarray, state: KVState) -> np.ndarray:
         """A batch step: ids [B, S] right-padded, `lengths` [B] each row's tokens after this step
         (a row's tokens sit at the start of its buffer row, so GroupQueryAttention's per-row
@@ -475,13 +485,23 @@ class OnnxRuntime(Runtime):
         if self._decoder.static:
             raise GriffinError("CUDA graphs capture the batch-1 decode step; generate batches without --cuda-graph")
         lengths = np.array([int(x.shape[1]) for x in batch], np.int64)
-        ids = np.zeros((len(batch), int(lengths.max())), np.int64)
-        for b, x in enumerate(batch):
-            ids[b, :lengths[b]] = x[0].cpu().numpy()
-        state = self._decoder.batch_buffers(len(batch), int(lengths.max()) + max_new_tokens)
-        logits = session.run_rows(ids, lengths, state)[np.arange(len(batch)), lengths - 1]
-        state.io = None  # the decoder binds the buffers anew (the prefill may be the full graph's session)
-        return _LeanBatch(state, lengths), torch.from_numpy(logits.astype(np.float32))
+        columns = int(lengths.max()) + max_new_tokens
+        # the graph's logits cover every position: bound what one prefill run returns
+        vocab = max(self.graph.vocab, 1)
+        group = max(1, PREFILL_LOGITS // (int(lengths.max()) * vocab))
+        parts, logits = [], []
+        for first in range(0, len(batch), group):
+            rows = batch[first:first + group]
+            n = lengths[first:first + group]
+            ids = np.zeros((len(rows), int(n.max())), np.int64)
+            for b, x in enumerate(rows):
+                ids[b, :n[b]] = x[0].cpu().numpy()
+            part = self._decoder.batch_buffers(len(rows), columns)
+            logits.append(session.run_rows(ids, n, part)[np.arange(len(rows)), n - 1])
+            parts.append(part.past)
+        state = KVState(parts[0] if len(parts) == 1 else self._decoder.stack_rows(parts), 0)
+        # io stays None: the decoder binds the buffers anew (the prefill may be the full graph's session)
+        return _LeanBatch(state, lengths), torch.from_numpy(np.concatenate(logits).astype(np.float32))
 
     def step_batch(self, state, tokens: list[int], keep: list[int]) -> torch.Tensor:
         if isinstance(state, _LeanBatch):
