@@ -288,3 +288,7 @@ def test_lean_decoders_batch_like_each_prompt_alone(arch, tmp_path, monkeypatch)
         ort.tokenizer, ort.eos = lm.tokenizer, eager.eos
         want = alone if not pruned_prefill else [ort.generate(opts, prompt=p).token_ids for p in prompts]
         assert [g.token_ids for g in ort.generate_batch(prompts, opts, batch_size=4)] == want
+    static = OnnxRuntime(tmp_path / "pruned", bundle, full=tmp_path / "full", provider="cpu", static=True)
+    static.tokenizer = lm.tokenizer
+    with pytest.raises(GriffinError, match="capture the batch-1 decode step"):
+        static.generate_batch(prompts, opts)
