@@ -160,7 +160,10 @@ class LeanDecoder:
         for k, v in kv:
             n = k.shape[2]
             for src, out in ((k, ks), (v, vs)):
-                buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                # columns past T are written before any step reads them; zeroing them too
+                # (400 MB at 16 x 512 tokens) took about a decode step (150 ms vs 20 ms here)
+                buf = torch.empty(shape, dtype=self.dtype, device=self.device)
+                buf[:, :, :T - n].zero_()  # a sliding layer's dropped columns: masked, but NaN * 0 is NaN
                 buf[:, :, T - n:T].copy_(src)
                 out.append(buf)
         valid = torch.zeros(B, columns, dtype=torch.bool, device=self.device)
