@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,12 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from griffin_export.bench import find_data, read_row  # noqa: E402
-from griffin_export.export import ExportSettings, export_ids, tokenize  # noqa: E402
-from griffin_export.models import load_model  # noqa: E402
-from griffin_export.prefill import cache_tensors, prefill  # noqa: E402
+from griffin_export.bench import find_data, read_row
+from griffin_export.export import ExportSettings, export_ids
+from griffin_export.prompts import tokenize
+from griffin_export.models import load_model
+from griffin_export.prefill import cache_tensors, prefill
 
 
 def median_s(fn, repeats: int) -> float:

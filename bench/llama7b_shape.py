@@ -13,16 +13,12 @@ same runtimes and the same interleaved timing.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from griffin_export.arch import spec_for  # noqa: E402
-from griffin_export.bench import BenchSettings, format_table, run_bench, write_results  # noqa: E402
-from griffin_export.models import LoadedModel  # noqa: E402
+from griffin_export.arch import spec_for
+from griffin_export.bench import BenchSettings, format_table, run_bench, write_results
+from griffin_export.models import LoadedModel
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)

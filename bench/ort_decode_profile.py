@@ -13,20 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llama7b_shape import LLAMA2_7B, TINY, random_model
 
-from llama7b_shape import LLAMA2_7B, TINY, random_model  # noqa: E402
-
-from griffin_export.onnx_export import export_onnx  # noqa: E402
-from griffin_export.runtime.onnx import OnnxRuntime  # noqa: E402
+from griffin_export.onnx_export import export_onnx
+from griffin_export.runtime.onnx import OnnxRuntime
 
 
 def steps_per_second(rt: OnnxRuntime, ids: torch.Tensor, n: int) -> float:

@@ -10,9 +10,8 @@ from .options import (chunk_option, density_option, dtype_option, human_bytes, k
 
 from griffin_export.choices import AGGREGATION_SUMMARIES, CLASS_METHODS, DEFAULT_AGGREGATION
 
-_AGGREGATION_HELP = ("how per-prompt scores become one class score: pooled = the statistic over all the class's "
-                     "tokens at once; mean = mean of each prompt's scores normalized per layer; topk_freq = how "
-                     "often a neuron is in a prompt's top-k")
+_AGGREGATION_HELP = "how per-prompt scores become one class score: " + "; ".join(
+    f"{name} = {summary}" for name, summary in AGGREGATION_SUMMARIES.items())
 _METHOD_HELP = ("neuron selection on the class score; the topk_refit* methods also refit the kept down-projection "
                 "columns on all the class's tokens (a D_ff × D_ff Gram per layer: 283 MB on the default model, "
                 "float64 while counting)")
@@ -77,7 +76,8 @@ def command(inputs, name, output, field, limit, aggregation, model, gguf_file, d
       griffin-export class news.jsonl --name news --engine ray --workers 4 -o news.safetensors
     """
     from griffin_export.aggregate import Shard, merge, read_statistic, write_statistic
-    from griffin_export.bundle import check_output_path, write_bundle
+    from griffin_export.bundle import write_bundle
+    from griffin_export.outputs import check_output_path
     from griffin_export.classes import ClassSettings, class_bundle, survey_prompts
     from griffin_export.models import load_model
 
@@ -215,7 +215,8 @@ def merge_command(parts, output, name, aggregation, method, density, model, gguf
       griffin-export class-merge part-1.st part-2.st part-3.st --method topk_refit_edges -o news.safetensors  # refit parts
     """
     from griffin_export.aggregate import merge, read_statistic
-    from griffin_export.bundle import check_output_path, write_bundle
+    from griffin_export.bundle import write_bundle
+    from griffin_export.outputs import check_output_path
     from griffin_export.classes import ClassSettings, class_bundle
     from griffin_export.errors import GriffinError
     from griffin_export.models import load_model

@@ -50,7 +50,8 @@ def command(prompt, output, model, gguf_file, device, device_map, max_memory, of
       griffin-export prompt.txt -o expert.safetensors --model ./my-llama-dir --dtype bfloat16
       griffin-export prompt.txt -o expert.safetensors --model ./big-model --device-map auto --max-memory cpu=8GiB
     """
-    from griffin_export.bundle import check_output_path, write_bundle
+    from griffin_export.bundle import write_bundle
+    from griffin_export.outputs import check_output_path
     from griffin_export.export import ExportSettings, export_prompt
     from griffin_export.prompts import read_prompt
     from griffin_export.models import load_model

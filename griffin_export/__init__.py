@@ -19,7 +19,7 @@ _API = {
     "write_bundle": "bundle",
     "DecodeOptions": "decoding", "Generation": "decoding",
     "GriffinError": "errors",
-    "ExportSettings": "export", "export_ids": "export", "export_prompt": "export", "read_prompt": "export",
+    "ExportSettings": "export", "export_ids": "export", "export_prompt": "export", "read_prompt": "prompts",
     "LoadedModel": "models", "from_model": "models", "load_model": "models",
     "TorchRuntime": "runtime.pytorch", "load_runtime": "runtime.pytorch",
 }

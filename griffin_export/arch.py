@@ -12,7 +12,7 @@ smaller ones. No architecture gets its own MLP class.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -33,6 +33,7 @@ class FFSpec:
     context_attr: str = "max_position_embeddings"  # the config key of the context length
     lean: bool = False  # the lean ONNX decoder (onnx_lean.py) covers it; others export the traced graph
     llama_cpp: bool = True  # llama.cpp runs it (checkpoint --gguf); it has no OPT
+    qk_norm: bool = False  # attention RMS-normalizes each head of q and k before the rotary (self_attn.q_norm, k_norm)
 
 
 _GATED = FFSpec("model.layers", "mlp", ("gate_proj", "up_proj"), "down_proj")
@@ -42,10 +43,10 @@ ARCHITECTURES: dict[str, FFSpec] = {
     "llama": _LLAMA_FAMILY,
     "mistral": _LLAMA_FAMILY,
     "qwen2": _LLAMA_FAMILY,
-    "qwen3": _LLAMA_FAMILY,
+    "qwen3": replace(_LLAMA_FAMILY, qk_norm=True),
     "gemma": _GATED,
     "gemma2": _GATED,
-    "gemma3_text": _GATED,  # Gemma 3: sliding and global layers alternate, q/k norms; the same FF layout
+    "gemma3_text": replace(_GATED, qk_norm=True),  # Gemma 3: sliding and global layers alternate; the same FF layout
     "phi3": FFSpec("model.layers", "mlp", ("gate_up_proj",), "down_proj", fused=2),
     "opt": FFSpec("model.decoder.layers", "", ("fc1",), "fc2", d_ff_attr="ffn_dim", llama_cpp=False),
 }
@@ -210,6 +211,11 @@ def sliding_layers(model: nn.Module) -> list[int]:
     from transformers import DynamicCache
 
     return [i for i, s in enumerate(DynamicCache(config=model.config).is_sliding) if s]
+
+
+def attention_window(config) -> int:
+    """The sliding layers' window in tokens (config.sliding_window), 0 for none."""
+    return int(getattr(config, "sliding_window", None) or 0)
 
 
 def attention_shape(config) -> tuple[int, int, int]:

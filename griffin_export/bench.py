@@ -22,12 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .bundle import write_bundle
-from .choices import GGUF_QUANT
+from .budget import k_text
+from .choices import GGUF_QUANT, config_name, parse_config
 from .errors import GriffinError
 from .onnx_quant import QuantSettings
 from .select import check_density, check_method
-from .export import ExportSettings, export_ids, tokenize
-from .prompts import check_context
+from .export import ExportSettings, export_ids
+from .prompts import check_context, tokenize
 from .models import LoadedModel, load_model
 from .prefill import cache_tensors, forward, prefill, restore_cache
 from .provenance import machine
@@ -49,7 +50,7 @@ _ONNX_ROWS = (("onnx", "traced", False), ("onnx-lean", "lean", False), ("onnx-in
 class BenchSettings:
     densities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     methods: list[str] = field(default_factory=lambda: ["topk"])  # selection methods, each at every density
-    data: str | None = None  # JSONL with an `article` field; None: ../shared/data/xsum_dev.jsonl
+    data: str | None = None  # JSONL with an `article` field; None: DEFAULT_DATA in this folder or one above (find_data)
     row: int = 0
     new_tokens: int = 64
     repeats: int = 5
@@ -80,23 +81,6 @@ class BenchSettings:
             check_method(m)
         for d in self.densities:  # refused here, before the model loads, not after the first timings
             check_density(d)
-
-
-def config_name(method: str, density: float) -> str:
-    """A bench row's config: the density alone for `topk` (the paper's method), else METHOD@DENSITY."""
-    return f"{density:g}" if method == "topk" else f"{method}@{density:g}"
-
-
-def parse_config(config: str) -> tuple[str, float]:
-    """(method, density) of a config name; ValueError for one that names no density."""
-    method, _, density = config.rpartition("@")
-    return method or "topk", 1.0 if config == "full" else float(density)
-
-
-def k_text(row: dict) -> str:
-    """A row's FF width per layer: '768', or '768 (682..1536)' for per-layer widths."""
-    ks = row.get("k_per_layer")
-    return f"{row['k']} ({min(ks)}..{max(ks)})" if ks else str(row.get("k", "—"))
 
 
 def find_data(data: str | None) -> Path:
@@ -147,27 +131,28 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _greedy_seconds(step, first: int, n: int, device: torch.device | None = None) -> float:
+    """Seconds of n greedy steps (step: token -> logits [vocab]), the GPU's queue drained at the end."""
+    tok = first
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = int(step(tok).argmax())
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def _decode_seconds(model, kv, prompt_len: int, first: int, n: int) -> float:
     """Time n greedy decode steps from a fresh copy of the prompt's KV."""
     cache = restore_cache(model, [(k.clone(), v.clone()) for k, v in kv], prompt_len)
-    tok, device = first, next(model.parameters()).device
-    t0 = time.perf_counter()
-    for _ in range(n):
-        logits = forward(model, torch.tensor([[tok]], device=device), cache)[-1]
-        tok = int(logits.argmax())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    device = next(model.parameters()).device
+    return _greedy_seconds(lambda t: forward(model, torch.tensor([[t]], device=device), cache)[-1], first, n, device)
 
 
 def _onnx_decode_seconds(rt, kv, prompt_len: int, first: int, n: int) -> float:
     """The same n greedy steps with ONNX Runtime, from a fresh copy of the prompt's KV."""
     state = rt.state_from_kv(kv, prompt_len)
-    tok = first
-    t0 = time.perf_counter()
-    for _ in range(n):
-        tok = int(rt.step(state, tok).argmax())
-    return time.perf_counter() - t0
+    return _greedy_seconds(lambda t: rt.step(state, t), first, n)
 
 
 def _ff_elements(lm: LoadedModel) -> int:
@@ -184,13 +169,7 @@ def _ff_elements(lm: LoadedModel) -> int:
 def _lean_decode_seconds(lean, kv, prompt_len: int, first: int, n: int) -> float:
     """The same n greedy steps through the lean PyTorch step, from the prompt's KV."""
     lean.load_cache(kv, prompt_len)
-    tok = first
-    t0 = time.perf_counter()
-    for _ in range(n):
-        tok = int(lean.step(tok).argmax())
-    if lean.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return _greedy_seconds(lean.step, first, n, lean.device)
 
 
 def _genai_decode_seconds(model, ids: list[int], n: int) -> float:
@@ -556,11 +535,9 @@ def _size(row: dict) -> str:
 
 def check_results_dir(directory: str | os.PathLike, force: bool = False) -> tuple[Path, Path]:
     """DIR/bench.json and DIR/bench.md, refused if they exist (without force) or DIR cannot be made."""
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise GriffinError(f"{directory} exists and is not a directory")
-    if not directory.parent.is_dir():
-        raise GriffinError(f"output directory {directory.parent} does not exist")
+    from .outputs import check_folder
+
+    directory = check_folder(directory)
     paths = directory / "bench.json", directory / "bench.md"
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
@@ -570,7 +547,7 @@ def check_results_dir(directory: str | os.PathLike, force: bool = False) -> tupl
 
 def write_results(r: dict, directory: str | os.PathLike, *, force: bool = False) -> tuple[Path, Path]:
     """DIR/bench.json (the run_bench dict) and DIR/bench.md (the table), each written atomically."""
-    from .bundle import atomic_output
+    from .outputs import atomic_output
 
     paths = check_results_dir(directory, force)
     Path(directory).mkdir(exist_ok=True)

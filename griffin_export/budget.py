@@ -47,6 +47,12 @@ def widths_text(k: list[int], d_ff: int | None = None) -> str:
     return f"{min(k)}..{max(k)}{of} per layer (total {sum(k)})"
 
 
+def k_text(row: dict) -> str:
+    """A results row's FF width per layer, compact for a table cell (widths_text is for sentences): '768', or '768 (682..1536)' for per-layer widths."""
+    ks = row.get("k_per_layer")
+    return f"{row['k']} ({min(ks)}..{max(ks)})" if ks else str(row.get("k", "—"))
+
+
 def edge_budgets(num_layers: int, d_ff: int, k: int) -> list[int]:
     """Full width for the EDGE_LAYERS, the rest of num_layers·k spread evenly over the others
     (the remainder one neuron at a time from the first); uniform k when that cannot be met."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from .arch import spec_for
 from .bundle import Bundle, BundleInfo, read_bundle
 from .errors import GriffinError
+from .experts import check_bundle, install
 from .models import LoadedModel, load_model
 from .outputs import atomic_dir, check_output_dir
 
@@ -50,12 +51,11 @@ def save_checkpoint(lm: LoadedModel, bundle: Bundle, output: str | os.PathLike, 
                     source: str = "bundle") -> Path:
     """Install the bundle's experts into `lm` (consumed: its FF layers are replaced) and save
     it, with its tokenizer, as a plain HF model directory."""
-    from .runtime.pytorch import TorchRuntime
-
     output = check_output_dir(output, force, "config.json")
     spec = lm.spec
     k = uniform_k(bundle.info, source, spec.d_ff_attr)
-    TorchRuntime(lm, bundle, source=source)  # validates against the base model, swaps in the experts
+    check_bundle(lm, bundle.info, source)
+    install(lm, bundle.weights)
     config = lm.model.config
     setattr(config, spec.d_ff_attr, k)  # e.g. intermediate_size (OPT: ffn_dim)
     setattr(config, CONFIG_KEY, provenance(bundle.info, source))

@@ -52,3 +52,15 @@ QUANT_ACCURACY_LEVEL = 4  # MatMulNBits with int8 activations: ONNX Runtime's fa
 # `griffin-export checkpoint --gguf --quant` (gguf_export.py): llama.cpp file types (F32: no quantizer)
 GGUF_QUANTS = ("Q4_1", "Q4_K_M", "Q8_0", "F16", "F32")
 GGUF_QUANT = "Q4_1"  # the default model's own type
+
+
+# A bench or eval row's config name: the benchmark writes it, the eval report reads it back.
+def config_name(method: str, density: float) -> str:
+    """A bench row's config: the density alone for `topk` (the paper's method), else METHOD@DENSITY."""
+    return f"{density:g}" if method == "topk" else f"{method}@{density:g}"
+
+
+def parse_config(config: str) -> tuple[str, float]:
+    """(method, density) of a config name; ValueError for one that names no density."""
+    method, _, density = config.rpartition("@")
+    return method or "topk", 1.0 if config == "full" else float(density)

@@ -37,11 +37,11 @@ from .experts import installed
 from .aggregate import (AGGREGATIONS, DEFAULT_AGGREGATION, Aggregation, ClassStatistic, Shard,  # noqa: F401
                         StatisticInfo, check_aggregation)
 from .export import (ExportSettings, batch_statistic, bundle_from_indices, choose_experts, expert_weights,
-                     prompt_statistic, tokenize)
+                     prompt_statistic)
 from .jsonl import parse_object, text_field
 from .models import LoadedModel
 from .prefill import forward, new_cache
-from .prompts import OVER_CONTEXT, read_prompt
+from .prompts import OVER_CONTEXT, read_prompt, tokenize
 from .budget import edge_budgets
 from .refit import DEFAULT_LAMBDA
 from .select import REFIT, k_for, select_all

@@ -16,7 +16,7 @@ from .models import LoadedModel, dtype_name
 from .offload import param_values
 from .decoding import DecodeOptions, decode, eos_ids
 from .prefill import forward, new_cache, prefill, take_kv
-from .prompts import check_context, encode
+from .prompts import check_context, tokenize
 from .refit import DEFAULT_LAMBDA, refit_down
 from .select import REFIT, check_density, check_method, k_for, select_all
 from .statistic import BatchStatistic, FFStatistic, recording
@@ -45,11 +45,6 @@ class ExportSettings:
             raise GriffinError(f"chunk size must be >= 1, got {self.chunk_size}")
         if not self.refit_lambda > 0:
             raise GriffinError(f"refit lambda must be > 0, got {self.refit_lambda}")
-
-
-def tokenize(lm: LoadedModel, text: str, *, chat: bool = False) -> torch.Tensor:
-    """Prompt text -> ids [1, T] on the model's device, refusing prompts longer than its context."""
-    return encode(lm.tokenizer, text, context=lm.context_length, chat=chat, model=lm.identity, device=lm.device)
 
 
 def prompt_statistic(lm: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 512, gram: bool = False,

@@ -1,5 +1,5 @@
 """One JSONL row as a JSON object with text fields, with errors that name the file and line.
-Shared by class inputs (classes.py) and evaluation data (evaluation/runner.py)."""
+Shared by class inputs (classes.py) and evaluation data (evaluation/data.py)."""
 
 from __future__ import annotations
 

@@ -216,8 +216,6 @@ def peek_architecture(model: str | None = None, gguf_file: str | None = None) ->
         except (OSError, ValueError) as e:
             raise GriffinError(f"cannot read the model config from {identity}: {e}") from None
         arch = str(cfg.get("model_type", ""))
-        if "text_config" in cfg and not cfg.get("intermediate_size"):
-            cfg = cfg["text_config"]
         spec = spec_for(arch)
         d, ctx = cfg.get(spec.d_ff_attr), cfg.get(spec.context_attr)
         return ModelFacts(arch, d if isinstance(d, int) else None, ctx if isinstance(ctx, int) else None)

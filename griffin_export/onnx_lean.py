@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import attention_shape, ff_blocks, lean_gap, rotary_table
+from .arch import attention_shape, attention_window, ff_blocks, lean_gap, rotary_table
 from .errors import GriffinError
 
 # the graph's symbolic dimensions (onnxruntime-genai's names)
@@ -116,7 +116,7 @@ def build_lean(lm, max_length: int, ff_names: set[str], sliding: list[int]):
     elem = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.FLOAT16
     heads, kv_heads, head_dim = attention_shape(cfg)
     eps = float(cfg.rms_norm_eps)
-    window = int(getattr(cfg, "sliding_window", None) or 0)
+    window = attention_window(cfg)
     g = _Graph()
     params = dict(model.named_parameters())
     names = {id(p): n for n, p in params.items()}
@@ -151,7 +151,7 @@ def build_lean(lm, max_length: int, ff_names: set[str], sliding: list[int]):
         if q.bias is not None:
             qkv = g.one("Add", [qkv, g.one("Concat", [param(q.bias), param(k.bias), param(v.bias)], axis=0)])
         gqa_in = [qkv, "", ""]
-        if hasattr(att, "q_norm"):  # Qwen3: RMSNorm over each head of q and k, before the rotary
+        if lm.spec.qk_norm:  # Qwen3: RMSNorm over each head of q and k, before the rotary
             qs, ks, vs = g.op("Split", [qkv, g.init(f"{p}/qkv_sizes", np.array(
                 [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], np.int64))], 3, axis=-1)
             gqa_in = [_head_norm(g, qs, param(att.q_norm.weight), head_dim, eps, f"{p}/attn/q_norm"),

@@ -61,18 +61,30 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 def check_output_dir(path: str | os.PathLike, force: bool, marker: str) -> Path:
     """Refuse before any heavy work: existing output without --force, a non-empty folder without
     `marker` (never wipe a folder of other files, even with --force), missing or unwritable parent."""
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise GriffinError(f"{path} exists and is not a directory; give a new directory name")
-        if any(path.iterdir()) and not force:  # an empty directory has nothing to lose
+    path = check_folder(path)
+    if path.exists() and any(path.iterdir()):  # an empty directory has nothing to lose
+        if not force:
             raise GriffinError(f"{path} exists; pass --force to overwrite")
-        if any(path.iterdir()) and not (path / marker).is_file():
+        if not (path / marker).is_file():
             raise GriffinError(f"{path} is not empty and holds no {marker}: not replacing it, even with --force")
+    return path
+
+
+def check_folder(path: str | os.PathLike, create: bool = False) -> Path:
+    """An output folder's checks, the same for every command that writes one: not an existing
+    file, its parent there, writable (the folder itself if it exists); `create` makes it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise GriffinError(f"{path} exists and is not a directory; give a new directory name")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise GriffinError(f"output directory {parent} does not exist")
-    check_writable(parent)
+    if create:
+        try:
+            path.mkdir(exist_ok=True)
+        except OSError as e:
+            raise GriffinError(f"cannot create output directory {path}: {e.strerror}") from None
+    check_writable(path if path.is_dir() else parent)
     return path
 
 

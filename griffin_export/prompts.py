@@ -7,10 +7,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import GriffinError
+
+if TYPE_CHECKING:  # the model's type only: prompts stays below models in the house
+    from .models import LoadedModel
 
 # the tail of check_context's message: classes.py recognises over-context prompts by it
 OVER_CONTEXT = "the model's context is"
@@ -55,6 +59,11 @@ def encode(tokenizer, text: str, *, context: int | None, chat: bool = False, mod
         raise GriffinError("the prompt encodes to 0 tokens")
     check_context(context, len(ids))
     return torch.tensor([ids], dtype=torch.long, device=device)
+
+
+def tokenize(lm: LoadedModel, text: str, *, chat: bool = False) -> torch.Tensor:
+    """Prompt text -> ids [1, T] on the model's device, refusing prompts longer than its context."""
+    return encode(lm.tokenizer, text, context=lm.context_length, chat=chat, model=lm.identity, device=lm.device)
 
 
 def check_context(context: int | None, n_tokens: int, reserve: int = 1, warmup: int = 0) -> None:

@@ -13,7 +13,8 @@ from griffin_export.arch import ff_blocks
 from griffin_export.checkpoint import write_checkpoint
 from griffin_export.classes import ClassSettings, Prompt, export_class
 from griffin_export.errors import GriffinError
-from griffin_export.export import bundle_from_indices, tokenize
+from griffin_export.export import bundle_from_indices
+from griffin_export.prompts import tokenize
 from griffin_export.models import load_model
 from griffin_export_cli.main import main
 from tiny import ARCHS, VOCAB, prompt_ids

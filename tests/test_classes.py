@@ -14,7 +14,8 @@ from griffin_export.classes import (AGGREGATIONS, DEFAULT_AGGREGATION, ClassSett
                                     classification_logits,
                                     experts, export_class, iter_prompts, survey_prompts)
 from griffin_export.errors import GriffinError
-from griffin_export.export import layer_scores, tokenize
+from griffin_export.export import layer_scores
+from griffin_export.prompts import tokenize
 from griffin_export.models import load_model
 from griffin_export.prefill import forward, prefill
 from griffin_export.select import select_all

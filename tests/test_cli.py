@@ -111,6 +111,22 @@ def test_unsupported_architecture(tmp_path, prompt, capsys):
     bad([prompt, "-o", tmp_path / "o.safetensors", "--model", d], capsys, "unsupported architecture 'gpt2'")
 
 
+def test_unsupported_gguf_architecture_is_refused_from_its_header(tmp_path, prompt, capsys):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "mamba.gguf"  # a header naming an architecture the table lacks, one tiny tensor
+    w = GGUFWriter(str(path), "mamba")
+    w.add_context_length(64)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    bad([prompt, "-o", tmp_path / "o.safetensors", "--model", path], capsys, "unsupported architecture 'mamba'")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_model_path_missing(tmp_path, prompt, capsys):
     bad([prompt, "-o", tmp_path / "o.safetensors", "--model", tmp_path / "none"], capsys, "does not exist")
 
@@ -176,3 +192,11 @@ def test_the_cli_loads_without_torch():
     code = "import sys, griffin_export_cli.main; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_public_name_resolves():
+    import griffin_export
+
+    # the lazy table once pointed read_prompt at a module that does not define it
+    for name in griffin_export.__all__:
+        assert getattr(griffin_export, name) is not None, name

@@ -135,7 +135,7 @@ def test_gold_loglik_equals_direct_computation_full_and_pruned():
     before = [dict(b.owner.named_children()) for b in ctx.blocks]
     indices = select_all(torch.rand(lm.num_layers, lm.d_ff, generator=torch.Generator().manual_seed(3)),
                          lm.d_ff // 2, "topk", 0)
-    tensors = [slice_block(b, idx, lm.spec, lm.d_ff) for b, idx in zip(ctx.blocks, indices)]
+    tensors = {k: v for b, idx in zip(ctx.blocks, indices) for k, v in slice_block(b, idx, lm.spec, lm.d_ff).items()}
     with pruned(ctx, tensors):
         assert model.model.layers[0].mlp.down_proj.weight.shape[1] == lm.d_ff // 2
         got = continuation_logprobs(model, kv, T, last, cont)

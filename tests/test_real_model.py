@@ -15,7 +15,7 @@ pytestmark = pytest.mark.real_model
 
 
 def test_default_model_answers_the_capital_of_france(real_lm):
-    from griffin_export.export import tokenize
+    from griffin_export.prompts import tokenize
     from griffin_export.prefill import forward, prefill
 
     ids = tokenize(real_lm, "What is the capital of France?", chat=True)

@@ -12,7 +12,8 @@ from griffin_export import ExportSettings, export_prompt, read_bundle
 from griffin_export.aggregate import AGGREGATIONS, Shard, merge, read_statistic, write_statistic
 from griffin_export.classes import ClassSettings, Prompt, class_bundle, class_statistic, shard_of
 from griffin_export.errors import GriffinError
-from griffin_export.export import batch_statistic, prompt_statistic, tokenize
+from griffin_export.export import batch_statistic, prompt_statistic
+from griffin_export.prompts import tokenize
 from griffin_export.models import Offload, load_model, parse_max_memory
 from clirun import run
 from test_classes import texts, write_jsonl

@@ -10,14 +10,15 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from griffin_export.arch import ff_blocks
 from griffin_export.models import load_model
 from griffin_export.onnx_quant import QuantSettings, _quantize_one
 
 lm = load_model(None, quiet=True)
+blocks = ff_blocks(lm.model, lm.spec)
 for layer in (0, 14, 29):
-    mlp = lm.model.model.layers[layer].mlp
-    for proj in ("gate_proj", "down_proj"):
-        w = getattr(mlp, proj).weight.detach().t().contiguous().numpy()  # [in, out]
+    for proj, linear in ((lm.spec.inputs[0], blocks[layer].inputs[lm.spec.inputs[0]]), (lm.spec.output, blocks[layer].output)):
+        w = linear.weight.detach().t().contiguous().numpy()  # [in, out]
         k, n = w.shape
         x = np.random.default_rng(layer).standard_normal((16, k)).astype(np.float32)
         ref = x @ w

@@ -57,11 +57,12 @@ from typing import Iterator
 
 import torch
 
-from griffin_export.arch import ff_blocks, per_layer
+from griffin_export.arch import ff_blocks, ff_param
 from griffin_export.budget import allocate, edge_budgets, refit_error_curve
 from griffin_export.evaluation.runner import Context, continuation_ids, continuation_logprobs, fresh_cache, pruned
 from griffin_export.evaluation.settings import EvalSettings
-from griffin_export.export import choose_experts, expert_weights, tokenize
+from griffin_export.export import choose_experts, expert_weights
+from griffin_export.prompts import tokenize
 from griffin_export.models import load_model
 from griffin_export.prefill import cache_tensors, forward, prefill
 from griffin_export.select import k_for, select_all
@@ -170,8 +171,7 @@ class Search:
             hooks.append(b.owner.register_forward_hook(
                 lambda mod, a, o, m=m, bias=bias: o + (a[0] @ m.T if m is not None else 0) + (bias if bias is not None else 0)))
         try:
-            tensors = None if weights is None else per_layer(self.ctx.blocks, weights)
-            with pruned(self.ctx, tensors):
+            with pruned(self.ctx, weights):
                 logp = continuation_logprobs(self.lm.model, p.kv, p.ids.shape[1], p.last, p.cont.ids)
         finally:
             for h in hooks:
@@ -225,7 +225,7 @@ class Search:
             for sl in (slice(0, nk), slice(nk, None)):  # the refit's ridge, per block of regressors
                 g.diagonal()[sl] += float(g.diagonal()[sl].mean())
             sol = torch.linalg.solve(g, feats.T @ y)
-            weights[f"{self.blocks[i].prefix}{self.lm.spec.output}.weight"] = (self.w_down[i][:, kept] + sol[:nk].T).contiguous()
+            weights[ff_param(self.lm.spec, i, self.lm.spec.output)] = (self.w_down[i][:, kept] + sol[:nk].T).contiguous()
             corr.append((None, sol[nk:][0]) if extra == "bias" else (sol[nk:].T.contiguous(), None))
         return weights, corr
 
@@ -271,7 +271,7 @@ class Search:
             g = zk.T @ zk
             g.diagonal().add_(float(g.diagonal().mean().clamp_min(1e-12)))
             new = w[:, kept] + torch.linalg.solve(g, zk.T @ resid).T
-            weights[f"{self.blocks[i].prefix}{self.lm.spec.output}.weight"] = new.contiguous()
+            weights[ff_param(self.lm.spec, i, self.lm.spec.output)] = new.contiguous()
             return zk @ new.T
 
         hooks = [l.post_attention_layernorm.register_forward_pre_hook(

@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from griffin_export.arch import per_layer
 from griffin_export.decoding import DecodeOptions, decode
 from griffin_export.evaluation.metrics import mean_ci, rouge
 from griffin_export.evaluation.runner import fresh_cache, pruned
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                         _, weights = choose_experts(lm, method, scores, args.density, 0, gram=gram)
                         c2 = fresh_cache(lm.model, kv, T + len(warm))
                         left = DecodeOptions(max_new_tokens=MAX_TOKENS - len(warm), stop=[STOP])
-                        with pruned(s.ctx, per_layer(s.ctx.blocks, weights)):
+                        with pruned(s.ctx, weights):
                             ids += decode(lambda t: forward(lm.model, torch.tensor([[t]]), c2)[-1], logits, left,
                                           tokenizer=tok).token_ids
                     text = cut(tok.decode(ids, skip_special_tokens=True))

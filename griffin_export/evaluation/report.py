@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..bench import k_text, parse_config
+from ..budget import k_text
+from ..choices import parse_config
 from ..provenance import versions
 from ..errors import GriffinError
 from .metrics import ROUGE_TYPES, Interval, diff_ci, mean_ci, ratio_ci
@@ -186,7 +187,7 @@ def _json_default(obj):
 
 
 def _write_text(path: Path, text: str) -> Path:
-    from ..bundle import atomic_output
+    from ..outputs import atomic_output
 
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -338,7 +339,7 @@ def _figure():
 
 
 def _save(fig, path: Path) -> Path:
-    from ..bundle import atomic_output
+    from ..outputs import atomic_output
 
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")

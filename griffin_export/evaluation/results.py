@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import GriffinError
 from ..models import LoadedModel, dtype_name
-from ..outputs import atomic_output, check_writable
+from ..outputs import atomic_output, check_folder
 from .data import file_hash
 from .settings import EvalSettings
 
@@ -129,7 +129,7 @@ def merge_results(sources: list[str | os.PathLike], out: str | os.PathLike, *, f
               "settings": {**first["settings"], "methods": order, "densities": densities,
                            "rows": [rows[0], rows[-1] + 1]},
               "merged_from": [d for d, _, _ in runs]}
-    out_dir = prepare_output(out)
+    out_dir = check_folder(out, create=True)
     path = out_dir / RESULTS_FILE
     if path.exists() and not force:
         raise GriffinError(f"{path} exists; pass --force to overwrite")
@@ -172,17 +172,3 @@ class ResultsWriter:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-
-def prepare_output(out: str | os.PathLike) -> Path:
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise GriffinError(f"output {out_dir} exists and is not a directory")
-    if not out_dir.parent.is_dir():
-        raise GriffinError(f"output directory {out_dir.parent} does not exist")
-    try:
-        out_dir.mkdir(exist_ok=True)
-    except OSError as e:
-        raise GriffinError(f"cannot create output directory {out_dir}: {e.strerror}") from None
-    check_writable(out_dir)
-    return out_dir

@@ -29,19 +29,20 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import FFBlock, ff_blocks, ff_param, magnitude_scores, per_layer, sliced
+from ..arch import FFBlock, ff_blocks, ff_param, magnitude_scores
 from ..bundle import read_bundle
 from ..decoding import DecodeOptions, Generation, decode, eos_ids
 from ..errors import GriffinError
-from ..experts import check_bundle
-from ..export import choose_experts, prompt_statistic, tokenize, warm_up
-from ..prompts import check_context
+from ..experts import check_bundle, installed
+from ..export import choose_experts, prompt_statistic, warm_up
+from ..prompts import check_context, tokenize
 from ..models import LoadedModel
+from ..outputs import check_folder
 from ..prefill import cache_tensors, forward, prefill, restore_cache
 from ..select import REFIT
 from .data import EvalRow, read_rows
 from .metrics import first_divergence, rouge
-from .results import NOT_GENERATED, open_results, prepare_output, run_header
+from .results import NOT_GENERATED, open_results, run_header
 from .settings import FULL, PRUNED_PREFILL_PREFIX, EvalSettings, bundle_path
 
 # Methods that rank neurons by a prompt-independent weight score instead of the prompt
@@ -128,18 +129,18 @@ class Context:
         return self._static[method]
 
     def tensors(self, setting: Setting, prompt_scores: torch.Tensor, seed: int,
-                gram: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
-        """Per layer, the sliced FF tensors of this setting (keyed like install_slice wants)."""
+                gram: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The sliced FF weights of this setting, keyed like a bundle's."""
         if setting.weights is not None:
-            return per_layer(self.blocks, setting.weights)
+            return setting.weights
         _, weights = choose_experts(self.lm, setting.method, self.scores(setting.method, prompt_scores),
                                     setting.density, seed, gram=gram)
-        return per_layer(self.blocks, weights)
+        return weights
 
 
-def pruned(ctx: Context, tensors: list[dict[str, torch.Tensor]] | None):
-    """Decode with sliced FF linears inside the block; the full-width ones come back after."""
-    return contextlib.nullcontext() if tensors is None else sliced(ctx.blocks, ctx.lm.spec, tensors)
+def pruned(ctx: Context, tensors: dict[str, torch.Tensor] | None):
+    """Decode with the experts inside the block; the full-width FF linears come back after."""
+    return contextlib.nullcontext() if tensors is None else installed(ctx.lm, tensors)
 
 
 def fresh_cache(model, kv, prompt_len: int):
@@ -265,9 +266,9 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
             "seconds": time.perf_counter() - t0, "results": results}
 
 
-def _mean_k(ctx: Context, tensors: list[dict[str, torch.Tensor]]) -> float:
+def _mean_k(ctx: Context, tensors: dict[str, torch.Tensor]) -> float:
     spec = ctx.lm.spec
-    ks = [t[ff_param(spec, i, spec.output)].shape[1] for i, t in enumerate(tensors)]
+    ks = [tensors[ff_param(spec, i, spec.output)].shape[1] for i in range(len(ctx.blocks))]
     return sum(ks) / len(ks)
 
 
@@ -276,7 +277,7 @@ def run_eval(lm: LoadedModel, settings: EvalSettings, out: str | os.PathLike, *,
     """Evaluate every row of the range (skipping rows already in OUT/eval.jsonl); returns
     that file. `limit` stops after that many newly evaluated prompts (tests, timing)."""
     rows = read_rows(settings)  # bad data fails before any model work
-    out_dir = prepare_output(out)
+    out_dir = check_folder(out, create=True)
     evals, bundle_hashes = make_settings(lm, settings)
     header = run_header(lm, settings, bundle_hashes)
     done, writer = open_results(out_dir, header, force)

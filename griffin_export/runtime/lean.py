@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import attention_shape, lean_gap, rotary_table, sliding_layers
+from ..arch import FFBlock, FFSpec, attention_shape, attention_window, ff_blocks, lean_gap, rotary_table, sliding_layers, spec_for
 from ..errors import GriffinError
 
 
@@ -73,16 +73,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _Layer:
-    def __init__(self, layer: nn.Module, eps: float):
-        att, mlp = layer.self_attn, layer.mlp
+    def __init__(self, layer: nn.Module, block: FFBlock, spec: FFSpec):
+        att = layer.self_attn
         self.wqkv, self.bqkv = _pack(att.q_proj, att.k_proj, att.v_proj)
         self.sizes = [att.q_proj.weight.shape[0], att.k_proj.weight.shape[0], att.v_proj.weight.shape[0]]
         self.wo, self.bo = _pack(att.o_proj)
-        self.q_norm = att.q_norm.weight if hasattr(att, "q_norm") else None
-        self.k_norm = att.k_norm.weight if hasattr(att, "k_norm") else None
-        self.w_gate_up, _ = _pack(mlp.gate_proj, mlp.up_proj)
-        self.width = mlp.gate_proj.weight.shape[0]
-        self.w_down, _ = _pack(mlp.down_proj)
+        self.q_norm = att.q_norm.weight if spec.qk_norm else None
+        self.k_norm = att.k_norm.weight if spec.qk_norm else None
+        gate, up = (block.inputs[n] for n in spec.inputs)
+        self.w_gate_up, _ = _pack(gate, up)
+        self.width = block.output.weight.shape[1]
+        self.w_down, _ = _pack(block.output)
         self.norm_in, self.norm_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         self.scaling = float(att.scaling)
 
@@ -97,9 +98,10 @@ class LeanDecoder:
         inner = model.model
         self.eps = float(cfg.rms_norm_eps)
         self.heads, self.kv_heads, self.head_dim = attention_shape(cfg)
-        self.window = int(getattr(cfg, "sliding_window", None) or 0)
+        self.window = attention_window(cfg)
         self.sliding = set(sliding_layers(model))
-        self.layers = [_Layer(layer, self.eps) for layer in inner.layers]
+        spec = spec_for(cfg.model_type)
+        self.layers = [_Layer(layer, block, spec) for layer, block in zip(inner.layers, ff_blocks(model, spec))]
         head = model.get_output_embeddings()
         self.head, self.head_bias = _pack(head)  # a tied input embedding becomes the same view
         self.embed = inner.embed_tokens.weight

@@ -18,8 +18,7 @@ from ..choices import CHUNK_SIZE
 from ..decoding import eos_ids
 from ..errors import GriffinError
 from ..experts import check_bundle, check_fresh, install
-from ..export import tokenize
-from ..prompts import check_context, check_generation_fits
+from ..prompts import check_context, check_generation_fits, tokenize
 from ..models import LoadedModel, load_model
 from ..prefill import cache_kwarg, cache_tensors, forward, new_cache, prefill, restore_cache
 from .base import Runtime, left_padded
