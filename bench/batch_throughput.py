@@ -1,5 +1,5 @@
 """Batched generation throughput: generated tokens/s of the full model and of a class bundle,
-PyTorch runtime, CPU, at several batch sizes, in one process (the settings interleaved over
+PyTorch or ONNX Runtime (--runtime), CPU, at several batch sizes, in one process (the settings interleaved over
 `--repeats` rounds; the table shows medians and the pruned/full ratio per batch size).
 
     python bench/batch_throughput.py [--runtime torch|onnx] [--decoder lean|eager] [--batch-size 1,4,16]

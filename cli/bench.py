@@ -19,7 +19,7 @@ from .options import dtype_option, int4_options, int4_settings, model_options, p
 @click.option("--row", default=0, show_default=True, help="row of --data used as the prompt")
 @click.option("--new-tokens", default=64, show_default=True, help="decode steps timed per repeat")
 @click.option("--repeats", default=5, show_default=True, help="timed repeats (median reported), after one warm-up")
-@click.option("--threads", default=None, type=int, help="torch (and ONNX Runtime) threads [default: their choice]")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch (and ONNX Runtime) threads [default: their choice]")
 @click.option("--runtime", default="torch", show_default=True,
               help="comma-separated runtimes: torch (transformers' forward per step), torch-lean (the lean step), "
                    "onnx (the traced graph), onnx-lean (the lean graph), onnx-int4 / onnx-lean-int4 (those graphs "

@@ -26,7 +26,7 @@ from griffin_export.choices import METHODS
               help="text between prompt and gold text for the log-likelihood (backslash escapes work)")
 @click.option("--max-tokens", default=64, show_default=True, help="generation length for rows without max_tokens")
 @chunk_option
-@click.option("--threads", default=None, type=int, help="torch threads [default: torch's choice]")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads [default: torch's choice]")
 @click.option("--ll-only", is_flag=True,
               help="only the gold log-likelihood (no generation, ROUGE or agreement): fast, for searching settings")
 @click.option("--warmup", default=0, show_default=True, metavar="N",

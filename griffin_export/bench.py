@@ -77,6 +77,9 @@ class BenchSettings:
             require_llama_cpp()
         if not self.methods or not self.densities:
             raise GriffinError("bench needs at least one selection method and one density")
+        if self.row < 0 or self.new_tokens < 1 or self.repeats < 1:
+            raise GriffinError(f"bench needs --row >= 0, --new-tokens >= 1 and --repeats >= 1; got {self.row}, "
+                               f"{self.new_tokens}, {self.repeats}")
         for m in self.methods:
             check_method(m)
         for d in self.densities:  # refused here, before the model loads, not after the first timings

@@ -428,6 +428,8 @@ def test_cli_export_generate_with_onnx_runtime(tmp_path, tiny_dir, capsys):
     (["bench", "--method", "topk,nope"], "unknown method 'nope'"),
     (["bench", "--method", ","], "no methods given"),
     (["bench", "--runtime", "torch,tvm"], "unknown runtime tvm"),
+    (["bench", "--repeats", "0"], "--repeats >= 1; got 0, 64, 0"),
+    (["bench", "--threads", "0"], "Invalid value for '--threads'"),
 ])
 def test_cli_bad_input_is_one_line(exported, tmp_path, capsys, argv, message):
     from griffin_export import write_bundle
