@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,21 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from griffin_export.bench import find_data, read_row
+from griffin_export.bench import find_data, median_seconds, read_row
 from griffin_export.export import ExportSettings, export_ids
 from griffin_export.prompts import tokenize
 from griffin_export.models import load_model
 from griffin_export.prefill import cache_tensors, prefill
-
-
-def median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -53,8 +42,8 @@ def main() -> None:
 
     w = lm.model.get_output_embeddings().weight.detach()
     x, wt = torch.randn(1, w.shape[1]), w.t().contiguous()
-    lin = median_s(lambda: [F.linear(x, w) for _ in range(20)], a.repeats) / 20
-    mm = median_s(lambda: [x @ wt for _ in range(20)], a.repeats) / 20
+    lin = median_seconds(lambda: [F.linear(x, w) for _ in range(20)], a.repeats) / 20
+    mm = median_seconds(lambda: [x @ wt for _ in range(20)], a.repeats) / 20
     print(f"lm_head {list(w.shape)}: F.linear {lin * 1e3:.2f} ms, x @ W[in,out] {mm * 1e3:.2f} ms")
 
     from griffin_export.runtime.lean import LeanDecoder
@@ -72,7 +61,7 @@ def main() -> None:
     t0 = time.perf_counter()
     steps(compiled)()
     compile_s = time.perf_counter() - t0
-    e, c = median_s(steps(eager), a.repeats), median_s(steps(compiled), a.repeats)
+    e, c = median_seconds(steps(eager), a.repeats), median_seconds(steps(compiled), a.repeats)
     print(f"lean step, full model, 64 tokens: eager {64 / e:.1f} tok/s, compiled {64 / c:.1f} tok/s "
           f"(first compiled run {compile_s:.0f} s)")
 
@@ -99,7 +88,7 @@ def main() -> None:
                 sess.sess.run_with_iobinding(io)
                 tok = int(io.get_outputs()[0].numpy()[0, -1].argmax())
 
-        s_step, s_bare = median_s(via_step, a.repeats), median_s(bare, a.repeats)
+        s_step, s_bare = median_seconds(via_step, a.repeats), median_seconds(bare, a.repeats)
         print(f"ORT lean pruned graph, per step: OnnxRuntime.step {s_step / 64 * 1e3:.2f} ms, "
               f"bare run_with_iobinding {s_bare / 64 * 1e3:.2f} ms")
 

@@ -124,7 +124,7 @@ def read_elements(model: torch.nn.Module) -> int:
     return total
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -319,8 +319,8 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         def export_once():
             write_bundle(export_ids(lm, ids, export_settings), out, force=True)
 
-        prefill_s = _median_time(lambda: prefill(base, ids), max(1, s.repeats // 2)) if s.time_export else None
-        export_s = _median_time(export_once, max(1, s.repeats // 2)) if s.time_export else None
+        prefill_s = median_seconds(lambda: prefill(base, ids), max(1, s.repeats // 2)) if s.time_export else None
+        export_s = median_seconds(export_once, max(1, s.repeats // 2)) if s.time_export else None
 
         cache, last = prefill(base, ids)
         kv = cache_tensors(cache)
@@ -360,7 +360,7 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
                     if runtime in s.runtimes:
                         configs[(runtime, name)] = (onnx_fn(ort_rt), k, bundle_bytes, read, size)
                         if bundle is None and s.time_export:  # the full graph's prefill of the prompt
-                            prefill_times[(runtime, name)] = _median_time(lambda: ort_rt.prefill(ids),
+                            prefill_times[(runtime, name)] = median_seconds(lambda: ort_rt.prefill(ids),
                                                                           max(1, s.repeats // 2))
                     if genai:
                         key = ("genai", name if name != "full" else "lean full")
