@@ -11,7 +11,7 @@ forward or the traced graph.
 
 Prompts are XSum articles from ../shared/data/xsum_dev.jsonl (rows 0..N-1, cut to --max-prompt-tokens);
 the class bundle is counted on rows 200..231 (topk, pooled). The "full" model is the class bundle
-at density 1.0, so both go through the same batched code (runtime.generate_batch: full-model
+at density 1.0 (ONNX Runtime: the full model's own graph), so both go through the same batched code (runtime.generate_batch: full-model
 prefill of each batch, then decode with the experts). Every sequence decodes --new-tokens tokens
 (eos does not stop it), so both sides generate the same number of tokens. Throughput is given for
 the whole generate_batch call (prefill and decode) and for the decoding alone.

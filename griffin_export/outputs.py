@@ -62,6 +62,7 @@ def check_output_dir(path: str | os.PathLike, force: bool, marker: str) -> Path:
     """Refuse before any heavy work: existing output without --force, a non-empty folder without
     `marker` (never wipe a folder of other files, even with --force), missing or unwritable parent."""
     path = check_folder(path)
+    check_writable(path.parent if str(path.parent) else Path("."))  # atomic_dir renames its temp folder in there
     if path.exists() and any(path.iterdir()):  # an empty directory has nothing to lose
         if not force:
             raise GriffinError(f"{path} exists; pass --force to overwrite")
