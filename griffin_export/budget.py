@@ -48,7 +48,8 @@ def widths_text(k: list[int], d_ff: int | None = None) -> str:
 
 
 def k_text(row: dict) -> str:
-    """A results row's FF width per layer, compact for a table cell (widths_text is for sentences): '768', or '768 (682..1536)' for per-layer widths."""
+    """A results row's FF width per layer, compact for a table cell (widths_text is for sentences):
+    '768', or '768 (682..1536)' for per-layer widths."""
     ks = row.get("k_per_layer")
     return f"{row['k']} ({min(ks)}..{max(ks)})" if ks else str(row.get("k", "—"))
 

@@ -61,8 +61,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 def check_output_dir(path: str | os.PathLike, force: bool, marker: str) -> Path:
     """Refuse before any heavy work: existing output without --force, a non-empty folder without
     `marker` (never wipe a folder of other files, even with --force), missing or unwritable parent."""
-    path = check_folder(path)
-    check_writable(path.parent if str(path.parent) else Path("."))  # atomic_dir renames its temp folder in there
+    path = check_folder(path, replaced=True)
     if path.exists() and any(path.iterdir()):  # an empty directory has nothing to lose
         if not force:
             raise GriffinError(f"{path} exists; pass --force to overwrite")
@@ -71,9 +70,10 @@ def check_output_dir(path: str | os.PathLike, force: bool, marker: str) -> Path:
     return path
 
 
-def check_folder(path: str | os.PathLike, create: bool = False) -> Path:
+def check_folder(path: str | os.PathLike, create: bool = False, *, replaced: bool = False) -> Path:
     """An output folder's checks, the same for every command that writes one: not an existing
-    file, its parent there, writable (the folder itself if it exists); `create` makes it."""
+    file, its parent there, and writable where the files are made: in the folder, or in its parent
+    when the folder is `replaced` whole (atomic_dir builds it beside and renames it in); `create` makes it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise GriffinError(f"{path} exists and is not a directory; give a new directory name")
@@ -85,7 +85,7 @@ def check_folder(path: str | os.PathLike, create: bool = False) -> Path:
             path.mkdir(exist_ok=True)
         except OSError as e:
             raise GriffinError(f"cannot create output directory {path}: {e.strerror}") from None
-    check_writable(path if path.is_dir() else parent)
+    check_writable(path if path.is_dir() and not replaced else parent)
     return path
 
 
