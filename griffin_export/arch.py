@@ -170,19 +170,36 @@ def per_layer(blocks: list[FFBlock], weights: dict[str, torch.Tensor]) -> list[d
     return [{k: v for k, v in weights.items() if k.startswith(b.prefix)} for b in blocks]
 
 
+def ff_modules(blocks: list[FFBlock], spec: FFSpec) -> list[dict[str, nn.Module]]:
+    """Each layer's FF linears as {attribute: module}: what `swapped` puts back."""
+    names = (*spec.inputs, spec.output)
+    return [{n: getattr(b.owner, n) for n in names} for b in blocks]
+
+
+@contextmanager
+def swapped(blocks: list[FFBlock], modules: list[dict[str, nn.Module]]) -> Iterator[None]:
+    """These FF linears in the layers for the block's duration; the ones there before come back after."""
+    saved = [{n: getattr(b.owner, n) for n in mods} for b, mods in zip(blocks, modules)]
+    try:
+        _put(blocks, modules)
+        yield
+    finally:
+        _put(blocks, saved)
+
+
+def _put(blocks: list[FFBlock], modules: list[dict[str, nn.Module]]) -> None:
+    for block, mods in zip(blocks, modules):
+        for name, mod in mods.items():
+            setattr(block.owner, name, mod)
+
+
 @contextmanager
 def sliced(blocks: list[FFBlock], spec: FFSpec, tensors: list[dict[str, torch.Tensor]]) -> Iterator[None]:
     """Each layer's sliced linears installed for the block's duration; the originals come back after."""
-    names = (*spec.inputs, spec.output)
-    saved = [{n: getattr(b.owner, n) for n in names} for b in blocks]
-    try:
+    with swapped(blocks, ff_modules(blocks, spec)):
         for block, t in zip(blocks, tensors):
             install_slice(block, spec, t)
         yield
-    finally:
-        for block, mods in zip(blocks, saved):
-            for name, mod in mods.items():
-                setattr(block.owner, name, mod)
 
 
 def magnitude_scores(block: FFBlock, spec: FFSpec, d: int) -> torch.Tensor:

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ..arch import attention_shape, ff_blocks
+from ..arch import attention_shape, ff_blocks, ff_modules, swapped
 from ..bundle import Bundle, kv_layout_of, read_bundle
 from ..choices import CHUNK_SIZE
 from ..decoding import eos_ids
@@ -54,10 +54,8 @@ class TorchRuntime(Runtime):
         self.pruned_prefill = pruned_prefill
         _check_bundle_tensors(lm, bundle, source)
         self.blocks = ff_blocks(lm.model, lm.spec)
-        names = (*lm.spec.inputs, lm.spec.output)
-        self._full = [{n: getattr(b.owner, n) for n in names} for b in self.blocks] if keep_full else None
+        self._full = ff_modules(self.blocks, lm.spec) if keep_full else None
         install(lm, bundle.weights)
-        self._pruned = [{n: getattr(b.owner, n) for n in names} for b in self.blocks]
         self.eos = eos_ids(lm.config, lm.tokenizer)
         # decode steps through the lean step (runtime/lean.py) where it covers the architecture,
         # unless lean=False; lean=True where it does not is an error; compile: torch.compile it
@@ -81,21 +79,17 @@ class TorchRuntime(Runtime):
 
     # -- FF width ---------------------------------------------------------------------
 
-    def _use(self, which: list[dict[str, nn.Module]]) -> None:
-        for block, mods in zip(self.blocks, which):
-            for name, mod in mods.items():
-                setattr(block.owner, name, mod)
+    def _full_ff(self):
+        """The full FF linears in the layers for a `with` block (a new prompt's prefill)."""
+        if self._full is None:
+            raise GriffinError("a new prompt needs the full model for prefill; load the runtime with keep_full=True")
+        return swapped(self.blocks, self._full)
 
     def full_prefill(self, ids: torch.Tensor):
         """Prefill ids [1, T] with the full FF layers; returns (cache, last logits)."""
-        if self._full is None:
-            raise GriffinError("a new prompt needs the full model for prefill; load the runtime with keep_full=True")
         check_context(self.lm.context_length, ids.shape[1])
-        self._use(self._full)
-        try:
+        with self._full_ff():
             return prefill(self.lm.model, ids)
-        finally:
-            self._use(self._pruned)
 
     # -- decoding ---------------------------------------------------------------------
 
@@ -139,16 +133,10 @@ class TorchRuntime(Runtime):
         ids, mask, positions = (t.to(self.lm.device) for t in left_padded(batch))
         T = ids.shape[1]
         state = _Batch(new_cache(self.lm.model), mask, positions[:, -1] + 1, T + max_new_tokens)
-        if not self.pruned_prefill and self._full is None:
-            raise GriffinError("a new prompt needs the full model for prefill; load the runtime with keep_full=True")
-        if not self.pruned_prefill:
-            self._use(self._full)
-        try:
+        with nullcontext() if self.pruned_prefill else self._full_ff():
             for s in range(0, T, CHUNK_SIZE):
                 logits = self._forward(ids[:, s:s + CHUNK_SIZE], mask[:, :s + CHUNK_SIZE],
                                        positions[:, s:s + CHUNK_SIZE], state.cache)
-        finally:
-            self._use(self._pruned)
         return state, logits
 
     def step_batch(self, state: "_Batch", tokens: list[int], keep: list[int]) -> torch.Tensor:
