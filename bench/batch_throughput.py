@@ -27,8 +27,10 @@ from pathlib import Path
 
 import torch
 
-from griffin_export.classes import ClassSettings, Prompt, export_class
-from griffin_export.decoding import DecodeOptions
+from griffin_export.classes import Prompt, export_class
+
+from griffin_export.settings import ClassSettings
+from griffin_export.settings import DecodeOptions
 from griffin_export.models import load_model
 from griffin_export.runtime.pytorch import load_runtime
 

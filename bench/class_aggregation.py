@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from griffin_export.arch import ff_blocks, magnitude_scores
 from griffin_export.classes import AGGREGATIONS, DEFAULT_AGGREGATION, ClassStatistic, experts
 from griffin_export.errors import GriffinError
-from griffin_export.export import ExportSettings, layer_scores
+from griffin_export.export import layer_scores
+from griffin_export.settings import ExportSettings
 from griffin_export.prompts import tokenize
 from griffin_export.models import load_model
 from griffin_export.prefill import cache_tensors, forward, prefill, restore_cache

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from griffin_export.bench import find_data, median_seconds, read_row
-from griffin_export.export import ExportSettings, export_ids
+from griffin_export.export import export_ids
+from griffin_export.settings import ExportSettings
 from griffin_export.prompts import tokenize
 from griffin_export.models import load_model
 from griffin_export.prefill import cache_tensors, prefill

@@ -17,7 +17,8 @@ import argparse
 import torch
 
 from griffin_export.arch import spec_for
-from griffin_export.bench import BenchSettings, format_table, run_bench, write_results
+from griffin_export.bench import format_table, run_bench, write_results
+from griffin_export.settings import BenchSettings
 from griffin_export.models import LoadedModel
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -80,7 +80,7 @@ def long_bench(ns: argparse.Namespace, tmp: Path) -> None:
                   "from griffin_export.prefill import forward, new_cache; lm = load_model(quiet=True); "
                   "forward(lm.model, torch.tensor([[1]]), new_cache(lm.model))"]
     wall, base = measure(model_only)
-    print(f"| default model (float32), one export | wall | peak RSS | over the model |")
+    print("| default model (float32), one export | wall | peak RSS | over the model |")
     print("|---|---:|---:|---:|")
     print(f"| load the model, run one token | {wall:.1f} s | {base:.2f} GB | - |", flush=True)
     for method in ns.methods.split(","):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import click
 
-from griffin_export.choices import GGUF_QUANT, GGUF_QUANTS
+from griffin_export.choices import GGUF_QUANTS
+from griffin_export.evaluation.settings import list_text
+from griffin_export.settings import BenchSettings, defaults
+
+BENCH = defaults(BenchSettings)
 
 from .options import dtype_option, int4_options, int4_settings, model_options, precheck, require_extra
 
@@ -12,24 +16,24 @@ from .options import dtype_option, int4_options, int4_settings, model_options, p
 @click.command("bench")
 @model_options
 @dtype_option
-@click.option("--density", default="0.25,0.5,0.75", show_default=True, help="comma-separated densities")
-@click.option("--method", default="topk", show_default=True,
+@click.option("--density", default=list_text(BENCH["densities"]), show_default=True, help="comma-separated densities")
+@click.option("--method", default=list_text(BENCH["methods"]), show_default=True,
               help="comma-separated selection methods, each benchmarked at every density")
 @click.option("--data", default=None, help="JSONL file whose `article` field gives the prompt [default: shared/data/xsum_dev.jsonl in this folder or one above it]")
-@click.option("--row", default=0, show_default=True, help="row of --data used as the prompt")
-@click.option("--new-tokens", default=64, show_default=True, help="decode steps timed per repeat")
-@click.option("--repeats", default=5, show_default=True, help="timed repeats (median reported), after one warm-up")
+@click.option("--row", default=BENCH["row"], show_default=True, help="row of --data used as the prompt")
+@click.option("--new-tokens", default=BENCH["new_tokens"], show_default=True, help="decode steps timed per repeat")
+@click.option("--repeats", default=BENCH["repeats"], show_default=True, help="timed repeats (median reported), after one warm-up")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch (and ONNX Runtime) threads [default: their choice]")
-@click.option("--runtime", default="torch", show_default=True,
+@click.option("--runtime", default=list_text(BENCH["runtimes"]), show_default=True,
               help="comma-separated runtimes: torch (transformers' forward per step), torch-lean (the lean step), "
                    "onnx (the traced graph), onnx-lean (the lean graph), onnx-int4 / onnx-lean-int4 (those graphs "
                    "with 4-bit MatMuls), genai (onnxruntime-genai's runtime: its own builder's full model and our "
                    "lean graphs), llama.cpp (the base GGUF and each bundle's pruned GGUF, --gguf-quant; the [llama] "
                    "extra); ONNX rows export a graph per config")
-@click.option("--onnx-provider", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+@click.option("--onnx-provider", type=click.Choice(["cpu", "cuda", "auto"]), default=BENCH["onnx_provider"], show_default=True,
               help="ONNX Runtime provider for the onnx rows (auto: CUDA when a GPU answers)")
 @int4_options("-int4 rows")
-@click.option("--gguf-quant", type=click.Choice(GGUF_QUANTS), default=GGUF_QUANT, show_default=True,
+@click.option("--gguf-quant", type=click.Choice(GGUF_QUANTS), default=BENCH["gguf_quant"], show_default=True,
               help="llama.cpp rows: the GGUF file type of the base and the pruned files")
 @click.option("-o", "--output", default=None, metavar="DIR", help="also write DIR/bench.json and DIR/bench.md")
 @click.option("--force", is_flag=True, help="overwrite an existing DIR/bench.json / bench.md")
@@ -54,7 +58,7 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
       griffin-export bench --runtime torch,onnx --device cuda --dtype float16 --onnx-provider cuda
       griffin-export bench --runtime onnx-lean,onnx-lean-int4,llama.cpp --density 0.5 --threads 2 --repeats 9
     """
-    from griffin_export.bench import BenchSettings, check_results_dir, format_table, run_bench, write_results
+    from griffin_export.bench import check_results_dir, format_table, run_bench, write_results
     from griffin_export.evaluation.settings import parse_densities, parse_list
 
     settings = BenchSettings(densities=parse_densities(density), methods=parse_list(method, "methods"), data=data,

@@ -60,7 +60,8 @@ def command(bundle, output, model, gguf_file, device, as_gguf, quant, threads, f
 def _gguf(bundle, info, output, model, gguf_file, quant, threads, force, quiet, t0) -> None:
     from griffin_export.bundle import read_bundle
     from griffin_export.experts import check_bundle
-    from griffin_export.gguf_export import base_gguf, check_architecture, require_llama_cpp, write_pruned_gguf
+    from griffin_export.gguf_export import base_gguf, check_architecture, write_pruned_gguf
+    from griffin_export.settings import require_llama_cpp
     from griffin_export.models import load_model
     from griffin_export.outputs import check_output_path
 

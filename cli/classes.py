@@ -8,7 +8,10 @@ import click
 from .options import (chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options, offload_from,
                       offload_options, precheck, recorded_model_options, status)
 
-from griffin_export.choices import AGGREGATION_SUMMARIES, CLASS_METHODS, DEFAULT_AGGREGATION
+from griffin_export.choices import AGGREGATION_SUMMARIES, CLASS_METHODS
+from griffin_export.settings import ClassSettings, defaults
+
+CLASS = defaults(ClassSettings)
 
 _AGGREGATION_HELP = "how per-prompt scores become one class score: " + "; ".join(
     f"{name} = {summary}" for name, summary in AGGREGATION_SUMMARIES.items())
@@ -24,13 +27,13 @@ _METHOD_HELP = ("neuron selection on the class score; the topk_refit* methods al
               help="class bundle to write (.safetensors); with --shard, the shard's partial statistic")
 @click.option("--field", default="prompt", show_default=True, help="JSONL key holding the prompt text")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="use only the first N prompts")
-@click.option("--aggregation", type=click.Choice(list(AGGREGATION_SUMMARIES)), default=DEFAULT_AGGREGATION,
+@click.option("--aggregation", type=click.Choice(list(AGGREGATION_SUMMARIES)), default=CLASS["aggregation"],
               show_default=True, help=_AGGREGATION_HELP)
 @model_options
 @offload_options
 @dtype_option
 @density_option
-@click.option("--method", type=click.Choice(CLASS_METHODS), default="topk", show_default=True, help=_METHOD_HELP)
+@click.option("--method", type=click.Choice(CLASS_METHODS), default=CLASS["method"], show_default=True, help=_METHOD_HELP)
 @click.option("--save-statistic", "save_statistic", default=None, metavar="FILE",
               help="also write the class's statistic (its sums, and the Gram for a refit --method): "
                    "bundles at other densities and methods, and merges of shards, come from it without a prefill")
@@ -48,7 +51,7 @@ _METHOD_HELP = ("neuron selection on the class score; the topk_refit* methods al
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="with --engine ray: actors")
 @click.option("--gpus-per-worker", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="with --engine ray: GPUs per actor (0 = CPU workers)")
-@click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample")
+@click.option("--seed", default=CLASS["seed"], show_default=True, help="seed for sample / topk_sample")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
 @chunk_option
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
@@ -78,7 +81,7 @@ def command(inputs, name, output, field, limit, aggregation, model, gguf_file, d
     from griffin_export.aggregate import Shard, merge, read_statistic, write_statistic
     from griffin_export.bundle import write_bundle
     from griffin_export.outputs import check_output_path
-    from griffin_export.classes import ClassSettings, class_bundle, survey_prompts
+    from griffin_export.classes import class_bundle, survey_prompts
     from griffin_export.models import load_model
 
     t0 = time.perf_counter()
@@ -198,7 +201,7 @@ def _summary(path, bundle, stat, skipped, aggregation, t0) -> None:
 @density_option
 @recorded_model_options
 @dtype_option
-@click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample")
+@click.option("--seed", default=CLASS["seed"], show_default=True, help="seed for sample / topk_sample")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
 def merge_command(parts, output, name, aggregation, method, density, model, gguf_file, device, dtype, seed, force,
@@ -217,7 +220,7 @@ def merge_command(parts, output, name, aggregation, method, density, model, gguf
     from griffin_export.aggregate import merge, read_statistic
     from griffin_export.bundle import write_bundle
     from griffin_export.outputs import check_output_path
-    from griffin_export.classes import ClassSettings, class_bundle
+    from griffin_export.classes import class_bundle
     from griffin_export.errors import GriffinError
     from griffin_export.models import load_model
 
@@ -230,7 +233,7 @@ def merge_command(parts, output, name, aggregation, method, density, model, gguf
                            "griffin-export class --statistic")
     stat_info, stat = merge(read)  # coverage, models and the shards' settings checked here
     settings = ClassSettings(name=name or stat_info.name or "class", aggregation=aggregation or stat_info.aggregation
-                             or DEFAULT_AGGREGATION, density=density, method=method or stat_info.method or "topk",
+                             or CLASS["aggregation"], density=density, method=method or stat_info.method or CLASS["method"],
                              seed=seed, chat=stat_info.chat)
     precheck(model or stat_info.base_model, gguf_file, device, [density])
     status(f"{len(parts)} shards of {stat_info.prompts} prompts; loading model {model or stat_info.base_model} ...",

@@ -2,34 +2,38 @@ from __future__ import annotations
 
 import click
 
-from .options import chunk_option, dtype_option, model_options, precheck, require_extra, status
+from .options import chunk_option, dtype_option, given, invoked_command, model_options, precheck, require_extra, status
 
 from griffin_export.choices import METHODS
+from griffin_export.evaluation.settings import EvalSettings, escape, list_text, rows_text
+from griffin_export.settings import defaults
+
+EVAL = defaults(EvalSettings)
 
 
 @click.command("eval")
 @click.option("--data", default=None, metavar="FILE.jsonl",
               help="JSONL rows with the prompt and gold text (and optional max_tokens, stop)")
-@click.option("--rows", default="0:100", show_default=True, help="row range START:STOP of --data (STOP exclusive)")
-@click.option("--methods", default="full,topk,magnitude,random", show_default=True,
+@click.option("--rows", default=rows_text(EVAL["rows"]), show_default=True, help="row range START:STOP of --data (STOP exclusive)")
+@click.option("--methods", default=list_text(EVAL["methods"]), show_default=True,
               help=f"comma-separated: full, any selection method ({', '.join(METHODS)}), "
                    "bundle:PATH (fixed experts from a bundle file), or pruned-prefill:PATH (those experts for the "
                    "prompt's prefill too, like generate --pruned-prefill)")
-@click.option("--density", default="0.25,0.5,0.75,0.9", show_default=True, help="comma-separated densities in (0, 1]")
+@click.option("--density", default=list_text(EVAL["densities"]), show_default=True, help="comma-separated densities in (0, 1]")
 @click.option("-o", "--output", required=True, metavar="DIR", help="report directory (created; holds eval.jsonl)")
 @model_options
 @dtype_option
-@click.option("--seed", default=0, show_default=True, help="row r uses seed + r for random / sampling methods")
-@click.option("--prompt-field", default="article", show_default=True, help="JSON field holding the prompt")
-@click.option("--target-field", default="summary_gt", show_default=True, help="JSON field holding the gold text")
-@click.option("--separator", default=r"\n", show_default=True,
+@click.option("--seed", default=EVAL["seed"], show_default=True, help="row r uses seed + r for random / sampling methods")
+@click.option("--prompt-field", default=EVAL["prompt_field"], show_default=True, help="JSON field holding the prompt")
+@click.option("--target-field", default=EVAL["target_field"], show_default=True, help="JSON field holding the gold text")
+@click.option("--separator", default=escape(EVAL["separator"]), show_default=True,
               help="text between prompt and gold text for the log-likelihood (backslash escapes work)")
-@click.option("--max-tokens", default=64, show_default=True, help="generation length for rows without max_tokens")
+@click.option("--max-tokens", default=EVAL["max_tokens"], show_default=True, help="generation length for rows without max_tokens")
 @chunk_option
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads [default: torch's choice]")
 @click.option("--ll-only", is_flag=True,
               help="only the gold log-likelihood (no generation, ROUGE or agreement): fast, for searching settings")
-@click.option("--warmup", default=0, show_default=True, metavar="N",
+@click.option("--warmup", default=EVAL["warmup"], show_default=True, metavar="N",
               help="as export --warmup N for every selection method: the full model's first N greedy tokens join "
                    "the statistic and start each pruned generation (setting keys get +wN)")
 @click.option("--force", is_flag=True, help="discard results already in DIR and start over")
@@ -62,12 +66,14 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
     require_extra("eval", () if not ll_only or report_only or merge else ("matplotlib",))
     from griffin_export.evaluation.report import write_report
 
+    # the report names this command; rerun, it resumes, so --force (start over) is left out
+    cmd = invoked_command(leave_out=("force",))
     if merge:
         from griffin_export.evaluation.results import merge_results
         from griffin_export.evaluation.settings import parse_rows
 
-        given = click.get_current_context().get_parameter_source("rows") != click.core.ParameterSource.DEFAULT
-        click.echo(f"wrote {merge_results(merge, output, force=force, rows=parse_rows(rows) if given else None)}")
+        rows_given = parse_rows(rows) if given("rows") else None
+        click.echo(f"wrote {merge_results(merge, output, force=force, rows=rows_given, command=cmd)}")
     if report_only or merge:
         for path in write_report(output):
             click.echo(f"wrote {path}")
@@ -78,8 +84,9 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
     from griffin_export.errors import GriffinError
     from griffin_export.evaluation.data import read_rows
     from griffin_export.evaluation.runner import run_eval
-    from griffin_export.evaluation.settings import EvalSettings, parse_densities, parse_list, parse_rows, unescape
+    from griffin_export.evaluation.settings import parse_densities, parse_list, parse_rows, unescape
     from griffin_export.models import load_model
+    from griffin_export.outputs import check_folder
 
     if data is None:
         raise GriffinError("--data FILE.jsonl is required (or --report-only to redraw an existing report)")
@@ -87,13 +94,14 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
                             densities=tuple(parse_densities(density)), seed=seed, prompt_field=prompt_field,
                             target_field=target_field, separator=unescape(separator), max_tokens=max_tokens,
                             chunk_size=chunk_size, generate=not ll_only, warmup=warmup)
-    read_rows(settings)  # bad data fails before the model loads
+    read_rows(settings)  # bad data, or an output folder that cannot be, fail before the model loads
+    check_folder(output)
     precheck(model, gguf_file, device, settings.densities)
     if threads:
         torch.set_num_threads(threads)
     status(f"loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
     lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet)
-    path = run_eval(lm, settings, output, force=force, progress=not quiet)
+    path = run_eval(lm, settings, output, force=force, progress=not quiet, command=cmd)
     status(f"results in {path}", quiet)
     for p in write_report(output):
         click.echo(f"wrote {p}")

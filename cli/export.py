@@ -4,10 +4,10 @@ import time
 
 import click
 
-from .options import (chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options,
+from .options import (EXPORT, chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options,
                       offload_from, offload_options, precheck, status)
 
-from griffin_export.choices import METHOD_SUMMARIES, METHODS, REFIT_LAMBDA
+from griffin_export.choices import METHOD_SUMMARIES, METHODS
 
 # The default: the best setting measured on the default model whose export cost scales to large
 # models (README, "Which method"): topk with 8 full-width warm-up tokens.
@@ -24,14 +24,14 @@ _METHODS_HELP = "\b\nSelection methods (--method):\n" + "\n".join(
 @offload_options
 @dtype_option
 @density_option
-@click.option("--method", type=click.Choice(METHODS), default="topk", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default=EXPORT["method"], show_default=True,
               help="neuron selection (each one is listed below)")
-@click.option("--refit-lambda", default=REFIT_LAMBDA, show_default=True, help="ridge strength of the topk_refit methods")
+@click.option("--refit-lambda", default=EXPORT["refit_lambda"], show_default=True, help="ridge strength of the topk_refit methods")
 @click.option("--warmup", default=DEFAULT_WARMUP, show_default=True, metavar="N",
               help="decode the first N tokens with the full model here: they join the statistic, the bundle stores "
                    "them and their KV, and generation from this prompt starts with them (greedy); 0 = the paper's "
                    "method exactly")
-@click.option("--seed", default=0, show_default=True, help="seed for sample / topk_sample / random")
+@click.option("--seed", default=EXPORT["seed"], show_default=True, help="seed for sample / topk_sample / random")
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("--no-kv", is_flag=True, help="leave the prompt's KV cache out of the bundle")
 @chunk_option
@@ -52,7 +52,8 @@ def command(prompt, output, model, gguf_file, device, device_map, max_memory, of
     """
     from griffin_export.bundle import write_bundle
     from griffin_export.outputs import check_output_path
-    from griffin_export.export import ExportSettings, export_prompt
+    from griffin_export.export import export_prompt
+    from griffin_export.settings import ExportSettings
     from griffin_export.prompts import read_prompt
     from griffin_export.models import load_model
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import click
+import shlex
 
-from griffin_export.choices import (CHUNK_SIZE, DENSITY, QUANT_ACCURACY_LEVEL, QUANT_ALGORITHM, QUANT_ALGORITHMS,
-                                   QUANT_BLOCK_SIZE)
+import click
+from click.core import ParameterSource
+
+from griffin_export.choices import QUANT_ALGORITHMS
+from griffin_export.settings import DecodeOptions, ExportSettings, QuantSettings, defaults
+
+# Option defaults are the settings dataclasses' (griffin_export/settings.py, torch-free)
+EXPORT = defaults(ExportSettings)
+DECODE = defaults(DecodeOptions)
+QUANT = defaults(QuantSettings)
 
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def chunk_option(f):
-    return click.option("--chunk-size", default=CHUNK_SIZE, show_default=True, type=click.IntRange(min=1),
+    return click.option("--chunk-size", default=EXPORT["chunk_size"], show_default=True, type=click.IntRange(min=1),
                         help="prefill chunk length (tokens)")(f)
 
 
@@ -60,29 +68,26 @@ def int4_options(which: str):
     graph, the -int4 bench rows) is quantized; int4_settings turns them into one QuantSettings."""
     def decorate(f):
         f = click.option("--float-lm-head", is_flag=True, help=f"{which}: keep the lm_head float")(f)
-        f = click.option("--accuracy-level", type=click.IntRange(0, 4), default=QUANT_ACCURACY_LEVEL,
+        f = click.option("--accuracy-level", type=click.IntRange(0, 4), default=QUANT["accuracy_level"],
                          show_default=True,
                          help=f"{which}: MatMulNBits compute type (4 = int8 activations, the fast CPU path; "
                               "0 = float32)")(f)
-        f = click.option("--block-size", type=click.IntRange(min=16), default=QUANT_BLOCK_SIZE, show_default=True,
+        f = click.option("--block-size", type=click.IntRange(min=16), default=QUANT["block_size"], show_default=True,
                          help=f"{which}: weights per 4-bit block (a power of 2)")(f)
-        f = click.option("--algorithm", type=click.Choice(QUANT_ALGORITHMS), default=QUANT_ALGORITHM, show_default=True,
+        f = click.option("--algorithm", type=click.Choice(QUANT_ALGORITHMS), default=QUANT["algorithm"], show_default=True,
                          help=f"{which}: ONNX Runtime's 4-bit algorithm (rtn: round to nearest, an integer zero "
                               "point; hqq: a fitted float zero point per block)")(f)
         return f
     return decorate
 
 
-def int4_settings(algorithm: str, block_size: int, accuracy_level: int, float_lm_head: bool):
-    from griffin_export.onnx_quant import QuantSettings
-
+def int4_settings(algorithm: str, block_size: int, accuracy_level: int, float_lm_head: bool) -> QuantSettings:
     return QuantSettings("int4", block_size, accuracy_level, lm_head=not float_lm_head, algorithm=algorithm)
 
 
 def int4_changed(algorithm: str, block_size: int, accuracy_level: int, float_lm_head: bool) -> bool:
     """Whether any int4 option differs from its default (refused where nothing is quantized)."""
-    return (algorithm, block_size, accuracy_level, float_lm_head) != (QUANT_ALGORITHM, QUANT_BLOCK_SIZE,
-                                                                      QUANT_ACCURACY_LEVEL, False)
+    return int4_settings(algorithm, block_size, accuracy_level, float_lm_head) != QuantSettings()
 
 
 def dtype_option(f):
@@ -91,16 +96,16 @@ def dtype_option(f):
 
 
 def density_option(f):
-    return click.option("--density", default=DENSITY, show_default=True,
+    return click.option("--density", default=EXPORT["density"], show_default=True,
                         help="fraction of FF neurons kept per layer, in (0, 1]")(f)
 
 
 def decode_options(f):
-    f = click.option("--seed", default=0, show_default=True, help="sampling seed")(f)
+    f = click.option("--seed", default=DECODE["seed"], show_default=True, help="sampling seed")(f)
     f = click.option("--stop", multiple=True, help="stop string (repeatable)")(f)
-    f = click.option("--top-p", default=1.0, show_default=True, help="nucleus sampling mass")(f)
-    f = click.option("--temperature", default=0.0, show_default=True, help="0 = greedy")(f)
-    f = click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=0),
+    f = click.option("--top-p", default=DECODE["top_p"], show_default=True, help="nucleus sampling mass")(f)
+    f = click.option("--temperature", default=DECODE["temperature"], show_default=True, help="0 = greedy")(f)
+    f = click.option("--max-new-tokens", default=DECODE["max_new_tokens"], show_default=True, type=click.IntRange(min=0),
                      help="tokens to generate (a bundle's warm-up tokens count towards them)")(f)
     return f
 
@@ -154,3 +159,29 @@ def require_extra(extra: str, only: tuple[str, ...] = ()) -> None:
 
         raise GriffinError(f"{', '.join(missing)} not installed: this needs the [{extra}] extra "
                            f"(pip install -e \".[{extra}]\")")
+
+
+def given(name: str) -> bool:
+    """Whether the user gave this option (rather than click filling in its default)."""
+    return click.get_current_context().get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+
+def invoked_command(leave_out: tuple[str, ...] = ()) -> str:
+    """The command as the user gave it, options left at their defaults left out: what a report
+    names to rerun it (recorded, so no second list of flags has to follow the options)."""
+    ctx = click.get_current_context()
+    parts = ["griffin-export", ctx.info_name or ctx.command.name]
+    for p in ctx.command.params:
+        if p.name in leave_out or not given(p.name):
+            continue
+        value = ctx.params[p.name]
+        if isinstance(p, click.Argument):
+            parts += [shlex.quote(str(v)) for v in (value if isinstance(value, tuple) else (value,))]
+            continue
+        flag = max(p.opts, key=len)
+        if p.is_flag:
+            off = p.secondary_opts[0] if p.secondary_opts else None
+            parts += [flag] if value else [off] if off else []
+        else:
+            parts += [x for v in (value if p.multiple else (value,)) for x in (flag, shlex.quote(str(v)))]
+    return " ".join(parts)

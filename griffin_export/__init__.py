@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 _API = {
     "Bundle": "bundle", "BundleInfo": "bundle", "read_bundle": "bundle", "read_info": "bundle",
     "write_bundle": "bundle",
-    "DecodeOptions": "decoding", "Generation": "decoding",
+    "DecodeOptions": "settings", "Generation": "decoding",
     "GriffinError": "errors",
-    "ExportSettings": "export", "export_ids": "export", "export_prompt": "export", "read_prompt": "prompts",
+    "ExportSettings": "settings", "export_ids": "export", "export_prompt": "export", "read_prompt": "prompts",
     "LoadedModel": "models", "from_model": "models", "load_model": "models",
     "TorchRuntime": "runtime.pytorch", "load_runtime": "runtime.pytorch",
 }

@@ -27,6 +27,7 @@ from .bundle import check_format, parse_metadata, str_metadata
 from .choices import AGGREGATION_SUMMARIES, DEFAULT_AGGREGATION  # noqa: F401  (imported from here too)
 from .errors import GriffinError
 from .outputs import atomic_output, check_output_path
+from .settings import check_aggregation_name
 
 STATISTIC_FORMAT = "griffin-class-statistic"
 STATISTIC_VERSION = "2"  # 2: the class's settings, its inputs and the shard (1 is read too)
@@ -147,10 +148,7 @@ AGGREGATIONS: dict[str, Aggregation] = {name: Aggregation(name, summary, _SCORES
 
 
 def check_aggregation(name: str) -> Aggregation:
-    try:
-        return AGGREGATIONS[name]
-    except KeyError:
-        raise GriffinError(f"unknown aggregation {name!r}; known: {', '.join(AGGREGATIONS)}") from None
+    return AGGREGATIONS[check_aggregation_name(name)]
 
 
 # -- shards ------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,67 +22,20 @@ from tqdm.auto import tqdm
 
 from .bundle import write_bundle
 from .budget import k_text
-from .choices import GGUF_QUANT, config_name, parse_config
+from .choices import RUNTIMES, config_name, parse_config
 from .errors import GriffinError
-from .onnx_quant import QuantSettings
-from .select import check_density, check_method
-from .export import ExportSettings, export_ids
+from .export import export_ids
 from .prompts import check_context, tokenize
 from .models import LoadedModel, load_model
 from .prefill import cache_tensors, forward, prefill, restore_cache
 from .provenance import machine
+from .settings import BenchSettings, ExportSettings, QuantSettings
 from .runtime.pytorch import TorchRuntime
 
 DEFAULT_DATA = Path("shared") / "data" / "xsum_dev.jsonl"
-# torch: transformers' forward per step; torch-lean: runtime/lean.py's step; onnx: the traced graph;
-# onnx-lean: the lean graph (onnx_lean.py); -int4: the same graph with 4-bit MatMuls (onnx_quant.py);
-# genai: onnxruntime-genai's runtime, its "full" row on its own builder's graph of the same weights,
-# the others on our lean graphs; llama.cpp: the base GGUF and the pruned GGUF (gguf_export.py) at
-# the same file type, through llama-cpp-python
-RUNTIMES = ("torch", "torch-lean", "onnx", "onnx-lean", "onnx-int4", "onnx-lean-int4", "genai", "llama.cpp")
 # ONNX runtime rows: (runtime, graph, quantized)
 _ONNX_ROWS = (("onnx", "traced", False), ("onnx-lean", "lean", False), ("onnx-int4", "traced", True),
               ("onnx-lean-int4", "lean", True))
-
-
-@dataclass
-class BenchSettings:
-    densities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    methods: list[str] = field(default_factory=lambda: ["topk"])  # selection methods, each at every density
-    data: str | None = None  # JSONL with an `article` field; None: DEFAULT_DATA in this folder or one above (find_data)
-    row: int = 0
-    new_tokens: int = 64
-    repeats: int = 5
-    threads: int | None = None
-    runtimes: list[str] = field(default_factory=lambda: ["torch"])  # torch and/or onnx (ONNX Runtime)
-    onnx_provider: str = "cpu"  # ONNX Runtime provider: cpu, cuda or auto (runtime/onnx.choose_provider)
-    quantize: QuantSettings = field(default_factory=QuantSettings)  # the -int4 rows' quantization
-    gguf_quant: str = GGUF_QUANT  # the llama.cpp rows' file type, base and pruned alike
-    time_export: bool = True  # also time export vs a plain prefill (writes the bundle each repeat)
-
-    def __post_init__(self) -> None:
-        unknown = [r for r in self.runtimes if r not in RUNTIMES]
-        if unknown or not self.runtimes:
-            raise GriffinError(f"unknown runtime {', '.join(unknown) or '(none)'}; choose from {', '.join(RUNTIMES)}")
-        if "genai" in self.runtimes:
-            import importlib.util
-
-            if importlib.util.find_spec("onnxruntime_genai") is None:
-                raise GriffinError("--runtime genai needs onnxruntime-genai: pip install --no-deps onnxruntime-genai")
-        if "llama.cpp" in self.runtimes:
-            from .gguf_export import check_quant, require_llama_cpp
-
-            check_quant(self.gguf_quant)
-            require_llama_cpp()
-        if not self.methods or not self.densities:
-            raise GriffinError("bench needs at least one selection method and one density")
-        if self.row < 0 or self.new_tokens < 1 or self.repeats < 1:
-            raise GriffinError(f"bench needs --row >= 0, --new-tokens >= 1 and --repeats >= 1; got {self.row}, "
-                               f"{self.new_tokens}, {self.repeats}")
-        for m in self.methods:
-            check_method(m)
-        for d in self.densities:  # refused here, before the model loads, not after the first timings
-            check_density(d)
 
 
 def find_data(data: str | None) -> Path:

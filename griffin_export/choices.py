@@ -49,6 +49,13 @@ QUANT_ALGORITHM = "rtn"
 QUANT_BLOCK_SIZE = 32  # as llama.cpp's Q4_0/Q4_1 blocks
 QUANT_ACCURACY_LEVEL = 4  # MatMulNBits with int8 activations: ONNX Runtime's fast CPU path
 
+# `griffin-export bench --runtime`: torch: transformers' forward per step; torch-lean: runtime/lean.py's
+# step; onnx: the traced graph; onnx-lean: the lean graph (onnx_lean.py); -int4: the same graph with 4-bit
+# MatMuls (onnx_quant.py); genai: onnxruntime-genai's runtime, its "full" row on its own builder's graph of
+# the same weights, the others on our lean graphs; llama.cpp: the base GGUF and the pruned GGUF
+# (gguf_export.py) at the same file type, through llama-cpp-python
+RUNTIMES = ("torch", "torch-lean", "onnx", "onnx-lean", "onnx-int4", "onnx-lean-int4", "genai", "llama.cpp")
+
 # `griffin-export checkpoint --gguf --quant` (gguf_export.py): llama.cpp file types (F32: no quantizer)
 GGUF_QUANTS = ("Q4_1", "Q4_K_M", "Q8_0", "F16", "F32")
 GGUF_QUANT = "Q4_1"  # the default model's own type

@@ -31,20 +31,20 @@ from tqdm.auto import tqdm
 
 from .arch import ff_blocks
 from .bundle import Bundle
-from .choices import CHUNK_SIZE, CLASS_METHODS, DENSITY
+from .choices import CLASS_METHODS
 from .errors import GriffinError
+from .settings import ClassSettings
 from .experts import installed
 from .aggregate import (AGGREGATIONS, DEFAULT_AGGREGATION, Aggregation, ClassStatistic, Shard,  # noqa: F401
                         StatisticInfo, check_aggregation)
-from .export import (ExportSettings, batch_statistic, bundle_from_indices, choose_experts, expert_weights,
+from .export import (batch_statistic, bundle_from_indices, choose_experts, expert_weights,
                      prompt_statistic)
 from .jsonl import parse_object, text_field
 from .models import LoadedModel
 from .prefill import forward, new_cache
 from .prompts import OVER_CONTEXT, read_prompt, tokenize
 from .budget import edge_budgets
-from .refit import DEFAULT_LAMBDA
-from .select import REFIT, k_for, select_all
+from .select import k_for, select_all
 from .statistic import FFStatistic, recording
 
 
@@ -133,35 +133,6 @@ def shard_of(prompts: Iterable[Prompt], shard: Shard, total: int) -> Iterator[Pr
 
 
 # -- the class export --------------------------------------------------------------------
-
-
-@dataclass
-class ClassSettings:
-    name: str
-    aggregation: str = DEFAULT_AGGREGATION
-    density: float = DENSITY
-    method: str = "topk"
-    seed: int = 0
-    chunk_size: int = CHUNK_SIZE  # prefill chunk; the statistic is the same for any chunking
-    chat: bool = False
-    refit_lambda: float = DEFAULT_LAMBDA  # ridge strength of the refit methods (refit.py)
-
-    def __post_init__(self) -> None:
-        if not self.name.strip():
-            raise GriffinError("a class needs a name (--name)")
-        check_aggregation(self.aggregation)
-        if self.method not in CLASS_METHODS:
-            raise GriffinError(f"method {self.method!r} does not use the prompts; a class takes one of "
-                               f"{', '.join(CLASS_METHODS)}")
-        self.export_settings()  # density, chunk size, lambda: checked where export checks them
-
-    @property
-    def refit(self) -> bool:
-        return self.method in REFIT
-
-    def export_settings(self) -> ExportSettings:
-        return ExportSettings(density=self.density, method=self.method, seed=self.seed, chunk_size=self.chunk_size,
-                              keep_kv=False, chat=self.chat, refit_lambda=self.refit_lambda)
 
 
 @dataclass

@@ -6,7 +6,6 @@ limits live here, so equal weights give equal tokens in both runtimes.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -14,26 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import GriffinError
-
-
-@dataclass
-class DecodeOptions:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: Sequence[str] = ()
-    seed: int = 0
-    stop_at_eos: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise GriffinError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise GriffinError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:  # NaN fails this too
-            raise GriffinError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(s == "" for s in self.stop):
-            raise GriffinError("an empty stop string would stop before the first token; give a non-empty --stop")
+from .settings import DecodeOptions
 
 
 @dataclass

@@ -2,49 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import __version__
 from .arch import ff_blocks, ff_param, magnitude_scores, slice_block
 from .budget import edge_budgets, refit_budgets
 from .bundle import WARMUP_FORMAT_VERSION, Bundle, BundleInfo
-from .choices import CHUNK_SIZE, DENSITY
-from .errors import GriffinError
 from .models import LoadedModel, dtype_name
 from .offload import param_values
-from .decoding import DecodeOptions, decode, eos_ids
+from .decoding import decode, eos_ids
 from .prefill import forward, new_cache, prefill, take_kv
 from .prompts import check_context, tokenize
 from .refit import DEFAULT_LAMBDA, refit_down
-from .select import REFIT, check_density, check_method, k_for, select_all
+from .select import REFIT, k_for, select_all
+from .settings import DecodeOptions, ExportSettings
 from .statistic import BatchStatistic, FFStatistic, recording
-
-
-@dataclass
-class ExportSettings:
-    density: float = DENSITY
-    method: str = "topk"
-    seed: int = 0
-    chunk_size: int = CHUNK_SIZE  # prefill chunk; the statistic is the same for any chunking
-    keep_kv: bool = True
-    chat: bool = False
-    refit_lambda: float = DEFAULT_LAMBDA  # ridge strength of topk_refit
-    # Tokens decoded greedily by the FULL model at export, after the prompt: their activations join
-    # the statistic (and the refit's Gram), the bundle stores them and their KV, and generation from
-    # the bundle's own prompt starts with them (issue 8: pruned outputs drift in their first tokens).
-    warmup: int = 0
-
-    def __post_init__(self) -> None:
-        check_method(self.method)
-        if self.warmup < 0:
-            raise GriffinError(f"warm-up must be >= 0 tokens, got {self.warmup}")
-        check_density(self.density)
-        if self.chunk_size < 1:
-            raise GriffinError(f"chunk size must be >= 1, got {self.chunk_size}")
-        if not self.refit_lambda > 0:
-            raise GriffinError(f"refit lambda must be > 0, got {self.refit_lambda}")
 
 
 def prompt_statistic(lm: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 512, gram: bool = False,

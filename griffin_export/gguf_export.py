@@ -33,13 +33,7 @@ KEY_PREFIX = "griffin."  # the provenance keys this writer adds
 _SKIP = ("GGUF.", "general.architecture", "general.file_type")  # written by GGUFWriter / set below
 
 
-def require_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise GriffinError("quantizing a GGUF needs llama-cpp-python: pip install -e \".[llama]\" "
-                           "(or --quant F32, written without it)") from None
-    return llama_cpp
+from .settings import check_gguf_quant, require_llama_cpp
 
 
 def check_architecture(architecture: str) -> None:
@@ -47,12 +41,6 @@ def check_architecture(architecture: str) -> None:
     if not spec_for(architecture).llama_cpp:
         raise GriffinError(f"llama.cpp does not run {architecture!r} models, so there is no GGUF to write; "
                            "write a Hugging Face checkpoint (without --gguf) or an ONNX graph instead")
-
-
-def check_quant(quant: str) -> str:
-    if quant not in GGUF_QUANTS:
-        raise GriffinError(f"unknown --quant {quant!r}; choose {', '.join(GGUF_QUANTS)}")
-    return quant
 
 
 def _field_value(field):
@@ -199,7 +187,7 @@ def write_pruned_gguf(bundle: Bundle, base: Path, output: str | os.PathLike, qua
                       progress: bool = False) -> Path:
     """The pruned GGUF at `output` (atomically: nothing is left behind on failure)."""
     check_architecture(bundle.info.architecture)
-    check_quant(quant)
+    check_gguf_quant(quant)
     output = check_output_path(output, force)
     if quant != "F32":
         require_llama_cpp()

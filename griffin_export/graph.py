@@ -17,7 +17,8 @@ from .bundle import FORMAT_VERSION as BUNDLE_FORMAT_VERSION
 from .budget import widths_text
 from .bundle import check_format, parse_metadata, str_metadata
 from .errors import GriffinError
-from .onnx_quant import Packed, QuantSettings, packing_from_text, param_shapes
+from .onnx_quant import Packed, packing_from_text, param_shapes
+from .settings import QuantSettings
 
 GRAPH_FORMAT = "griffin-onnx"
 GRAPH_FORMAT_VERSION = "1"  # the traced graph

@@ -248,7 +248,8 @@ def format_onnx(s: dict) -> str:
     lines.append(f"  FF width     {ff}" + (f" ({s['architecture']} names)" if s["architecture"] else ""))
     q = s.get("quantization")
     if q:
-        from .onnx_quant import QuantSettings, describe
+        from .onnx_quant import describe
+        from .settings import QuantSettings
 
         how = describe(QuantSettings(q["scheme"], q["block_size"], q["accuracy_level"], q["symmetric"], q["lm_head"],
                                      q["algorithm"]))

@@ -49,7 +49,8 @@ from .outputs import atomic_dir, check_output_dir
 from .choices import LAYOUTS
 from .graph import (BATCH, DATA_FILE, INPUT_NAMES, LEAN_FORMAT_VERSION, MODEL_FILE, PAST,  # noqa: F401
                     PAST_LEN, PRESENT, SEQ, TOTAL_LEN, GraphInfo, read_graph)
-from .onnx_quant import QuantSettings, packing_to_text, quantize_proto
+from .onnx_quant import packing_to_text, quantize_proto
+from .settings import QuantSettings, one_of
 from .prefill import cache_kwarg
 
 # 23: SDPA becomes one ONNX Attention node (GQA-aware) instead of ~15 decomposed ops; with
@@ -124,8 +125,7 @@ def graph_info(lm: LoadedModel, bundle: Bundle | None, max_length: int = 0) -> G
 
 def choose_layout(lm: LoadedModel, graph: str) -> str:
     """The graph layout to export: "lean" or "traced" (graph: auto, lean or traced)."""
-    if graph not in LAYOUTS:
-        raise GriffinError(f"unknown graph layout {graph!r}; choose {', '.join(LAYOUTS)}")
+    one_of(graph, LAYOUTS, "graph layout")
     from .onnx_lean import check_lean_model
 
     if graph == "auto":

@@ -33,38 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .choices import QUANT_ACCURACY_LEVEL, QUANT_ALGORITHM, QUANT_ALGORITHMS, QUANT_BLOCK_SIZE, QUANT_SCHEMES
 from .errors import GriffinError
+from .settings import QuantSettings
 
 BITS = 4
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # 0 = unset (the kernel's default: float32), 1 fp32, 2 fp16, 3 bf16, 4 int8
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """How `griffin-export onnx --quantize int4` quantizes. Validated once, here."""
-
-    scheme: str = "int4"
-    block_size: int = QUANT_BLOCK_SIZE
-    accuracy_level: int = QUANT_ACCURACY_LEVEL
-    symmetric: bool = False  # asymmetric (a zero point per block), like Q4_1
-    lm_head: bool = True
-    algorithm: str = QUANT_ALGORITHM
-
-    def __post_init__(self) -> None:
-        if self.scheme not in QUANT_SCHEMES:
-            raise GriffinError(f"unknown quantization {self.scheme!r}; choose {', '.join(QUANT_SCHEMES)}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise GriffinError(f"--block-size must be a power of 2, at least 16; got {self.block_size}")
-        if self.accuracy_level not in ACCURACY_LEVELS:
-            raise GriffinError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))}; "
-                               f"got {self.accuracy_level}")
-        if self.algorithm not in QUANT_ALGORITHMS:
-            raise GriffinError(f"unknown --algorithm {self.algorithm!r}; choose {', '.join(QUANT_ALGORITHMS)}")
-        if self.algorithm == "hqq" and self.symmetric:
-            raise GriffinError("hqq fits a float zero point per block; it has no symmetric form")
-
-
 @dataclass(frozen=True)
 class Packed:
     """One MatMulNBits weight: its initializers and the parameters ([out, in] each) stacked

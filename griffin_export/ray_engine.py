@@ -23,7 +23,8 @@ from typing import Iterable, Iterator
 from tqdm.auto import tqdm
 
 from .aggregate import ClassStatistic, StatisticInfo, merge
-from .classes import ClassCounter, ClassSettings, Prompt
+from .classes import ClassCounter, Prompt
+from .settings import ClassSettings
 from .errors import GriffinError
 
 # GRIFFIN_EXPORT_RAY_FAULT=N makes the first worker exit after N prompts: how the tests show

@@ -6,11 +6,7 @@ import torch
 
 from .choices import METHOD_SUMMARIES, METHODS, REFIT  # noqa: F401  (the registry; imported from here too)
 from .errors import GriffinError
-
-def check_density(density: float) -> float:
-    if not 0.0 < density <= 1.0:
-        raise GriffinError(f"density must be in (0, 1], got {density}")
-    return density
+from .settings import check_density, check_method
 
 
 def k_for(density: float, d_ff: int) -> int:
@@ -18,12 +14,6 @@ def k_for(density: float, d_ff: int) -> int:
     if k < 1:
         raise GriffinError(f"density {density} keeps k=0 of {d_ff} FF neurons; use a larger density")
     return k
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise GriffinError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    return method
 
 
 def _sample(scores: torch.Tensor, k: int, gen: torch.Generator, exclude: torch.Tensor | None = None) -> torch.Tensor:

@@ -147,7 +147,8 @@ def test_generate_streams_and_an_interrupt_keeps_what_was_printed(tmp_path, prom
 
 
 def test_decode_streams_pieces_that_add_up_and_never_print_a_stop_string():
-    from griffin_export.decoding import DecodeOptions, decode
+    from griffin_export.decoding import decode
+    from griffin_export.settings import DecodeOptions
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):
@@ -225,7 +226,8 @@ def test_onnx_runtime_refuses_torch_only_options(bundle, capsys):
 
 
 def test_streaming_holds_back_only_what_could_begin_a_stop_string():
-    from griffin_export.decoding import DecodeOptions, decode
+    from griffin_export.decoding import decode
+    from griffin_export.settings import DecodeOptions
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):

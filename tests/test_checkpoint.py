@@ -11,7 +11,8 @@ from conftest import tiny_prompt
 from griffin_export import ExportSettings, TorchRuntime, export_ids, read_bundle, write_bundle
 from griffin_export.arch import ff_blocks
 from griffin_export.checkpoint import write_checkpoint
-from griffin_export.classes import ClassSettings, Prompt, export_class
+from griffin_export.classes import Prompt, export_class
+from griffin_export.settings import ClassSettings
 from griffin_export.errors import GriffinError
 from griffin_export.export import bundle_from_indices
 from griffin_export.prompts import tokenize

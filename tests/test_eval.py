@@ -227,6 +227,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, data, tiny_dir
     code, _, err = run(eval_args(data, tmp_path / "b", model_dir, rows="0:4"), capsys)
     assert code == 0, err
     assert calls == [3]
+    header, _ = results.read_results(tmp_path / "b" / results.RESULTS_FILE)
+    assert "--rows 0:4" in header["command"]  # the command that asked for the new range
     # other settings: refused, unless --force
     code, _, err = run(eval_args(data, tmp_path / "b", model_dir, density="0.25"), capsys)
     assert code == 2 and "holds results for other settings (differs in: densities)" in err and "--force" in err
@@ -234,6 +236,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, data, tiny_dir
     code, _, err = run([*eval_args(data, tmp_path / "b", model_dir, density="0.25"), "--force"], capsys)
     assert code == 0, err
     assert calls == [0, 1, 2]
+    header, _ = results.read_results(tmp_path / "b" / results.RESULTS_FILE)
+    assert "--density 0.25" in header["command"] and "--force" not in header["command"]  # rerun, it resumes
 
 
 def test_report_from_a_two_prompt_run_and_bench(tmp_path, data, tiny_dir, capsys):
@@ -247,6 +251,9 @@ def test_report_from_a_two_prompt_run_and_bench(tmp_path, data, tiny_dir, capsys
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "speed.png").exists()
     rep = json.loads((out / "results.json").read_text())
+    # the command as given, in the options' order, defaults left out
+    assert rep["command"] == (f"griffin-export eval --data {data} --rows 0:2 --methods full,topk,magnitude "
+                              f"--density 0.25,0.5 --output {out} --model {tiny_dir('llama')} --quiet")
     assert rep["model"]["fingerprint"] and rep["machine"]["cpu"] and rep["versions"]["torch"]
     assert rep["quality"]["done"] == 2 and len(rep["per_prompt"]) == 2
     keys = [s["key"] for s in rep["quality"]["settings"]]
@@ -279,6 +286,16 @@ def test_report_from_a_two_prompt_run_and_bench(tmp_path, data, tiny_dir, capsys
     code, _, err = run(["eval", "--report-only", "-o", only_bench], capsys)
     assert code == 0, err
     assert (only_bench / "speed.png").is_file() and not (only_bench / "rouge_l.png").exists()
+
+
+def test_a_run_from_python_reports_no_command(tmp_path, data, tiny_dir):
+    from griffin_export.evaluation.report import NOT_RECORDED, write_report
+    from griffin_export.models import load_model
+
+    settings = EvalSettings(data=str(data), rows=(0, 1), methods=("full",), densities=(0.5,), generate=False)
+    runner.run_eval(load_model(tiny_dir("llama")), settings, tmp_path / "out", progress=False)
+    write_report(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["command"] == NOT_RECORDED
 
 
 def test_ll_only_gives_the_same_likelihoods_without_generating(tmp_path, data, tiny_dir, capsys):
@@ -343,14 +360,14 @@ def test_warm_up_settings_are_what_an_export_with_warmup_generates(tmp_path, tin
     assert code == 0, err
     assert records(tmp_path / "b")[0]["results"][f"bundle:{bundle}"]["gold_ll"] == res["topk@0.5+w3"]["gold_ll"]
     report = (out / "results.md").read_text()
-    assert "| `topk` +3 warm-up | 0.5 |" in report and "--warmup 3 -o" in report
+    assert "| `topk` +3 warm-up | 0.5 |" in report and "--warmup 3 --quiet" in report
 
 
 def test_pruned_prefill_method_decodes_like_the_runtime_with_pruned_prefill(tmp_path, tiny_dir, capsys):
     """`pruned-prefill:PATH` generates what `generate --pruned-prefill` does with that bundle,
     and its first-token likelihood differs from `bundle:PATH` (whose prefill is full)."""
     from griffin_export.bundle import read_bundle
-    from griffin_export.decoding import DecodeOptions
+    from griffin_export.settings import DecodeOptions
     from griffin_export.models import load_model
     from griffin_export.runtime.pytorch import TorchRuntime
 
@@ -387,7 +404,9 @@ def test_merged_halves_and_settings_equal_one_run(tmp_path, data, tiny_dir, caps
     assert records(tmp_path / "m") == records(tmp_path / "one")
     header, _ = results.read_results(tmp_path / "m" / results.RESULTS_FILE)
     assert header["settings"]["rows"] == [0, 3] and header["key"]["methods"] == ["full", "topk", "random"]
-    assert f"griffin-export eval --merge {tmp_path / 'a'} --merge {tmp_path / 'b'}" in (tmp_path / "m" / "results.md").read_text()
+    merge_cmd = (f"griffin-export eval --output {tmp_path / 'm'} --merge {tmp_path / 'a'} --merge {tmp_path / 'b'} "
+                 f"--merge {tmp_path / 'r'}")
+    assert header["command"] == merge_cmd and merge_cmd in (tmp_path / "m" / "results.md").read_text()
     code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "r", "-o", tmp_path / "x"], capsys)
     assert code == 2 and "row 1 lacks settings other rows have" in err and err.count("\n") == 1
     code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "r", "--rows", "0:1",
@@ -428,6 +447,17 @@ def test_bad_input(tmp_path, data, tiny_dir, capsys, args, message):
     assert err.startswith("griffin-export: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert message.format(tmp=tmp_path) in err
     assert not (tmp_path / "out").exists()  # refused before any output or model work
+
+
+def test_an_output_that_cannot_be_a_folder_is_refused_before_the_model_loads(tmp_path, data, capsys, monkeypatch):
+    import griffin_export.models
+
+    monkeypatch.setattr(griffin_export.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "taken").write_text("x")
+    for out, message in ((tmp_path / "taken", "exists and is not a directory"),
+                         (tmp_path / "no" / "out", f"output directory {tmp_path / 'no'} does not exist")):
+        code, _, err = run(eval_args(data, out, "unused-model-dir"), capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_bad_rows_in_the_data_file(tmp_path, tiny_dir, capsys):

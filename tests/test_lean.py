@@ -323,7 +323,8 @@ def test_compiled_lean_step_on_cuda_equals_eager():
 
 
 def test_bench_times_every_lean_path_side_by_side():
-    from griffin_export.bench import BenchSettings, format_table, run_bench
+    from griffin_export.bench import format_table, run_bench
+    from griffin_export.settings import BenchSettings
 
     lm = tiny_model("llama", lean=True)
     runtimes = ["torch", "torch-lean", "onnx", "onnx-lean"]

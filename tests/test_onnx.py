@@ -123,7 +123,8 @@ def test_pruned_prefill_runs_the_prompt_through_the_experts(exported):
 def test_a_class_refit_bundle_decodes_alike_in_both_runtimes(exported, tiny_dir):
     """A class bundle refit on its prompts' Gram swaps into the pruned graph: a new prompt, with the
     full prefill and with the prefill through the experts, generates the PyTorch runtime's tokens."""
-    from griffin_export.classes import ClassSettings, Prompt, export_class
+    from griffin_export.classes import Prompt, export_class
+    from griffin_export.settings import ClassSettings
     from griffin_export.models import load_model
 
     e = exported("llama")

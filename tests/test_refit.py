@@ -148,7 +148,9 @@ def test_bench_times_each_method_and_reads_the_same_total_for_per_layer_widths(t
     bundle keeps as many neurons in all as topk's, so both read the same bytes per token."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from griffin_export.bench import BenchSettings, format_table, run_bench
+    from griffin_export.bench import format_table, run_bench
+
+    from griffin_export.settings import BenchSettings
     from griffin_export.evaluation.report import write_report
     from tiny import COMMON
 
@@ -172,7 +174,7 @@ def test_bench_times_each_method_and_reads_the_same_total_for_per_layer_widths(t
 
 
 def test_bench_refuses_an_unknown_method():
-    from griffin_export.bench import BenchSettings
+    from griffin_export.settings import BenchSettings
     from griffin_export.errors import GriffinError
 
     with pytest.raises(GriffinError, match="unknown method 'nope'"):

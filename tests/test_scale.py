@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_prompt
 from griffin_export import ExportSettings, export_prompt, read_bundle
 from griffin_export.aggregate import AGGREGATIONS, Shard, merge, read_statistic, write_statistic
-from griffin_export.classes import ClassSettings, Prompt, class_bundle, class_statistic, shard_of
+from griffin_export.classes import Prompt, class_bundle, class_statistic, shard_of
+from griffin_export.settings import ClassSettings
 from griffin_export.errors import GriffinError
 from griffin_export.export import batch_statistic, prompt_statistic
 from griffin_export.prompts import tokenize

@@ -1,7 +1,7 @@
 """Research probe: how far each int4 algorithm moves the default model's weights, through ONNX Runtime's
 own MatMulNBits kernel (one-MatMul graphs, random inputs), block 32, accuracy_level 0 (float compute).
 
-    python bench/research/int4_error.py            # prints the relative error |x W_q - x W| / |x W| per weight
+    python -m bench.research.int4_error            # prints the relative error |x W_q - x W| / |x W| per weight
 
 The default model is a Q4_1 GGUF (blocks of 32 with a float minimum), dequantized to float32: rtn's integer
 zero point shifts each block by up to half a step; hqq's fitted float zero point can land on the Q4_1 grid.
@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from griffin_export.arch import ff_blocks
 from griffin_export.models import load_model
-from griffin_export.onnx_quant import QuantSettings, _quantize_one
+from griffin_export.onnx_quant import _quantize_one
+from griffin_export.settings import QuantSettings
 
 lm = load_model(None, quiet=True)
 blocks = ff_blocks(lm.model, lm.spec)

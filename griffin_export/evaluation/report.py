@@ -107,35 +107,8 @@ def read_bench(path: Path) -> dict | None:
     return bench
 
 
-def command_line(header: dict, out_dir: str) -> str:
-    """The `griffin-export eval` command that reproduces the run (defaults left out); for
-    merged runs, the merge (each run's own report names its command)."""
-    if header.get("merged_from"):
-        merged = " ".join(f"--merge {d}" for d in header["merged_from"])
-        rows = header["settings"]["rows"]
-        return f"griffin-export eval {merged} --rows {rows[0]}:{rows[1]} -o {out_dir}"
-    from .settings import EvalSettings
-
-    s, m = header["settings"], header["model"]
-    default = EvalSettings(data=s["data"])
-    parts = ["griffin-export eval", f"--data {s['data']}", f"--rows {s['rows'][0]}:{s['rows'][1]}",
-             f"--methods {','.join(s['methods'])}", f"--density {','.join(f'{d:g}' for d in s['densities'])}"]
-    from ..models import DEFAULT_IDENTITY
-
-    if m["identity"] != DEFAULT_IDENTITY:
-        parts.append(f"--model {m['identity']}")
-    if m["dtype"] != "float32":
-        parts.append(f"--dtype {m['dtype']}")
-    for name, flag in (("seed", "--seed"), ("prompt_field", "--prompt-field"), ("target_field", "--target-field"),
-                       ("max_tokens", "--max-tokens"), ("chunk_size", "--chunk-size"), ("warmup", "--warmup")):
-        if s.get(name, getattr(default, name)) != getattr(default, name):
-            parts.append(f"{flag} {s[name]}")
-    if not s.get("generate", True):
-        parts.append("--ll-only")
-    if s["separator"] != default.separator:
-        parts.append(f"--separator {json.dumps(s['separator'])}")
-    parts.append(f"-o {out_dir}")
-    return " ".join(parts)
+# Reports from runs started in Python (run_eval without `command`) have no command to name
+NOT_RECORDED = "(not recorded: the run was started from Python, not griffin-export eval)"
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -156,7 +129,7 @@ def write_report(out: str | os.PathLike, *, resamples: int = RESAMPLES) -> list[
     report: dict = {"format": "griffin-eval-report", "format_version": 1}
     if results_path.exists():
         header, records = read_results(results_path)
-        report.update(command=command_line(header, str(out)), settings=header["settings"], model=header["model"],
+        report.update(command=header.get("command", NOT_RECORDED), settings=header["settings"], model=header["model"],
                       machine=header["machine"], versions=header["versions"],
                       quality=summarize(header, records, resamples),
                       per_prompt=per_prompt_numbers(header, records))

@@ -26,9 +26,11 @@ NOT_GENERATED = ("rouge1", "rouge2", "rougeL", "tokens", "stop_reason", "text", 
 # -- the results file (resumable) -------------------------------------------------------------
 
 
-def run_header(lm: LoadedModel, settings: EvalSettings, bundle_hashes: dict[str, str]) -> dict:
+def run_header(lm: LoadedModel, settings: EvalSettings, bundle_hashes: dict[str, str],
+               command: str | None = None) -> dict:
     """The first line of eval.jsonl. `key` must match for a run to resume; the row range is
-    not part of it (per-prompt records don't depend on it), so a run can also be extended."""
+    not part of it (per-prompt records don't depend on it), so a run can also be extended.
+    `command`: the CLI command that reproduces the run (None when run from Python)."""
     from ..provenance import environment
 
     data = Path(settings.data)
@@ -46,6 +48,7 @@ def run_header(lm: LoadedModel, settings: EvalSettings, bundle_hashes: dict[str,
                   "dtype": dtype_name(lm.dtype), "device": str(lm.device), "num_layers": lm.num_layers,
                   "d_ff": lm.d_ff, "hidden_size": lm.hidden_size},
         **environment(),
+        **({"command": command} if command else {}),
     }
 
 
@@ -90,7 +93,7 @@ _MERGE_KEY = ("data_hash", "seed", "prompt_field", "target_field", "separator", 
 
 
 def merge_results(sources: list[str | os.PathLike], out: str | os.PathLike, *, force: bool = False,
-                  rows: tuple[int, int] | None = None) -> Path:
+                  rows: tuple[int, int] | None = None, command: str | None = None) -> Path:
     """One OUT/eval.jsonl from several runs on the same data and model: other row ranges
     (two halves run side by side) and/or other settings on the same rows, restricted to `rows`
     [start, stop) when given. A setting two runs both hold for a row must have the same results
@@ -129,6 +132,9 @@ def merge_results(sources: list[str | os.PathLike], out: str | os.PathLike, *, f
               "settings": {**first["settings"], "methods": order, "densities": densities,
                            "rows": [rows[0], rows[-1] + 1]},
               "merged_from": [d for d, _, _ in runs]}
+    header.pop("command", None)  # the first run's; this file's is the merge
+    if command:
+        header["command"] = command
     out_dir = check_folder(out, create=True)
     path = out_dir / RESULTS_FILE
     if path.exists() and not force:
@@ -148,7 +154,8 @@ def open_results(out_dir: Path, header: dict, force: bool) -> tuple[set[int], "R
             diff = sorted(k for k in header["key"] if old.get("key", {}).get(k) != header["key"][k])
             raise GriffinError(f"{path} holds results for other settings (differs in: {', '.join(diff)}); "
                                "pass --force to start over, or choose another -o directory")
-        _rewrite_header(path, {**old, "settings": header["settings"]})  # the new row range
+        # the new row range, and the command that asked for it
+        _rewrite_header(path, {**old, **{k: header[k] for k in ("settings", "command") if k in header}})
         return set(records), ResultsWriter(path)
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(header) + "\n", encoding="utf-8")

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from ..arch import FFBlock, ff_blocks, ff_param, magnitude_scores
 from ..bundle import read_bundle
-from ..decoding import DecodeOptions, Generation, decode, eos_ids
+from ..decoding import Generation, decode, eos_ids
+from ..settings import DecodeOptions
 from ..errors import GriffinError
 from ..experts import check_bundle, installed
 from ..export import choose_experts, prompt_statistic, warm_up
@@ -273,13 +274,14 @@ def _mean_k(ctx: Context, tensors: dict[str, torch.Tensor]) -> float:
 
 
 def run_eval(lm: LoadedModel, settings: EvalSettings, out: str | os.PathLike, *, force: bool = False,
-             progress: bool = True, limit: int | None = None) -> Path:
+             progress: bool = True, limit: int | None = None, command: str | None = None) -> Path:
     """Evaluate every row of the range (skipping rows already in OUT/eval.jsonl); returns
-    that file. `limit` stops after that many newly evaluated prompts (tests, timing)."""
+    that file. `limit` stops after that many newly evaluated prompts (tests, timing);
+    `command`, the CLI command that asked for this, is recorded for the report."""
     rows = read_rows(settings)  # bad data fails before any model work
     out_dir = check_folder(out, create=True)
     evals, bundle_hashes = make_settings(lm, settings)
-    header = run_header(lm, settings, bundle_hashes)
+    header = run_header(lm, settings, bundle_hashes, command)
     done, writer = open_results(out_dir, header, force)
     todo = [r for r in rows if r.index not in done]
     if limit is not None:

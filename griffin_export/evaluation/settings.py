@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..choices import CHUNK_SIZE, METHODS
 from ..errors import GriffinError
-from ..select import check_density
+from ..settings import check_density
 
 FULL = "full"
 BUNDLE_PREFIX = "bundle:"
@@ -125,6 +125,21 @@ def parse_densities(text: str) -> list[float]:
         except ValueError:
             raise GriffinError(f"density {item!r} is not a number") from None
     return out
+
+
+# The inverses, for the CLI to show the settings' defaults as a user types them.
+def rows_text(rows: tuple[int, int]) -> str:
+    return f"{rows[0]}:{rows[1]}"
+
+
+def list_text(items) -> str:
+    """[0.25, 0.5] -> '0.25,0.5'; ['full', 'topk'] -> 'full,topk'."""
+    return ",".join(f"{i:g}" if isinstance(i, float) else str(i) for i in items)
+
+
+def escape(text: str) -> str:
+    r"""newline -> '\n': what `unescape` reads back."""
+    return text.encode("unicode_escape").decode("ascii")
 
 
 def unescape(text: str) -> str:

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..bundle import Bundle
-from ..decoding import Continuation, DecodeOptions, Generation, decode
+from ..decoding import Continuation, Generation, decode
+from ..settings import DecodeOptions
 from ..errors import GriffinError
 
 

@@ -29,6 +29,7 @@ from ..errors import GriffinError
 from ..graph import PAST, PRESENT, Graph, GraphInfo, check_graph_bundle, read_graph
 from ..onnx_quant import quantize_for_swap
 from ..prompts import check_generation_fits, encode
+from ..settings import one_of
 from .base import Runtime, left_padded
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -79,8 +80,7 @@ def gpu_answers() -> tuple[bool, str]:
 
 def choose_provider(provider: str = "auto") -> tuple[str, str]:
     """(provider, why): auto = CUDA when installed and a GPU answers, else CPU."""
-    if provider not in ("auto", "cpu", "cuda"):
-        raise GriffinError(f"unknown provider {provider!r}; choose auto, cpu or cuda")
+    one_of(provider, ("auto", "cpu", "cuda"), "provider")
     if provider == "cpu":
         return CPU, "requested"
     ok, why = gpu_answers()
