@@ -1,26 +1,22 @@
 """bench/research/selection_search.py (issue 8's search over selections) on a tiny model: every variant
 is the full model when nothing is dropped, and differs from it when half is."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, tiny_prompt
+from conftest import tiny_prompt
 
 VARIANTS = ("topk,topk_refit,topk_refit_edges,budget:0,greedy,target_only,bias,linear,class_gram,glass,wina,"
             "taylor,taylor_mix,warmup,warm_only:4,warm_mix:4:3,oracle,oracle_gold,sequential,stream,lambda:3")
 
 
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("selection_search", ROOT / "bench" / "research" / "selection_search.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    module.CLASS_ROWS = {"gram": range(0, 2), "stat": range(0, 3)}
+@pytest.fixture
+def script(monkeypatch):
+    from bench.research import selection_search as module  # the repository root is on pytest's path
+
+    monkeypatch.setattr(module, "CLASS_ROWS", {"gram": range(0, 2), "stat": range(0, 3)})
     return module
 
 
@@ -71,10 +67,7 @@ def test_greedy_picks_the_best_single_neuron_first(script):
 def test_warmup_generation_at_density_1_is_the_full_model(data, tiny_dir, monkeypatch):
     """bench/research/warmup_generation.py: with every neuron kept, each warm-up length gives the full model's
     own text (agreement 1); at 0.5 the unwarmed pruned text differs from it."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench" / "research"))  # as when it runs: its neighbour is importable
-    spec = importlib.util.spec_from_file_location("warmup_generation", ROOT / "bench" / "research" / "warmup_generation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from bench.research import warmup_generation as module
     args = ["--data", str(data), "--model", str(tiny_dir("llama")), "--rows", "0:2", "--warmup", "0,3"]
     out = module.main([*args, "--density", "1.0"])
     for row in out["per_row"].values():

@@ -1,5 +1,5 @@
 """Experiment (not shipped): topk_refit_alloc with each layer's error weighted by its FF-output energy
-over the residual-stream energy it writes into. Usage: python alloc_stream_experiment.py MIN_FRACTION eval ARGS..."""
+over the residual-stream energy it writes into. Usage: python -m bench.research.alloc_stream_experiment MIN_FRACTION eval ARGS..."""
 import sys, torch
 import griffin_export.export as ex
 import griffin_export.evaluation.runner as rn

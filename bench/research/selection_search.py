@@ -1,7 +1,7 @@
 """Issue 8 search: gold-summary likelihood of candidate selections on dev rows, one prefill per prompt.
 
-    python bench/research/selection_search.py --rows 5:15 --density 0.5 --json reports/selection_search/rows_5_15.json
-    python bench/research/selection_search.py --rows 0:5 --density 0.25 --sensitivity --json reports/selection_search/sensitivity.json
+    python -m bench.research.selection_search --rows 5:15 --density 0.5 --json reports/selection_search/rows_5_15.json
+    python -m bench.research.selection_search --rows 0:5 --density 0.25 --sensitivity --json reports/selection_search/sensitivity.json
 
 Every variant keeps the same total number of FF neurons (30 layers x k), refits the kept
 down-projection columns like `topk_refit` unless its name says otherwise, and is scored by the
@@ -379,7 +379,7 @@ def greedy_select(gram: torch.Tensor, w_down: list[torch.Tensor], ks: list[int],
 
 
 def command_line(script: str, argv: list[str] | None) -> str:
-    return " ".join(["python", f"bench/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+    return " ".join(["python", "-m", f"bench.research.{Path(script).stem}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_json(path: str | None, data: dict) -> None:

@@ -3,7 +3,7 @@ export would, storing them and their KV), add their activations to the statistic
 then let the pruned model continue greedily. ROUGE-L of the whole text (warm-up + continuation)
 against the gold summary and against the full model's own output, on dev rows.
 
-    python bench/research/warmup_generation.py --rows 5:25 --warmup 0,4,8,16 --methods topk,topk_refit_edges
+    python -m bench.research.warmup_generation --rows 5:25 --warmup 0,4,8,16 --methods topk,topk_refit_edges
 
 N = 0 is the method as shipped. The warm-up tokens are the full model's greedy tokens, so they are
 the start of the full model's own output: the comparison says how much of the pruned model's loss is
@@ -17,21 +17,16 @@ import time
 
 import torch
 
-from griffin_export.decoding import DecodeOptions, decode
+from bench.research import selection_search as search
+from griffin_export.decoding import decode
 from griffin_export.evaluation.metrics import mean_ci, rouge
 from griffin_export.evaluation.runner import fresh_cache, pruned
 from griffin_export.export import choose_experts
 from griffin_export.prefill import cache_tensors, forward
+from griffin_export.settings import DecodeOptions
 
 STOP = "###"
 MAX_TOKENS = 64
-
-
-def load_search():
-    # its neighbour in bench/research/ (a script's own folder is on sys.path when it runs)
-    import selection_search
-
-    return selection_search
 
 
 def cut(text: str) -> str:
@@ -40,7 +35,6 @@ def cut(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    search = load_search()
     p = search.arguments(__doc__, "5:25")
     p.add_argument("--warmup", default="0,4,8,16", help="warm-up lengths in tokens")
     p.add_argument("--methods", default="topk,topk_refit_edges")
