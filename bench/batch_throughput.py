@@ -28,11 +28,9 @@ from pathlib import Path
 import torch
 
 from griffin_export.classes import Prompt, export_class
-
-from griffin_export.settings import ClassSettings
-from griffin_export.settings import DecodeOptions
 from griffin_export.models import load_model
 from griffin_export.runtime.pytorch import load_runtime
+from griffin_export.settings import ClassSettings, DecodeOptions
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xsum_dev.jsonl"
 

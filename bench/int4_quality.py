@@ -30,20 +30,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from griffin_export.settings import DecodeOptions
+from griffin_export.choices import QUANT_ALGORITHM
 from griffin_export.evaluation.data import read_rows
 from griffin_export.evaluation.metrics import diff_ci, mean_ci, ratio_ci, rouge
 from griffin_export.evaluation.runner import continuation_ids
 from griffin_export.evaluation.settings import EvalSettings
 from griffin_export.export import export_ids
-from griffin_export.settings import ExportSettings
-from griffin_export.prompts import tokenize
 from griffin_export.models import load_model
 from griffin_export.onnx_export import export_onnx
-from griffin_export.choices import QUANT_ALGORITHM
-from griffin_export.settings import QuantSettings
+from griffin_export.prompts import tokenize
 from griffin_export.runtime.onnx import OnnxRuntime
-
+from griffin_export.settings import DecodeOptions, ExportSettings, QuantSettings
 
 
 def parse_variant(text: str, block_size: int, level: int) -> QuantSettings:

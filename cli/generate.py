@@ -6,6 +6,8 @@ import click
 
 from .options import decode_options, recorded_model_options, require_extra, status
 
+from griffin_export.settings import DecodeOptions
+
 
 @click.command("generate")
 @click.argument("bundles", metavar="BUNDLE", nargs=-1, required=True)
@@ -67,7 +69,6 @@ def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_
     if output or resume or force:
         raise click.UsageError("-o, --resume and --force are for --prompts")
     from griffin_export.bundle import read_bundle, read_info
-    from griffin_export.settings import DecodeOptions
     from griffin_export.errors import GriffinError
     from griffin_export.prompts import read_prompt
     from griffin_export.runtime.pytorch import load_runtime
@@ -138,7 +139,6 @@ def _batched(bundle, model, gguf_file, device, max_new_tokens, temperature, top_
     from griffin_export.answers import AnswerWriter, digest, finished
     from griffin_export.bundle import read_bundle, read_metadata
     from griffin_export.classes import iter_prompts
-    from griffin_export.settings import DecodeOptions
     from griffin_export.outputs import check_output_path
     from griffin_export.runtime.pytorch import load_runtime
 

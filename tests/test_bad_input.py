@@ -12,6 +12,7 @@ import torch
 from clirun import run
 from conftest import ROOT, tiny_prompt
 from griffin_export.choices import METHOD_SUMMARIES
+from griffin_export.settings import DecodeOptions
 
 
 @pytest.fixture
@@ -148,7 +149,6 @@ def test_generate_streams_and_an_interrupt_keeps_what_was_printed(tmp_path, prom
 
 def test_decode_streams_pieces_that_add_up_and_never_print_a_stop_string():
     from griffin_export.decoding import decode
-    from griffin_export.settings import DecodeOptions
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):
@@ -227,7 +227,6 @@ def test_onnx_runtime_refuses_torch_only_options(bundle, capsys):
 
 def test_streaming_holds_back_only_what_could_begin_a_stop_string():
     from griffin_export.decoding import decode
-    from griffin_export.settings import DecodeOptions
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):

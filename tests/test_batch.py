@@ -9,7 +9,7 @@ import pytest
 
 from conftest import _tiny_tokenizer
 from griffin_export import ExportSettings, export_prompt
-from griffin_export.settings import DecodeOptions
+from griffin_export.settings import ClassSettings, DecodeOptions
 from griffin_export.errors import GriffinError
 from griffin_export.models import from_model
 from griffin_export.runtime.pytorch import TorchRuntime
@@ -87,7 +87,6 @@ def test_bad_batch_arguments():
 @pytest.mark.real_model
 def test_batched_greedy_equals_alone_on_the_default_model(real_lm, tmp_path):
     from griffin_export.classes import Prompt, export_class
-    from griffin_export.settings import ClassSettings
     from griffin_export.runtime.pytorch import load_runtime
 
     with open(__import__("conftest").SHARED_DATA) as f:

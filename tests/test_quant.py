@@ -14,7 +14,7 @@ import torch
 from griffin_export import ExportSettings, export_ids
 from griffin_export.errors import GriffinError
 from griffin_export.onnx_export import export_onnx
-from griffin_export.settings import QuantSettings
+from griffin_export.settings import BenchSettings, QuantSettings
 from griffin_export.runtime.onnx import OnnxRuntime, read_graph
 from tiny import VOCAB, prompt_ids, tiny_model
 
@@ -135,7 +135,6 @@ def test_llama_cpp_runs_a_pruned_gguf_like_the_pruned_torch_model(real_lm, tmp_p
 
 def test_bench_times_int4_rows_beside_the_float_ones():
     from griffin_export.bench import format_table, run_bench
-    from griffin_export.settings import BenchSettings
 
     runtimes = ["onnx-lean", "onnx-int4", "onnx-lean-int4"]
     r = run_bench(lm=tiny_model("llama", lean=True), ids=prompt_ids(40), prompt_source="random tokens",
@@ -155,7 +154,6 @@ def test_bench_times_llama_cpp_on_the_base_and_the_pruned_gguf(real_lm):
     from griffin_export.bench import format_table, run_bench
 
     # Q8_0: the base (Q4_1) is requantized by llama.cpp for the full row; two densities, two files
-    from griffin_export.settings import BenchSettings
     r = run_bench(lm=real_lm, ids=prompt_ids(40, seed=2) + 10, prompt_source="random tokens",
                   settings=BenchSettings(densities=[0.25, 0.5], new_tokens=4, repeats=1, runtimes=["llama.cpp"],
                                          time_export=False, gguf_quant="Q8_0"))

@@ -118,6 +118,7 @@ def test_refit_lambda_must_be_positive(lam):
 # -- per-layer budgets (topk_refit_edges, topk_refit_alloc) ----------------------------------------------------
 
 from griffin_export.budget import allocate, edge_budgets, refit_error_curve  # noqa: E402
+from griffin_export.settings import BenchSettings  # noqa: E402
 
 
 @pytest.mark.parametrize("density", [0.25, 0.5, 0.75, 0.9])
@@ -149,8 +150,6 @@ def test_bench_times_each_method_and_reads_the_same_total_for_per_layer_widths(t
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from griffin_export.bench import format_table, run_bench
-
-    from griffin_export.settings import BenchSettings
     from griffin_export.evaluation.report import write_report
     from tiny import COMMON
 
@@ -174,7 +173,6 @@ def test_bench_times_each_method_and_reads_the_same_total_for_per_layer_widths(t
 
 
 def test_bench_refuses_an_unknown_method():
-    from griffin_export.settings import BenchSettings
     from griffin_export.errors import GriffinError
 
     with pytest.raises(GriffinError, match="unknown method 'nope'"):
