@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from griffin_export.choices import QUANT_ALGORITHM
 from griffin_export.evaluation.data import read_rows
 from griffin_export.evaluation.metrics import diff_ci, mean_ci, ratio_ci, rouge
 from griffin_export.evaluation.runner import continuation_ids
@@ -50,7 +49,7 @@ def parse_variant(text: str, block_size: int, level: int) -> QuantSettings:
     if unknown or keys.get("head", "int4") not in ("int4", "float"):
         raise SystemExit(f"bad --variant {text!r}: keys algorithm=rtn|hqq, level=, block=, head=int4|float")
     return QuantSettings(block_size=int(keys.get("block", block_size)), accuracy_level=int(keys.get("level", level)),
-                         lm_head=keys.get("head", "int4") == "int4", algorithm=keys.get("algorithm", QUANT_ALGORITHM))
+                         lm_head=keys.get("head", "int4") == "int4", algorithm=keys.get("algorithm", QuantSettings().algorithm))
 
 
 def variant_name(q: QuantSettings) -> str:

@@ -8,9 +8,9 @@ from griffin_export.choices import GGUF_QUANTS
 from griffin_export.evaluation.settings import list_text
 from griffin_export.settings import BenchSettings, defaults
 
-BENCH = defaults(BenchSettings)
-
 from .options import dtype_option, int4_options, int4_settings, model_options, precheck, require_extra
+
+BENCH = defaults(BenchSettings)
 
 
 @click.command("bench")

@@ -66,14 +66,15 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
     require_extra("eval", () if not ll_only or report_only or merge else ("matplotlib",))
     from griffin_export.evaluation.report import write_report
 
-    # the report names this command; rerun, it resumes, so --force (start over) is left out
-    cmd = invoked_command(leave_out=("force",))
+    # the report names this command. A run rerun resumes, so --force (start over) is left out; a merge
+    # rerun needs it to replace its file. --quiet changes no result.
+    cmd = invoked_command(leave_out=("quiet",) if merge else ("force", "quiet"))
     if merge:
         from griffin_export.evaluation.results import merge_results
         from griffin_export.evaluation.settings import parse_rows
 
-        rows_given = parse_rows(rows) if given("rows") else None
-        click.echo(f"wrote {merge_results(merge, output, force=force, rows=rows_given, command=cmd)}")
+        merge_rows = parse_rows(rows) if given("rows") else None
+        click.echo(f"wrote {merge_results(merge, output, force=force, rows=merge_rows, command=cmd)}")
     if report_only or merge:
         for path in write_report(output):
             click.echo(f"wrote {path}")

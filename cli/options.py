@@ -86,8 +86,10 @@ def int4_settings(algorithm: str, block_size: int, accuracy_level: int, float_lm
 
 
 def int4_changed(algorithm: str, block_size: int, accuracy_level: int, float_lm_head: bool) -> bool:
-    """Whether any int4 option differs from its default (refused where nothing is quantized)."""
-    return int4_settings(algorithm, block_size, accuracy_level, float_lm_head) != QuantSettings()
+    """Whether any int4 option differs from its default (refused where nothing is quantized). The raw
+    values, not a QuantSettings: that would refuse a bad --block-size before saying it needs --quantize."""
+    return (algorithm, block_size, accuracy_level, not float_lm_head) != (
+        QUANT["algorithm"], QUANT["block_size"], QUANT["accuracy_level"], QUANT["lm_head"])
 
 
 def dtype_option(f):
@@ -162,18 +164,22 @@ def require_extra(extra: str, only: tuple[str, ...] = ()) -> None:
 
 
 def given(name: str) -> bool:
-    """Whether the user gave this option (rather than click filling in its default)."""
+    """Whether this option's value came from the command line (or the environment), not its default."""
     return click.get_current_context().get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
 
 
 def invoked_command(leave_out: tuple[str, ...] = ()) -> str:
-    """The command as the user gave it, options left at their defaults left out: what a report
-    names to rerun it (recorded, so no second list of flags has to follow the options)."""
+    """The command as the user gave it, in the options' order, options not given left out: what a
+    report names to rerun it (recorded, so no second list of flags has to follow the options).
+    It spells the kinds of parameter eval has (arguments, flags, single and multiple values); a count
+    or multi-value option would need its own spelling, so it is refused rather than miswritten."""
     ctx = click.get_current_context()
     parts = ["griffin-export", ctx.info_name or ctx.command.name]
     for p in ctx.command.params:
         if p.name in leave_out or not given(p.name):
             continue
+        if isinstance(p, click.Option) and (p.count or p.nargs != 1):
+            raise NotImplementedError(f"invoked_command cannot spell --{p.name} (count or nargs > 1)")
         value = ctx.params[p.name]
         if isinstance(p, click.Argument):
             parts += [shlex.quote(str(v)) for v in (value if isinstance(value, tuple) else (value,))]

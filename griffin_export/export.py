@@ -8,12 +8,13 @@ from . import __version__
 from .arch import ff_blocks, ff_param, magnitude_scores, slice_block
 from .budget import edge_budgets, refit_budgets
 from .bundle import WARMUP_FORMAT_VERSION, Bundle, BundleInfo
+from .choices import REFIT_LAMBDA
 from .models import LoadedModel, dtype_name
 from .offload import param_values
 from .decoding import decode, eos_ids
 from .prefill import forward, new_cache, prefill, take_kv
 from .prompts import check_context, tokenize
-from .refit import DEFAULT_LAMBDA, refit_down
+from .refit import refit_down
 from .select import REFIT, k_for, select_all
 from .settings import DecodeOptions, ExportSettings
 from .statistic import BatchStatistic, FFStatistic, recording
@@ -79,7 +80,7 @@ def method_scores(lm: LoadedModel, method: str, prompt_scores: torch.Tensor) -> 
 
 
 def choose_experts(lm: LoadedModel, method: str, scores: torch.Tensor, density: float, seed: int, *,
-                   gram: torch.Tensor | None = None, refit_lambda: float = DEFAULT_LAMBDA,
+                   gram: torch.Tensor | None = None, refit_lambda: float = REFIT_LAMBDA,
                    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Selection and sliced weights of one method: (per-layer indices, FF tensors by name).
     `scores` [L, D_ff] are what the method ranks by (method_scores); refit methods need `gram`."""
@@ -96,7 +97,7 @@ def choose_experts(lm: LoadedModel, method: str, scores: torch.Tensor, density: 
 
 
 def expert_weights(lm: LoadedModel, indices: list[torch.Tensor], *, gram: torch.Tensor | None = None,
-                   refit_lambda: float = DEFAULT_LAMBDA) -> dict[str, torch.Tensor]:
+                   refit_lambda: float = REFIT_LAMBDA) -> dict[str, torch.Tensor]:
     """The kept neurons' FF tensors of every layer, keyed by parameter name. With `gram`
     ([L, D_ff, D_ff]) the down-projection columns are refit on the prompt (refit.py)."""
     spec = lm.spec

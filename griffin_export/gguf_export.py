@@ -28,12 +28,10 @@ from .bundle import Bundle
 from .choices import GGUF_QUANTS
 from .errors import GriffinError
 from .outputs import atomic_output, check_output_path
+from .settings import check_gguf_quant, require_llama_cpp
 
 KEY_PREFIX = "griffin."  # the provenance keys this writer adds
 _SKIP = ("GGUF.", "general.architecture", "general.file_type")  # written by GGUFWriter / set below
-
-
-from .settings import check_gguf_quant, require_llama_cpp
 
 
 def check_architecture(architecture: str) -> None:

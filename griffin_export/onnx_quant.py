@@ -37,6 +37,8 @@ from .errors import GriffinError
 from .settings import QuantSettings
 
 BITS = 4
+
+
 @dataclass(frozen=True)
 class Packed:
     """One MatMulNBits weight: its initializers and the parameters ([out, in] each) stacked

@@ -18,10 +18,8 @@ import torch
 
 from .choices import REFIT_LAMBDA
 
-DEFAULT_LAMBDA = REFIT_LAMBDA
 
-
-def refit_down(w_down: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float = DEFAULT_LAMBDA) -> torch.Tensor:
+def refit_down(w_down: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float = REFIT_LAMBDA) -> torch.Tensor:
     """w_down [hidden, D_ff], gram [D_ff, D_ff], kept [k] sorted -> refit columns [hidden, k]."""
     d = w_down.shape[1]
     mask = torch.ones(d, dtype=torch.bool)

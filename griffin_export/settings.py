@@ -193,9 +193,10 @@ class BenchSettings:
     time_export: bool = True  # also time export vs a plain prefill (writes the bundle each repeat)
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.runtimes if r not in RUNTIMES]
-        if unknown or not self.runtimes:
-            raise GriffinError(f"unknown runtime {', '.join(unknown) or '(none)'}; choose from {', '.join(RUNTIMES)}")
+        if not self.runtimes:
+            raise GriffinError(f"bench needs at least one runtime; known: {', '.join(RUNTIMES)}")
+        for r in self.runtimes:
+            one_of(r, RUNTIMES, "runtime")
         if "genai" in self.runtimes:
             import importlib.util
 

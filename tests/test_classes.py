@@ -552,13 +552,8 @@ def test_experts_context_restores_the_full_model():
 
 
 def test_aggregation_bench_script_on_a_tiny_model(tmp_path, tiny_dir, capsys):
-    import importlib.util
+    from bench import class_aggregation as script  # the repository root is on pytest's path
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("class_aggregation", ROOT / "bench" / "class_aggregation.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     data = tmp_path / "x.jsonl"
     rows = [{"article": t, "summary_gt": texts(7)[6 - i][:20]} for i, t in enumerate(texts(6))]
     rows.insert(2, {"article": tiny_prompt(300), "summary_gt": "w1"})  # over the context: skipped
@@ -580,13 +575,8 @@ def test_aggregation_bench_script_on_a_tiny_model(tmp_path, tiny_dir, capsys):
 
 def test_stdlib_functions_make_a_code_class(tmp_path):
     import ast
-    import importlib.util
+    from bench import stdlib_functions as script  # the repository root is on pytest's path
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("stdlib_functions", ROOT / "bench" / "stdlib_functions.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     out = tmp_path / "code.jsonl"
     assert script.main(["-o", str(out), "--limit", "6"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]

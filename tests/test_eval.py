@@ -251,9 +251,9 @@ def test_report_from_a_two_prompt_run_and_bench(tmp_path, data, tiny_dir, capsys
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "speed.png").exists()
     rep = json.loads((out / "results.json").read_text())
-    # the command as given, in the options' order, defaults left out
+    # the command as given, in the options' order, defaults (and --quiet, which changes no result) left out
     assert rep["command"] == (f"griffin-export eval --data {data} --rows 0:2 --methods full,topk,magnitude "
-                              f"--density 0.25,0.5 --output {out} --model {tiny_dir('llama')} --quiet")
+                              f"--density 0.25,0.5 --output {out} --model {tiny_dir('llama')}")
     assert rep["model"]["fingerprint"] and rep["machine"]["cpu"] and rep["versions"]["torch"]
     assert rep["quality"]["done"] == 2 and len(rep["per_prompt"]) == 2
     keys = [s["key"] for s in rep["quality"]["settings"]]
@@ -288,11 +288,16 @@ def test_report_from_a_two_prompt_run_and_bench(tmp_path, data, tiny_dir, capsys
     assert (only_bench / "speed.png").is_file() and not (only_bench / "rouge_l.png").exists()
 
 
-def test_a_run_from_python_reports_no_command(tmp_path, data, tiny_dir):
+def test_a_run_from_python_reports_no_command(tmp_path, data, tiny_dir, capsys):
+    """Nor does a CLI run resumed from Python over more rows: its command named the old rows."""
     from griffin_export.evaluation.report import NOT_RECORDED, write_report
     from griffin_export.models import load_model
 
-    settings = EvalSettings(data=str(data), rows=(0, 1), methods=("full",), densities=(0.5,), generate=False)
+    code, _, err = run(eval_args(data, tmp_path / "out", tiny_dir("llama"), rows="0:1", methods="full") + ["--ll-only"],
+                       capsys)
+    assert code == 0, err
+    assert "--rows 0:1" in json.loads((tmp_path / "out" / "results.json").read_text())["command"]
+    settings = EvalSettings(data=str(data), rows=(0, 2), methods=("full",), densities=(0.5,), generate=False)
     runner.run_eval(load_model(tiny_dir("llama")), settings, tmp_path / "out", progress=False)
     write_report(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "results.json").read_text())["command"] == NOT_RECORDED
@@ -360,7 +365,7 @@ def test_warm_up_settings_are_what_an_export_with_warmup_generates(tmp_path, tin
     assert code == 0, err
     assert records(tmp_path / "b")[0]["results"][f"bundle:{bundle}"]["gold_ll"] == res["topk@0.5+w3"]["gold_ll"]
     report = (out / "results.md").read_text()
-    assert "| `topk` +3 warm-up | 0.5 |" in report and "--warmup 3 --quiet" in report
+    assert "| `topk` +3 warm-up | 0.5 |" in report and f"--model {model_dir} --warmup 3\n" in report
 
 
 def test_pruned_prefill_method_decodes_like_the_runtime_with_pruned_prefill(tmp_path, tiny_dir, capsys):
@@ -407,6 +412,12 @@ def test_merged_halves_and_settings_equal_one_run(tmp_path, data, tiny_dir, caps
     merge_cmd = (f"griffin-export eval --output {tmp_path / 'm'} --merge {tmp_path / 'a'} --merge {tmp_path / 'b'} "
                  f"--merge {tmp_path / 'r'}")
     assert header["command"] == merge_cmd and merge_cmd in (tmp_path / "m" / "results.md").read_text()
+    # a merge rerun over its file needs --force, so its command keeps it (a run's leaves it out: it resumes)
+    code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "b", "--merge", tmp_path / "r",
+                        "-o", tmp_path / "m", "--force"], capsys)
+    assert code == 0, err
+    forced = merge_cmd.replace(f"--output {tmp_path / 'm'}", f"--output {tmp_path / 'm'} --force")
+    assert results.read_results(tmp_path / "m" / results.RESULTS_FILE)[0]["command"] == forced
     code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "r", "-o", tmp_path / "x"], capsys)
     assert code == 2 and "row 1 lacks settings other rows have" in err and err.count("\n") == 1
     code, _, err = run(["eval", "--merge", tmp_path / "a", "--merge", tmp_path / "r", "--rows", "0:1",
@@ -508,13 +519,8 @@ def test_default_model_one_prompt(real_lm, tmp_path):
 
 def test_paired_script_differences_match_the_records(tmp_path, data, tiny_dir, capsys):
     """bench/paired.py: per-prompt A − B of the gold likelihood (and A ÷ B of ROUGE-L), averaged."""
-    import importlib.util
+    from bench import paired as script  # the repository root is on pytest's path
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("paired", ROOT / "bench" / "paired.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     out = tmp_path / "r"
     code, _, err = run(eval_args(data, out, tiny_dir("llama"), density="0.5,0.75"), capsys)
     assert code == 0, err

@@ -428,7 +428,7 @@ def test_cli_export_generate_with_onnx_runtime(tmp_path, tiny_dir, capsys):
     (["bench", "--density", "0.5,1.5"], "density must be in (0, 1], got 1.5"),
     (["bench", "--method", "topk,nope"], "unknown method 'nope'"),
     (["bench", "--method", ","], "no methods given"),
-    (["bench", "--runtime", "torch,tvm"], "unknown runtime tvm"),
+    (["bench", "--runtime", "torch,tvm"], "unknown runtime 'tvm'"),
     (["bench", "--repeats", "0"], "--repeats >= 1; got 0, 64, 0"),
     (["bench", "--threads", "0"], "Invalid value for '--threads'"),
 ])

@@ -191,6 +191,7 @@ def test_4bit_bad_inputs_are_one_line_errors_and_leave_nothing(tmp_path, tiny_di
     one_line(["onnx", bundles["b"], "-o", q, *model, "--quantize", "int4"], "exists")
     one_line(["onnx", bundles["b"], "-o", tmp_path / "g", *model, "--quantize", "int3"], "int3")
     one_line(["onnx", bundles["b"], "-o", tmp_path / "g", *model, "--block-size", "16"], "go with --quantize")
+    one_line(["onnx", bundles["b"], "-o", tmp_path / "g", *model, "--block-size", "48"], "go with --quantize")
     one_line(["onnx", bundles["b"], "-o", tmp_path / "g", *model, "--quantize", "int4", "--block-size", "24"],
              "power of 2")
     one_line(["generate", bundles["quarter"], "--runtime", "onnx", "--onnx", q], "k=")

@@ -107,8 +107,9 @@ def read_bench(path: Path) -> dict | None:
     return bench
 
 
-# Reports from runs started in Python (run_eval without `command`) have no command to name
-NOT_RECORDED = "(not recorded: the run was started from Python, not griffin-export eval)"
+# eval.jsonl names no command for a run started in Python (run_eval without `command`), nor for one
+# written before commands were recorded
+NOT_RECORDED = "(no command recorded in eval.jsonl)"
 
 
 # -- writing --------------------------------------------------------------------------------

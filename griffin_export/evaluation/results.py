@@ -154,7 +154,8 @@ def open_results(out_dir: Path, header: dict, force: bool) -> tuple[set[int], "R
             diff = sorted(k for k in header["key"] if old.get("key", {}).get(k) != header["key"][k])
             raise GriffinError(f"{path} holds results for other settings (differs in: {', '.join(diff)}); "
                                "pass --force to start over, or choose another -o directory")
-        # the new row range, and the command that asked for it
+        # the new row range, and the command that asked for it (none from Python: the old one named other rows)
+        old = {k: v for k, v in old.items() if k != "command"}
         _rewrite_header(path, {**old, **{k: header[k] for k in ("settings", "command") if k in header}})
         return set(records), ResultsWriter(path)
     with atomic_output(path) as tmp:

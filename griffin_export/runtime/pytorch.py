@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +79,7 @@ class TorchRuntime(Runtime):
 
     # -- FF width ---------------------------------------------------------------------
 
-    def _full_ff(self):
+    def _full_ff(self) -> AbstractContextManager[None]:
         """The full FF linears in the layers for a `with` block (a new prompt's prefill)."""
         if self._full is None:
             raise GriffinError("a new prompt needs the full model for prefill; load the runtime with keep_full=True")
