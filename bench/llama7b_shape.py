@@ -18,8 +18,9 @@ import torch
 
 from griffin_export.arch import spec_for
 from griffin_export.bench import format_table, run_bench, write_results
-from griffin_export.settings import BenchSettings
+from griffin_export.choices import PROVIDERS
 from griffin_export.models import LoadedModel
+from griffin_export.settings import BenchSettings
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
@@ -44,7 +45,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--density", default="0.5", help="comma-separated densities [0.5]")
     p.add_argument("--runtime", default="torch,onnx", help="comma-separated: torch, torch-lean, onnx, onnx-lean [torch,onnx]")
-    p.add_argument("--onnx-provider", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--onnx-provider", default="auto", choices=PROVIDERS)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (a smaller model)")

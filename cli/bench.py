@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from griffin_export.choices import GGUF_QUANTS
+from griffin_export.choices import GGUF_QUANTS, PROVIDERS
 from griffin_export.evaluation.settings import list_text
 from griffin_export.settings import BenchSettings, defaults
 
@@ -30,7 +30,7 @@ BENCH = defaults(BenchSettings)
                    "with 4-bit MatMuls), genai (onnxruntime-genai's runtime: its own builder's full model and our "
                    "lean graphs), llama.cpp (the base GGUF and each bundle's pruned GGUF, --gguf-quant; the [llama] "
                    "extra); ONNX rows export a graph per config")
-@click.option("--onnx-provider", type=click.Choice(["cpu", "cuda", "auto"]), default=BENCH["onnx_provider"], show_default=True,
+@click.option("--onnx-provider", type=click.Choice(PROVIDERS), default=BENCH["onnx_provider"], show_default=True,
               help="ONNX Runtime provider for the onnx rows (auto: CUDA when a GPU answers)")
 @int4_options("-int4 rows")
 @click.option("--gguf-quant", type=click.Choice(GGUF_QUANTS), default=BENCH["gguf_quant"], show_default=True,

@@ -38,7 +38,10 @@ DENSITY = 0.5
 CHUNK_SIZE = 512  # prefill chunk (tokens); the statistic is the same for any chunking
 REFIT_LAMBDA = 1.0  # the refit's ridge strength relative to the mean activation energy; chosen on dev rows 0-5
 
-LAYOUTS = ("auto", "lean", "traced")  # onnx --graph: auto = lean where the adapter table covers the architecture
+LAYOUTS = ("auto", "lean", "traced")
+
+# ONNX Runtime execution providers (runtime/onnx.choose_provider): auto = CUDA where it answers, else the CPU
+PROVIDERS = ("auto", "cpu", "cuda")  # onnx --graph: auto = lean where the adapter table covers the architecture
 
 # `griffin-export onnx --quantize` (onnx_quant.py): schemes, and the defaults measured in the README
 QUANT_SCHEMES = ("int4",)

@@ -187,7 +187,7 @@ class BenchSettings:
     repeats: int = 5
     threads: int | None = None
     runtimes: list[str] = field(default_factory=lambda: ["torch"])  # of choices.RUNTIMES
-    onnx_provider: str = "cpu"  # ONNX Runtime provider: cpu, cuda or auto (runtime/onnx.choose_provider)
+    onnx_provider: str = "cpu"  # ONNX Runtime provider, of choices.PROVIDERS
     quantize: QuantSettings = field(default_factory=QuantSettings)  # the -int4 rows' quantization
     gguf_quant: str = GGUF_QUANT  # the llama.cpp rows' file type, base and pruned alike
     time_export: bool = True  # also time export vs a plain prefill (writes the bundle each repeat)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..bundle import Bundle, read_bundle
+from ..choices import PROVIDERS
 from ..errors import GriffinError
 from ..graph import PAST, PRESENT, Graph, GraphInfo, check_graph_bundle, read_graph
 from ..onnx_quant import quantize_for_swap
@@ -80,7 +81,7 @@ def gpu_answers() -> tuple[bool, str]:
 
 def choose_provider(provider: str = "auto") -> tuple[str, str]:
     """(provider, why): auto = CUDA when installed and a GPU answers, else CPU."""
-    one_of(provider, ("auto", "cpu", "cuda"), "provider")
+    one_of(provider, PROVIDERS, "provider")
     if provider == "cpu":
         return CPU, "requested"
     ok, why = gpu_answers()
