@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from griffin_export.classes import Prompt, export_class
-from griffin_export.models import load_model
+from griffin_export.files.inputs import Prompt
+from griffin_export.classes.build import export_class
+from griffin_export.model.load import load_model
 from griffin_export.runtime.pytorch import load_runtime
 from griffin_export.settings import ClassSettings, DecodeOptions
 
@@ -68,7 +69,7 @@ def main() -> None:
     else:  # ONNX Runtime: the full model's graph, the class's
         import tempfile
 
-        from griffin_export.onnx_export import export_onnx
+        from griffin_export.targets.onnx.export import export_onnx
         from griffin_export.runtime.onnx import OnnxRuntime
 
         tmp = Path(tempfile.mkdtemp(prefix="griffin-batch-"))

@@ -30,15 +30,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from griffin_export.arch import ff_blocks, magnitude_scores
-from griffin_export.classes import AGGREGATIONS, DEFAULT_AGGREGATION, ClassStatistic, experts
+from griffin_export.model.arch import ff_blocks, magnitude_scores
+from griffin_export.classes.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, ClassStatistic
+from griffin_export.method.classify import experts
 from griffin_export.errors import GriffinError
-from griffin_export.export import layer_scores
+from griffin_export.method.export import layer_scores
 from griffin_export.settings import ExportSettings
-from griffin_export.prompts import tokenize
-from griffin_export.models import load_model
-from griffin_export.prefill import cache_tensors, forward, prefill, restore_cache
-from griffin_export.select import k_for, select_all
+from griffin_export.model.tokens import tokenize
+from griffin_export.model.load import load_model
+from griffin_export.model.prefill import cache_tensors, forward, prefill, restore_cache
+from griffin_export.method.selection import k_for, select_all
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xsum_dev.jsonl"
 

@@ -34,10 +34,10 @@ from griffin_export.evaluation.data import read_rows
 from griffin_export.evaluation.metrics import diff_ci, mean_ci, ratio_ci, rouge
 from griffin_export.evaluation.runner import continuation_ids
 from griffin_export.evaluation.settings import EvalSettings
-from griffin_export.export import export_ids
-from griffin_export.models import load_model
-from griffin_export.onnx_export import export_onnx
-from griffin_export.prompts import tokenize
+from griffin_export.method.export import export_ids
+from griffin_export.model.load import load_model
+from griffin_export.targets.onnx.export import export_onnx
+from griffin_export.model.tokens import tokenize
 from griffin_export.runtime.onnx import OnnxRuntime
 from griffin_export.settings import DecodeOptions, ExportSettings, QuantSettings
 

@@ -16,10 +16,10 @@ import argparse
 
 import torch
 
-from griffin_export.arch import spec_for
-from griffin_export.bench import format_table, run_bench, write_results
+from griffin_export.model.arch import spec_for
+from griffin_export.evaluation.speed import format_table, run_bench, write_results
 from griffin_export.choices import PROVIDERS
-from griffin_export.models import LoadedModel
+from griffin_export.model.load import LoadedModel
 from griffin_export.settings import BenchSettings
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -21,7 +21,7 @@ import torch
 
 from llama7b_shape import LLAMA2_7B, TINY, random_model
 
-from griffin_export.onnx_export import export_onnx
+from griffin_export.targets.onnx.export import export_onnx
 from griffin_export.runtime.onnx import OnnxRuntime
 
 

@@ -56,7 +56,7 @@ def class_bench(ns: argparse.Namespace, tmp: Path) -> None:
 
 def long_prompt(tokens: int) -> str:
     """XSum articles joined until `tokens` tokens of the default model's tokenizer, cut there."""
-    from griffin_export.models import load_model
+    from griffin_export.model.load import load_model
 
     tok = load_model(quiet=True).tokenizer
     text = ""
@@ -76,8 +76,8 @@ def long_bench(ns: argparse.Namespace, tmp: Path) -> None:
     short.write_text(long_prompt(1000), encoding="utf-8")
     # the model's weights are memory-mapped: they count in RSS once a forward has read them all,
     # so the baseline is the model loaded and run on one token
-    model_only = [sys.executable, "-c", "import torch; from griffin_export.models import load_model; "
-                  "from griffin_export.prefill import forward, new_cache; lm = load_model(quiet=True); "
+    model_only = [sys.executable, "-c", "import torch; from griffin_export.model.load import load_model; "
+                  "from griffin_export.model.prefill import forward, new_cache; lm = load_model(quiet=True); "
                   "forward(lm.model, torch.tensor([[1]]), new_cache(lm.model))"]
     wall, base = measure(model_only)
     print("| default model (float32), one export | wall | peak RSS | over the model |")

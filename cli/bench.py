@@ -58,7 +58,7 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
       griffin-export bench --runtime torch,onnx --device cuda --dtype float16 --onnx-provider cuda
       griffin-export bench --runtime onnx-lean,onnx-lean-int4,llama.cpp --density 0.5 --threads 2 --repeats 9
     """
-    from griffin_export.bench import check_results_dir, format_table, run_bench, write_results
+    from griffin_export.evaluation.speed import check_results_dir, format_table, run_bench, write_results
     from griffin_export.evaluation.settings import parse_densities, parse_list
 
     settings = BenchSettings(densities=parse_densities(density), methods=parse_list(method, "methods"), data=data,

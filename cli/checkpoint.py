@@ -40,8 +40,8 @@ def command(bundle, output, model, gguf_file, device, as_gguf, quant, threads, f
     quantized by llama.cpp's own quantizer (llama-cpp-python, the [llama] extra; F32 needs
     none).
     """
-    from griffin_export.bundle import read_info
-    from griffin_export.checkpoint import write_checkpoint
+    from griffin_export.bundle.format import read_info
+    from griffin_export.targets.checkpoint import write_checkpoint
     from griffin_export.errors import GriffinError
 
     t0 = time.perf_counter()
@@ -58,12 +58,12 @@ def command(bundle, output, model, gguf_file, device, as_gguf, quant, threads, f
 
 
 def _gguf(bundle, info, output, model, gguf_file, quant, threads, force, quiet, t0) -> None:
-    from griffin_export.bundle import read_bundle
-    from griffin_export.experts import check_bundle
-    from griffin_export.gguf_export import base_gguf, check_architecture, write_pruned_gguf
+    from griffin_export.bundle.format import read_bundle
+    from griffin_export.bundle.experts import check_bundle
+    from griffin_export.targets.gguf_export import base_gguf, check_architecture, write_pruned_gguf
     from griffin_export.settings import require_llama_cpp
-    from griffin_export.models import load_model
-    from griffin_export.outputs import check_output_path
+    from griffin_export.model.load import load_model
+    from griffin_export.files.outputs import check_output_path
 
     check_architecture(info.architecture)
     check_output_path(output, force)  # before loading the model (write_pruned_gguf checks again, cheaply)

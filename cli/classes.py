@@ -78,11 +78,12 @@ def command(inputs, name, output, field, limit, aggregation, model, gguf_file, d
       griffin-export class news.jsonl --name news --shard 2/8 -o part-2.safetensors    # then: class-merge part-*
       griffin-export class news.jsonl --name news --engine ray --workers 4 -o news.safetensors
     """
-    from griffin_export.aggregate import Shard, merge, read_statistic, write_statistic
-    from griffin_export.bundle import write_bundle
-    from griffin_export.outputs import check_output_path
-    from griffin_export.classes import class_bundle, survey_prompts
-    from griffin_export.models import load_model
+    from griffin_export.classes.aggregate import Shard, merge, read_statistic, write_statistic
+    from griffin_export.bundle.format import write_bundle
+    from griffin_export.files.outputs import check_output_path
+    from griffin_export.classes.build import class_bundle
+    from griffin_export.files.inputs import survey_prompts
+    from griffin_export.model.load import load_model
 
     t0 = time.perf_counter()
     settings = ClassSettings(name=name, aggregation=aggregation, density=density, method=method, seed=seed,
@@ -95,7 +96,7 @@ def command(inputs, name, output, field, limit, aggregation, model, gguf_file, d
     if save_statistic:
         check_output_path(save_statistic, force)
     if engine == "ray":
-        from griffin_export.ray_engine import require_ray
+        from griffin_export.classes.ray_engine import require_ray
 
         require_ray()
     if statistics:
@@ -163,7 +164,9 @@ def _check_combinations(inputs, statistics, save_statistic, shard, engine, addre
 def _count(lm, inputs, field, limit, settings, part, total, n, batch_size, engine, address, workers, gpus_per_worker,
            model, gguf_file, dtype, quiet):
     """The inputs (of one shard, with `part`) counted here or on Ray; `n` prompts of `total` to count."""
-    from griffin_export.classes import class_statistic, iter_prompts, shard_of
+    from griffin_export.classes.build import class_statistic
+    from griffin_export.classes.build import shard_of
+    from griffin_export.files.inputs import iter_prompts
 
     prompts = iter_prompts(inputs, field, limit)
     if part:
@@ -172,7 +175,7 @@ def _count(lm, inputs, field, limit, settings, part, total, n, batch_size, engin
         return class_statistic(lm, prompts, settings, total=n, progress=not quiet, batch_size=batch_size)
     import os
 
-    from griffin_export.ray_engine import ModelSource, RaySettings, ray_class_statistic
+    from griffin_export.classes.ray_engine import ModelSource, RaySettings, ray_class_statistic
 
     local_model = model if model is None or not os.path.exists(model) else os.path.abspath(model)
     return ray_class_statistic(ModelSource(local_model, gguf_file, dtype), prompts, settings,
@@ -217,12 +220,12 @@ def merge_command(parts, output, name, aggregation, method, density, model, gguf
       griffin-export class-merge part-*.safetensors --density 0.5 -o news.safetensors
       griffin-export class-merge part-1.st part-2.st part-3.st --method topk_refit_edges -o news.safetensors  # refit parts
     """
-    from griffin_export.aggregate import merge, read_statistic
-    from griffin_export.bundle import write_bundle
-    from griffin_export.outputs import check_output_path
-    from griffin_export.classes import class_bundle
+    from griffin_export.classes.aggregate import merge, read_statistic
+    from griffin_export.bundle.format import write_bundle
+    from griffin_export.files.outputs import check_output_path
+    from griffin_export.classes.build import class_bundle
     from griffin_export.errors import GriffinError
-    from griffin_export.models import load_model
+    from griffin_export.model.load import load_model
 
     t0 = time.perf_counter()
     check_output_path(output, force)

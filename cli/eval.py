@@ -86,8 +86,8 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
     from griffin_export.evaluation.data import read_rows
     from griffin_export.evaluation.runner import run_eval
     from griffin_export.evaluation.settings import parse_densities, parse_list, parse_rows, unescape
-    from griffin_export.models import load_model
-    from griffin_export.outputs import check_folder
+    from griffin_export.model.load import load_model
+    from griffin_export.files.outputs import check_folder
 
     if data is None:
         raise GriffinError("--data FILE.jsonl is required (or --report-only to redraw an existing report)")

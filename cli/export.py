@@ -50,12 +50,12 @@ def command(prompt, output, model, gguf_file, device, device_map, max_memory, of
       griffin-export prompt.txt -o expert.safetensors --model ./my-llama-dir --dtype bfloat16
       griffin-export prompt.txt -o expert.safetensors --model ./big-model --device-map auto --max-memory cpu=8GiB
     """
-    from griffin_export.bundle import write_bundle
-    from griffin_export.outputs import check_output_path
-    from griffin_export.export import export_prompt
+    from griffin_export.bundle.format import write_bundle
+    from griffin_export.files.outputs import check_output_path
+    from griffin_export.method.export import export_prompt
     from griffin_export.settings import ExportSettings
-    from griffin_export.prompts import read_prompt
-    from griffin_export.models import load_model
+    from griffin_export.files.inputs import read_prompt
+    from griffin_export.model.load import load_model
 
     t0 = time.perf_counter()
     settings = ExportSettings(density=density, method=method, seed=seed, chunk_size=chunk_size,

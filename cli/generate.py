@@ -68,9 +68,9 @@ def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_
                         onnx_full, eager, compile_, quiet)
     if output or resume or force:
         raise click.UsageError("-o, --resume and --force are for --prompts")
-    from griffin_export.bundle import read_bundle, read_info
+    from griffin_export.bundle.format import read_bundle, read_info
     from griffin_export.errors import GriffinError
-    from griffin_export.prompts import read_prompt
+    from griffin_export.files.inputs import read_prompt
     from griffin_export.runtime.pytorch import load_runtime
 
     opts = DecodeOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -103,8 +103,8 @@ def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_
         status(rt.describe(), quiet)
     else:
         if prompt is None:  # the context is in the model's config: refuse before the weights load
-            from griffin_export.prompts import check_generation_fits
-            from griffin_export.models import check_device, peek_architecture
+            from griffin_export.model.tokens import check_generation_fits
+            from griffin_export.model.load import check_device, peek_architecture
 
             check_device(device)
             ctx = peek_architecture(model or info.base_model, gguf_file).context_length
@@ -136,10 +136,10 @@ def _batched(bundle, model, gguf_file, device, max_new_tokens, temperature, top_
 
     from tqdm.auto import tqdm
 
-    from griffin_export.answers import AnswerWriter, digest, finished
-    from griffin_export.bundle import read_bundle, read_metadata
-    from griffin_export.classes import iter_prompts
-    from griffin_export.outputs import check_output_path
+    from griffin_export.runtime.answers import AnswerWriter, digest, finished
+    from griffin_export.bundle.format import read_bundle, read_metadata
+    from griffin_export.files.inputs import iter_prompts
+    from griffin_export.files.outputs import check_output_path
     from griffin_export.runtime.pytorch import load_runtime
 
     if prompt_file is not None:

@@ -25,7 +25,7 @@ def command(path, as_json):
       griffin-export inspect expert_onnx/model.onnx
       griffin-export inspect expert_onnx/ --json | jq .ff_width_per_layer
     """
-    from griffin_export.inspect import inspect_path
+    from griffin_export.describe import inspect_path
 
     summary, text = inspect_path(path)
     click.echo(json.dumps(summary, indent=2) if as_json else text)

@@ -51,8 +51,8 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
     """
     from griffin_export.errors import GriffinError
-    from griffin_export.onnx_export import DATA_FILE, MODEL_FILE, export_graph
-    from griffin_export.outputs import check_output_dir
+    from griffin_export.targets.onnx.export import DATA_FILE, MODEL_FILE, export_graph
+    from griffin_export.files.outputs import check_output_dir
 
     if full == (bundle is not None):
         raise GriffinError("give a BUNDLE, or --full for the unpruned model (not both)")

@@ -58,7 +58,7 @@ def offload_from(device_map: str | None, max_memory: str | None, offload_folder:
         if max_memory or offload_folder:
             raise click.UsageError("--max-memory and --offload-folder need --device-map auto")
         return None
-    from griffin_export.models import Offload, parse_max_memory
+    from griffin_export.model.load import Offload, parse_max_memory
 
     return Offload(max_memory=parse_max_memory(max_memory) if max_memory else None, folder=offload_folder)
 
@@ -127,7 +127,7 @@ def human_bytes(n: int) -> str:
 
 def k_summary(k: list[int], d_ff: int) -> str:
     """'k=768/1536 per layer', or for per-layer widths 'k=682..1536/1536 per layer (total 23040)'."""
-    from griffin_export.budget import widths_text
+    from griffin_export.method.budget import widths_text
 
     return f"k={widths_text(k, d_ff)}"
 
@@ -136,8 +136,8 @@ def k_summary(k: list[int], d_ff: int) -> str:
 def precheck(model: str | None, gguf_file: str | None, device: str, densities=()) -> None:
     """What can be refused before any weights load: the device, the architecture (config.json or
     the GGUF header), and densities that keep no neuron of the model's FF width."""
-    from griffin_export.models import check_device, peek_architecture
-    from griffin_export.select import k_for
+    from griffin_export.model.load import check_device, peek_architecture
+    from griffin_export.method.selection import k_for
 
     check_device(device)
     d_ff = peek_architecture(model, gguf_file).d_ff

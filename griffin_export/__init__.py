@@ -15,12 +15,13 @@ __version__ = "0.1.0"
 
 # name -> submodule. Imported on first use so `griffin-export --help` doesn't pay for torch.
 _API = {
-    "Bundle": "bundle", "BundleInfo": "bundle", "read_bundle": "bundle", "read_info": "bundle",
-    "write_bundle": "bundle",
-    "DecodeOptions": "settings", "Generation": "decoding",
+    "Bundle": "bundle.format", "BundleInfo": "bundle.format", "read_bundle": "bundle.format",
+    "read_info": "bundle.format", "write_bundle": "bundle.format",
+    "DecodeOptions": "settings", "Generation": "model.decoding",
     "GriffinError": "errors",
-    "ExportSettings": "settings", "export_ids": "export", "export_prompt": "export", "read_prompt": "prompts",
-    "LoadedModel": "models", "from_model": "models", "load_model": "models",
+    "ExportSettings": "settings", "export_ids": "method.export", "export_prompt": "method.export",
+    "read_prompt": "files.inputs",
+    "LoadedModel": "model.load", "from_model": "model.load", "load_model": "model.load",
     "TorchRuntime": "runtime.pytorch", "load_runtime": "runtime.pytorch",
 }
 __all__ = sorted(_API)

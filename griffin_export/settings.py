@@ -11,9 +11,24 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .choices import (AGGREGATION_SUMMARIES, CHUNK_SIZE, CLASS_METHODS, DEFAULT_AGGREGATION, DENSITY, GGUF_QUANT,
-                      GGUF_QUANTS, METHODS, QUANT_ACCURACY_LEVEL, QUANT_ALGORITHM, QUANT_ALGORITHMS, QUANT_BLOCK_SIZE,
-                      QUANT_SCHEMES, REFIT, REFIT_LAMBDA, RUNTIMES)
+from .choices import (
+    AGGREGATION_SUMMARIES,
+    CHUNK_SIZE,
+    CLASS_METHODS,
+    DEFAULT_AGGREGATION,
+    DENSITY,
+    GGUF_QUANT,
+    GGUF_QUANTS,
+    METHODS,
+    QUANT_ACCURACY_LEVEL,
+    QUANT_ALGORITHM,
+    QUANT_ALGORITHMS,
+    QUANT_BLOCK_SIZE,
+    QUANT_SCHEMES,
+    REFIT,
+    REFIT_LAMBDA,
+    RUNTIMES,
+)
 from .errors import GriffinError
 
 

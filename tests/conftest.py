@@ -62,7 +62,7 @@ def real_model_available() -> None:
 
 @pytest.fixture(scope="session")
 def real_lm(real_model_available):
-    from griffin_export.models import load_model
+    from griffin_export.model.load import load_model
 
     return load_model(quiet=True)
 

@@ -45,7 +45,7 @@ def leftovers(tmp_path, before: set) -> set:
 @pytest.mark.parametrize("device, message", [("cuda", "CUDA is not available here"), ("cuda:3", "CUDA"),
                                              ("foo", "unknown device 'foo'"), ("meta", "runs on cpu or cuda")])
 def test_devices_are_checked_before_loading(tmp_path, prompt, tiny_dir, capsys, monkeypatch, device, message):
-    import griffin_export.models as models
+    from griffin_export.model import load as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("load_model was called"))
     before = {p.name for p in tmp_path.iterdir()}
@@ -79,7 +79,7 @@ def test_a_missing_extra_is_named_before_any_work(tmp_path, tiny_dir, capsys, mo
 def test_a_bundle_holding_nan_is_refused(bundle, capsys):
     import copy
 
-    from griffin_export.bundle import read_bundle, write_bundle
+    from griffin_export.bundle.format import read_bundle, write_bundle
 
     good = read_bundle(bundle)
     b = copy.deepcopy(good)
@@ -102,7 +102,7 @@ def test_directories_are_named_as_directories(tmp_path, bundle, tiny_dir, capsys
 
 
 def test_a_density_that_keeps_no_neuron_is_refused_from_the_config(tmp_path, prompt, tiny_dir, capsys, monkeypatch):
-    import griffin_export.models as models
+    from griffin_export.model import load as models
 
     def never(*a, **k):
         raise AssertionError("load_model was called")
@@ -113,7 +113,7 @@ def test_a_density_that_keeps_no_neuron_is_refused_from_the_config(tmp_path, pro
 
 
 def test_the_default_models_gguf_header_says_its_ff_width(real_model_available):
-    from griffin_export.models import peek_architecture
+    from griffin_export.model.load import peek_architecture
 
     facts = peek_architecture(None)
     assert (facts.architecture, facts.d_ff, facts.context_length) == ("llama", 1536, 8192)
@@ -148,7 +148,7 @@ def test_generate_streams_and_an_interrupt_keeps_what_was_printed(tmp_path, prom
 
 
 def test_decode_streams_pieces_that_add_up_and_never_print_a_stop_string():
-    from griffin_export.decoding import decode
+    from griffin_export.model.decoding import decode
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):
@@ -175,7 +175,7 @@ def test_outputs_are_ordinary_files_that_respect_the_umask(bundle, tmp_path, cap
     import os
     import stat
 
-    from griffin_export.outputs import _umask
+    from griffin_export.files.outputs import _umask
 
     want = 0o666 & ~_umask()
     assert stat.S_IMODE(os.stat(bundle).st_mode) == want  # safetensors writes private files; we fix that
@@ -189,7 +189,7 @@ def test_sigterm_during_an_export_leaves_nothing(bundle, tmp_path, capsys, monke
     import os
     import signal
 
-    import griffin_export.onnx_export as onnx_export
+    from griffin_export.targets.onnx import export as onnx_export
 
     real = onnx_export._trace
 
@@ -210,7 +210,7 @@ def test_the_warm_up_counts_once_towards_the_context(tmp_path, prompt, tiny_dir,
     warm-up tokens are part of --max-new-tokens), in both runtimes alike."""
     b = tmp_path / "w.safetensors"
     assert run([prompt, "-o", b, "--model", tiny_dir("llama"), "-q", "--warmup", "4"], capsys)[0] == 0
-    from griffin_export.bundle import read_info
+    from griffin_export.bundle.format import read_info
 
     info = read_info(b)
     assert info.warmup_tokens == 4 and info.prompt_tokens == 20
@@ -226,7 +226,7 @@ def test_onnx_runtime_refuses_torch_only_options(bundle, capsys):
 
 
 def test_streaming_holds_back_only_what_could_begin_a_stop_string():
-    from griffin_export.decoding import decode
+    from griffin_export.model.decoding import decode
 
     class Tok:
         def decode(self, ids, skip_special_tokens=True):

@@ -11,7 +11,7 @@ from conftest import _tiny_tokenizer
 from griffin_export import ExportSettings, export_prompt
 from griffin_export.settings import ClassSettings, DecodeOptions
 from griffin_export.errors import GriffinError
-from griffin_export.models import from_model
+from griffin_export.model.load import from_model
 from griffin_export.runtime.pytorch import TorchRuntime
 from clirun import run
 from tiny import ARCHS, LEAN_ARCHS, VOCAB, tiny_model
@@ -86,14 +86,15 @@ def test_bad_batch_arguments():
 
 @pytest.mark.real_model
 def test_batched_greedy_equals_alone_on_the_default_model(real_lm, tmp_path):
-    from griffin_export.classes import Prompt, export_class
+    from griffin_export.files.inputs import Prompt
+    from griffin_export.classes.build import export_class
     from griffin_export.runtime.pytorch import load_runtime
 
     with open(__import__("conftest").SHARED_DATA) as f:
         rows = [json.loads(next(f))["article"] for _ in range(4)]
     prompts = [r[: 200 + 400 * i] for i, r in enumerate(rows)]  # ~50 to ~350 tokens
     bundle = export_class(real_lm, [Prompt(p, str(i)) for i, p in enumerate(prompts)], ClassSettings("news")).bundle
-    from griffin_export.models import load_model
+    from griffin_export.model.load import load_model
 
     rt = load_runtime(bundle, load_model(quiet=True), new_prompts=True)  # the lean step
     opts = DecodeOptions(max_new_tokens=12)
@@ -101,7 +102,7 @@ def test_batched_greedy_equals_alone_on_the_default_model(real_lm, tmp_path):
     assert [g.token_ids for g in rt.generate_batch(prompts, opts, batch_size=4)] == alone
     assert rt.lean is not None
     # ONNX Runtime's lean graph, prefilling through the experts (one graph to export)
-    from griffin_export.onnx_export import export_onnx
+    from griffin_export.targets.onnx.export import export_onnx
     from griffin_export.runtime.onnx import OnnxRuntime
 
     ort = OnnxRuntime(export_onnx(real_lm, tmp_path / "class_onnx", bundle, max_length=512), bundle,
@@ -211,7 +212,7 @@ def test_resume_refuses_the_answers_of_other_inputs(tmp_path, tiny_dir, bundle_f
 def test_onnx_runtime_batches_like_each_prompt_alone(arch, tmp_path):
     """The traced graph has a batch axis: batched ONNX Runtime output equals each prompt alone
     (greedy), and the PyTorch runtime's batched output."""
-    from griffin_export.onnx_export import export_onnx
+    from griffin_export.targets.onnx.export import export_onnx
     from griffin_export.runtime.onnx import OnnxRuntime
 
     rt = runtime(arch)
@@ -253,7 +254,7 @@ def test_lean_decoders_batch_like_each_prompt_alone(arch, tmp_path, monkeypatch)
     output alone, as transformers' forward batched does; rows that stop early leave the buffers.
     Mistral's sliding window (8) is shorter than most prompts."""
     import griffin_export.runtime.onnx as onnx_runtime
-    from griffin_export.onnx_export import export_onnx
+    from griffin_export.targets.onnx.export import export_onnx
     from griffin_export.runtime.onnx import OnnxRuntime, read_graph
 
     def lean_runtime(**kw) -> TorchRuntime:

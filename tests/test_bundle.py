@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids, from_model, read_bundle, write_bundle
-from griffin_export.bundle import FORMAT_VERSION, read_metadata
+from griffin_export import (DecodeOptions, ExportSettings, TorchRuntime, export_ids, from_model, read_bundle,
+                            write_bundle)
+from griffin_export.bundle.format import FORMAT_VERSION, read_metadata
 from griffin_export.errors import GriffinError
 from tiny import ARCHS, prompt_ids, tiny_model
 

@@ -9,14 +9,15 @@ import torch
 
 from conftest import tiny_prompt
 from griffin_export import ExportSettings, TorchRuntime, export_ids, read_bundle, write_bundle
-from griffin_export.arch import ff_blocks
-from griffin_export.checkpoint import write_checkpoint
-from griffin_export.classes import Prompt, export_class
+from griffin_export.model.arch import ff_blocks
+from griffin_export.targets.checkpoint import write_checkpoint
+from griffin_export.files.inputs import Prompt
+from griffin_export.classes.build import export_class
 from griffin_export.settings import ClassSettings
 from griffin_export.errors import GriffinError
-from griffin_export.export import bundle_from_indices
-from griffin_export.prompts import tokenize
-from griffin_export.models import load_model
+from griffin_export.method.export import bundle_from_indices
+from griffin_export.model.tokens import tokenize
+from griffin_export.model.load import load_model
 from griffin_export_cli.main import main
 from tiny import ARCHS, VOCAB, prompt_ids
 

@@ -9,16 +9,17 @@ import torch
 
 from conftest import tiny_prompt
 from griffin_export import ExportSettings, TorchRuntime, export_ids, read_bundle
-from griffin_export.arch import ff_blocks
-from griffin_export.classes import (AGGREGATIONS, DEFAULT_AGGREGATION, ClassSettings, Prompt, choice_loglik, class_bundle,
-                                    classification_logits,
-                                    experts, export_class, iter_prompts, survey_prompts)
+from griffin_export.model.arch import ff_blocks
+from griffin_export.classes.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION
+from griffin_export.classes.build import ClassSettings, class_bundle, export_class
+from griffin_export.files.inputs import Prompt, iter_prompts, survey_prompts
+from griffin_export.method.classify import choice_loglik, classification_logits, experts
 from griffin_export.errors import GriffinError
-from griffin_export.export import layer_scores
-from griffin_export.prompts import tokenize
-from griffin_export.models import load_model
-from griffin_export.prefill import forward, prefill
-from griffin_export.select import select_all
+from griffin_export.method.export import layer_scores
+from griffin_export.model.tokens import tokenize
+from griffin_export.model.load import load_model
+from griffin_export.model.prefill import forward, prefill
+from griffin_export.method.selection import select_all
 from clirun import run
 from tiny import ARCHS, VOCAB, masked, prompt_ids, tiny_model
 
@@ -103,7 +104,7 @@ def test_aggregations_disagree_on_mixed_prompts(lm):
 
 def test_prompts_are_streamed_one_at_a_time(lm, monkeypatch):
     """Each prompt is prefilled before the next is read: nothing collects the input."""
-    import griffin_export.classes as classes
+    from griffin_export.classes import build as classes
 
     calls = []
     real = classes.prompt_statistic
@@ -160,7 +161,7 @@ def refit_class(lm, prompts, method="topk_refit", density=0.5, **kw):
 
 
 def test_class_gram_is_the_sum_of_the_prompts_grams_in_any_order(lm):
-    from griffin_export.export import prompt_statistic
+    from griffin_export.method.export import prompt_statistic
 
     prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(5))]
     forward_order = refit_class(lm, prompts)
@@ -175,7 +176,7 @@ def test_class_gram_is_the_sum_of_the_prompts_grams_in_any_order(lm):
 
 
 def test_class_refit_solves_on_the_class_gram(lm):
-    from griffin_export.refit import refit_down
+    from griffin_export.method.refit import refit_down
 
     prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(4))]
     refit = refit_class(lm, prompts)
@@ -205,7 +206,7 @@ def test_class_refit_at_density_one_is_the_full_model(lm, tiny_dir, method):
 
 def test_per_layer_budgets_for_a_class():
     from conftest import _tiny_tokenizer
-    from griffin_export.budget import edge_budgets
+    from griffin_export.method.budget import edge_budgets
 
     lm = tiny_model("llama", lean=True)  # 4 layers, D_ff 64
     lm.tokenizer = _tiny_tokenizer()
@@ -219,7 +220,7 @@ def test_per_layer_budgets_for_a_class():
 
 
 def test_a_saved_statistic_gives_the_same_bundles_and_shards_merge_exactly(lm, tmp_path):
-    from griffin_export.aggregate import merge, read_statistic, write_statistic
+    from griffin_export.classes.aggregate import merge, read_statistic, write_statistic
 
     prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(6))]
     whole = refit_class(lm, prompts)
@@ -244,7 +245,7 @@ def test_a_saved_statistic_gives_the_same_bundles_and_shards_merge_exactly(lm, t
 
 
 def test_bad_class_refit_settings_are_one_line_errors(lm, tiny_dir, tmp_path):
-    from griffin_export.aggregate import merge, read_statistic, write_statistic
+    from griffin_export.classes.aggregate import merge, read_statistic, write_statistic
 
     prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(3))]
     plain = export_class(lm, prompts, ClassSettings("c", aggregation="topk_freq"))
@@ -277,7 +278,7 @@ def test_bad_class_refit_settings_are_one_line_errors(lm, tiny_dir, tmp_path):
     (lambda p: p.unlink(), "does not exist"),
 ])
 def test_damaged_statistic_files_are_refused(lm, tmp_path, damage, message):
-    from griffin_export.aggregate import read_statistic, write_statistic
+    from griffin_export.classes.aggregate import read_statistic, write_statistic
 
     result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(2))], ClassSettings("c"))
     path = write_statistic(result.info, result.statistic, tmp_path / "s.stat")
@@ -289,8 +290,8 @@ def test_damaged_statistic_files_are_refused(lm, tmp_path, damage, message):
 def test_statistic_with_bad_tensors_is_refused(lm, tmp_path):
     from safetensors.torch import save_file
 
-    from griffin_export.aggregate import read_statistic, write_statistic
-    from griffin_export.bundle import str_metadata
+    from griffin_export.classes.aggregate import read_statistic, write_statistic
+    from griffin_export.bundle.format import str_metadata
 
     result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(2))], ClassSettings("c"))
     path = write_statistic(result.info, result.statistic, tmp_path / "s.stat")
@@ -468,7 +469,7 @@ def test_class_command_bad_options(tmp_path, tiny_dir, capsys):
 
 
 def test_interrupted_class_run_leaves_no_partial_output(tmp_path, tiny_dir, capsys, monkeypatch):
-    import griffin_export.classes as classes
+    from griffin_export.classes import build as classes
 
     data = write_jsonl(tmp_path / "x.jsonl", texts(4))
     calls = []

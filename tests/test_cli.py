@@ -162,7 +162,7 @@ def test_inspect_a_non_bundle(tmp_path, capsys):
 
 
 def test_interrupted_export_leaves_no_file(tmp_path, prompt, tiny_dir, capsys, monkeypatch):
-    import griffin_export.export as ex
+    from griffin_export.method import export as ex
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from griffin_export.arch import ff_blocks, slice_block, spec_for
+from griffin_export.model.arch import ff_blocks, slice_block, spec_for
 from griffin_export.evaluation import results, runner
 from griffin_export.evaluation.metrics import bootstrap, diff_ci, first_divergence, mean_ci, ratio_ci, rouge
 from griffin_export.evaluation.runner import Context, continuation_ids, continuation_logprobs, pruned
 from griffin_export.evaluation.settings import EvalSettings
-from griffin_export.prefill import cache_tensors, prefill
-from griffin_export.select import select_all
+from griffin_export.model.prefill import cache_tensors, prefill
+from griffin_export.method.selection import select_all
 from clirun import run
 from tiny import prompt_ids, tiny_model
 
@@ -291,7 +291,7 @@ def test_report_from_a_two_prompt_run_and_bench(tmp_path, data, tiny_dir, capsys
 def test_a_run_from_python_reports_no_command(tmp_path, data, tiny_dir, capsys):
     """Nor does a CLI run resumed from Python over more rows: its command named the old rows."""
     from griffin_export.evaluation.report import NOT_RECORDED, write_report
-    from griffin_export.models import load_model
+    from griffin_export.model.load import load_model
 
     code, _, err = run(eval_args(data, tmp_path / "out", tiny_dir("llama"), rows="0:1", methods="full") + ["--ll-only"],
                        capsys)
@@ -371,9 +371,9 @@ def test_warm_up_settings_are_what_an_export_with_warmup_generates(tmp_path, tin
 def test_pruned_prefill_method_decodes_like_the_runtime_with_pruned_prefill(tmp_path, tiny_dir, capsys):
     """`pruned-prefill:PATH` generates what `generate --pruned-prefill` does with that bundle,
     and its first-token likelihood differs from `bundle:PATH` (whose prefill is full)."""
-    from griffin_export.bundle import read_bundle
+    from griffin_export.bundle.format import read_bundle
     from griffin_export.settings import DecodeOptions
-    from griffin_export.models import load_model
+    from griffin_export.model.load import load_model
     from griffin_export.runtime.pytorch import TorchRuntime
 
     model_dir = tiny_dir("llama")
@@ -461,9 +461,9 @@ def test_bad_input(tmp_path, data, tiny_dir, capsys, args, message):
 
 
 def test_an_output_that_cannot_be_a_folder_is_refused_before_the_model_loads(tmp_path, data, capsys, monkeypatch):
-    import griffin_export.models
+    from griffin_export.model import load as models
 
-    monkeypatch.setattr(griffin_export.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "taken").write_text("x")
     for out, message in ((tmp_path / "taken", "exists and is not a directory"),
                          (tmp_path / "no" / "out", f"output directory {tmp_path / 'no'} does not exist")):

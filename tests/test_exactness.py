@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from griffin_export import ExportSettings, TorchRuntime, export_ids
-from griffin_export.arch import ff_blocks
-from griffin_export.export import layer_scores
-from griffin_export.prefill import forward, prefill
+from griffin_export.model.arch import ff_blocks
+from griffin_export.method.export import layer_scores
+from griffin_export.model.prefill import forward, prefill
 from tiny import ARCHS, masked, prompt_ids, tiny_model
 
 STEPS = 20
@@ -101,7 +101,7 @@ def test_chunked_prefill_gives_the_same_selection(arch):
 def test_attention_shape_from_the_config_is_the_cache_layout(arch):
     """The adapter table's KV layout (arch.attention_shape, read off the config) is what the model
     really caches, so bundle checks and ONNX graphs never need a probing forward."""
-    from griffin_export.arch import attention_shape
+    from griffin_export.model.arch import attention_shape
 
     lm = tiny_model(arch)
     cache, _ = prefill(lm.model, prompt_ids(6))

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids, write_bundle
-from griffin_export.bundle import read_bundle
+from griffin_export.bundle.format import read_bundle
 from griffin_export.errors import GriffinError
-from griffin_export.models import LoadedModel
-from griffin_export.onnx_export import DATA_FILE, MODEL_FILE, export_onnx
+from griffin_export.model.load import LoadedModel
+from griffin_export.targets.onnx.export import DATA_FILE, MODEL_FILE, export_onnx
 from griffin_export.runtime.onnx import OnnxRuntime
 from tiny import VOCAB, prompt_ids, tiny_model
 

@@ -24,9 +24,9 @@ from clirun import run
 from conftest import tiny_prompt
 from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids
 from griffin_export.errors import GriffinError
-from griffin_export.models import LoadedModel
-from griffin_export.onnx_export import export_onnx
-from griffin_export.prefill import cache_tensors, prefill
+from griffin_export.model.load import LoadedModel
+from griffin_export.targets.onnx.export import export_onnx
+from griffin_export.model.prefill import cache_tensors, prefill
 from griffin_export.runtime.lean import LeanDecoder, covers
 from griffin_export.runtime.onnx import OnnxRuntime, read_graph
 from tiny import ARCHS, LEAN_ARCHS, prompt_ids, tiny_model
@@ -323,7 +323,7 @@ def test_compiled_lean_step_on_cuda_equals_eager():
 
 
 def test_bench_times_every_lean_path_side_by_side():
-    from griffin_export.bench import format_table, run_bench
+    from griffin_export.evaluation.speed import format_table, run_bench
     from griffin_export.settings import BenchSettings
 
     lm = tiny_model("llama", lean=True)

@@ -22,8 +22,8 @@ import torch
 from conftest import ROOT, tiny_prompt
 from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids, from_model
 from griffin_export.errors import GriffinError
-from griffin_export.onnx_export import DATA_FILE, MODEL_FILE, export_onnx
-from griffin_export.prefill import prefill
+from griffin_export.targets.onnx.export import DATA_FILE, MODEL_FILE, export_onnx
+from griffin_export.model.prefill import prefill
 from griffin_export.runtime.onnx import CPU, CUDA, OnnxRuntime, gpu_answers, load_onnx_runtime, read_graph
 from clirun import run
 from tiny import ARCHS, VOCAB, prompt_ids, tiny_model
@@ -123,9 +123,10 @@ def test_pruned_prefill_runs_the_prompt_through_the_experts(exported):
 def test_a_class_refit_bundle_decodes_alike_in_both_runtimes(exported, tiny_dir):
     """A class bundle refit on its prompts' Gram swaps into the pruned graph: a new prompt, with the
     full prefill and with the prefill through the experts, generates the PyTorch runtime's tokens."""
-    from griffin_export.classes import Prompt, export_class
+    from griffin_export.files.inputs import Prompt
+    from griffin_export.classes.build import export_class
     from griffin_export.settings import ClassSettings
-    from griffin_export.models import load_model
+    from griffin_export.model.load import load_model
 
     e = exported("llama")
     lm = load_model(str(tiny_dir("llama")), quiet=True)  # the same weights as tiny_model("llama"), with a tokenizer
@@ -171,8 +172,8 @@ def test_generate_uses_the_shared_decoding_loop(exported):
 
 def test_a_standalone_pruned_checkpoint_exports_with_full(exported, tiny_dir, tmp_path, capsys):
     """`griffin-export onnx --full --model DIR` on a checkpoint whose intermediate_size is k."""
-    from griffin_export.checkpoint import save_checkpoint
-    from griffin_export.models import load_model
+    from griffin_export.targets.checkpoint import save_checkpoint
+    from griffin_export.model.load import load_model
 
     e = exported("llama")
     base = load_model(str(tiny_dir("llama")), quiet=True)
@@ -193,7 +194,7 @@ def test_a_standalone_pruned_checkpoint_exports_with_full(exported, tiny_dir, tm
 
 
 def _torch_step(model, cache, token):
-    from griffin_export.prefill import forward
+    from griffin_export.model.prefill import forward
 
     return forward(model, torch.tensor([[token]]), cache)[-1]
 
@@ -321,7 +322,7 @@ def test_an_interrupted_export_leaves_nothing_behind(exported, tmp_path, monkeyp
     directory nor temp files remain, and an earlier export being replaced stays intact."""
     import onnx_ir as ir
 
-    import griffin_export.onnx_export as ox
+    from griffin_export.targets.onnx import export as ox
 
     e = exported("llama")
     # skip the slow trace: the "traced" program is the already exported full graph
@@ -441,7 +442,7 @@ def test_cli_bad_input_is_one_line(exported, tmp_path, capsys, argv, message):
 
 
 def test_bench_results_are_written_as_json_and_markdown(tmp_path):
-    from griffin_export.bench import format_table, write_results
+    from griffin_export.evaluation.speed import format_table, write_results
 
     row = lambda rt, cfg, k, tps: {"runtime": rt, "config": cfg, "k": k, "decode_tok_s": tps,  # noqa: E731
                                    "speedup": 1.0, "bound": 1.0, "bundle_bytes": 0, "weight_bytes": 1}

@@ -13,7 +13,7 @@ import torch
 
 from griffin_export import ExportSettings, export_ids
 from griffin_export.errors import GriffinError
-from griffin_export.onnx_export import export_onnx
+from griffin_export.targets.onnx.export import export_onnx
 from griffin_export.settings import BenchSettings, QuantSettings
 from griffin_export.runtime.onnx import OnnxRuntime, read_graph
 from tiny import VOCAB, prompt_ids, tiny_model
@@ -73,7 +73,7 @@ def test_bad_quant_settings_are_one_line_errors(kw, needle):
 
 
 def test_inspect_shows_the_quantization(tmp_path):
-    from griffin_export.inspect import inspect_path
+    from griffin_export.describe import inspect_path
 
     lm = tiny_model("llama", lean=True)
     q = export_onnx(lm, tmp_path / "q", export_ids(lm, prompt_ids(), ExportSettings(density=0.5)), quantize=Q)
@@ -86,7 +86,7 @@ def test_inspect_shows_the_quantization(tmp_path):
 def test_pruned_gguf_round_trips_through_the_gguf_reader(real_lm, tmp_path):
     import gguf
 
-    from griffin_export.gguf_export import base_gguf, write_pruned_gguf
+    from griffin_export.targets.gguf_export import base_gguf, write_pruned_gguf
 
     b = export_ids(real_lm, prompt_ids(40, seed=2) + 10, ExportSettings(density=0.5, method="topk_refit_edges",
                                                                         warmup=0))
@@ -116,9 +116,9 @@ def test_llama_cpp_runs_a_pruned_gguf_like_the_pruned_torch_model(real_lm, tmp_p
     import numpy as np
     from llama_cpp import Llama
 
-    from griffin_export.experts import installed
-    from griffin_export.gguf_export import base_gguf, write_pruned_gguf
-    from griffin_export.prefill import prefill
+    from griffin_export.bundle.experts import installed
+    from griffin_export.targets.gguf_export import base_gguf, write_pruned_gguf
+    from griffin_export.model.prefill import prefill
 
     ids = prompt_ids(40, seed=2) + 10
     b = export_ids(real_lm, ids, ExportSettings(density=0.5, warmup=0))
@@ -134,7 +134,7 @@ def test_llama_cpp_runs_a_pruned_gguf_like_the_pruned_torch_model(real_lm, tmp_p
 
 
 def test_bench_times_int4_rows_beside_the_float_ones():
-    from griffin_export.bench import format_table, run_bench
+    from griffin_export.evaluation.speed import format_table, run_bench
 
     runtimes = ["onnx-lean", "onnx-int4", "onnx-lean-int4"]
     r = run_bench(lm=tiny_model("llama", lean=True), ids=prompt_ids(40), prompt_source="random tokens",
@@ -151,7 +151,7 @@ def test_bench_times_int4_rows_beside_the_float_ones():
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed ([llama])")
 def test_bench_times_llama_cpp_on_the_base_and_the_pruned_gguf(real_lm):
-    from griffin_export.bench import format_table, run_bench
+    from griffin_export.evaluation.speed import format_table, run_bench
 
     # Q8_0: the base (Q4_1) is requantized by llama.cpp for the full row; two densities, two files
     r = run_bench(lm=real_lm, ids=prompt_ids(40, seed=2) + 10, prompt_source="random tokens",

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.real_model
 
 
 def test_default_model_answers_the_capital_of_france(real_lm):
-    from griffin_export.prompts import tokenize
-    from griffin_export.prefill import forward, prefill
+    from griffin_export.model.tokens import tokenize
+    from griffin_export.model.prefill import forward, prefill
 
     ids = tokenize(real_lm, "What is the capital of France?", chat=True)
     cache, logits = prefill(real_lm.model, ids)
@@ -83,7 +83,7 @@ def test_real_gemma3_270m_exports_and_decodes_like_the_full_model():
     import copy
 
     from griffin_export import from_model
-    from griffin_export.models import load_model, peek_architecture
+    from griffin_export.model.load import load_model, peek_architecture
 
     gguf = g3.assemble()  # its fixed cache path, so griffin-export's GGUF conversion is cached too
     assert peek_architecture(str(gguf)).architecture == "gemma3_text"

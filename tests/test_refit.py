@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from griffin_export.refit import refit_down
+from griffin_export.method.refit import refit_down
 
 
 def activations(t=200, d=48, rank=12, seed=0):
@@ -43,7 +43,8 @@ def test_keeping_every_neuron_changes_nothing():
 import copy  # noqa: E402
 
 
-from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids, from_model, read_bundle, write_bundle  # noqa: E402
+from griffin_export import (DecodeOptions, ExportSettings, TorchRuntime, export_ids, from_model, read_bundle,
+                            write_bundle)  # noqa: E402
 from griffin_export.errors import GriffinError  # noqa: E402
 from tiny import ARCHS, prompt_ids, tiny_model  # noqa: E402
 
@@ -88,7 +89,7 @@ def test_topk_refit_bundle_round_trips_and_decodes(tmp_path):
 def onnx_and_torch_tokens(model, bundle, tmp_path, n=8):
     """Greedy tokens of `bundle` (exported from `model`, written to a file) through ONNX Runtime
     and through the PyTorch runtime, each from a fresh copy of the base model."""
-    from griffin_export.onnx_export import export_onnx
+    from griffin_export.targets.onnx.export import export_onnx
     from griffin_export.runtime.onnx import load_onnx_runtime
 
     path = write_bundle(bundle, tmp_path / "r.safetensors")
@@ -117,7 +118,7 @@ def test_refit_lambda_must_be_positive(lam):
 
 # -- per-layer budgets (topk_refit_edges, topk_refit_alloc) ----------------------------------------------------
 
-from griffin_export.budget import allocate, edge_budgets, refit_error_curve  # noqa: E402
+from griffin_export.method.budget import allocate, edge_budgets, refit_error_curve  # noqa: E402
 from griffin_export.settings import BenchSettings  # noqa: E402
 
 
@@ -149,7 +150,7 @@ def test_bench_times_each_method_and_reads_the_same_total_for_per_layer_widths(t
     bundle keeps as many neurons in all as topk's, so both read the same bytes per token."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from griffin_export.bench import format_table, run_bench
+    from griffin_export.evaluation.speed import format_table, run_bench
     from griffin_export.evaluation.report import write_report
     from tiny import COMMON
 

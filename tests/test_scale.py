@@ -9,13 +9,14 @@ import torch
 
 from conftest import tiny_prompt
 from griffin_export import ExportSettings, export_prompt, read_bundle
-from griffin_export.aggregate import AGGREGATIONS, Shard, merge, read_statistic, write_statistic
-from griffin_export.classes import Prompt, class_bundle, class_statistic, shard_of
+from griffin_export.classes.aggregate import AGGREGATIONS, Shard, merge
+from griffin_export.files.inputs import Prompt
+from griffin_export.classes.build import class_bundle, class_statistic, shard_of
 from griffin_export.settings import ClassSettings
 from griffin_export.errors import GriffinError
-from griffin_export.export import batch_statistic, prompt_statistic
-from griffin_export.prompts import tokenize
-from griffin_export.models import Offload, load_model, parse_max_memory
+from griffin_export.method.export import batch_statistic, prompt_statistic
+from griffin_export.model.tokens import tokenize
+from griffin_export.model.load import Offload, load_model, parse_max_memory
 from clirun import run
 from test_classes import texts, write_jsonl
 
@@ -80,7 +81,7 @@ def test_every_class_method_and_aggregation_from_merged_shards():
     topk_refit_edges can favour its edge layers, the merged shards select what one process does."""
     from conftest import _tiny_tokenizer
     from griffin_export.choices import CLASS_METHODS
-    from griffin_export.models import from_model
+    from griffin_export.model.load import from_model
     from tiny import tiny_model
 
     lm4 = from_model(tiny_model("llama", lean=True).model, _tiny_tokenizer(), "tiny-llama-4-layers")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from griffin_export.errors import GriffinError
-from griffin_export.select import METHODS, k_for, select_all
+from griffin_export.choices import METHODS
+from griffin_export.method.selection import k_for, select_all
 
 
 def scores(layers=3, d=50, seed=0):

@@ -12,10 +12,10 @@ import torch
 from clirun import run
 from conftest import tiny_prompt
 from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids, read_bundle, write_bundle
-from griffin_export.bundle import read_metadata
-from griffin_export.decoding import decode
+from griffin_export.bundle.format import read_metadata
+from griffin_export.model.decoding import decode
 from griffin_export.errors import GriffinError
-from griffin_export.prefill import forward, prefill
+from griffin_export.model.prefill import forward, prefill
 from test_bundle import rewrite
 from tiny import masked, prompt_ids, tiny_model
 

@@ -10,7 +10,7 @@ from transformers import GemmaConfig, Gemma2Config, LlamaConfig, MistralConfig, 
 from transformers import Gemma3TextConfig, Qwen3Config
 
 from griffin_export import from_model
-from griffin_export.arch import ff_blocks
+from griffin_export.model.arch import ff_blocks
 
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -1,10 +1,10 @@
 """Experiment (not shipped): topk_refit_alloc with each layer's error weighted by its FF-output energy
 over the residual-stream energy it writes into. Usage: python -m bench.research.alloc_stream_experiment MIN_FRACTION eval ARGS..."""
 import sys, torch
-import griffin_export.export as ex
+from griffin_export.method import export as ex
 import griffin_export.evaluation.runner as rn
-from griffin_export import budget
-from griffin_export.arch import ff_blocks
+from griffin_export.method import budget
+from griffin_export.model.arch import ff_blocks
 
 MINF = float(sys.argv.pop(1))
 STREAM = []

@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from griffin_export.arch import ff_blocks
-from griffin_export.models import load_model
-from griffin_export.onnx_quant import _quantize_one
+from griffin_export.model.arch import ff_blocks
+from griffin_export.model.load import load_model
+from griffin_export.targets.onnx.int4 import _quantize_one
 from griffin_export.settings import QuantSettings
 
 lm = load_model(None, quiet=True)

@@ -57,15 +57,15 @@ from typing import Iterator
 
 import torch
 
-from griffin_export.arch import ff_blocks, ff_param
-from griffin_export.budget import allocate, edge_budgets, refit_error_curve
+from griffin_export.model.arch import ff_blocks, ff_param
+from griffin_export.method.budget import allocate, edge_budgets, refit_error_curve
 from griffin_export.evaluation.runner import Context, continuation_ids, continuation_logprobs, fresh_cache, pruned
 from griffin_export.evaluation.settings import EvalSettings
-from griffin_export.export import choose_experts, expert_weights
-from griffin_export.prompts import tokenize
-from griffin_export.models import load_model
-from griffin_export.prefill import cache_tensors, forward, prefill
-from griffin_export.select import k_for, select_all
+from griffin_export.method.export import choose_experts, expert_weights
+from griffin_export.model.tokens import tokenize
+from griffin_export.model.load import load_model
+from griffin_export.model.prefill import cache_tensors, forward, prefill
+from griffin_export.method.selection import k_for, select_all
 
 SEPARATOR = "\n"  # between prompt and gold summary, as in the one-shot example (the eval default)
 CLASS_ROWS = {"gram": range(20, 40), "stat": range(20, 60)}  # dev rows behind class_gram and glass

@@ -18,11 +18,11 @@ import time
 import torch
 
 from bench.research import selection_search as search
-from griffin_export.decoding import decode
+from griffin_export.model.decoding import decode
 from griffin_export.evaluation.metrics import mean_ci, rouge
 from griffin_export.evaluation.runner import fresh_cache, pruned
-from griffin_export.export import choose_experts
-from griffin_export.prefill import cache_tensors, forward
+from griffin_export.method.export import choose_experts
+from griffin_export.model.prefill import cache_tensors, forward
 from griffin_export.settings import DecodeOptions
 
 STOP = "###"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GriffinError
-from ..jsonl import parse_object, text_field
+from ..files.jsonl import parse_object, text_field
 from .settings import EvalSettings
 
 # -- data ----------------------------------------------------------------------------------

@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..budget import k_text
 from ..choices import parse_config
-from ..provenance import versions
 from ..errors import GriffinError
+from ..method.budget import k_text
 from .metrics import ROUGE_TYPES, Interval, diff_ci, mean_ci, ratio_ci
+from .provenance import versions
 from .settings import PRUNED_PREFILL_PREFIX, bundle_path
 
 BENCH_FILE = "bench.json"
@@ -161,7 +161,7 @@ def _json_default(obj):
 
 
 def _write_text(path: Path, text: str) -> Path:
-    from ..outputs import atomic_output
+    from ..files.outputs import atomic_output
 
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -313,7 +313,7 @@ def _figure():
 
 
 def _save(fig, path: Path) -> Path:
-    from ..outputs import atomic_output
+    from ..files.outputs import atomic_output
 
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")

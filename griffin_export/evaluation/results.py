@@ -10,8 +10,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import GriffinError
-from ..models import LoadedModel, dtype_name
-from ..outputs import atomic_output, check_folder
+from ..files.outputs import atomic_output, check_folder
+from ..model.load import LoadedModel, dtype_name
 from .data import file_hash
 from .settings import EvalSettings
 
@@ -31,7 +31,7 @@ def run_header(lm: LoadedModel, settings: EvalSettings, bundle_hashes: dict[str,
     """The first line of eval.jsonl. `key` must match for a run to resume; the row range is
     not part of it (per-prompt records don't depend on it), so a run can also be extended.
     `command`: the CLI command that reproduces the run (None when run from Python)."""
-    from ..provenance import environment
+    from .provenance import environment
 
     data = Path(settings.data)
     key = {

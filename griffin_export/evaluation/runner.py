@@ -29,18 +29,18 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import FFBlock, ff_blocks, ff_param, magnitude_scores
-from ..bundle import read_bundle
-from ..decoding import Generation, decode, eos_ids
-from ..settings import DecodeOptions
+from ..bundle.experts import check_bundle, installed
+from ..bundle.format import read_bundle
+from ..choices import REFIT
 from ..errors import GriffinError
-from ..experts import check_bundle, installed
-from ..export import choose_experts, prompt_statistic, warm_up
-from ..prompts import check_context, tokenize
-from ..models import LoadedModel
-from ..outputs import check_folder
-from ..prefill import cache_tensors, forward, prefill, restore_cache
-from ..select import REFIT
+from ..files.outputs import check_folder
+from ..method.export import choose_experts, prompt_statistic, warm_up
+from ..model.arch import FFBlock, ff_blocks, ff_param, magnitude_scores
+from ..model.decoding import Generation, decode, eos_ids
+from ..model.load import LoadedModel
+from ..model.prefill import cache_tensors, forward, prefill, restore_cache
+from ..model.tokens import check_context, tokenize
+from ..settings import DecodeOptions
 from .data import EvalRow, read_rows
 from .metrics import first_divergence, rouge
 from .results import NOT_GENERATED, open_results, run_header

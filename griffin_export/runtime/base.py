@@ -15,10 +15,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..bundle import Bundle
-from ..decoding import Continuation, Generation, decode
-from ..settings import DecodeOptions
+from ..bundle.format import Bundle
 from ..errors import GriffinError
+from ..model.decoding import Continuation, Generation, decode
+from ..settings import DecodeOptions
 
 
 def left_padded(batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

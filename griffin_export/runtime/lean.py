@@ -27,9 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import (FFBlock, FFSpec, attention_shape, attention_window, ff_blocks, lean_gap, rotary_table,
-                    sliding_layers, spec_for)
 from ..errors import GriffinError
+from ..model.arch import (
+    FFBlock,
+    FFSpec,
+    attention_shape,
+    attention_window,
+    ff_blocks,
+    lean_gap,
+    rotary_table,
+    sliding_layers,
+    spec_for,
+)
 
 
 def covers(model: nn.Module) -> bool:

@@ -24,13 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import Bundle, read_bundle
+from ..bundle.format import Bundle, read_bundle
 from ..choices import PROVIDERS
 from ..errors import GriffinError
-from ..graph import PAST, PRESENT, Graph, GraphInfo, check_graph_bundle, read_graph
-from ..onnx_quant import quantize_for_swap
-from ..prompts import check_generation_fits, encode
+from ..model.tokens import check_generation_fits, encode
 from ..settings import one_of
+from ..targets.onnx.graph import (
+    PAST,
+    PRESENT,
+    Graph,
+    GraphInfo,
+    check_graph_bundle,
+    read_graph,
+)
+from ..targets.onnx.int4 import quantize_for_swap
 from .base import Runtime, left_padded
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -551,7 +558,7 @@ def _load_tokenizer(directory: Path):
         return None
     from transformers import AutoTokenizer
 
-    from ..models import quiet_transformers
+    from ..model.load import quiet_transformers
 
     quiet_transformers(True)
     try:

@@ -12,15 +12,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import attention_shape, ff_blocks, ff_modules, swapped
-from ..bundle import Bundle, kv_layout_of, read_bundle
+from ..bundle.experts import check_bundle, check_fresh, install
+from ..bundle.format import Bundle, kv_layout_of, read_bundle
 from ..choices import CHUNK_SIZE
-from ..decoding import eos_ids
 from ..errors import GriffinError
-from ..experts import check_bundle, check_fresh, install
-from ..prompts import check_context, check_generation_fits, tokenize
-from ..models import LoadedModel, load_model
-from ..prefill import cache_kwarg, cache_tensors, forward, new_cache, prefill, restore_cache
+from ..model.arch import attention_shape, ff_blocks, ff_modules, swapped
+from ..model.decoding import eos_ids
+from ..model.load import LoadedModel, load_model
+from ..model.prefill import (
+    cache_kwarg,
+    cache_tensors,
+    forward,
+    new_cache,
+    prefill,
+    restore_cache,
+)
+from ..model.tokens import check_context, check_generation_fits, tokenize
 from .base import Runtime, left_padded
 from .lean import LeanBatch, LeanDecoder, covers
 

@@ -1,0 +1,178 @@
+"""Counting a class's prompts on Ray: a pool of actors, each loading the model once and folding
+the prompts it is sent into its own ClassStatistic; the driver merges the partial sums
+(aggregate.merge: sums of sums, so the result is the single-process statistic up to float64
+rounding, in any order).
+
+    info, stat, first_skipped = ray_class_statistic(ModelSource(model_dir), prompts, settings,
+                                                    RaySettings(workers=4))
+
+Without an address a local Ray cluster is started (and stopped after), so the same call works
+on a laptop and, with `address="ray://head:10001"` or "auto", on a cluster whose nodes have
+griffin-export and the model installed. A worker that dies fails the run with a clear error;
+prompts are not retried (nothing is written either way).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from tqdm.auto import tqdm
+
+from ..errors import GriffinError
+from ..files.inputs import Prompt
+from ..settings import ClassSettings
+from .aggregate import ClassStatistic, StatisticInfo, merge
+from .build import ClassCounter
+
+# GRIFFIN_EXPORT_RAY_FAULT=N makes the first worker exit after N prompts: how the tests show
+# that a dead worker fails the run cleanly (a real crash, not a raised exception)
+FAULT_ENV = "GRIFFIN_EXPORT_RAY_FAULT"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What every worker loads: load_model's arguments."""
+
+    model: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"
+
+    def load(self, device: str):
+        from ..model.load import load_model
+
+        return load_model(self.model, gguf_file=self.gguf_file, dtype=self.dtype, device=device, quiet=True)
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: str | None = None  # None: start a local cluster for this run
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    batch_size: int = 1  # each worker's prefill batch
+    prompts_per_task: int = 4  # prompts sent to a worker at a time (2 tasks in flight per worker)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise GriffinError(f"--workers must be >= 1, got {self.workers}")
+        if not self.gpus_per_worker >= 0:
+            raise GriffinError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if self.batch_size < 1 or self.prompts_per_task < 1:
+            raise GriffinError("batch size and prompts per task must be >= 1")
+
+
+def require_ray() -> None:
+    if importlib.util.find_spec("ray") is None:
+        raise GriffinError('ray is not installed: --engine ray needs the [ray] extra (pip install -e ".[ray]")')
+
+
+class _Worker:
+    """One Ray actor: the model, loaded once, and a ClassCounter of the prompts it was sent."""
+
+    def __init__(self, source: ModelSource, settings: ClassSettings, batch_size: int, threads: int,
+                 device: str, fail_after: int | None):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.lm = source.load(device)
+        self.counter = ClassCounter(self.lm, settings, batch_size=batch_size)
+        self.fail_after, self.seen = fail_after, 0
+
+    def fingerprint(self) -> str:
+        return self.lm.fingerprint
+
+    def feed(self, prompts: list[tuple[str, str]]) -> int:
+        if self.fail_after is not None and self.seen + len(prompts) > self.fail_after:
+            os._exit(1)  # the fault the tests inject: the process is gone, as after an OOM kill
+        self.counter.feed(Prompt(text, where) for text, where in prompts)
+        self.seen += len(prompts)
+        return len(prompts)
+
+    def result(self) -> tuple[StatisticInfo, ClassStatistic, str | None]:
+        return self.counter.result()
+
+
+def _tasks(prompts: Iterable[Prompt], size: int) -> Iterator[list[tuple[str, str]]]:
+    task: list[tuple[str, str]] = []
+    for p in prompts:
+        task.append((p.text, p.where))
+        if len(task) == size:
+            yield task
+            task = []
+    if task:
+        yield task
+
+
+def ray_class_statistic(source: ModelSource, prompts: Iterable[Prompt], settings: ClassSettings,
+                        ray_settings: RaySettings, *, fingerprint: str, total: int | None = None,
+                        progress: bool = False) -> tuple[StatisticInfo, ClassStatistic, str | None]:
+    """The class's statistic counted by `ray_settings.workers` Ray actors, merged here.
+    `fingerprint` is the driver's model: every worker must have loaded the same weights."""
+    require_ray()
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        local = ray_settings.address is None
+        ray.init(address=ray_settings.address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR, configure_logging=True,
+                 num_cpus=max(ray_settings.workers, os.cpu_count() or 1) if local else None)
+    try:
+        return _count(ray, source, prompts, settings, ray_settings, fingerprint, total, progress)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _count(ray, source, prompts, settings, rs: RaySettings, fingerprint, total, progress):
+    from ray.exceptions import RayActorError, RayTaskError
+
+    gpu = rs.gpus_per_worker > 0
+    # a local cluster shares this machine's cores among the workers; on a cluster each gets its one CPU slot
+    threads = max(1, (os.cpu_count() or 1) // rs.workers) if rs.address is None and not gpu else 1
+    actor = ray.remote(_Worker).options(num_cpus=1, num_gpus=rs.gpus_per_worker, max_restarts=0)
+    fault = os.environ.get(FAULT_ENV)
+    workers = [actor.remote(source, settings, rs.batch_size, threads, "cuda" if gpu else "cpu",
+                            int(fault) if fault and i == 0 else None) for i in range(rs.workers)]
+    bar = tqdm(total=total, desc=f"class {settings.name} (ray, {rs.workers} workers)", unit="prompt",
+               disable=not progress)
+    try:
+        for fp in ray.get([w.fingerprint.remote() for w in workers]):
+            if fp != fingerprint:
+                raise GriffinError("a Ray worker loaded other weights than this process (fingerprint "
+                                   f"{fp[:16]} vs {fingerprint[:16]}): every node needs the same model files")
+        pending: dict = {}  # object ref -> worker
+        idle = [w for w in workers for _ in range(2)]  # two tasks in flight per worker
+        for task in _tasks(prompts, rs.prompts_per_task):
+            if not idle:
+                bar.update(_finished(ray, pending, idle))
+            w = idle.pop(0)
+            pending[w.feed.remote(task)] = w
+        while pending:
+            bar.update(_finished(ray, pending, idle))
+        parts = ray.get([w.result.remote() for w in workers])
+    except RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, GriffinError):
+            raise GriffinError(str(cause)) from None  # a bad prompt, named by file and line
+        raise GriffinError(f"a Ray worker failed while counting prompts: {str(cause or e).splitlines()[0]}") from None
+    except RayActorError as e:
+        raise GriffinError("a Ray worker died while counting prompts (its process exited: out of memory, or "
+                           f"killed?); prompts are not retried and nothing was written [{type(e).__name__}]") from None
+    finally:
+        bar.close()
+        for w in workers:
+            ray.kill(w)
+    info, stat = merge((i, s) for i, s, _ in parts)
+    first_skipped = next((f for _, _, f in parts if f), None)
+    return info, stat, first_skipped
+
+
+def _finished(ray, pending: dict, idle: list) -> int:
+    """Wait for one task; its worker gets a slot back. Returns the number of prompts it counted."""
+    [done], _ = ray.wait(list(pending), num_returns=1)
+    idle.append(pending.pop(done))
+    return ray.get(done)

@@ -1,0 +1,246 @@
+"""The exported ONNX graph's contract: file and I/O names, its metadata (GraphInfo), and reading a
+graph back without its weights (read_graph) with the checks a runtime needs before binding a bundle.
+
+The exporters (onnx_export.py, onnx_lean.py) write what this module names; the runtime
+(runtime/onnx.py) and inspect read it through here, so neither side imports the other.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ... import __version__
+from ...bundle.format import FORMAT_VERSION as BUNDLE_FORMAT_VERSION
+from ...bundle.format import check_format, parse_metadata, str_metadata
+from ...errors import GriffinError
+from ...method.budget import widths_text
+from ...model.arch import ff_param, spec_for
+from ...settings import QuantSettings
+from .int4 import Packed, packing_from_text, param_shapes
+
+GRAPH_FORMAT = "griffin-onnx"
+GRAPH_FORMAT_VERSION = "1"  # the traced graph
+LEAN_FORMAT_VERSION = "2"  # the lean graph (onnx_lean.py): an older reader refuses it instead of misbinding its KV
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
+PAST = "past_key_values.{}.{}"  # layer, key|value
+PRESENT = "present.{}.{}"
+
+
+def kv_io_parts(name: str) -> tuple[str, int, str] | None:
+    """A KV input/output name -> (its template PAST or PRESENT, layer, "key" | "value"); None for others."""
+    for template in (PAST, PRESENT):
+        head = template.split("{}")[0]
+        layer, _, kind = name[len(head):].partition(".") if name.startswith(head) else ("", "", "")
+        if layer.isdigit() and kind in ("key", "value"):
+            return template, int(layer), kind
+    return None
+# symbolic dimension names, as HF Optimum names them
+BATCH, SEQ, PAST_LEN, TOTAL_LEN = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+@dataclass
+class GraphInfo:
+    """metadata_props of an exported graph. Every value is stored as a string."""
+
+    kind: str  # "pruned" (a bundle's experts) or "full" (the model as loaded)
+    base_model: str
+    base_fingerprint: str
+    architecture: str
+    dtype: str
+    num_layers: int
+    d_ff: int
+    hidden_size: int
+    k: list[int]  # FF width per layer, as found in the weights
+    density: float
+    method: str
+    kv_heads: int
+    head_dim: int
+    sliding_layers: list[int]  # layers whose attention is windowed (their bundle KV may be shorter)
+    eos_token_ids: list[int]
+    context_length: int  # 0 = unknown
+    chat: bool = False
+    tokenizer: str = ""
+    bundle_format_version: str = BUNDLE_FORMAT_VERSION
+    tool_version: str = __version__
+    format: str = GRAPH_FORMAT
+    format_version: str = GRAPH_FORMAT_VERSION
+    layout: str = "traced"  # "traced" (this module) or "lean" (onnx_lean.py)
+    max_length: int = 0  # lean: KV buffer positions (prompt + generated tokens); 0 = grows (traced)
+    batch_size: int = 0  # lean: the batch its buffers are allocated for; 0 = any (traced)
+    # block-wise 4-bit weights (onnx_quant.py); "" = float weights
+    quantization: str = ""
+    quant_block_size: int = 0
+    quant_accuracy_level: int = 0
+    quant_symmetric: bool = False
+    quant_lm_head: bool = False
+    quant_algorithm: str = "rtn"  # graphs written before hqq existed were rtn
+    quant_packing: str = ""  # JSON: each quantized weight -> the parameters packed into it
+    extra: dict[str, str] = field(default_factory=dict)  # the bundle's extra.* keys
+
+    def to_metadata(self) -> dict[str, str]:
+        return str_metadata(self)
+
+    def quant_settings(self) -> QuantSettings | None:
+        if not self.quantization:
+            return None
+        return QuantSettings(self.quantization, self.quant_block_size, self.quant_accuracy_level,
+                             self.quant_symmetric, self.quant_lm_head, self.quant_algorithm)
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str) -> "GraphInfo":
+        check_format(meta, source, GRAPH_FORMAT, (GRAPH_FORMAT_VERSION, LEAN_FORMAT_VERSION), "graph")
+        info = parse_metadata(cls, meta, source)
+        if info.layout not in ("traced", "lean") or (info.layout == "lean") != (info.format_version == LEAN_FORMAT_VERSION):
+            raise GriffinError(f"{source}: graph layout {info.layout!r} does not match format version {info.format_version}")
+        return info
+
+
+# -- reading a graph without its weights ---------------------------------------------------------
+
+
+@dataclass
+class Graph:
+    """An exported graph's metadata and initializer table, read without the weight data."""
+
+    path: Path  # the .onnx file
+    info: GraphInfo
+    initializers: dict[str, tuple[int, list[int]]]  # name -> (onnx elem type, shape)
+    widths: list[int]  # FF width per layer, from the initializer shapes
+    external: set[str]  # initializers stored as external data (the only ones ORT can swap)
+    vocab: int = 0  # the logits output's last dimension where the graph fixes it (lean graphs), else 0
+    packing: dict[str, Packed] = field(default_factory=dict)  # quantized graphs: weight -> parameters in it
+    # every parameter's shape as the graph holds it: a float initializer, or packed into a quantized weight
+    param_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    def param_shape(self, name: str) -> list[int] | None:
+        return self.param_shapes.get(name)
+
+    @property
+    def source(self) -> str:
+        return str(self.path.parent if self.path.name == MODEL_FILE else self.path)
+
+
+def graph_file(path: str | os.PathLike) -> Path:
+    """A graph directory (holding model.onnx) or the .onnx file itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise GriffinError(f"ONNX graph {path} does not exist")
+    return path
+
+
+def load_proto(path: Path):
+    """The ModelProto without external data; a corrupt file is a GriffinError."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, EOFError) as e:
+        raise GriffinError(f"{path} is not a valid ONNX file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if not proto.graph.node:
+        raise GriffinError(f"{path} is not a valid ONNX file: it holds no graph")
+    return proto
+
+
+def check_external_data(proto, path: Path) -> None:
+    """Every external initializer's file exists and is long enough (a missing or truncated
+    model.onnx.data is a one-line error, not an ORT stack trace)."""
+    from onnx import TensorProto
+
+    sizes: dict[str, int] = {}
+    for t in proto.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        location = ext.get("location", "")
+        if location not in sizes:
+            f = path.parent / location
+            if not location or not f.is_file():
+                raise GriffinError(f"{path}: external data file {f.name or '?'} is missing (expected beside the graph)")
+            sizes[location] = f.stat().st_size
+        end = int(ext.get("offset", 0)) + int(ext.get("length", 0))
+        if end > sizes[location]:
+            raise GriffinError(f"{path}: external data file {location} is truncated ({sizes[location]} bytes, "
+                               f"tensor {t.name} ends at byte {end})")
+
+
+def read_graph(path: str | os.PathLike) -> Graph:
+    path = graph_file(path)
+    proto = load_proto(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if not all(isinstance(x, str) for kv in meta.items() for x in kv):  # protobuf hands back bytes that are not UTF-8
+        raise GriffinError(f"{path} is not a valid ONNX file: its metadata is not UTF-8 text")
+    info = GraphInfo.from_metadata(meta, str(path))
+    check_external_data(proto, path)
+    inits = {t.name: (int(t.data_type), list(t.dims)) for t in proto.graph.initializer}
+    from onnx import TensorProto
+
+    external = {t.name for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    packing = _read_packing(info, inits, external, path)
+    shapes = {**{n: list(s) for n, s in param_shapes(packing).items()}, **{n: s for n, (_, s) in inits.items()}}
+    spec = spec_for(info.architecture)
+    widths = []
+    for i in range(info.num_layers):
+        name = ff_param(spec, i, spec.output)
+        if name not in shapes:
+            raise GriffinError(f"{path}: FF initializer {name} is missing; this graph cannot take a bundle's weights")
+        widths.append(shapes[name][-1])
+    if info.layout == "lean":
+        _check_lean(proto, info, inits, path)
+    logits = next((o for o in proto.graph.output if o.name == "logits"), None)
+    dims = logits.type.tensor_type.shape.dim if logits is not None else []
+    vocab = int(dims[-1].dim_value) if dims else 0
+    return Graph(path, info, inits, widths, external, vocab, packing, shapes)
+
+
+def _read_packing(info: GraphInfo, inits: dict, external: set[str], path: Path) -> dict[str, Packed]:
+    """A quantized graph's packing, checked against its initializers (each quantized tensor
+    there and external, so a bundle can be swapped in)."""
+    if not info.quantization:
+        return {}
+    info.quant_settings()  # a scheme or block size this version does not know is refused here
+    packing = packing_from_text(info.quant_packing, str(path))
+    for p in packing.values():
+        for name in (p.weight, p.scales, p.zero_points):
+            if name is not None and (name not in inits or name not in external):
+                raise GriffinError(f"{path}: quantized tensor {name} is missing from the graph's external data")
+    return packing
+
+
+def _check_lean(proto, info: GraphInfo, inits: dict[str, tuple[int, list[int]]], path: Path) -> None:
+    """A lean graph's metadata agrees with the graph itself: its rotary table covers max_length,
+    and every layer's past input is [batch, kv_heads, max, head_dim]."""
+    rows = inits.get("cos_cache", (0, [0]))[1][0]
+    if info.max_length < 2 or rows != info.max_length:
+        raise GriffinError(f"{path}: metadata max_length={info.max_length}, but the graph's rotary table has {rows} rows")
+    if info.batch_size < 1:
+        raise GriffinError(f"{path}: metadata batch_size={info.batch_size} is not a batch")
+    shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    for layer in range(info.num_layers):
+        shape = shapes.get(PAST.format(layer, "key"))
+        if shape is None or len(shape) != 4 or shape[1] != info.kv_heads or shape[3] != info.head_dim:
+            raise GriffinError(f"{path}: metadata says {info.num_layers} layers of {info.kv_heads} KV heads × "
+                               f"head_dim {info.head_dim}; input {PAST.format(layer, 'key')} is {shape}")
+
+
+def check_graph_bundle(graph: Graph, bundle_info, bundle_source: str) -> None:
+    """Refuse a bundle the graph cannot run, naming both sides in one line."""
+    g, b, gs = graph.info, bundle_info, graph.source
+    if g.architecture != b.architecture:
+        raise GriffinError(f"graph {gs} is a {g.architecture} model; bundle {bundle_source} is from a {b.architecture} model")
+    if g.num_layers != b.num_layers:
+        raise GriffinError(f"graph {gs} has {g.num_layers} layers; bundle {bundle_source} has {b.num_layers}")
+    if g.dtype != b.dtype:
+        raise GriffinError(f"graph {gs} is {g.dtype}; bundle {bundle_source} holds {b.dtype} weights")
+    if g.base_fingerprint != b.base_fingerprint:
+        raise GriffinError(f"graph {gs} was exported from {g.base_model} (fingerprint {g.base_fingerprint[:16]}); "
+                           f"bundle {bundle_source} belongs to {b.base_model} (fingerprint {b.base_fingerprint[:16]})")
+    if graph.widths != list(b.k):
+        first = next(i for i, (x, y) in enumerate(zip(graph.widths, b.k)) if x != y)
+        raise GriffinError(f"graph {gs} has k={widths_text(graph.widths)}; bundle {bundle_source} has "
+                           f"k={widths_text(list(b.k))} (first difference: layer {first}); export a graph for this bundle")
