@@ -9,7 +9,7 @@ PyTorch or ONNX Runtime (--runtime), CPU, at several batch sizes, in one process
 graph (ONNX Runtime, onnx_lean.py), each with its batch buffers; eager through transformers'
 forward or the traced graph.
 
-Prompts are XSum articles from ../shared/data/xsum_dev.jsonl (rows 0..N-1, cut to --max-prompt-tokens);
+Prompts are XSum articles from bench/data/xsum_dev.jsonl (rows 0..N-1, cut to --max-prompt-tokens);
 the class bundle is counted on rows 200..231 (topk, pooled). The "full" model is the class bundle
 at density 1.0 (ONNX Runtime: the full model's own graph), so both go through the same batched code (runtime.generate_batch: full-model
 prefill of each batch, then decode with the experts). Every sequence decodes --new-tokens tokens
@@ -33,7 +33,7 @@ from griffin_export.model.load import load_model
 from griffin_export.runtime.pytorch import load_runtime
 from griffin_export.settings import ClassSettings, DecodeOptions
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xsum_dev.jsonl"
+DATA = Path(__file__).resolve().parent / "data" / "xsum_dev.jsonl"
 
 
 def articles(rows: range, tokenizer, max_tokens: int) -> list[str]:

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from griffin_export.model.arch import ff_blocks, magnitude_scores
-from griffin_export.classes.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION, ClassStatistic
+from griffin_export.classes.aggregate import ClassStatistic
+from griffin_export.registry import AGGREGATIONS, DEFAULT_AGGREGATION
 from griffin_export.method.classify import experts
 from griffin_export.errors import GriffinError
 from griffin_export.method.export import layer_scores
@@ -41,7 +42,7 @@ from griffin_export.model.load import load_model
 from griffin_export.model.prefill import cache_tensors, forward, prefill, restore_cache
 from griffin_export.method.selection import k_for, select_all
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xsum_dev.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "xsum_dev.jsonl"
 
 
 def rows(path: Path, span: str) -> list[dict]:

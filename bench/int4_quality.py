@@ -1,7 +1,7 @@
 """Quality of 4-bit experts: int4 ONNX graphs against the float32 one, same bundles.
 
-    python bench/int4_quality.py --data ../shared/data/xsum_dev.jsonl --rows 200:300 -o reports/int4_quality
-    python bench/int4_quality.py --data ../shared/data/xsum_dev.jsonl --rows 0:40 --no-full-int4 \
+    python bench/int4_quality.py --data bench/data/xsum_dev.jsonl --rows 200:300 -o reports/int4_quality
+    python bench/int4_quality.py --data bench/data/xsum_dev.jsonl --rows 0:40 --no-full-int4 \
         --variant level=4 --variant level=0 --variant level=4,head=float --variant level=0,head=float -o dev/
 
 Per XSum row: one export (the default `topk`, density 0.5, warm-up 8, as `griffin-export`

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from griffin_export.evaluation.speed import find_data, median_seconds, read_row
+from griffin_export.evaluation.speed import find_data, read_row
 from griffin_export.method.export import export_ids
-from griffin_export.settings import ExportSettings
-from griffin_export.model.tokens import tokenize
 from griffin_export.model.load import load_model
 from griffin_export.model.prefill import cache_tensors, prefill
+from griffin_export.model.tokens import tokenize
+from griffin_export.runtime.timing import median_seconds
+from griffin_export.settings import ExportSettings
 
 
 def main() -> None:
@@ -66,8 +67,8 @@ def main() -> None:
     print(f"lean step, full model, 64 tokens: eager {64 / e:.1f} tok/s, compiled {64 / c:.1f} tok/s "
           f"(first compiled run {compile_s:.0f} s)")
 
-    from griffin_export.targets.onnx.export import export_onnx
     from griffin_export.runtime.onnx import OnnxRuntime
+    from griffin_export.targets.onnx.export import export_onnx
 
     bundle = export_ids(lm, ids, ExportSettings(density=0.5, warmup=0))
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,7 @@ import torch
 
 from griffin_export.model.arch import spec_for
 from griffin_export.evaluation.speed import format_table, run_bench, write_results
-from griffin_export.choices import PROVIDERS
+from griffin_export.settings import PROVIDERS
 from griffin_export.model.load import LoadedModel
 from griffin_export.settings import BenchSettings
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xsum_dev.jsonl"
+DATA = Path(__file__).resolve().parent / "data" / "xsum_dev.jsonl"
 
 
 def measure(argv: list[str]) -> tuple[float, float]:

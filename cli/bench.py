@@ -1,14 +1,12 @@
-"""The griffin-export command line (installed as `griffin_export_cli`). No logic lives here:
-each command parses options and calls the griffin_export API."""
 from __future__ import annotations
 
 import click
 
-from griffin_export.choices import GGUF_QUANTS, PROVIDERS
 from griffin_export.evaluation.settings import list_text
-from griffin_export.settings import BenchSettings, defaults
+from griffin_export.registry import RUNTIMES
+from griffin_export.settings import DEFAULT_DATA, GGUF_QUANTS, PROVIDERS, BenchSettings, defaults
 
-from .options import dtype_option, int4_options, int4_settings, model_options, precheck, require_extra
+from .options import dtype_option, int4_options, int4_settings, model_options, require_extra
 
 BENCH = defaults(BenchSettings)
 
@@ -19,17 +17,16 @@ BENCH = defaults(BenchSettings)
 @click.option("--density", default=list_text(BENCH["densities"]), show_default=True, help="comma-separated densities")
 @click.option("--method", default=list_text(BENCH["methods"]), show_default=True,
               help="comma-separated selection methods, each benchmarked at every density")
-@click.option("--data", default=None, help="JSONL file whose `article` field gives the prompt [default: shared/data/xsum_dev.jsonl in this folder or one above it]")
+@click.option("--data", default=None, help=f"JSONL file whose `article` field gives the prompt [default: {DEFAULT_DATA} in "
+              "this folder or one above it]")
 @click.option("--row", default=BENCH["row"], show_default=True, help="row of --data used as the prompt")
 @click.option("--new-tokens", default=BENCH["new_tokens"], show_default=True, help="decode steps timed per repeat")
 @click.option("--repeats", default=BENCH["repeats"], show_default=True, help="timed repeats (median reported), after one warm-up")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch (and ONNX Runtime) threads [default: their choice]")
 @click.option("--runtime", default=list_text(BENCH["runtimes"]), show_default=True,
-              help="comma-separated runtimes: torch (transformers' forward per step), torch-lean (the lean step), "
-                   "onnx (the traced graph), onnx-lean (the lean graph), onnx-int4 / onnx-lean-int4 (those graphs "
-                   "with 4-bit MatMuls), genai (onnxruntime-genai's runtime: its own builder's full model and our "
-                   "lean graphs), llama.cpp (the base GGUF and each bundle's pruned GGUF, --gguf-quant; the [llama] "
-                   "extra); ONNX rows export a graph per config")
+              help="comma-separated runtimes: " + "; ".join(f"{name} = {summary}" for r in RUNTIMES.values()
+                                                           for name, summary in r.variants.items())
+                   + "; ONNX rows export a graph per config")
 @click.option("--onnx-provider", type=click.Choice(PROVIDERS), default=BENCH["onnx_provider"], show_default=True,
               help="ONNX Runtime provider for the onnx rows (auto: CUDA when a GPU answers)")
 @int4_options("-int4 rows")
@@ -58,8 +55,8 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
       griffin-export bench --runtime torch,onnx --device cuda --dtype float16 --onnx-provider cuda
       griffin-export bench --runtime onnx-lean,onnx-lean-int4,llama.cpp --density 0.5 --threads 2 --repeats 9
     """
-    from griffin_export.evaluation.speed import check_results_dir, format_table, run_bench, write_results
     from griffin_export.evaluation.settings import parse_densities, parse_list
+    from griffin_export.evaluation.speed import check_results_dir, format_table, run_bench, write_results
 
     settings = BenchSettings(densities=parse_densities(density), methods=parse_list(method, "methods"), data=data,
                              row=row, new_tokens=new_tokens, repeats=repeats, threads=threads,
@@ -67,9 +64,8 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
                              quantize=int4_settings(algorithm, block_size, accuracy_level, float_lm_head), gguf_quant=gguf_quant)
     if output is not None:  # refuse an existing result before the long run
         check_results_dir(output, force)
-    if any(r.startswith("onnx") or r == "genai" for r in settings.runtimes):
+    if any(r.startswith("onnx") or r == "genai" for r in settings.runtimes):  # they export graphs
         require_extra("onnx")
-    precheck(model, gguf_file, device, settings.densities)
     result = run_bench(model, gguf_file=gguf_file, dtype=dtype, device=device, settings=settings)
     click.echo(format_table(result))
     if output is not None:

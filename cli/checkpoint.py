@@ -4,7 +4,7 @@ import time
 
 import click
 
-from griffin_export.choices import GGUF_QUANT, GGUF_QUANTS
+from griffin_export.settings import GGUF_QUANT, GGUF_QUANTS
 
 from .options import human_bytes, k_summary, recorded_model_options, status
 
@@ -41,40 +41,24 @@ def command(bundle, output, model, gguf_file, device, as_gguf, quant, threads, f
     none).
     """
     from griffin_export.bundle.format import read_info
-    from griffin_export.targets.checkpoint import write_checkpoint
     from griffin_export.errors import GriffinError
+    from griffin_export.targets.checkpoint import write_checkpoint
 
     t0 = time.perf_counter()
     if not as_gguf and (quant or threads):
         raise GriffinError("--quant and --threads go with --gguf")
     info = read_info(bundle)
     if as_gguf:
-        return _gguf(bundle, info, output, model, gguf_file, quant or GGUF_QUANT, threads, force, quiet, t0)
+        from griffin_export.targets.gguf_export import export_gguf
+
+        quant = quant or GGUF_QUANT
+        path = export_gguf(bundle, output, model=model, gguf_file=gguf_file, quant=quant, threads=threads, force=force,
+                           progress=not quiet, report=lambda line: status(line, quiet))
+        click.echo(f"wrote {path}: {info.architecture} GGUF, {quant}, FF width {k_summary(info.k, info.d_ff)} × "
+                   f"{info.num_layers} layers, {human_bytes(path.stat().st_size)}, {time.perf_counter() - t0:.1f} s")
+        return
     status(f"loading base model {model or info.base_model} ...", quiet)
     path = write_checkpoint(bundle, output, model=model, gguf_file=gguf_file, device=device, force=force,
                             quiet=quiet)
     click.echo(f"wrote {path}/: {info.architecture}, {info.num_layers} layers, FF width {info.k[0]} of {info.d_ff} "
                f"({info.kind} bundle), {time.perf_counter() - t0:.1f} s")
-
-
-def _gguf(bundle, info, output, model, gguf_file, quant, threads, force, quiet, t0) -> None:
-    from griffin_export.bundle.format import read_bundle
-    from griffin_export.bundle.experts import check_bundle
-    from griffin_export.targets.gguf_export import base_gguf, check_architecture, write_pruned_gguf
-    from griffin_export.settings import require_llama_cpp
-    from griffin_export.model.load import load_model
-    from griffin_export.files.outputs import check_output_path
-
-    check_architecture(info.architecture)
-    check_output_path(output, force)  # before loading the model (write_pruned_gguf checks again, cheaply)
-    if quant != "F32":
-        require_llama_cpp()
-    base = base_gguf(model, gguf_file, info)
-    status(f"checking {base.name} against the bundle ...", quiet)
-    lm = load_model(str(base), dtype=info.dtype, quiet=quiet)
-    check_bundle(lm, info, bundle)  # the same base model, by fingerprint
-    del lm
-    b = read_bundle(bundle, load_kv=False)
-    path = write_pruned_gguf(b, base, output, quant, force=force, threads=threads, source=str(bundle), progress=not quiet)
-    click.echo(f"wrote {path}: {info.architecture} GGUF, {quant}, FF width {k_summary(info.k, info.d_ff)} × "
-               f"{info.num_layers} layers, {human_bytes(path.stat().st_size)}, {time.perf_counter() - t0:.1f} s")

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import click
 
-from .options import chunk_option, dtype_option, given, invoked_command, model_options, precheck, require_extra, status
-
-from griffin_export.choices import METHODS
 from griffin_export.evaluation.settings import EvalSettings, escape, list_text, rows_text
+from griffin_export.registry import METHODS
 from griffin_export.settings import defaults
+
+from .options import chunk_option, dtype_option, given, invoked_command, model_options, require_extra, status
 
 EVAL = defaults(EvalSettings)
 
@@ -55,7 +55,7 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
 
     \b
     Examples:
-      griffin-export eval --data ../shared/data/xsum_dev.jsonl --rows 0:100 \\
+      griffin-export eval --data bench/data/xsum_dev.jsonl --rows 0:100 \\
           --methods full,topk,magnitude,random --density 0.25,0.5,0.75,0.9 -o report/
       griffin-export bench --runtime torch,onnx --density 0.25,0.5,0.75 -o report/
       griffin-export eval --report-only -o report/          # redraw with bench.json added
@@ -80,14 +80,10 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
             click.echo(f"wrote {path}")
         return
 
-    import torch
-
     from griffin_export.errors import GriffinError
-    from griffin_export.evaluation.data import read_rows
-    from griffin_export.evaluation.runner import run_eval
+    from griffin_export.evaluation.runner import evaluate
     from griffin_export.evaluation.settings import parse_densities, parse_list, parse_rows, unescape
-    from griffin_export.model.load import load_model
-    from griffin_export.files.outputs import check_folder
+    from griffin_export.model.load import ModelSource, use_threads
 
     if data is None:
         raise GriffinError("--data FILE.jsonl is required (or --report-only to redraw an existing report)")
@@ -95,14 +91,9 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
                             densities=tuple(parse_densities(density)), seed=seed, prompt_field=prompt_field,
                             target_field=target_field, separator=unescape(separator), max_tokens=max_tokens,
                             chunk_size=chunk_size, generate=not ll_only, warmup=warmup)
-    read_rows(settings)  # bad data, or an output folder that cannot be, fail before the model loads
-    check_folder(output)
-    precheck(model, gguf_file, device, settings.densities)
-    if threads:
-        torch.set_num_threads(threads)
-    status(f"loading model {model or 'default (SmolLM2-135M-Instruct)'} ...", quiet)
-    lm = load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=quiet)
-    path = run_eval(lm, settings, output, force=force, progress=not quiet, command=cmd)
+    use_threads(threads)
+    path = evaluate(settings, output, ModelSource(model, gguf_file, dtype, device), force=force, progress=not quiet,
+                    command=cmd, report=lambda line: status(line, quiet))
     status(f"results in {path}", quiet)
     for p in write_report(output):
         click.echo(f"wrote {p}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import sys
 
 import click
@@ -15,9 +18,25 @@ class ExportFirstGroup(click.Group):
     `griffin-export prompt.txt -o expert.safetensors`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args and not ctx.resilient_parsing:
+            # asking with no arguments is asking for help, not a mistake: stdout, exit 0
+            click.echo(ctx.get_help())
+            ctx.exit(0)
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            self.refuse_mistyped_command(args[0])
             args = ["export", *args]
         return super().parse_args(ctx, args)
+
+    def refuse_mistyped_command(self, word: str) -> None:
+        """`genrate x.safetensors` is a typo, not a prompt file: without this, export would
+        complain about a missing -o. An existing file or `-` (stdin) stays a prompt, and so does
+        anything shaped like a path (a dot or a slash, which no command name has), so a missing
+        `bench.txt` is still reported as a missing prompt file."""
+        if word.startswith("-") or os.path.exists(word) or any(c in word for c in "./\\"):  # "-": stdin, or an option
+            return
+        close = difflib.get_close_matches(word, list(self.commands), n=1, cutoff=0.6)
+        if close:
+            raise click.UsageError(f"no such command {word!r}; did you mean {close[0]!r}?")
 
 
 @click.group(cls=ExportFirstGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +66,40 @@ def _register() -> None:
 _register()
 
 
+# Library parameters the command line spells otherwise than as --NAME (the rest map by name)
+_ALIASES = {"graph_dir": "--onnx", "full_graph_dir": "--onnx-full", "lean=False": "--eager", "compile": "--compile"}
+
+
+def cli_words(message: str) -> str:
+    """A library error in the command line's words. The library names its parameters as Python
+    does (`force=True`, `max_new_tokens`, `engine='ray'`); the same message on the command line says
+    `--force`, `--max-new-tokens`, `--engine ray`. A word maps when it is some command's option and
+    the library marked it as a parameter: `name=value`, or the name in backquotes (a bare word stays
+    a word: a row's max_tokens field is not the --max-tokens option)."""
+    flags = {p.name: max(p.opts, key=len) for c in _commands() for p in c.params if isinstance(p, click.Option)}
+
+    def swap(m: re.Match) -> str:
+        if m.group(3):  # `name`
+            return _ALIASES.get(m.group(3)) or flags.get(m.group(3)) or m.group(0)
+        name, value = m.group(1), m.group(2)
+        whole = f"{name}={value}" if value is not None else name
+        if whole in _ALIASES:
+            return _ALIASES[whole]
+        flag = _ALIASES.get(name) or flags.get(name)
+        if flag is None or value is None:
+            return m.group(0)
+        if value in (None, "True"):
+            return flag
+        return f"{flag} {value.strip(chr(39))}"
+
+    return re.sub(r"(?<![\w./`-])([a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?:=('[^']*'|[^\s,;:)]+))?|`([a-z_0-9]+)`", swap,
+                  message)
+
+
+def _commands() -> list[click.Command]:
+    return list(cli.commands.values())
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, timeout, job schedulers) raised as an interrupt, so the temp outputs of an
     export are removed as on Ctrl-C instead of being left behind."""
@@ -65,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="griffin-export", standalone_mode=False)
     except GriffinError as e:
-        click.echo(f"griffin-export: error: {e}", err=True)
+        click.echo(f"griffin-export: error: {cli_words(str(e))}", err=True)
         sys.exit(2)
     except click.UsageError as e:
         hint = f" (see {e.ctx.command_path} --help)" if e.ctx else ""

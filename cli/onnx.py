@@ -4,7 +4,7 @@ import time
 
 import click
 
-from griffin_export.choices import LAYOUTS, QUANT_SCHEMES
+from griffin_export.settings import LAYOUTS, QUANT_SCHEMES
 
 from .options import (DTYPES, human_bytes, int4_changed, int4_options, int4_settings, k_summary, model_options,
                       require_extra, status)
@@ -51,8 +51,8 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
     """
     from griffin_export.errors import GriffinError
-    from griffin_export.targets.onnx.export import DATA_FILE, MODEL_FILE, export_graph
     from griffin_export.files.outputs import check_output_dir
+    from griffin_export.targets.onnx.export import DATA_FILE, MODEL_FILE, export_graph
 
     if full == (bundle is not None):
         raise GriffinError("give a BUNDLE, or --full for the unpruned model (not both)")

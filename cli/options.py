@@ -7,8 +7,7 @@ import shlex
 import click
 from click.core import ParameterSource
 
-from griffin_export.choices import QUANT_ALGORITHMS
-from griffin_export.settings import DecodeOptions, ExportSettings, QuantSettings, defaults
+from griffin_export.settings import QUANT_ALGORITHMS, DecodeOptions, ExportSettings, QuantSettings, defaults
 
 # Option defaults are the settings dataclasses' (griffin_export/settings.py, torch-free)
 EXPORT = defaults(ExportSettings)
@@ -92,6 +91,12 @@ def int4_changed(algorithm: str, block_size: int, accuracy_level: int, float_lm_
         QUANT["algorithm"], QUANT["block_size"], QUANT["accuracy_level"], QUANT["lm_head"])
 
 
+def threads_option(f):
+    return click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="torch and ONNX Runtime threads [default: one per core]; on a machine that runs other "
+                             "work, fewer threads than cores decode far faster")(f)
+
+
 def dtype_option(f):
     return click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
                         help="weights and activations dtype (bfloat16/float16 for GPUs)")(f)
@@ -131,19 +136,6 @@ def k_summary(k: list[int], d_ff: int) -> str:
 
     return f"k={widths_text(k, d_ff)}"
 
-
-
-def precheck(model: str | None, gguf_file: str | None, device: str, densities=()) -> None:
-    """What can be refused before any weights load: the device, the architecture (config.json or
-    the GGUF header), and densities that keep no neuron of the model's FF width."""
-    from griffin_export.model.load import check_device, peek_architecture
-    from griffin_export.method.selection import k_for
-
-    check_device(device)
-    d_ff = peek_architecture(model, gguf_file).d_ff
-    if d_ff:
-        for d in densities:
-            k_for(d, d_ff)
 
 
 EXTRAS = {"eval": (("rouge_score", "rouge-score"), ("matplotlib", "matplotlib")),

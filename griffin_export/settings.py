@@ -1,7 +1,8 @@
 """What each job is asked to do: export, class export, decoding, 4-bit quantization, the
 benchmark. Each dataclass validates its fields once, where it is made. No torch here: the CLI
 takes its options' defaults from these fields (`defaults`), so `--help` shows what the library
-does without loading anything heavy, and there is one place for each default.
+does without loading anything heavy, and there is one place for each default. The choices they
+validate against are the registries' (registry.py).
 (The evaluation's settings live beside it, in evaluation/settings.py, on the same terms.)"""
 
 from __future__ import annotations
@@ -11,25 +12,37 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .choices import (
-    AGGREGATION_SUMMARIES,
-    CHUNK_SIZE,
-    CLASS_METHODS,
-    DEFAULT_AGGREGATION,
-    DENSITY,
-    GGUF_QUANT,
-    GGUF_QUANTS,
-    METHODS,
-    QUANT_ACCURACY_LEVEL,
-    QUANT_ALGORITHM,
-    QUANT_ALGORITHMS,
-    QUANT_BLOCK_SIZE,
-    QUANT_SCHEMES,
-    REFIT,
-    REFIT_LAMBDA,
-    RUNTIMES,
-)
 from .errors import GriffinError
+from .registry import (AGGREGATIONS, BENCH_RUNTIMES, CLASS_METHODS, DEFAULT_AGGREGATION, DEFAULT_METHOD,
+                       GENERATE_RUNTIMES, METHODS, RUNTIMES, bench_runtime, method, one_of)
+
+DENSITY = 0.5  # fraction of FF neurons kept per layer
+CHUNK_SIZE = 512  # prefill chunk (tokens); the statistic is the same for any chunking
+REFIT_LAMBDA = 1.0  # the refit's ridge strength relative to the mean activation energy; chosen on dev rows 0-5
+# Tokens the full model writes at export before the experts take over: the best measured setting whose export
+# cost scales to large models (docs/methods.md, "Which method"); 0 = the paper's method exactly
+WARMUP = 8
+
+# the XSum prompts shipped with the repository (bench/data/README.md): eval's and bench's data when none is given
+DEFAULT_DATA = "bench/data/xsum_dev.jsonl"
+
+# `griffin-export onnx --graph`: auto = lean where the adapter table covers the architecture
+LAYOUTS = ("auto", "lean", "traced")
+# ONNX Runtime execution providers (runtime/onnx.choose_provider): auto = CUDA where it answers, else the CPU
+PROVIDERS = ("auto", "cpu", "cuda")
+
+# `griffin-export onnx --quantize` (targets/onnx/int4.py): schemes, and the defaults measured in the docs
+QUANT_SCHEMES = ("int4",)
+# how the 4-bit values are chosen, both ONNX Runtime's: rtn = round to nearest (an integer zero point
+# per block), hqq = half-quadratic quantization (a float zero point per block, iteratively fitted)
+QUANT_ALGORITHMS = ("rtn", "hqq")
+QUANT_ALGORITHM = "rtn"
+QUANT_BLOCK_SIZE = 32  # as llama.cpp's Q4_0/Q4_1 blocks
+QUANT_ACCURACY_LEVEL = 4  # MatMulNBits with int8 activations: ONNX Runtime's fast CPU path
+
+# `griffin-export checkpoint --gguf --quant` (targets/gguf_export.py): llama.cpp file types (F32: no quantizer)
+GGUF_QUANTS = ("Q4_1", "Q4_K_M", "Q8_0", "F16", "F32")
+GGUF_QUANT = "Q4_1"  # the default model's own type
 
 
 def defaults(cls) -> dict[str, object]:
@@ -52,23 +65,22 @@ def check_density(density: float) -> float:
     return density
 
 
-def one_of(value: str, known, what: str) -> str:
-    """`value` if it is one of `known`, else a one-line error naming what was asked for."""
-    if value not in known:
-        raise GriffinError(f"unknown {what} {value!r}; known: {', '.join(known)}")
-    return value
-
-
-def check_method(method: str) -> str:
-    return one_of(method, METHODS, "method")
-
-
-def check_aggregation_name(name: str) -> str:
-    return one_of(name, AGGREGATION_SUMMARIES, "aggregation")
-
-
 def check_gguf_quant(quant: str) -> str:
-    return one_of(quant, GGUF_QUANTS, "--quant")
+    return one_of(quant, GGUF_QUANTS, "`quant`")
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 prompt', '3 prompts'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def require_runtime(name: str, what: str) -> None:
+    """Refuse in one line, before any work, a runtime whose package is not installed."""
+    import importlib.util
+
+    rt = RUNTIMES[name]
+    if rt.needs and importlib.util.find_spec(rt.needs) is None:
+        raise GriffinError(f"{what} needs {rt.install}")
 
 
 def require_llama_cpp():
@@ -77,7 +89,7 @@ def require_llama_cpp():
         import llama_cpp
     except ImportError:
         raise GriffinError("quantizing a GGUF needs llama-cpp-python: pip install -e \".[llama]\" "
-                           "(or --quant F32, written without it)") from None
+                           "(or quant='F32', written without it)") from None
     return llama_cpp
 
 
@@ -87,7 +99,7 @@ def require_llama_cpp():
 @dataclass
 class ExportSettings:
     density: float = DENSITY
-    method: str = "topk"
+    method: str = DEFAULT_METHOD  # of registry.METHODS
     seed: int = 0
     chunk_size: int = CHUNK_SIZE  # prefill chunk; the statistic is the same for any chunking
     keep_kv: bool = True
@@ -96,10 +108,10 @@ class ExportSettings:
     # Tokens decoded greedily by the FULL model at export, after the prompt: their activations join
     # the statistic (and the refit's Gram), the bundle stores them and their KV, and generation from
     # the bundle's own prompt starts with them (issue 8: pruned outputs drift in their first tokens).
-    warmup: int = 0
+    warmup: int = WARMUP
 
     def __post_init__(self) -> None:
-        check_method(self.method)
+        method(self.method)
         if self.warmup < 0:
             raise GriffinError(f"warm-up must be >= 0 tokens, got {self.warmup}")
         check_density(self.density)
@@ -112,9 +124,9 @@ class ExportSettings:
 @dataclass
 class ClassSettings:
     name: str
-    aggregation: str = DEFAULT_AGGREGATION
+    aggregation: str = DEFAULT_AGGREGATION  # of registry.AGGREGATIONS
     density: float = DENSITY
-    method: str = "topk"
+    method: str = DEFAULT_METHOD  # of registry.CLASS_METHODS
     seed: int = 0
     chunk_size: int = CHUNK_SIZE  # prefill chunk; the statistic is the same for any chunking
     chat: bool = False
@@ -122,8 +134,8 @@ class ClassSettings:
 
     def __post_init__(self) -> None:
         if not self.name.strip():
-            raise GriffinError("a class needs a name (--name)")
-        check_aggregation_name(self.aggregation)
+            raise GriffinError("a class needs a name (`name`)")
+        one_of(self.aggregation, AGGREGATIONS, "aggregation")
         if self.method not in CLASS_METHODS:
             raise GriffinError(f"method {self.method!r} does not use the prompts; a class takes one of "
                                f"{', '.join(CLASS_METHODS)}")
@@ -131,11 +143,48 @@ class ClassSettings:
 
     @property
     def refit(self) -> bool:
-        return self.method in REFIT
+        return METHODS[self.method].refit
 
     def export_settings(self) -> ExportSettings:
+        """The per-prompt export these settings describe; a class bundle has no prompt of its own, so no
+        KV and no warm-up."""
         return ExportSettings(density=self.density, method=self.method, seed=self.seed, chunk_size=self.chunk_size,
-                              keep_kv=False, chat=self.chat, refit_lambda=self.refit_lambda)
+                              keep_kv=False, chat=self.chat, refit_lambda=self.refit_lambda, warmup=0)
+
+
+@dataclass
+class CountSettings:
+    """Which of a class's prompts are counted, and where: here (in right-padded batches), or on a Ray
+    cluster (classes/ray_engine.py), or only one shard of them for class-merge."""
+
+    field: str = "prompt"  # the JSONL key holding the prompt
+    limit: int | None = None  # only the first N prompts
+    shard: str | None = None  # "I/N": the I-th of N slices, counted into a partial statistic
+    batch_size: int = 1
+    engine: str = "local"  # local | ray
+    address: str | None = None  # ray: the cluster to join (None: a local cluster for this run)
+    workers: int = 2  # ray: actors, each loading the model once
+    gpus_per_worker: float = 0.0  # ray: 0 = CPU workers
+    resume: bool = False  # local: continue an interrupted count from its checkpoint
+
+    def __post_init__(self) -> None:
+        one_of(self.engine, ENGINES, "engine")
+        if self.limit is not None and self.limit < 1:
+            raise GriffinError(f"`limit` must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise GriffinError(f"`batch_size` must be >= 1, got {self.batch_size}")
+        if self.engine != "ray" and (self.address or self.workers != 2 or self.gpus_per_worker):
+            raise GriffinError("`address`, `workers` and `gpus_per_worker` are for engine='ray'")
+        if self.workers < 1:
+            raise GriffinError(f"`workers` must be >= 1, got {self.workers}")
+        if not self.gpus_per_worker >= 0:
+            raise GriffinError(f"`gpus_per_worker` must be >= 0, got {self.gpus_per_worker}")
+        if self.resume and self.engine == "ray":
+            raise GriffinError("resume=True continues a count made here; a Ray count is not checkpointed (count it in "
+                               "shards to split a long run)")
+
+
+ENGINES = ("local", "ray")
 
 
 # -- decoding ------------------------------------------------------------------------------
@@ -152,13 +201,55 @@ class DecodeOptions:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
-            raise GriffinError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise GriffinError(f"`max_new_tokens` must be >= 0, got {self.max_new_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise GriffinError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise GriffinError(f"`temperature` must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:  # NaN fails this too
-            raise GriffinError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise GriffinError(f"`top_p` must be in (0, 1], got {self.top_p}")
         if any(s == "" for s in self.stop):
-            raise GriffinError("an empty stop string would stop before the first token; give a non-empty --stop")
+            raise GriffinError("an empty stop string would stop before the first token; give a non-empty stop=STRING")
+
+
+@dataclass
+class RuntimeOptions:
+    """Which runtime decodes a bundle (registry.RUNTIMES, those that generate), and how. Each runtime
+    takes its own options; one given to another runtime is refused rather than ignored."""
+
+    runtime: str = "torch"
+    # torch: the base model (None: the one the bundle records), the device, and the decode step: the
+    # lean step where it covers the architecture (lean=None), transformers' forward (False), compiled
+    model: str | None = None
+    gguf_file: str | None = None
+    device: str = "cpu"
+    lean: bool | None = None
+    compile: bool = False
+    # onnx: the bundle's graph directory (griffin-export onnx), a graph of the full model for new
+    # prompts' prefill (griffin-export onnx --full), and ONNX Runtime's execution provider
+    graph_dir: str | None = None
+    full_graph_dir: str | None = None
+    provider: str = "auto"
+    # both: prefill prompts through the experts too (what a standalone pruned checkpoint computes)
+    pruned_prefill: bool = False
+    threads: int | None = None  # torch / ONNX Runtime threads (None: their own choice)
+
+    def __post_init__(self) -> None:
+        one_of(self.runtime, GENERATE_RUNTIMES, "runtime")
+        one_of(self.provider, PROVIDERS, "provider")
+        if self.threads is not None and self.threads < 1:
+            raise GriffinError(f"`threads` must be >= 1, got {self.threads}")
+        if self.runtime == "onnx" and self.graph_dir is None:
+            raise GriffinError("the onnx runtime needs graph_dir=DIR (a graph from `griffin-export onnx BUNDLE -o DIR`)")
+        torch_only = {"model": self.model, "gguf_file": self.gguf_file, "lean": self.lean,
+                      "compile": self.compile or None, "device": None if self.device == "cpu" else self.device}
+        onnx_only = {"graph_dir": self.graph_dir, "full_graph_dir": self.full_graph_dir,
+                     "provider": None if self.provider == "auto" else self.provider}
+        other = onnx_only if self.runtime == "torch" else torch_only
+        given = [f"lean={value}" if name == "lean" else f"`{name}`" for name, value in other.items() if value is not None]
+        if given:
+            raise GriffinError(f"{', '.join(given)} {'is not an option' if len(given) == 1 else 'are not options'} of "
+                               f"the {self.runtime} runtime")
+        if self.lean is False and self.compile:
+            raise GriffinError("compile=True compiles the lean step; lean=False turns it off: choose one")
 
 
 # -- 4-bit ONNX graphs ---------------------------------------------------------------------
@@ -180,11 +271,11 @@ class QuantSettings:
     def __post_init__(self) -> None:
         one_of(self.scheme, QUANT_SCHEMES, "quantization")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise GriffinError(f"--block-size must be a power of 2, at least 16; got {self.block_size}")
+            raise GriffinError(f"`block_size` must be a power of 2, at least 16; got {self.block_size}")
         if self.accuracy_level not in ACCURACY_LEVELS:
-            raise GriffinError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))}; "
+            raise GriffinError(f"`accuracy_level` must be one of {', '.join(map(str, ACCURACY_LEVELS))}; "
                                f"got {self.accuracy_level}")
-        one_of(self.algorithm, QUANT_ALGORITHMS, "--algorithm")
+        one_of(self.algorithm, QUANT_ALGORITHMS, "`algorithm`")
         if self.algorithm == "hqq" and self.symmetric:
             raise GriffinError("hqq fits a float zero point per block; it has no symmetric form")
 
@@ -201,31 +292,26 @@ class BenchSettings:
     new_tokens: int = 64
     repeats: int = 5
     threads: int | None = None
-    runtimes: list[str] = field(default_factory=lambda: ["torch"])  # of choices.RUNTIMES
-    onnx_provider: str = "cpu"  # ONNX Runtime provider, of choices.PROVIDERS
+    runtimes: list[str] = field(default_factory=lambda: ["torch"])  # of registry.BENCH_RUNTIMES
+    onnx_provider: str = "cpu"  # ONNX Runtime provider, of PROVIDERS
     quantize: QuantSettings = field(default_factory=QuantSettings)  # the -int4 rows' quantization
     gguf_quant: str = GGUF_QUANT  # the llama.cpp rows' file type, base and pruned alike
     time_export: bool = True  # also time export vs a plain prefill (writes the bundle each repeat)
 
     def __post_init__(self) -> None:
         if not self.runtimes:
-            raise GriffinError(f"bench needs at least one runtime; known: {', '.join(RUNTIMES)}")
+            raise GriffinError(f"bench needs at least one runtime; known: {', '.join(BENCH_RUNTIMES)}")
         for r in self.runtimes:
-            one_of(r, RUNTIMES, "runtime")
-        if "genai" in self.runtimes:
-            import importlib.util
-
-            if importlib.util.find_spec("onnxruntime_genai") is None:
-                raise GriffinError("--runtime genai needs onnxruntime-genai: pip install --no-deps onnxruntime-genai")
+            require_runtime(bench_runtime(r).name, f"runtime {r}")
         if "llama.cpp" in self.runtimes:
             check_gguf_quant(self.gguf_quant)
             require_llama_cpp()
         if not self.methods or not self.densities:
             raise GriffinError("bench needs at least one selection method and one density")
         if self.row < 0 or self.new_tokens < 1 or self.repeats < 1:
-            raise GriffinError(f"bench needs --row >= 0, --new-tokens >= 1 and --repeats >= 1; got {self.row}, "
+            raise GriffinError(f"bench needs `row` >= 0, `new_tokens` >= 1 and `repeats` >= 1; got {self.row}, "
                                f"{self.new_tokens}, {self.repeats}")
         for m in self.methods:
-            check_method(m)
+            method(m)
         for d in self.densities:  # refused here, before the model loads, not after the first timings
             check_density(d)

@@ -1,27 +1,25 @@
+"""Fixtures: tiny model directories, the real default model, and the `slow` marker (every test of
+the real models is slow too). Shared helpers live in tests/helpers.py."""
+
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny import ARCHS, VOCAB, tiny_model  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data" / "xsum_dev.jsonl"
+from tests.helpers import tiny_model, tiny_tokenizer
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+# fixtures that export ONNX graphs for their module's tests: whichever test asks first pays for them
+SLOW_FIXTURES = {"exported", "lean", "real_lm", "real_model_available"}
 
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+def pytest_collection_modifyitems(config, items) -> None:
+    # `-m "not slow"` is the fast suite: no real model, no ONNX graph exports, no GGUF builds, no Ray
+    for item in items:
+        if item.get_closest_marker("real_model") is not None or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -39,15 +37,12 @@ def tiny_dir(tmp_path_factory):
             lm = tiny_model(arch, seed)
             lm.model.config.eos_token_id = 2
             lm.model.save_pretrained(d)
-            _tiny_tokenizer().save_pretrained(d)
+            tiny_tokenizer().save_pretrained(d)
             made[(arch, seed)] = d
         return made[(arch, seed)]
 
     return make
 
-
-def tiny_prompt(n: int = 20) -> str:
-    return " ".join(f"w{(7 * i) % (VOCAB - 3)}" for i in range(n))
 
 
 @pytest.fixture(scope="session")
@@ -66,5 +61,3 @@ def real_lm(real_model_available):
 
     return load_model(quiet=True)
 
-
-__all__ = ["ARCHS", "tiny_prompt"]

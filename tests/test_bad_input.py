@@ -4,15 +4,15 @@ traceback, nothing left behind; generation streams; --help lists every registere
 from __future__ import annotations
 
 import importlib.util
-import re
+import json
 
 import pytest
 import torch
 
-from clirun import run
-from conftest import ROOT, tiny_prompt
-from griffin_export.choices import METHOD_SUMMARIES
+from griffin_export.errors import GriffinError
+from griffin_export.files.inputs import iter_prompts, read_prompt
 from griffin_export.settings import DecodeOptions
+from tests.helpers import DATA, one_line, run, tiny_prompt
 
 
 @pytest.fixture
@@ -28,13 +28,6 @@ def bundle(tmp_path, prompt, tiny_dir, capsys):
     code, _, err = run([prompt, "-o", out, "--model", tiny_dir("llama"), "-q"], capsys)
     assert code == 0, err
     return out
-
-
-def one_line(argv, capsys, *parts: str) -> None:
-    code, _, err = run(argv, capsys)
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("griffin-export: error: ") and "Traceback" not in err, err
-    assert all(p in err for p in parts), err
 
 
 def leftovers(tmp_path, before: set) -> set:
@@ -58,7 +51,7 @@ def test_devices_are_checked_before_loading(tmp_path, prompt, tiny_dir, capsys, 
     ("--temperature", "nan", "temperature must be a finite number"),
     ("--temperature", "inf", "temperature must be a finite number"),
     ("--temperature", "-1", "temperature must be a finite number >= 0"),
-    ("--top-p", "nan", "top_p must be in (0, 1]"),
+    ("--top-p", "nan", "--top-p must be in (0, 1]"),  # the command line's word for top_p
     ("--stop", "", "empty stop string"),
 ])
 def test_sampling_options_are_checked(bundle, capsys, flag, value, message):
@@ -162,15 +155,7 @@ def test_decode_streams_pieces_that_add_up_and_never_print_a_stop_string():
     assert out.text == "aba" and "".join(pieces) == "aba" and out.stop_reason == "stop"
 
 
-def test_help_lists_every_registered_method_as_the_readme_does(capsys):
-    code, out, _ = run(["export", "--help"], capsys)
-    assert code == 0
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for name, summary in METHOD_SUMMARIES.items():
-        assert re.search(rf"{name}\s+{re.escape(summary)}", out), name
-        assert re.search(rf"\| `{name}`( \(default\))? \| {re.escape(summary)} \|", readme), name
-
-
+@pytest.mark.slow
 def test_outputs_are_ordinary_files_that_respect_the_umask(bundle, tmp_path, capsys):
     import os
     import stat
@@ -221,8 +206,9 @@ def test_the_warm_up_counts_once_towards_the_context(tmp_path, prompt, tiny_dir,
 
 def test_onnx_runtime_refuses_torch_only_options(bundle, capsys):
     one_line(["generate", bundle, "--runtime", "onnx", "--onnx", "x", "--device", "foo"], capsys,
-             "--model, --gguf-file and --device are for --runtime torch")
-    one_line(["generate", bundle, "--runtime", "onnx", "--onnx", "x", "--model", "/nowhere"], capsys, "for --runtime torch")
+             "--device is not an option of the onnx runtime")
+    one_line(["generate", bundle, "--runtime", "onnx", "--onnx", "x", "--model", "/nowhere", "--eager"], capsys,
+             "--model, --eager are not options of the onnx runtime")
 
 
 def test_streaming_holds_back_only_what_could_begin_a_stop_string():
@@ -240,3 +226,54 @@ def test_streaming_holds_back_only_what_could_begin_a_stop_string():
                  on_text=pieces.append)
     assert out.text == "ababa" and "".join(pieces) == "ababa"
     assert pieces[:5] == ["a", "b", "a", "b", "a"]  # nothing held back: no end of the text begins "##"
+
+
+# -- prompts that are not text ---------------------------------------------------------------------
+
+
+def test_a_file_of_nul_bytes_is_not_a_prompt(tmp_path, tiny_dir, capsys):
+    prompt = tmp_path / "zeros.txt"
+    prompt.write_bytes(b"\0" * 3000)
+    out = tmp_path / "x.safetensors"
+    one_line([prompt, "-o", out, "--model", tiny_dir("llama"), "-q"], capsys,
+             f"prompt {prompt} looks binary: 100% of its characters are control characters")
+    assert not out.exists()
+
+
+def test_a_binary_line_of_a_jsonl_file_is_named(tmp_path):
+    data = tmp_path / "in.jsonl"
+    rows = [{"prompt": tiny_prompt()}, {"prompt": "\x01\x02\x03 w1 \x1b\x1b\x1b\x1b"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(GriffinError, match=rf"prompt {data}:2 looks binary: 64% of its characters"):
+        list(iter_prompts([data]))
+
+
+def test_prompts_with_tabs_newlines_and_a_few_escapes_are_text(tmp_path, tiny_dir, capsys):
+    text = "\t" + tiny_prompt().replace(" ", "\t", 5) + "\r\n\n\tw3\n" + "\x1b[1mw4\x1b[0m\n"
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(text, encoding="utf-8")
+    assert read_prompt(prompt) == text
+    code, _, err = run([prompt, "-o", tmp_path / "e.safetensors", "--model", tiny_dir("llama"), "--warmup", "0",
+                        "-q"], capsys)
+    assert code == 0, err
+
+
+def test_the_xsum_data_is_text():
+    assert sum(1 for _ in iter_prompts([DATA], field="article")) == 300
+
+
+# -- JSON errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "w1\tw2"}', "invalid control character at column 15"),
+    ('{"prompt": "w1', "unterminated string starting at column 12"),
+    ('{"prompt": "w1",}', "expecting property name enclosed in double quotes at column 17"),
+])
+def test_a_bad_jsonl_line_says_where(tmp_path, line, message):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"prompt": "w1"}) + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(GriffinError) as e:
+        list(iter_prompts([data]))
+    assert str(e.value) == f"{data}:2: not valid JSON ({message})"
+    assert ", column" not in str(e.value)

@@ -4,17 +4,16 @@ output alone; finished sequences leave the batch; answers are appended and resum
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from conftest import _tiny_tokenizer
+from tests.helpers import ARCHS, DATA, LEAN_ARCHS, VOCAB, run, tiny_model, tiny_tokenizer
 from griffin_export import ExportSettings, export_prompt
 from griffin_export.settings import ClassSettings, DecodeOptions
 from griffin_export.errors import GriffinError
 from griffin_export.model.load import from_model
 from griffin_export.runtime.pytorch import TorchRuntime
-from clirun import run
-from tiny import ARCHS, LEAN_ARCHS, VOCAB, tiny_model
 
 
 def texts(n: int = 7) -> list[str]:
@@ -23,7 +22,7 @@ def texts(n: int = 7) -> list[str]:
 
 
 def runtime(arch: str, **kw) -> TorchRuntime:
-    lm = from_model(tiny_model(arch).model, _tiny_tokenizer(), f"tiny-{arch}")
+    lm = from_model(tiny_model(arch).model, tiny_tokenizer(), f"tiny-{arch}")
     bundle = export_prompt(lm, texts()[2], ExportSettings(warmup=0))
     return TorchRuntime(lm, bundle, keep_full=not kw.get("pruned_prefill"), **kw)
 
@@ -39,6 +38,7 @@ def early_stopper(rt: TorchRuntime, prompts: list[str], opts: DecodeOptions) -> 
     rt.eos = {tok}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batched_greedy_equals_each_prompt_alone(arch):
     rt = runtime(arch)
@@ -90,7 +90,7 @@ def test_batched_greedy_equals_alone_on_the_default_model(real_lm, tmp_path):
     from griffin_export.classes.build import export_class
     from griffin_export.runtime.pytorch import load_runtime
 
-    with open(__import__("conftest").SHARED_DATA) as f:
+    with open(DATA) as f:
         rows = [json.loads(next(f))["article"] for _ in range(4)]
     prompts = [r[: 200 + 400 * i] for i, r in enumerate(rows)]  # ~50 to ~350 tokens
     bundle = export_class(real_lm, [Prompt(p, str(i)) for i, p in enumerate(prompts)], ClassSettings("news")).bundle
@@ -153,6 +153,8 @@ def test_generate_prompts_writes_every_answer_and_resumes(tmp_path, tiny_dir, bu
     code, _, err = run([*argv, "--resume"], capsys)
     assert code == 0, err
     assert "7 prompts, 3 answered already" in err and "4 answers" in err
+    # the summary times the run, and its speed is the decoding's (the prefills are not in it)
+    assert re.search(r"4 answers \(\d+ tokens\) in [\d.]+ s: prefill [\d.]+ s, decoding [\d.]+ tok/s; 3 kept", err), err
     assert answers(out) == full
     # the same prompts under another path resume; other settings do not
     moved = tmp_path / "elsewhere.jsonl"
@@ -175,7 +177,7 @@ def test_generate_prompts_writes_every_answer_and_resumes(tmp_path, tiny_dir, bu
      r"q.jsonl:2: .*context.*no prompt was generated"),
     ([{"prompt": "w1"}], ["--batch-size", "0"], "Invalid value for '--batch-size'"),
     ([{"prompt": "w1"}], ["--prompt-file", "x.txt"], "--prompt-file is one prompt, --prompts many"),
-    ([{"prompt": "w1"}], ["--runtime", "onnx"], "--runtime onnx needs --onnx DIR"),
+    ([{"prompt": "w1"}], ["--runtime", "onnx"], "the onnx runtime needs --onnx DIR"),
     ([{"prompt": "w1"}], ["--compile"], "--compile compiles the batch-1 lean step"),
     ([{"prompt": "w1"}], ["other.safetensors"], "generate takes one BUNDLE, got 2: .*mixing bundles would mix weights"),
 ])
@@ -208,6 +210,7 @@ def test_resume_refuses_the_answers_of_other_inputs(tmp_path, tiny_dir, bundle_f
     assert code == 2 and "answers another text as prompt" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "opt"])
 def test_onnx_runtime_batches_like_each_prompt_alone(arch, tmp_path):
     """The traced graph has a batch axis: batched ONNX Runtime output equals each prompt alone
@@ -217,7 +220,7 @@ def test_onnx_runtime_batches_like_each_prompt_alone(arch, tmp_path):
 
     rt = runtime(arch)
     lm, bundle = rt.lm, rt.bundle
-    fresh = from_model(tiny_model(arch).model, _tiny_tokenizer(), f"tiny-{arch}")
+    fresh = from_model(tiny_model(arch).model, tiny_tokenizer(), f"tiny-{arch}")
     export_onnx(fresh, tmp_path / "full")
     export_onnx(fresh, tmp_path / "pruned", bundle)
     ort = OnnxRuntime(tmp_path / "pruned", bundle, full=tmp_path / "full")
@@ -230,6 +233,7 @@ def test_onnx_runtime_batches_like_each_prompt_alone(arch, tmp_path):
     assert [g.token_ids for g in rt.generate_batch(prompts, opts, batch_size=3)] == alone
 
 
+@pytest.mark.slow
 def test_generate_prompts_on_onnx_runtime_answers_as_torch(tmp_path, tiny_dir, bundle_file, capsys):
     queue = write_prompts(tmp_path / "q.jsonl", [{"prompt": t} for t in texts(5)])
     model = tiny_dir("llama")
@@ -258,10 +262,10 @@ def test_lean_decoders_batch_like_each_prompt_alone(arch, tmp_path, monkeypatch)
     from griffin_export.runtime.onnx import OnnxRuntime, read_graph
 
     def lean_runtime(**kw) -> TorchRuntime:
-        lm = from_model(tiny_model(arch, lean=True).model, _tiny_tokenizer(), f"tiny-{arch}")
+        lm = from_model(tiny_model(arch, lean=True).model, tiny_tokenizer(), f"tiny-{arch}")
         return TorchRuntime(lm, bundle, keep_full=True, **kw)
 
-    lm = from_model(tiny_model(arch, lean=True).model, _tiny_tokenizer(), f"tiny-{arch}")
+    lm = from_model(tiny_model(arch, lean=True).model, tiny_tokenizer(), f"tiny-{arch}")
     bundle = export_prompt(lm, texts()[2], ExportSettings(warmup=0))
     rt, eager = lean_runtime(), lean_runtime(lean=False)
     prompts, opts = texts(), DecodeOptions(max_new_tokens=10)
@@ -277,7 +281,7 @@ def test_lean_decoders_batch_like_each_prompt_alone(arch, tmp_path, monkeypatch)
     assert calls and min(calls) < max(calls) <= 4  # through the lean step, rows dropped as they finish
     assert [g.token_ids for g in eager.generate_batch(prompts, opts, batch_size=4)] == alone
 
-    fresh = from_model(tiny_model(arch, lean=True).model, _tiny_tokenizer(), f"tiny-{arch}")
+    fresh = from_model(tiny_model(arch, lean=True).model, tiny_tokenizer(), f"tiny-{arch}")
     export_onnx(fresh, tmp_path / "full", max_length=128)
     export_onnx(fresh, tmp_path / "pruned", bundle, max_length=128)
     assert read_graph(tmp_path / "pruned").info.layout == "lean"

@@ -12,32 +12,22 @@ from griffin_export import (DecodeOptions, ExportSettings, TorchRuntime, export_
                             write_bundle)
 from griffin_export.bundle.format import FORMAT_VERSION, read_metadata
 from griffin_export.errors import GriffinError
-from tiny import ARCHS, prompt_ids, tiny_model
+from tests.helpers import ARCHS, prompt_ids, rewrite, tiny_model
 
 
 @pytest.fixture
 def exported(tmp_path):
     lm = tiny_model("llama")
     base = copy.deepcopy(lm.model)
-    bundle = export_ids(lm, prompt_ids(), ExportSettings(density=0.5, method="topk"))
+    bundle = export_ids(lm, prompt_ids(), ExportSettings(density=0.5, method="topk", warmup=0))
     path = write_bundle(bundle, tmp_path / "e.safetensors")
     return base, bundle, path
-
-
-def rewrite(path, out, *, tensors=None, meta=None):
-    """Copy a bundle with some tensors / metadata replaced."""
-    t = load_file(str(path))
-    m, _ = read_metadata(path)
-    t.update(tensors or {})
-    m.update(meta or {})
-    save_file(t, str(out), metadata=m)
-    return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_round_trip_keeps_every_tensor_and_the_metadata(arch, tmp_path):
     lm = tiny_model(arch)
-    bundle = export_ids(lm, prompt_ids(), ExportSettings(density=0.5))
+    bundle = export_ids(lm, prompt_ids(), ExportSettings(density=0.5, warmup=0))
     path = write_bundle(bundle, tmp_path / "b.safetensors")
     back = read_bundle(path)
     assert back.info == bundle.info
@@ -56,9 +46,9 @@ def test_decoding_from_a_bundle_file_equals_prefill_and_pruned_decode_in_one_pro
     base = copy.deepcopy(lm.model)
     opts = DecodeOptions(max_new_tokens=12, stop_at_eos=False)
     ids = prompt_ids()
-    bundle = export_ids(lm, ids, ExportSettings(density=0.5, keep_kv=False))  # in process: re-prefill
+    bundle = export_ids(lm, ids, ExportSettings(density=0.5, keep_kv=False, warmup=0))  # in process: re-prefill
     in_process = TorchRuntime(lm, bundle, keep_full=True).generate(opts, ids=ids).token_ids
-    with_kv = export_ids(from_model(copy.deepcopy(base)), ids, ExportSettings(density=0.5))
+    with_kv = export_ids(from_model(copy.deepcopy(base)), ids, ExportSettings(density=0.5, warmup=0))
     path = write_bundle(with_kv, tmp_path / "kv.safetensors")
     from_file = TorchRuntime(from_model(base), read_bundle(path)).generate(opts).token_ids
     assert len(from_file) == 12
@@ -75,16 +65,16 @@ def test_sampling_is_reproducible_for_a_seed(exported):
 
 def test_magnitude_selection_does_not_depend_on_the_prompt():
     lm = tiny_model("qwen2")
-    a = export_ids(lm, prompt_ids(seed=1), ExportSettings(method="magnitude"))
-    b = export_ids(lm, prompt_ids(seed=2), ExportSettings(method="magnitude"))
-    c = export_ids(lm, prompt_ids(seed=2), ExportSettings(method="topk"))
+    a = export_ids(lm, prompt_ids(seed=1), ExportSettings(method="magnitude", warmup=0))
+    b = export_ids(lm, prompt_ids(seed=2), ExportSettings(method="magnitude", warmup=0))
+    c = export_ids(lm, prompt_ids(seed=2), ExportSettings(method="topk", warmup=0))
     assert all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))
     assert not all(torch.equal(x, y) for x, y in zip(b.indices, c.indices))
 
 
 def test_no_kv_bundle_holds_no_cache(tmp_path):
     lm = tiny_model("llama")
-    path = write_bundle(export_ids(lm, prompt_ids(), ExportSettings(keep_kv=False)), tmp_path / "n.safetensors")
+    path = write_bundle(export_ids(lm, prompt_ids(), ExportSettings(keep_kv=False, warmup=0)), tmp_path / "n.safetensors")
     _, entries = read_metadata(path)
     assert not any(n.startswith("griffin.kv.") for n in entries)
     assert read_bundle(path).info.has_kv is False
@@ -95,7 +85,7 @@ def test_no_kv_bundle_holds_no_cache(tmp_path):
 
 def test_existing_output_needs_force(exported, tmp_path):
     _, bundle, path = exported
-    with pytest.raises(GriffinError, match="exists; pass --force"):
+    with pytest.raises(GriffinError, match="exists; pass force=True"):
         write_bundle(bundle, path)
     write_bundle(bundle, path, force=True)
 

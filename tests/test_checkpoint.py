@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_prompt
+from tests.helpers import ARCHS, ROOT, decode_tokens, prompt_ids, tiny_prompt
 from griffin_export import ExportSettings, TorchRuntime, export_ids, read_bundle, write_bundle
 from griffin_export.model.arch import ff_blocks
 from griffin_export.targets.checkpoint import write_checkpoint
@@ -19,14 +19,8 @@ from griffin_export.method.export import bundle_from_indices
 from griffin_export.model.tokens import tokenize
 from griffin_export.model.load import load_model
 from griffin_export_cli.main import main
-from tiny import ARCHS, VOCAB, prompt_ids
 
 STEPS = 8
-
-
-def continuation(n: int = STEPS, seed: int = 5) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (n,), generator=g).tolist()
 
 
 def runtime_logits(rt: TorchRuntime, ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
@@ -67,11 +61,11 @@ def test_checkpoint_loads_with_plain_transformers_and_matches_the_runtime(arch, 
     base = tiny_dir(arch)
     lm = load_model(str(base), quiet=True)
     # token ids, not text: transformers 5 reads tiny_dir's word-level tokenizer as a Qwen2Tokenizer for qwen2
-    bundle = export_ids(lm, prompt_ids(20), ExportSettings(density=0.5))
+    bundle = export_ids(lm, prompt_ids(20), ExportSettings(density=0.5, warmup=0))
     path = write_bundle(bundle, tmp_path / "e.safetensors")
     out = write_checkpoint(path, tmp_path / "model", model=str(base))
 
-    ids, tokens = bundle.prompt_ids[None], continuation()
+    ids, tokens = bundle.prompt_ids[None], decode_tokens(STEPS)
     got, model = plain_logits(out, ids, tokens)
     rt = TorchRuntime(load_model(str(base), quiet=True), read_bundle(path), pruned_prefill=True)
     want = runtime_logits(rt, ids, tokens)
@@ -114,7 +108,7 @@ def test_checkpoint_tokenizer_and_class_bundle(tiny_dir, tmp_path, capsys, metho
     tok = AutoTokenizer.from_pretrained(out)
     text = tiny_prompt(12)
     assert tok(text)["input_ids"] == lm.tokenizer(text)["input_ids"]
-    ids, tokens = tokenize(lm, text), continuation()
+    ids, tokens = tokenize(lm, text), decode_tokens(STEPS)
     got, model = plain_logits(out, ids, tokens)
     rt = TorchRuntime(load_model(str(base), quiet=True), read_bundle(path), pruned_prefill=True)
     torch.testing.assert_close(got, runtime_logits(rt, ids, tokens), rtol=1e-4, atol=1e-4)
@@ -132,7 +126,7 @@ def test_plain_generate_equals_griffin_generate_with_pruned_prefill(tiny_dir, tm
 
     base = tiny_dir("llama")
     lm = load_model(str(base), quiet=True)
-    path = write_bundle(export_ids(lm, prompt_ids(20), ExportSettings(density=0.25)), tmp_path / "e.safetensors")
+    path = write_bundle(export_ids(lm, prompt_ids(20), ExportSettings(density=0.25, warmup=0)), tmp_path / "e.safetensors")
     out = write_checkpoint(path, tmp_path / "m", model=str(base))
     rt = load_runtime(path, str(base), pruned_prefill=True)
     assert rt._full is None  # no full FF weights kept: that is the point of --pruned-prefill
@@ -148,7 +142,7 @@ def test_uneven_k_is_refused(tiny_dir, tmp_path, capsys):
     base = tiny_dir("llama")
     lm = load_model(str(base), quiet=True)
     indices = [torch.arange(32), torch.arange(16)]
-    bundle = bundle_from_indices(lm, indices, ExportSettings(), prompt_tokens=0, kind="class")
+    bundle = bundle_from_indices(lm, indices, ExportSettings(warmup=0), prompt_tokens=0, kind="class")
     path = write_bundle(bundle, tmp_path / "uneven.safetensors")
     with pytest.raises(SystemExit) as e:
         main(["checkpoint", str(path), "-o", str(tmp_path / "m")])
@@ -162,7 +156,7 @@ def test_uneven_k_is_refused(tiny_dir, tmp_path, capsys):
 @pytest.fixture
 def bundle_file(tiny_dir, tmp_path):
     lm = load_model(str(tiny_dir("mistral")), quiet=True)
-    return write_bundle(export_ids(lm, tokenize(lm, tiny_prompt()), ExportSettings(keep_kv=False)),
+    return write_bundle(export_ids(lm, tokenize(lm, tiny_prompt()), ExportSettings(keep_kv=False, warmup=0)),
                         tmp_path / "b.safetensors")
 
 
@@ -171,7 +165,7 @@ def test_existing_output_directory(bundle_file, tiny_dir, tmp_path):
     out = tmp_path / "m"
     out.mkdir()  # an empty directory is fine
     write_checkpoint(bundle_file, out, model=base)
-    with pytest.raises(GriffinError, match="exists; pass --force"):
+    with pytest.raises(GriffinError, match="exists; pass force=True"):
         write_checkpoint(bundle_file, out, model=base)
     (out / "stale.txt").write_text("from the old checkpoint")
     write_checkpoint(bundle_file, out, model=base, force=True)  # replaced as a whole
@@ -180,7 +174,7 @@ def test_existing_output_directory(bundle_file, tiny_dir, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "mine.txt").write_text("keep")
-    with pytest.raises(GriffinError, match="holds no config.json: not replacing it, even with --force"):
+    with pytest.raises(GriffinError, match="holds no config.json: not replacing it, even with force=True"):
         write_checkpoint(bundle_file, other, model=base, force=True)
     assert (other / "mine.txt").read_text() == "keep"
     with pytest.raises(GriffinError, match="is not a directory"):
@@ -217,11 +211,9 @@ def test_default_model_class_checkpoint_and_generate(real_lm, tmp_path, capsys):
     and plain transformers' logits equal the runtime's with --pruned-prefill."""
     import copy
 
-    from conftest import ROOT, SHARED_DATA
+    from tests.helpers import DATA
 
-    rows = [json.loads(line) for line in SHARED_DATA.read_text().splitlines()[:3]] if SHARED_DATA.is_file() else None
-    if rows is None:
-        pytest.skip(f"{SHARED_DATA} not present")
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:3]]
     for r in rows:  # real rows, cut short: the shared CPU is slow
         r["article"] = r["article"][:800]
     data = tmp_path / "news.jsonl"
@@ -242,7 +234,7 @@ def test_default_model_class_checkpoint_and_generate(real_lm, tmp_path, capsys):
     assert "FF width 768 of 1536" in cli("checkpoint", news, "-o", tmp_path / "news-model", "-q")
 
     ids = tokenize(real_lm, (ROOT / "samples" / "prompt.txt").read_text())[:, :120]
-    tokens = continuation(4, seed=9)
+    tokens = decode_tokens(4, seed=9)
     got, _ = plain_logits(tmp_path / "news-model", ids, tokens)
     lm = copy.deepcopy(real_lm)  # the session's model stays unpruned
     want = runtime_logits(TorchRuntime(lm, read_bundle(news), pruned_prefill=True), ids, tokens)

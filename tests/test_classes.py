@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_prompt
+from tests.helpers import ARCHS, class_texts, masked, prompt_ids, run, same, tiny_model, tiny_prompt, write_jsonl
 from griffin_export import ExportSettings, TorchRuntime, export_ids, read_bundle
 from griffin_export.model.arch import ff_blocks
-from griffin_export.classes.aggregate import AGGREGATIONS, DEFAULT_AGGREGATION
+from griffin_export.registry import AGGREGATIONS, DEFAULT_AGGREGATION
 from griffin_export.classes.build import ClassSettings, class_bundle, export_class
 from griffin_export.files.inputs import Prompt, iter_prompts, survey_prompts
 from griffin_export.method.classify import choice_loglik, classification_logits, experts
@@ -20,22 +20,11 @@ from griffin_export.model.tokens import tokenize
 from griffin_export.model.load import load_model
 from griffin_export.model.prefill import forward, prefill
 from griffin_export.method.selection import select_all
-from clirun import run
-from tiny import ARCHS, VOCAB, masked, prompt_ids, tiny_model
-
-
-def texts(n: int) -> list[str]:
-    """n different prompts of different lengths."""
-    return [" ".join(f"w{(5 * i + 11 * j) % (VOCAB - 3)}" for j in range(8 + 3 * i)) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_dir):
     return load_model(str(tiny_dir("llama")), quiet=True)
-
-
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 # -- aggregation -------------------------------------------------------------------------
@@ -45,18 +34,18 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 @pytest.mark.parametrize("density", [0.25, 0.5])
 def test_n_copies_of_one_prompt_select_what_the_prompt_selects(lm, aggregation, density):
     text = tiny_prompt(30)
-    own = export_ids(lm, tokenize(lm, text), ExportSettings(density=density)).indices
+    own = export_ids(lm, tokenize(lm, text), ExportSettings(density=density, warmup=0)).indices
     result = export_class(lm, [Prompt(text, f"copy{i}") for i in range(4)],
                           ClassSettings("same", aggregation=aggregation, density=density))
     assert same(result.bundle.indices, own)
     # and a different prompt would not have selected the same: the check can fail
-    other = export_ids(lm, tokenize(lm, texts(3)[2]), ExportSettings(density=density)).indices
+    other = export_ids(lm, tokenize(lm, class_texts(3)[2]), ExportSettings(density=density, warmup=0)).indices
     assert not same(other, own)
 
 
 @pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
 def test_prompt_order_does_not_change_the_class(lm, aggregation):
-    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(6))]
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(class_texts(6))]
     settings = ClassSettings("c", aggregation=aggregation)
     forward_order = export_class(lm, prompts, settings)
     shuffled = export_class(lm, [prompts[i] for i in (3, 0, 5, 1, 4, 2)], settings)
@@ -79,7 +68,7 @@ def in_memory_class_score(all_scores: torch.Tensor, aggregation: str, k: int) ->
 
 @pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
 def test_streaming_equals_in_memory_aggregation(lm, tmp_path, aggregation):
-    prompts = texts(7)
+    prompts = class_texts(7)
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(prompts)))
     settings = ClassSettings("c", aggregation=aggregation, density=0.25)
@@ -96,7 +85,7 @@ def test_streaming_equals_in_memory_aggregation(lm, tmp_path, aggregation):
 
 def test_aggregations_disagree_on_mixed_prompts(lm):
     """The registry's entries are really different functions (so choosing one matters)."""
-    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(6))]
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(class_texts(6))]
     out = {a: export_class(lm, prompts, ClassSettings("c", aggregation=a, density=0.25)).bundle.indices
            for a in AGGREGATIONS}
     assert not same(out["mean"], out["pooled"]) or not same(out["mean"], out["topk_freq"])
@@ -104,14 +93,14 @@ def test_aggregations_disagree_on_mixed_prompts(lm):
 
 def test_prompts_are_streamed_one_at_a_time(lm, monkeypatch):
     """Each prompt is prefilled before the next is read: nothing collects the input."""
-    from griffin_export.classes import build as classes
+    from griffin_export.classes import counting as classes
 
     calls = []
     real = classes.prompt_statistic
     monkeypatch.setattr(classes, "prompt_statistic", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def source():
-        for i, t in enumerate(texts(5)):
+        for i, t in enumerate(class_texts(5)):
             assert len(calls) == i, "the next prompt was read before the previous one was prefilled"
             yield Prompt(t, str(i))
 
@@ -125,7 +114,7 @@ def test_prompts_are_streamed_one_at_a_time(lm, monkeypatch):
 def test_class_bundle_metadata_and_no_kv(lm, tmp_path):
     from griffin_export import write_bundle
 
-    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(3))],
+    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(class_texts(3))],
                           ClassSettings("news", aggregation="topk_freq", density=0.75), source="a.jsonl")
     path = write_bundle(result.bundle, tmp_path / "news.safetensors")
     b = read_bundle(path)
@@ -138,7 +127,7 @@ def test_class_bundle_metadata_and_no_kv(lm, tmp_path):
 
 
 def test_class_bundle_decodes_a_new_prompt_after_a_full_prefill(lm, tiny_dir):
-    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(3))], ClassSettings("c"))
+    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(class_texts(3))], ClassSettings("c"))
     fresh = load_model(str(tiny_dir("llama")), quiet=True)
     ids = tokenize(fresh, tiny_prompt(12))
     _, want_first = prefill(fresh.model, ids)
@@ -163,7 +152,7 @@ def refit_class(lm, prompts, method="topk_refit", density=0.5, **kw):
 def test_class_gram_is_the_sum_of_the_prompts_grams_in_any_order(lm):
     from griffin_export.method.export import prompt_statistic
 
-    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(5))]
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(class_texts(5))]
     forward_order = refit_class(lm, prompts)
     want = sum(prompt_statistic(lm, tokenize(lm, p.text), gram=True)[0].gram.double() for p in prompts)
     torch.testing.assert_close(forward_order.statistic.gram, want, rtol=1e-12, atol=1e-9)
@@ -178,7 +167,7 @@ def test_class_gram_is_the_sum_of_the_prompts_grams_in_any_order(lm):
 def test_class_refit_solves_on_the_class_gram(lm):
     from griffin_export.method.refit import refit_down
 
-    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(4))]
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(class_texts(4))]
     refit = refit_class(lm, prompts)
     plain = export_class(lm, prompts, ClassSettings("c"))
     assert same(refit.bundle.indices, plain.bundle.indices)  # topk's neurons, refit columns
@@ -195,7 +184,7 @@ def test_class_refit_solves_on_the_class_gram(lm):
 
 @pytest.mark.parametrize("method", ["topk_refit", "topk_refit_edges", "topk_refit_alloc"])
 def test_class_refit_at_density_one_is_the_full_model(lm, tiny_dir, method):
-    result = refit_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(3))], method=method, density=1.0)
+    result = refit_class(lm, [Prompt(t, str(i)) for i, t in enumerate(class_texts(3))], method=method, density=1.0)
     assert result.bundle.info.k == [lm.d_ff] * lm.num_layers
     ids = tokenize(lm, tiny_prompt(14))
     _, want = prefill(load_model(str(tiny_dir("llama")), quiet=True).model, ids)
@@ -205,12 +194,12 @@ def test_class_refit_at_density_one_is_the_full_model(lm, tiny_dir, method):
 
 
 def test_per_layer_budgets_for_a_class():
-    from conftest import _tiny_tokenizer
+    from tests.helpers import tiny_tokenizer
     from griffin_export.method.budget import edge_budgets
 
     lm = tiny_model("llama", lean=True)  # 4 layers, D_ff 64
-    lm.tokenizer = _tiny_tokenizer()
-    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(4))]
+    lm.tokenizer = tiny_tokenizer()
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(class_texts(4))]
     edges = export_class(lm, prompts, ClassSettings("c", method="topk_refit_edges", density=0.8)).bundle
     assert edges.info.k == edge_budgets(4, 64, round(0.8 * 64)) == [64, 64, 12, 64]
     alloc = export_class(lm, prompts, ClassSettings("c", method="topk_refit_alloc", density=0.8)).bundle
@@ -222,7 +211,7 @@ def test_per_layer_budgets_for_a_class():
 def test_a_saved_statistic_gives_the_same_bundles_and_shards_merge_exactly(lm, tmp_path):
     from griffin_export.classes.aggregate import merge, read_statistic, write_statistic
 
-    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(6))]
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(class_texts(6))]
     whole = refit_class(lm, prompts)
     path = write_statistic(whole.info, whole.statistic, tmp_path / "all.stat")
     info, stat = read_statistic(path)
@@ -247,16 +236,16 @@ def test_a_saved_statistic_gives_the_same_bundles_and_shards_merge_exactly(lm, t
 def test_bad_class_refit_settings_are_one_line_errors(lm, tiny_dir, tmp_path):
     from griffin_export.classes.aggregate import merge, read_statistic, write_statistic
 
-    prompts = [Prompt(t, str(i)) for i, t in enumerate(texts(3))]
+    prompts = [Prompt(t, str(i)) for i, t in enumerate(class_texts(3))]
     plain = export_class(lm, prompts, ClassSettings("c", aggregation="topk_freq"))
     with pytest.raises(GriffinError, match="topk_refit solves on the class's Gram matrices, and .* has none"):
         class_bundle(lm, plain.info, plain.statistic, ClassSettings("c", method="topk_refit"))
     with pytest.raises(GriffinError, match="aggregation topk_freq counts each prompt's top-k, and .* k=32"):
         class_bundle(lm, plain.info, plain.statistic, ClassSettings("c", aggregation="topk_freq", density=0.25))
-    with pytest.raises(GriffinError, match="counted without --chat; drop --chat"):
+    with pytest.raises(GriffinError, match="counted without chat=True; drop chat=True"):
         class_bundle(lm, plain.info, plain.statistic, ClassSettings("c", chat=True))
     other = load_model(str(tiny_dir("llama", seed=1)), quiet=True)
-    with pytest.raises(GriffinError, match="was counted on .*, not on .*llama-1.*; pass that model with --model"):
+    with pytest.raises(GriffinError, match="was counted on .*, not on .*llama-1.*; pass that model as model="):
         class_bundle(other, plain.info, plain.statistic, ClassSettings("c"))
     refit = refit_class(lm, prompts)
     a = write_statistic(plain.info, plain.statistic, tmp_path / "a.stat")
@@ -280,7 +269,7 @@ def test_bad_class_refit_settings_are_one_line_errors(lm, tiny_dir, tmp_path):
 def test_damaged_statistic_files_are_refused(lm, tmp_path, damage, message):
     from griffin_export.classes.aggregate import read_statistic, write_statistic
 
-    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(2))], ClassSettings("c"))
+    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(class_texts(2))], ClassSettings("c"))
     path = write_statistic(result.info, result.statistic, tmp_path / "s.stat")
     damage(path)
     with pytest.raises(GriffinError, match=message):
@@ -293,7 +282,7 @@ def test_statistic_with_bad_tensors_is_refused(lm, tmp_path):
     from griffin_export.classes.aggregate import read_statistic, write_statistic
     from griffin_export.bundle.format import str_metadata
 
-    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(texts(2))], ClassSettings("c"))
+    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(class_texts(2))], ClassSettings("c"))
     path = write_statistic(result.info, result.statistic, tmp_path / "s.stat")
     terms = result.statistic.terms()
     for name, bad, message in (("squared", terms["squared"].float(), "should be float64"),
@@ -305,7 +294,7 @@ def test_statistic_with_bad_tensors_is_refused(lm, tmp_path):
 
 
 def test_class_command_saves_and_reuses_a_statistic(tmp_path, tiny_dir, capsys):
-    data = write_jsonl(tmp_path / "x.jsonl", texts(4))
+    data = write_jsonl(tmp_path / "x.jsonl", class_texts(4))
     model = tiny_dir("llama")
     code, out, err = run(["class", data, "--name", "c", "-o", tmp_path / "a.safetensors", "--model", model,
                           "--method", "topk_refit", "--save-statistic", tmp_path / "c.stat", "-q"], capsys)
@@ -347,12 +336,10 @@ def test_inputs_jsonl_field_folder_and_text_files(tmp_path):
     assert [p.text for p in iter_prompts([folder, folder], limit=3)] == ["ay", "bee", "ay"]
 
 
-def test_the_shared_xsum_file_reads_with_field_article():
-    from conftest import SHARED_DATA
+def test_the_shipped_xsum_file_reads_with_field_article():
+    from tests.helpers import DATA
 
-    if not SHARED_DATA.is_file():
-        pytest.skip(f"{SHARED_DATA} not present")
-    prompts = list(iter_prompts([SHARED_DATA], field="article", limit=5))
+    prompts = list(iter_prompts([DATA], field="article", limit=5))
     assert len(prompts) == 5 and all(p.text.startswith("###\nArticle:") for p in prompts)
 
 
@@ -360,7 +347,7 @@ def test_the_shared_xsum_file_reads_with_field_article():
     ("", "has no prompts (the file is empty)"),
     ("\n\n", "has no prompts (the file is empty)"),
     ('{"prompt": "ok"}\nnot json\n', "p.jsonl:2: not valid JSON"),
-    ('{"text": "a"}\n', "p.jsonl:1: no field 'prompt' (fields: text); choose one with --field"),
+    ('{"text": "a"}\n', "p.jsonl:1: no field 'prompt' (fields: text); choose one with `field`"),
     ('{"prompt": "ok"}\n[1, 2]\n', "p.jsonl:2: expected a JSON object, got list"),
     ('{"prompt": 3}\n', "p.jsonl:1: field 'prompt' holds int 3, not a string"),
     ('{"prompt": "ok"}\n{"prompt": "  "}\n', "p.jsonl:2: field 'prompt' is empty"),
@@ -391,18 +378,13 @@ def test_folder_without_text_files_and_missing_input(tmp_path):
 # -- the command line ----------------------------------------------------------------------
 
 
-def write_jsonl(path, rows, field="prompt"):
-    path.write_text("".join(json.dumps({field: r}) + "\n" for r in rows))
-    return path
-
-
 def written(path, text):
     path.write_text(text)
     return path
 
 
 def test_class_command_then_generate_with_a_new_prompt(tmp_path, tiny_dir, capsys):
-    data = write_jsonl(tmp_path / "x.jsonl", texts(4), field="article")
+    data = write_jsonl(tmp_path / "x.jsonl", class_texts(4), field="article")
     code, out, err = run(["class", data, "--field", "article", "--name", "news", "-o", tmp_path / "news.safetensors",
                           "--model", tiny_dir("llama"), "--limit", "3", "--aggregation", "pooled"], capsys)
     assert code == 0, err
@@ -424,7 +406,7 @@ def test_class_command_then_generate_with_a_new_prompt(tmp_path, tiny_dir, capsy
 
 
 def test_over_context_prompts_are_skipped_and_counted(tmp_path, tiny_dir, capsys):
-    data = write_jsonl(tmp_path / "x.jsonl", [texts(1)[0], tiny_prompt(300), texts(2)[1], tiny_prompt(400)])
+    data = write_jsonl(tmp_path / "x.jsonl", [class_texts(1)[0], tiny_prompt(300), class_texts(2)[1], tiny_prompt(400)])
     code, out, err = run(["class", data, "--name", "c", "-o", tmp_path / "c.safetensors", "--model",
                           tiny_dir("llama"), "-q"], capsys)
     assert code == 0, err
@@ -435,7 +417,7 @@ def test_over_context_prompts_are_skipped_and_counted(tmp_path, tiny_dir, capsys
     only_long = write_jsonl(tmp_path / "long.jsonl", [tiny_prompt(300)])
     code, out, err = run(["class", only_long, "--name", "c", "-o", tmp_path / "l.safetensors", "--model",
                           tiny_dir("llama"), "-q"], capsys)
-    assert code == 2 and "all 1 prompts are longer than the model's context; nothing to export" in err
+    assert code == 2 and "its one prompt is longer than the model's context; nothing to export" in err
     assert not (tmp_path / "l.safetensors").exists()
 
 
@@ -457,7 +439,7 @@ def test_class_command_bad_input(tmp_path, tiny_dir, capsys, make, message):
 
 
 def test_class_command_bad_options(tmp_path, tiny_dir, capsys):
-    data = write_jsonl(tmp_path / "x.jsonl", texts(2))
+    data = write_jsonl(tmp_path / "x.jsonl", class_texts(2))
     code, _, err = run(["class", data, "--name", " ", "-o", tmp_path / "c.safetensors"], capsys)
     assert code == 2 and "a class needs a name" in err
     code, _, err = run(["class", data, "--name", "c", "-o", tmp_path / "c.safetensors", "--method", "random"], capsys)
@@ -469,9 +451,9 @@ def test_class_command_bad_options(tmp_path, tiny_dir, capsys):
 
 
 def test_interrupted_class_run_leaves_no_partial_output(tmp_path, tiny_dir, capsys, monkeypatch):
-    from griffin_export.classes import build as classes
+    from griffin_export.classes import counting as classes
 
-    data = write_jsonl(tmp_path / "x.jsonl", texts(4))
+    data = write_jsonl(tmp_path / "x.jsonl", class_texts(4))
     calls = []
     real = classes.prompt_statistic
 
@@ -508,7 +490,7 @@ def test_classification_mode(arch):
     # positions before the last: the full model
     torch.testing.assert_close(got[:-1], full[:-1], rtol=1e-4, atol=1e-4)
     # the last position: experts from tokens 0..T-2 (what a per-prompt export of them selects)
-    indices = export_ids(lm, ids[:, :-1], ExportSettings(density=0.5, keep_kv=False)).indices
+    indices = export_ids(lm, ids[:, :-1], ExportSettings(density=0.5, keep_kv=False, warmup=0)).indices
     torch.testing.assert_close(got[-1], masked_last_position(lm.model, ids, indices), rtol=1e-4, atol=1e-4)
     assert (got[-1] - full[-1]).abs().max() > 1e-3  # it really is pruned
     # the model is whole again afterwards
@@ -556,7 +538,7 @@ def test_aggregation_bench_script_on_a_tiny_model(tmp_path, tiny_dir, capsys):
     from bench import class_aggregation as script  # the repository root is on pytest's path
 
     data = tmp_path / "x.jsonl"
-    rows = [{"article": t, "summary_gt": texts(7)[6 - i][:20]} for i, t in enumerate(texts(6))]
+    rows = [{"article": t, "summary_gt": class_texts(7)[6 - i][:20]} for i, t in enumerate(class_texts(6))]
     rows.insert(2, {"article": tiny_prompt(300), "summary_gt": "w1"})  # over the context: skipped
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = script.main(["--data", str(data), "--train", "0:4", "--eval", "4:7", "--density", "1.0,0.5",

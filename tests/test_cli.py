@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from clirun import run
-from conftest import tiny_prompt
+from tests.helpers import one_line, run, tiny_prompt
 
 
 @pytest.fixture
@@ -173,6 +172,7 @@ def test_interrupted_export_leaves_no_file(tmp_path, prompt, tiny_dir, capsys, m
     assert not [p for p in tmp_path.iterdir() if p.name != "prompt.txt"]
 
 
+@pytest.mark.slow
 def test_the_installed_command_prints_one_line_errors(tmp_path):
     """The real entry point, in a subprocess: one line, exit 2, no traceback."""
     r = subprocess.run(["griffin-export", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o.safetensors")],
@@ -184,7 +184,7 @@ def test_the_installed_command_prints_one_line_errors(tmp_path):
 
 
 def test_the_cli_loads_without_torch():
-    """--help and option parsing read choices.py and the settings only: no torch, no transformers at load (they
+    """--help and option parsing read the registries and the settings only: no torch, no transformers at load (they
     cost seconds; a command imports them when it runs)."""
     import subprocess
     import sys
@@ -237,8 +237,92 @@ def test_cli_defaults_are_the_settings_defaults():
     assert [c[k] for k in ("aggregation", "density", "method", "seed", "chunk_size")] == \
         [C[k] for k in ("aggregation", "density", "method", "seed", "chunk_size")]
     x, X = defaults(export.command), lib(ExportSettings)
-    # --warmup is the one chosen difference: the CLI defaults to the measured best (8 tokens),
-    # the library to the paper's method exactly (0)
-    assert [x[k] for k in ("density", "method", "seed", "chunk_size", "refit_lambda")] == \
-        [X[k] for k in ("density", "method", "seed", "chunk_size", "refit_lambda")]
-    assert (x["warmup"], X["warmup"]) == (export.DEFAULT_WARMUP, 0)
+    # the warm-up too: a script's export_prompt() writes the bundle the command writes (8 tokens)
+    assert [x[k] for k in ("density", "method", "seed", "chunk_size", "refit_lambda", "warmup")] == \
+        [X[k] for k in ("density", "method", "seed", "chunk_size", "refit_lambda", "warmup")] and X["warmup"] == 8
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("typo, command", [("genrate", "generate"), ("inspekt", "inspect"),
+                                           ("chekpoint", "checkpoint"), ("Export", "export")])
+def test_a_mistyped_command_is_named_not_read_as_a_prompt(tmp_path, capsys, monkeypatch, typo, command):
+    monkeypatch.chdir(tmp_path)  # no file of that name here
+    err = one_line([typo, "x.safetensors"], capsys)
+    assert err == f"griffin-export: error: no such command '{typo}'; did you mean '{command}'?\n"
+
+
+def test_an_existing_file_named_like_a_command_is_still_a_prompt(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "genrate").write_text(tiny_prompt(), encoding="utf-8")
+    one_line(["genrate"], capsys, "Missing option '-o'")  # export's own complaint: it was read as a prompt
+    one_line(["-"], capsys, "Missing option '-o'")  # stdin
+
+
+@pytest.mark.parametrize("word", ["hello", "bench.txt", "prompts/eval"])
+def test_a_word_far_from_a_command_or_shaped_like_a_path_is_a_missing_prompt(tmp_path, capsys, monkeypatch, word):
+    monkeypatch.chdir(tmp_path)
+    one_line([word, "-o", "x.safetensors"], capsys, f"prompt file {word} does not exist")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_bare_command_prints_the_help_and_succeeds(capsys):
+    code, out, err = run([], capsys)
+    assert code == 0 and err == ""
+    assert out.startswith("Usage: griffin-export") and "Commands:" in out and "inspect" in out
+
+
+# -- the library's words and the command line's ------------------------------------------------
+
+
+@pytest.mark.parametrize("library, cli", [
+    ("x exists; pass force=True to overwrite", "x exists; pass --force to overwrite"),
+    ("`top_p` must be in (0, 1], got 0.0", "--top-p must be in (0, 1], got 0.0"),
+    ("lean=False, `compile` are not options of the onnx runtime", "--eager, --compile are not options of the onnx runtime"),
+    ("the onnx runtime needs graph_dir=DIR", "the onnx runtime needs --onnx DIR"),
+    ("`address`, `workers` and `gpus_per_worker` are for engine='ray'",
+     "--address, --workers and --gpus-per-worker are for --engine ray"),
+    # plain words stay words: a data row's max_tokens field is not eval's --max-tokens option
+    ("d.jsonl:2: max_tokens must be a positive integer", "d.jsonl:2: max_tokens must be a positive integer"),
+    ("density 0.5 keeps k=0 of 64", "density 0.5 keeps k=0 of 64"),
+])
+def test_library_errors_name_parameters_and_the_cli_names_its_options(library, cli):
+    from griffin_export_cli.main import cli_words
+
+    assert cli_words(library) == cli
+
+
+def test_a_library_error_names_the_parameter(tmp_path):
+    from griffin_export import write_bundle
+    from griffin_export.settings import DecodeOptions
+    from tests.helpers import refused, tiny_model
+
+    from griffin_export import ExportSettings, export_ids
+    from tests.helpers import prompt_ids
+
+    path = tmp_path / "e.safetensors"
+    bundle = export_ids(tiny_model("llama"), prompt_ids(), ExportSettings(warmup=0))
+    write_bundle(bundle, path)
+    refused(lambda: write_bundle(bundle, path), "exists; pass force=True to overwrite")
+    refused(lambda: DecodeOptions(top_p=0), "`top_p` must be in (0, 1]")
+
+
+@pytest.mark.parametrize("command", ["export", "generate", "class"])
+def test_threads_are_an_option_wherever_torch_runs(command, tmp_path, tiny_dir, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(tiny_prompt())
+    bundle = tmp_path / "b.safetensors"
+    assert run([prompt, "-o", bundle, "--model", tiny_dir(), "--warmup", "0", "-q"], capsys)[0] == 0
+    argv = {"export": [prompt, "-o", tmp_path / "c.safetensors", "--model", tiny_dir(), "-q"],
+            "generate": ["generate", bundle, "--max-new-tokens", "2", "-q"],
+            "class": ["class", prompt, "--name", "c", "-o", tmp_path / "k.safetensors", "--model", tiny_dir(), "-q"]}
+    try:
+        code, _, err = run([*argv[command], "--threads", "1"], capsys)
+        assert code == 0 and torch.get_num_threads() == 1, err
+    finally:
+        torch.set_num_threads(before)
+    one_line([*argv[command], "--threads", "0"], capsys, "--threads")

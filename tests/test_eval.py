@@ -16,8 +16,7 @@ from griffin_export.evaluation.runner import Context, continuation_ids, continua
 from griffin_export.evaluation.settings import EvalSettings
 from griffin_export.model.prefill import cache_tensors, prefill
 from griffin_export.method.selection import select_all
-from clirun import run
-from tiny import prompt_ids, tiny_model
+from tests.helpers import prompt_ids, run, tiny_model
 
 # -- metrics on fixed strings -------------------------------------------------------------------
 
@@ -131,7 +130,7 @@ def test_gold_loglik_equals_direct_computation_full_and_pruned():
     got = continuation_logprobs(model, kv, T, last, cont)
     torch.testing.assert_close(got, direct_logprobs(model, ids, cont, T), rtol=1e-4, atol=1e-4)
 
-    ctx = Context(lm, EvalSettings(data="unused"))
+    ctx = Context(lm, EvalSettings(data="unused", warmup=0))
     before = [dict(b.owner.named_children()) for b in ctx.blocks]
     indices = select_all(torch.rand(lm.num_layers, lm.d_ff, generator=torch.Generator().manual_seed(3)),
                          lm.d_ff // 2, "topk", 0)
@@ -172,7 +171,8 @@ def data(tmp_path):
 
 
 def eval_args(data, out, model_dir, rows="0:3", methods="full,topk,random", density="0.5"):
-    return ["eval", "--data", data, "--rows", rows, "--methods", methods, "--density", density,
+    """An eval of the paper's methods as they are (no warm-up: setting keys without +wN)."""
+    return ["eval", "--data", data, "--rows", rows, "--methods", methods, "--density", density, "--warmup", "0",
             "--model", model_dir, "-q", "-o", out]
 
 
@@ -183,6 +183,7 @@ def records(out) -> dict[int, dict]:
     return {row: {**strip(r), "results": {k: strip(v) for k, v in r["results"].items()}} for row, r in recs.items()}
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, data, tiny_dir, capsys, monkeypatch):
     model_dir = tiny_dir("llama")
     code, _, err = run(eval_args(data, tmp_path / "a", model_dir), capsys)
@@ -253,7 +254,7 @@ def test_report_from_a_two_prompt_run_and_bench(tmp_path, data, tiny_dir, capsys
     rep = json.loads((out / "results.json").read_text())
     # the command as given, in the options' order, defaults (and --quiet, which changes no result) left out
     assert rep["command"] == (f"griffin-export eval --data {data} --rows 0:2 --methods full,topk,magnitude "
-                              f"--density 0.25,0.5 --output {out} --model {tiny_dir('llama')}")
+                              f"--density 0.25,0.5 --output {out} --model {tiny_dir('llama')} --warmup 0")
     assert rep["model"]["fingerprint"] and rep["machine"]["cpu"] and rep["versions"]["torch"]
     assert rep["quality"]["done"] == 2 and len(rep["per_prompt"]) == 2
     keys = [s["key"] for s in rep["quality"]["settings"]]
@@ -297,12 +298,13 @@ def test_a_run_from_python_reports_no_command(tmp_path, data, tiny_dir, capsys):
                        capsys)
     assert code == 0, err
     assert "--rows 0:1" in json.loads((tmp_path / "out" / "results.json").read_text())["command"]
-    settings = EvalSettings(data=str(data), rows=(0, 2), methods=("full",), densities=(0.5,), generate=False)
+    settings = EvalSettings(data=str(data), rows=(0, 2), methods=("full",), densities=(0.5,), generate=False, warmup=0)
     runner.run_eval(load_model(tiny_dir("llama")), settings, tmp_path / "out", progress=False)
     write_report(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "results.json").read_text())["command"] == NOT_RECORDED
 
 
+@pytest.mark.slow
 def test_ll_only_gives_the_same_likelihoods_without_generating(tmp_path, data, tiny_dir, capsys):
     model_dir = tiny_dir("llama")
     code, _, err = run(eval_args(data, tmp_path / "full", model_dir, rows="0:2"), capsys)
@@ -337,6 +339,18 @@ def test_bundle_method_applies_fixed_experts(tmp_path, tiny_dir, capsys):
         assert recs[0]["results"][f"bundle:{bundle}"][name] == recs[0]["results"]["topk@0.5"][name]
     assert recs[0]["results"][f"bundle:{bundle}"]["density"] == 0.5
     assert "| `e.safetensors` | 0.5 | 32 |" in (out / "results.md").read_text()
+    # with the default warm-up the selection methods get it and say so; fixed experts and the full model
+    # have none, and each row records which it used
+    warm = tmp_path / "w"
+    argv = [a for a in eval_args(data, warm, model_dir, rows="0:1", methods=f"full,topk,bundle:{bundle}")]
+    i = argv.index("--warmup")
+    del argv[i:i + 2]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    rows = records(warm)[0]["results"]
+    assert set(rows) == {"full", "topk@0.5+w8", f"bundle:{bundle}"}
+    assert (rows["full"]["warmup"], rows["topk@0.5+w8"]["warmup"], rows[f"bundle:{bundle}"]["warmup"]) == (0, 8, 0)
+    assert rows[f"bundle:{bundle}"]["text"] == recs[0]["results"][f"bundle:{bundle}"]["text"]  # as without warm-up
 
 
 def test_warm_up_settings_are_what_an_export_with_warmup_generates(tmp_path, tiny_dir, capsys):
@@ -395,6 +409,7 @@ def test_pruned_prefill_method_decodes_like_the_runtime_with_pruned_prefill(tmp_
     assert "e.safetensors (pruned prefill)" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_merged_halves_and_settings_equal_one_run(tmp_path, data, tiny_dir, capsys):
     """Rows 0:1 and 1:3 run apart, plus `random` run apart on all rows, merge into what one run
     of every setting over 0:3 records; a merge that would mix settings or rows is refused."""
@@ -449,7 +464,6 @@ def test_merged_halves_and_settings_equal_one_run(tmp_path, data, tiny_dir, caps
     (["--methods", "bundle:{tmp}/missing.safetensors"], "bundle {tmp}/missing.safetensors does not exist"),
     (["--methods", "pruned-prefill:{tmp}/gone.safetensors"], "bundle {tmp}/gone.safetensors does not exist"),
     (["--warmup", "-1"], "warm-up must be >= 0 tokens, got -1"),
-    (["--warmup", "2", "--methods", "full,bundle:{tmp}/d.jsonl"], "--warmup applies to selection methods"),
 ])
 def test_bad_input(tmp_path, data, tiny_dir, capsys, args, message):
     argv = [a.format(tmp=tmp_path) for a in ["--data", str(data), "--rows", "0:2", *args]]
@@ -499,14 +513,12 @@ def test_report_only_errors(tmp_path, capsys):
 def test_default_model_one_prompt(real_lm, tmp_path):
     """The default model on one dev prompt (8 tokens): prompt and gold text tokenize apart
     cleanly, and the full model finds the gold summary far likelier than a pruned random FF."""
-    from conftest import SHARED_DATA
+    from tests.helpers import DATA
 
-    if not SHARED_DATA.is_file():
-        pytest.skip(f"{SHARED_DATA} not present")
-    row = json.loads(SHARED_DATA.read_text(encoding="utf-8").splitlines()[0])
+    row = json.loads(DATA.read_text(encoding="utf-8").splitlines()[0])
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({**row, "max_tokens": 8}) + "\n", encoding="utf-8")
-    settings = EvalSettings(data=str(data), rows=(0, 1), methods=("full", "topk", "random"), densities=(0.5,))
+    settings = EvalSettings(data=str(data), rows=(0, 1), methods=("full", "topk", "random"), densities=(0.5,), warmup=0)
     runner.run_eval(real_lm, settings, tmp_path / "out", progress=False)
     _, recs = results.read_results(tmp_path / "out" / results.RESULTS_FILE)
     rec = recs[0]

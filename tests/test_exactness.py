@@ -11,14 +11,9 @@ from griffin_export import ExportSettings, TorchRuntime, export_ids
 from griffin_export.model.arch import ff_blocks
 from griffin_export.method.export import layer_scores
 from griffin_export.model.prefill import forward, prefill
-from tiny import ARCHS, masked, prompt_ids, tiny_model
+from tests.helpers import ARCHS, decode_tokens, masked, prompt_ids, tiny_model
 
 STEPS = 20
-
-
-def decode_tokens(seed: int = 5) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 96, (STEPS,), generator=g).tolist()
 
 
 def reference_logits(model, ids, tokens) -> torch.Tensor:
@@ -40,8 +35,8 @@ def pruned_logits(lm, bundle, tokens) -> torch.Tensor:
 def test_density_one_is_the_full_model(arch):
     lm = tiny_model(arch)
     ref = copy.deepcopy(lm.model)
-    ids, tokens = prompt_ids(), decode_tokens()
-    bundle = export_ids(lm, ids, ExportSettings(density=1.0))
+    ids, tokens = prompt_ids(), decode_tokens(STEPS)
+    bundle = export_ids(lm, ids, ExportSettings(density=1.0, warmup=0))
     assert bundle.info.k == [lm.d_ff] * lm.num_layers
     want = reference_logits(ref, ids, tokens)
     got = pruned_logits(lm, bundle, tokens)
@@ -52,8 +47,8 @@ def test_density_one_is_the_full_model(arch):
 def test_pruned_decode_equals_masked_full_model(arch):
     lm = tiny_model(arch)
     ref = copy.deepcopy(lm.model)
-    ids, tokens = prompt_ids(), decode_tokens()
-    bundle = export_ids(lm, ids, ExportSettings(density=0.5))
+    ids, tokens = prompt_ids(), decode_tokens(STEPS)
+    bundle = export_ids(lm, ids, ExportSettings(density=0.5, warmup=0))
     want_full = reference_logits(ref, ids, tokens)
     got = pruned_logits(lm, bundle, tokens)
     # the prompt (and its KV) goes through the full model; only decode steps are pruned
@@ -82,7 +77,7 @@ def test_statistic_matches_direct_computation(arch):
     for h in handles:
         h.remove()
     direct = torch.stack([(z / z.norm(dim=-1, keepdim=True)).norm(dim=0) for z in stored])  # [L, D_ff]
-    scores, _, _ = layer_scores(lm, ids, ExportSettings(chunk_size=7))
+    scores, _, _ = layer_scores(lm, ids, ExportSettings(chunk_size=7, warmup=0))
     torch.testing.assert_close(scores, direct, rtol=1e-5, atol=1e-6)
 
 
@@ -90,8 +85,8 @@ def test_statistic_matches_direct_computation(arch):
 def test_chunked_prefill_gives_the_same_selection(arch):
     lm = tiny_model(arch)
     ids = prompt_ids(40)
-    one = export_ids(lm, ids, ExportSettings(chunk_size=512))
-    chunked = export_ids(lm, ids, ExportSettings(chunk_size=9))
+    one = export_ids(lm, ids, ExportSettings(chunk_size=512, warmup=0))
+    chunked = export_ids(lm, ids, ExportSettings(chunk_size=9, warmup=0))
     for a, b in zip(one.indices, chunked.indices):
         assert torch.equal(a, b)
     torch.testing.assert_close(one.last_logits, chunked.last_logits, rtol=1e-4, atol=1e-4)

@@ -26,7 +26,7 @@ from griffin_export.errors import GriffinError
 from griffin_export.model.load import LoadedModel
 from griffin_export.targets.onnx.export import DATA_FILE, MODEL_FILE, export_onnx
 from griffin_export.runtime.onnx import OnnxRuntime
-from tiny import VOCAB, prompt_ids, tiny_model
+from tests.helpers import VOCAB, prompt_ids, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 SEED = 20261201

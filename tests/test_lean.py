@@ -20,16 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from clirun import run
-from conftest import tiny_prompt
+from tests.helpers import ARCHS, LEAN_ARCHS, decode_tokens, prompt_ids, refused, run, steps, tiny_model, tiny_prompt
 from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids
-from griffin_export.errors import GriffinError
 from griffin_export.model.load import LoadedModel
 from griffin_export.targets.onnx.export import export_onnx
 from griffin_export.model.prefill import cache_tensors, prefill
 from griffin_export.runtime.lean import LeanDecoder, covers
 from griffin_export.runtime.onnx import OnnxRuntime, read_graph
-from tiny import ARCHS, LEAN_ARCHS, prompt_ids, tiny_model
 
 ATOL = RTOL = 1e-4
 STEPS = 20
@@ -37,26 +34,9 @@ STEPS = 20
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def decode_tokens(seed: int = 5) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 96, (STEPS,), generator=g).tolist()
-
-
-def steps(rt, start, tokens) -> torch.Tensor:
-    state, first = start
-    return torch.stack([first, *(rt.step(state, t) for t in tokens[:-1])])
-
-
 def eager(arch: str, bundle, **kw) -> TorchRuntime:
     """The reference: today's PyTorch runtime, transformers' forward every step."""
     return TorchRuntime(tiny_model(arch, lean=True), bundle, lean=False, **kw)
-
-
-def refused(fn, *parts: str) -> None:
-    with pytest.raises(GriffinError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg and all(p in msg for p in parts), msg
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +48,9 @@ def lean(tmp_path_factory):
         if arch not in made:
             root = tmp_path_factory.mktemp(f"lean-{arch}")
             lm, ids = tiny_model(arch, lean=True), prompt_ids()
-            half = export_ids(lm, ids, ExportSettings(density=0.5))
-            one = export_ids(lm, ids, ExportSettings(density=1.0))
-            edges = export_ids(lm, ids, ExportSettings(density=0.8, method="topk_refit_edges"))  # 64,64,12,64
+            half = export_ids(lm, ids, ExportSettings(density=0.5, warmup=0))
+            one = export_ids(lm, ids, ExportSettings(density=1.0, warmup=0))
+            edges = export_ids(lm, ids, ExportSettings(density=0.8, method="topk_refit_edges", warmup=0))  # 64,64,12,64
             assert len(set(edges.info.k)) > 1  # per-layer widths really
             made[arch] = SimpleNamespace(
                 lm=lm, ids=ids, half=half, one=one, edges=edges,
@@ -96,7 +76,7 @@ def test_lean_graph_logits_equal_the_torch_runtime(lean, arch, which):
         assert max(k.shape[2] for k, _ in bundle.kv) < e.ids.shape[1]
     ort_rt = OnnxRuntime(graph, bundle, full=e.full, provider="cpu")
     torch_rt = eager(arch, bundle, keep_full=True)
-    tokens = decode_tokens()
+    tokens = decode_tokens(STEPS)
     got = steps(ort_rt, ort_rt.start(), tokens)  # from the bundle's KV
     torch.testing.assert_close(got, steps(torch_rt, torch_rt.start(), tokens), atol=ATOL, rtol=RTOL)
     state, first = ort_rt.start(e.ids)  # a new prompt: the full lean graph's prefill into the buffers
@@ -111,9 +91,9 @@ def test_lean_graph_logits_equal_the_torch_runtime(lean, arch, which):
 def test_a_bundle_swapped_into_a_lean_graph_gives_its_own_logits(lean, arch):
     e = lean(arch)
     other = export_ids(tiny_model(arch, lean=True), prompt_ids(seed=7),
-                       ExportSettings(density=0.5, method="random", seed=3))
+                       ExportSettings(density=0.5, method="random", seed=3, warmup=0))
     assert other.info.k == e.half.info.k
-    tokens = decode_tokens(seed=9)
+    tokens = decode_tokens(STEPS, seed=9)
     swapped = OnnxRuntime(e.pruned, other, provider="cpu")
     want = steps(eager(arch, other), eager(arch, other).start(), tokens)
     got = steps(swapped, swapped.start(), tokens)
@@ -180,6 +160,7 @@ def test_lean_graph_io_metadata_and_genai_config(lean):
     assert cfg["model"]["decoder"]["num_hidden_layers"] == 4 and cfg["model"]["context_length"] == 64
 
 
+@pytest.mark.slow
 def test_the_traced_graph_is_still_there_and_old_layouts_are_refused(lean, tmp_path):
     e = lean("llama")
     traced = export_onnx(e.lm, tmp_path / "traced", e.half, graph="traced")
@@ -188,18 +169,18 @@ def test_the_traced_graph_is_still_there_and_old_layouts_are_refused(lean, tmp_p
     assert OnnxRuntime(traced, e.half, provider="cpu").generate(DecodeOptions(max_new_tokens=10)).token_ids == want
     traced_full = export_onnx(e.lm, tmp_path / "traced_full", graph="traced")
     refused(lambda: OnnxRuntime(e.pruned, e.half, full=traced_full, provider="cpu"), "traced graph", "lean graph",
-            "same --graph")
+            "same `graph`")
     refused(lambda: export_onnx(tiny_model("gemma"), tmp_path / "g", graph="lean"), "does not cover gemma")
     refused(lambda: export_onnx(tiny_model("llama"), tmp_path / "g", graph="lean"), "head_dim a multiple of 16")
-    refused(lambda: export_onnx(e.lm, tmp_path / "g", graph="traced", max_length=64), "--max-length")
+    refused(lambda: export_onnx(e.lm, tmp_path / "g", graph="traced", max_length=64), "`max_length` sizes the lean graph")
     refused(lambda: export_onnx(e.lm, tmp_path / "g", max_length=10_000), "past the model's context of 256")
 
 
 def test_a_generation_past_the_kv_buffer_is_refused_before_decoding(lean, tmp_path):
     e = lean("llama")
     rt = OnnxRuntime(e.pruned, e.half, full=e.full, provider="cpu")
-    refused(lambda: rt.generate(DecodeOptions(max_new_tokens=41)), "prompt + --max-new-tokens is 65 tokens",
-            "KV buffer of 64 positions", "--max-length 65")
+    refused(lambda: rt.generate(DecodeOptions(max_new_tokens=41)), "prompt + `max_new_tokens` is 65 tokens",
+            "KV buffer of 64 positions", "max_length=65")
     assert len(rt.generate(DecodeOptions(max_new_tokens=40, stop_at_eos=False)).token_ids) == 40
     refused(lambda: rt.generate(DecodeOptions(max_new_tokens=10), ids=prompt_ids(60)), "is 70 tokens")
     full_100 = export_onnx(e.lm, tmp_path / "full100", max_length=100)
@@ -212,9 +193,9 @@ def test_a_generation_past_the_kv_buffer_is_refused_before_decoding(lean, tmp_pa
 
 
 def test_cli_onnx_lean_and_generate(tmp_path, tiny_dir, capsys, monkeypatch):
-    import tiny
+    from tests import helpers
 
-    monkeypatch.setitem(tiny.CONFIGS, "qwen3", tiny.LEAN_CONFIGS["qwen3"])
+    monkeypatch.setitem(helpers.CONFIGS, "qwen3", helpers.LEAN_CONFIGS["qwen3"])
     prompt = tmp_path / "p.txt"
     prompt.write_text(tiny_prompt(), encoding="utf-8")
     bundle = tmp_path / "e.safetensors"
@@ -273,7 +254,7 @@ def test_onnxruntime_genai_runs_the_lean_graph(lean, arch):
 def test_lean_torch_step_equals_the_eager_runtime(lean, arch, which):
     e = lean(arch)
     bundle = getattr(e, which)
-    tokens = decode_tokens()
+    tokens = decode_tokens(STEPS)
     ref = eager(arch, bundle)
     want = steps(ref, ref.start(), tokens)
     rt = TorchRuntime(tiny_model(arch, lean=True), bundle, lean=False)
@@ -292,7 +273,7 @@ def test_lean_torch_step_equals_the_eager_runtime(lean, arch, which):
 
 def test_lean_torch_step_covers_the_llama_family_only():
     assert [a for a in ARCHS if covers(tiny_model(a).model)] == ["llama", "mistral", "qwen2", "qwen3"]
-    bundle = export_ids(tiny_model("gemma"), prompt_ids(), ExportSettings(density=0.5))
+    bundle = export_ids(tiny_model("gemma"), prompt_ids(), ExportSettings(density=0.5, warmup=0))
     assert TorchRuntime(tiny_model("gemma"), bundle).lean is None  # eager there
     refused(lambda: TorchRuntime(tiny_model("gemma"), bundle, lean=True), "covers the Llama family", "gemma")
     dec = LeanDecoder(tiny_model("llama").model, 8)
@@ -315,13 +296,14 @@ def test_lean_torch_step_leaves_the_model_usable(lean, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the compiled (CUDA graph) step runs on GPUs")
 def test_compiled_lean_step_on_cuda_equals_eager():
     lm = tiny_model("llama", lean=True)
-    bundle = export_ids(lm, prompt_ids(), ExportSettings(density=0.5))
+    bundle = export_ids(lm, prompt_ids(), ExportSettings(density=0.5, warmup=0))
     model = copy.deepcopy(lm.model).cuda()
     rt = TorchRuntime(LoadedModel(model, None, lm.identity, lm.spec, lm.fingerprint), bundle, compile=True)
     opts = DecodeOptions(max_new_tokens=12, stop_at_eos=False)
     assert rt.generate(opts).token_ids == eager("llama", bundle).generate(opts).token_ids
 
 
+@pytest.mark.slow
 def test_bench_times_every_lean_path_side_by_side():
     from griffin_export.evaluation.speed import format_table, run_bench
     from griffin_export.settings import BenchSettings
@@ -351,7 +333,7 @@ def test_the_static_shape_step_equals_the_eager_one(lean):
         b._step = b._forward_static
         for d in (a, b):
             d.load_cache(cache_tensors(cache), e.half.cached_tokens)
-        for t in decode_tokens()[:12]:
+        for t in decode_tokens(STEPS)[:12]:
             torch.testing.assert_close(a.step(t), b.step(t), atol=ATOL, rtol=RTOL)
 
 
@@ -361,11 +343,11 @@ def test_lean_graph_and_step_in_float16(tmp_path):
     from griffin_export import from_model
 
     lm = from_model(tiny_model("llama", lean=True).model.half(), identity="tiny-llama-fp16")
-    bundle = export_ids(lm, prompt_ids(), ExportSettings(density=0.5))
+    bundle = export_ids(lm, prompt_ids(), ExportSettings(density=0.5, warmup=0))
     assert bundle.info.dtype == "float16"
     graph = export_onnx(lm, tmp_path / "g16", bundle, max_length=64)
     assert read_graph(graph).info.dtype == "float16"
-    tokens = decode_tokens()
+    tokens = decode_tokens(STEPS)
     fresh = lambda: from_model(tiny_model("llama", lean=True).model.half(), identity="tiny-llama-fp16")  # noqa: E731
     ref = TorchRuntime(fresh(), bundle, lean=False)
     want = steps(ref, ref.start(), tokens)

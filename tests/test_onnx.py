@@ -19,30 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_prompt
+from tests.helpers import ARCHS, ROOT, VOCAB, decode_tokens, prompt_ids, refused, run, steps, tiny_model, tiny_prompt
 from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids, from_model
-from griffin_export.errors import GriffinError
 from griffin_export.targets.onnx.export import DATA_FILE, MODEL_FILE, export_onnx
 from griffin_export.model.prefill import prefill
 from griffin_export.runtime.onnx import CPU, CUDA, OnnxRuntime, gpu_answers, load_onnx_runtime, read_graph
-from clirun import run
-from tiny import ARCHS, VOCAB, prompt_ids, tiny_model
 
 ATOL = RTOL = 1e-4
 STEPS = 20
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def decode_tokens(seed: int = 5) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (STEPS,), generator=g).tolist()
-
-
-def steps(rt, start, tokens) -> torch.Tensor:
-    """First logits + teacher-forced decode: [STEPS, vocab]. Both runtimes have start/step."""
-    state, first = start
-    return torch.stack([first, *(rt.step(state, t) for t in tokens[:-1])])
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +41,8 @@ def exported(tmp_path_factory):
         if arch not in made:
             root = tmp_path_factory.mktemp(f"onnx-{arch}")
             lm, ids = tiny_model(arch), prompt_ids()
-            half = export_ids(lm, ids, ExportSettings(density=0.5))
-            one = export_ids(lm, ids, ExportSettings(density=1.0))
+            half = export_ids(lm, ids, ExportSettings(density=0.5, warmup=0))
+            one = export_ids(lm, ids, ExportSettings(density=1.0, warmup=0))
             full = export_onnx(lm, root / "full")
             pruned = export_onnx(lm, root / "pruned", half)
             made[arch] = SimpleNamespace(lm=lm, ids=ids, half=half, one=one, full=full, pruned=pruned)
@@ -77,7 +63,7 @@ def test_onnx_logits_equal_the_torch_runtime(exported, arch, density):
         assert min(k.shape[2] for k, _ in bundle.kv) < e.ids.shape[1]
     ort_rt = OnnxRuntime(graph, bundle, full=e.full, provider="cpu")
     torch_rt = TorchRuntime(tiny_model(arch), bundle, keep_full=True)
-    tokens = decode_tokens()
+    tokens = decode_tokens(STEPS)
 
     # from the bundle's KV cache
     got = steps(ort_rt, ort_rt.start(), tokens)
@@ -96,10 +82,10 @@ def test_onnx_logits_equal_the_torch_runtime(exported, arch, density):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_swapped_in_bundle_gives_its_own_logits(exported, arch):
     e = exported(arch)
-    other = export_ids(tiny_model(arch), prompt_ids(seed=7), ExportSettings(density=0.5, method="random", seed=3))
+    other = export_ids(tiny_model(arch), prompt_ids(seed=7), ExportSettings(density=0.5, method="random", seed=3, warmup=0))
     assert other.info.k == e.half.info.k
     assert any(not torch.equal(a, b) for a, b in zip(other.indices, e.half.indices))
-    tokens = decode_tokens(seed=9)
+    tokens = decode_tokens(STEPS, seed=9)
     swapped = OnnxRuntime(e.pruned, other, provider="cpu")
     got = steps(swapped, swapped.start(), tokens)
     torch_rt = TorchRuntime(tiny_model(arch), other)
@@ -115,7 +101,7 @@ def test_pruned_prefill_runs_the_prompt_through_the_experts(exported):
     e = exported("llama")
     ort_rt = OnnxRuntime(e.pruned, e.half, provider="cpu", pruned_prefill=True)
     torch_rt = TorchRuntime(tiny_model("llama"), e.half, pruned_prefill=True)
-    tokens = decode_tokens()
+    tokens = decode_tokens(STEPS)
     torch.testing.assert_close(steps(ort_rt, ort_rt.start(), tokens), steps(torch_rt, torch_rt.start(), tokens),
                                atol=ATOL, rtol=RTOL)
 
@@ -143,7 +129,7 @@ def test_a_class_refit_bundle_decodes_alike_in_both_runtimes(exported, tiny_dir)
         assert got.generate(opts, ids=ids).token_ids == tokens and len(tokens) > 3
         # the refit columns are in play: the same neurons unrefit give other logits
         other = OnnxRuntime(e.pruned, plain, full=None if pruned else e.full, provider="cpu", pruned_prefill=pruned)
-        assert (steps(got, got.start(ids), decode_tokens()) - steps(other, other.start(ids), decode_tokens())
+        assert (steps(got, got.start(ids), decode_tokens(STEPS)) - steps(other, other.start(ids), decode_tokens(STEPS))
                 ).abs().max() > 1e-3
 
 
@@ -170,6 +156,7 @@ def test_generate_uses_the_shared_decoding_loop(exported):
     assert got.token_ids == want.token_ids and len(got.token_ids) == 12
 
 
+@pytest.mark.slow
 def test_a_standalone_pruned_checkpoint_exports_with_full(exported, tiny_dir, tmp_path, capsys):
     """`griffin-export onnx --full --model DIR` on a checkpoint whose intermediate_size is k."""
     from griffin_export.targets.checkpoint import save_checkpoint
@@ -177,7 +164,7 @@ def test_a_standalone_pruned_checkpoint_exports_with_full(exported, tiny_dir, tm
 
     e = exported("llama")
     base = load_model(str(tiny_dir("llama")), quiet=True)
-    bundle = export_ids(base, e.ids, ExportSettings(density=0.5))
+    bundle = export_ids(base, e.ids, ExportSettings(density=0.5, warmup=0))
     ckpt = save_checkpoint(base, bundle, tmp_path / "ckpt")
     out = tmp_path / "ckpt_onnx"
     out.mkdir()
@@ -187,7 +174,7 @@ def test_a_standalone_pruned_checkpoint_exports_with_full(exported, tiny_dir, tm
     assert "full llama graph, k=32/32 per layer × 2 layers" in stdout
     ref = load_model(str(ckpt), quiet=True)
     rt = OnnxRuntime(out, None, full=out, provider="cpu")
-    tokens = decode_tokens()
+    tokens = decode_tokens(STEPS)
     cache, first = prefill(ref.model, e.ids)
     ref_steps = steps(SimpleNamespace(step=lambda c, t: _torch_step(ref.model, c, t)), (cache, first), tokens)
     torch.testing.assert_close(steps(rt, rt.start(e.ids), tokens), ref_steps, atol=ATOL, rtol=RTOL)
@@ -259,16 +246,6 @@ def test_one_graph_serves_any_batch_and_empty_past(exported):
 # -- bad input -----------------------------------------------------------------------------------
 
 
-def refused(fn, *needles):
-    with pytest.raises(GriffinError) as e:
-        fn()
-    text = str(e.value)
-    assert "\n" not in text, text
-    for needle in needles:
-        assert needle in text, text
-    return text
-
-
 def test_graph_and_bundle_that_disagree_are_refused_naming_both(exported):
     e = exported("llama")
     g = str(e.pruned)
@@ -279,10 +256,10 @@ def test_graph_and_bundle_that_disagree_are_refused_naming_both(exported):
             g, "2 layers", "bundle b has 3")
     refused(lambda: OnnxRuntime(e.pruned, with_info(dtype="float16"), provider="cpu", source="b"),
             g, "float32", "bundle b holds float16")
-    stranger = export_ids(tiny_model("llama", seed=1), e.ids, ExportSettings(density=0.5))
+    stranger = export_ids(tiny_model("llama", seed=1), e.ids, ExportSettings(density=0.5, warmup=0))
     refused(lambda: OnnxRuntime(e.pruned, stranger, provider="cpu", source="b"),
             g, e.half.info.base_fingerprint[:16], "bundle b", stranger.info.base_fingerprint[:16])
-    refused(lambda: OnnxRuntime(e.pruned, e.half, full=e.pruned, provider="cpu"), "needs one exported with --full")
+    refused(lambda: OnnxRuntime(e.pruned, e.half, full=e.pruned, provider="cpu"), "needs a graph of the full model")
 
 
 def test_missing_or_truncated_external_data_and_corrupt_graphs_are_refused(exported, tmp_path):
@@ -311,7 +288,7 @@ def test_existing_output_needs_force_and_never_wipes_other_folders(exported, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    refused(lambda: export_onnx(e.lm, out), "exists; pass --force")
+    refused(lambda: export_onnx(e.lm, out), "exists; pass force=True")
     refused(lambda: export_onnx(e.lm, out, force=True), "holds no model.onnx", "not replacing it")
     assert (out / "notes.txt").read_text() == "keep me"
     refused(lambda: export_onnx(e.lm, tmp_path / "missing" / "out"), "does not exist")
@@ -352,14 +329,15 @@ def test_an_interrupted_export_leaves_nothing_behind(exported, tmp_path, monkeyp
 _GPU, _WHY = gpu_answers()
 
 
-def test_provider_auto_picks_cpu_here_and_says_why(exported):
+def test_provider_auto_picks_cpu_here_and_says_why_only_when_a_gpu_was_asked_for(exported):
     if _GPU:
         pytest.skip("a GPU answers here: the CUDA tests below cover this machine")
     e = exported("llama")
     rt = OnnxRuntime(e.pruned, e.half)
     assert rt.provider == CPU and rt._decoder.sess.get_providers() == [CPU]
-    assert "CPUExecutionProvider" in rt.describe() and _WHY in rt.describe()
-    refused(lambda: OnnxRuntime(e.pruned, e.half, provider="cuda"), "CUDA provider requested")
+    # auto: the CPU is no news on a machine without a GPU; the reason is kept for who asks
+    assert rt.describe().endswith("CPUExecutionProvider") and rt.provider_reason == _WHY
+    refused(lambda: OnnxRuntime(e.pruned, e.half, provider="cuda"), "CUDA provider requested", _WHY)
 
 
 @pytest.mark.skipif(not _GPU, reason=f"no GPU for the CUDA provider: {_WHY}")
@@ -370,7 +348,7 @@ def test_cuda_provider_keeps_the_cache_on_the_gpu_and_matches_torch(exported):
     state, first = rt.start()
     rt.step(state, 5)
     assert all(v.device_name().lower() == "cuda" for v in state.past)
-    tokens = decode_tokens()
+    tokens = decode_tokens(STEPS)
     torch_rt = TorchRuntime(tiny_model("llama"), e.half)
     torch.testing.assert_close(steps(rt, rt.start(), tokens), steps(torch_rt, torch_rt.start(), tokens),
                                atol=1e-3, rtol=1e-3)
@@ -400,6 +378,7 @@ def test_inspect_a_graph_without_its_weights(exported, tmp_path, capsys):
     assert code == 2 and err.startswith("griffin-export: error:") and "not a valid ONNX file" in err
 
 
+@pytest.mark.slow
 def test_cli_export_generate_with_onnx_runtime(tmp_path, tiny_dir, capsys):
     prompt = tmp_path / "p.txt"
     prompt.write_text(tiny_prompt(), encoding="utf-8")
@@ -424,7 +403,7 @@ def test_cli_export_generate_with_onnx_runtime(tmp_path, tiny_dir, capsys):
     (["onnx", "-o", "{tmp}/x"], "give a BUNDLE, or --full"),
     (["onnx", "{tmp}/b.safetensors", "--full", "-o", "{tmp}/x"], "give a BUNDLE, or --full"),
     (["onnx", "--full", "-o", "{tmp}"], "exists; pass --force"),
-    (["generate", "{tmp}/b.safetensors", "--runtime", "onnx"], "--runtime onnx needs --onnx DIR"),
+    (["generate", "{tmp}/b.safetensors", "--runtime", "onnx"], "the onnx runtime needs --onnx DIR"),
     (["bench", "--density", "abc"], "density 'abc' is not a number"),
     (["bench", "--density", "0.5,1.5"], "density must be in (0, 1], got 1.5"),
     (["bench", "--method", "topk,nope"], "unknown method 'nope'"),
@@ -453,7 +432,7 @@ def test_bench_results_are_written_as_json_and_markdown(tmp_path):
     js, md = write_results(r, tmp_path / "out")
     assert json.loads(js.read_text())["rows"][1]["runtime"] == "onnx"
     assert "| onnx | full model | 64 | 12.5 |" in md.read_text() and md.read_text() == format_table(r) + "\n"
-    refused(lambda: write_results(r, tmp_path / "out"), "exists; pass --force")
+    refused(lambda: write_results(r, tmp_path / "out"), "exists; pass force=True")
     write_results(r, tmp_path / "out", force=True)
 
 
@@ -465,7 +444,7 @@ def test_default_model_onnx_greedy_tokens_equal_torch(real_lm, tmp_path):
     from griffin_export import export_prompt, read_bundle, write_bundle
 
     text = (ROOT / "samples" / "prompt.txt").read_text()
-    bundle = export_prompt(real_lm, text, ExportSettings(density=0.5))
+    bundle = export_prompt(real_lm, text, ExportSettings(density=0.5, warmup=0))
     path = write_bundle(bundle, tmp_path / "expert.safetensors")
     graph = export_onnx(real_lm, tmp_path / "expert_onnx", bundle)  # the lean graph (Llama)
     traced = export_onnx(real_lm, tmp_path / "traced_onnx", bundle, graph="traced")

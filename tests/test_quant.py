@@ -16,7 +16,7 @@ from griffin_export.errors import GriffinError
 from griffin_export.targets.onnx.export import export_onnx
 from griffin_export.settings import BenchSettings, QuantSettings
 from griffin_export.runtime.onnx import OnnxRuntime, read_graph
-from tiny import VOCAB, prompt_ids, tiny_model
+from tests.helpers import VOCAB, prompt_ids, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 Q = QuantSettings(block_size=16, accuracy_level=0)
@@ -31,12 +31,13 @@ def steps(rt, n=10, seed=5):
 @pytest.mark.parametrize("arch,lean,algorithm", [("llama", True, "rtn"), ("opt", False, "rtn"),
                                                  ("gemma3_text", False, "rtn"), ("llama", True, "hqq"),
                                                  ("opt", False, "hqq")])
+@pytest.mark.slow
 def test_int4_graph_is_close_to_fp32_and_a_swapped_bundle_gets_its_own_quantized_weights(tmp_path, arch, lean,
                                                                                           algorithm):
     Q = QuantSettings(block_size=16, accuracy_level=0, algorithm=algorithm)
     lm = tiny_model(arch, lean=lean)
-    b = export_ids(lm, prompt_ids(), ExportSettings(density=0.5))
-    other = export_ids(lm, prompt_ids(seed=7), ExportSettings(density=0.5, method="random", seed=3))
+    b = export_ids(lm, prompt_ids(), ExportSettings(density=0.5, warmup=0))
+    other = export_ids(lm, prompt_ids(seed=7), ExportSettings(density=0.5, method="random", seed=3, warmup=0))
     fp32 = export_onnx(lm, tmp_path / "f", b)
     q = export_onnx(lm, tmp_path / "q", b, quantize=Q)
     q_other = export_onnx(lm, tmp_path / "qo", other, quantize=Q)
@@ -54,18 +55,18 @@ def test_int4_graph_is_close_to_fp32_and_a_swapped_bundle_gets_its_own_quantized
 
 def test_a_bundle_of_another_k_or_model_is_refused_by_a_quantized_graph(tmp_path):
     lm = tiny_model("llama", lean=True)
-    b = export_ids(lm, prompt_ids(), ExportSettings(density=0.5))
+    b = export_ids(lm, prompt_ids(), ExportSettings(density=0.5, warmup=0))
     q = export_onnx(lm, tmp_path / "q", b, quantize=Q)
     with pytest.raises(GriffinError, match="k="):
-        OnnxRuntime(q, export_ids(lm, prompt_ids(), ExportSettings(density=0.25)), provider="cpu")
+        OnnxRuntime(q, export_ids(lm, prompt_ids(), ExportSettings(density=0.25, warmup=0)), provider="cpu")
     foreign = tiny_model("llama", seed=3, lean=True)
     with pytest.raises(GriffinError, match="fingerprint"):
-        OnnxRuntime(q, export_ids(foreign, prompt_ids(), ExportSettings(density=0.5)), provider="cpu")
+        OnnxRuntime(q, export_ids(foreign, prompt_ids(), ExportSettings(density=0.5, warmup=0)), provider="cpu")
 
 
-@pytest.mark.parametrize("kw,needle", [({"block_size": 24}, "power of 2"), ({"accuracy_level": 7}, "accuracy-level"),
+@pytest.mark.parametrize("kw,needle", [({"block_size": 24}, "power of 2"), ({"accuracy_level": 7}, "accuracy_level"),
                                         ({"scheme": "int3"}, "unknown quantization"),
-                                        ({"algorithm": "gptq"}, "unknown --algorithm"),
+                                        ({"algorithm": "gptq"}, "unknown `algorithm`"),
                                         ({"algorithm": "hqq", "symmetric": True}, "no symmetric form")])
 def test_bad_quant_settings_are_one_line_errors(kw, needle):
     with pytest.raises(GriffinError, match=needle):
@@ -76,12 +77,13 @@ def test_inspect_shows_the_quantization(tmp_path):
     from griffin_export.describe import inspect_path
 
     lm = tiny_model("llama", lean=True)
-    q = export_onnx(lm, tmp_path / "q", export_ids(lm, prompt_ids(), ExportSettings(density=0.5)), quantize=Q)
+    q = export_onnx(lm, tmp_path / "q", export_ids(lm, prompt_ids(), ExportSettings(density=0.5, warmup=0)), quantize=Q)
     data, text = inspect_path(q)
     assert data["quantization"]["scheme"] == "int4" and data["quantization"]["block_size"] == 16
     assert "int4 MatMulNBits" in text and "quant_packing" not in text
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_pruned_gguf_round_trips_through_the_gguf_reader(real_lm, tmp_path):
     import gguf
@@ -104,11 +106,12 @@ def test_pruned_gguf_round_trips_through_the_gguf_reader(real_lm, tmp_path):
         assert list(t[f"blk.{i}.ffn_down.weight"].shape) == [b.info.k[i], 576]
     with pytest.raises(GriffinError, match="exists"):
         write_pruned_gguf(b, base, out, "F32")
-    with pytest.raises(GriffinError, match="unknown --quant"):
+    with pytest.raises(GriffinError, match="unknown `quant`"):
         write_pruned_gguf(b, base, tmp_path / "x.gguf", "Q9")
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed ([llama])")
 def test_llama_cpp_runs_a_pruned_gguf_like_the_pruned_torch_model(real_lm, tmp_path):
@@ -133,6 +136,7 @@ def test_llama_cpp_runs_a_pruned_gguf_like_the_pruned_torch_model(real_lm, tmp_p
     assert (got - want.float()).abs().max() < 0.1 * want.abs().max()
 
 
+@pytest.mark.slow
 def test_bench_times_int4_rows_beside_the_float_ones():
     from griffin_export.evaluation.speed import format_table, run_bench
 
@@ -166,8 +170,9 @@ def test_bench_times_llama_cpp_on_the_base_and_the_pruned_gguf(real_lm):
     assert "| llama.cpp | density 0.5 | 768 |" in format_table(r) and "vs llama.cpp" in format_table(r)
 
 
+@pytest.mark.slow
 def test_4bit_bad_inputs_are_one_line_errors_and_leave_nothing(tmp_path, tiny_dir, capsys):
-    from clirun import run
+    from tests.helpers import run
 
     def one_line(argv, *parts):
         code, _, err = run(argv, capsys)

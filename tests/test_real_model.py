@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from tests.helpers import ROOT
 from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_prompt, read_bundle
 
 pytestmark = pytest.mark.real_model
@@ -59,7 +59,7 @@ def test_bundle_decodes_like_in_process_griffin_on_the_real_model(real_lm, tmp_p
     base = copy.deepcopy(real_lm.model)
     lm = from_model(copy.deepcopy(base), real_lm.tokenizer, real_lm.identity)
     lm._fingerprint = real_lm.fingerprint
-    bundle = export_prompt(lm, text, ExportSettings(density=0.5))
+    bundle = export_prompt(lm, text, ExportSettings(density=0.5, warmup=0))
     path = write_bundle(bundle, tmp_path / "b.safetensors")
     opts = DecodeOptions(max_new_tokens=16)
     want = TorchRuntime(lm, bundle).generate(opts)
@@ -89,7 +89,7 @@ def test_real_gemma3_270m_exports_and_decodes_like_the_full_model():
     assert peek_architecture(str(gguf)).architecture == "gemma3_text"
     lm = load_model(str(gguf), quiet=True)
     prompt = "The capital of France is"
-    one = export_prompt(lm, prompt, ExportSettings(density=1.0))
+    one = export_prompt(lm, prompt, ExportSettings(density=1.0, warmup=0))
     ids = one.prompt_ids[None]
     with torch.inference_mode():
         want = lm.model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()

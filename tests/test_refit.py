@@ -46,15 +46,15 @@ import copy  # noqa: E402
 from griffin_export import (DecodeOptions, ExportSettings, TorchRuntime, export_ids, from_model, read_bundle,
                             write_bundle)  # noqa: E402
 from griffin_export.errors import GriffinError  # noqa: E402
-from tiny import ARCHS, prompt_ids, tiny_model  # noqa: E402
+from tests.helpers import ARCHS, prompt_ids, tiny_model  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_topk_refit_keeps_topk_neurons_and_only_changes_the_down_columns(arch):
     lm = tiny_model(arch)
     ids = prompt_ids(40)
-    plain = export_ids(lm, ids, ExportSettings(method="topk"))
-    refit = export_ids(lm, ids, ExportSettings(method="topk_refit"))
+    plain = export_ids(lm, ids, ExportSettings(method="topk", warmup=0))
+    refit = export_ids(lm, ids, ExportSettings(method="topk_refit", warmup=0))
     assert all(map(torch.equal, plain.indices, refit.indices))
     out = f".{lm.spec.output}.weight"
     for name, t in plain.weights.items():
@@ -69,8 +69,8 @@ def test_topk_refit_keeps_topk_neurons_and_only_changes_the_down_columns(arch):
 def test_topk_refit_at_density_one_is_the_full_model(arch):
     lm = tiny_model(arch)
     ids = prompt_ids()
-    full = export_ids(lm, ids, ExportSettings(method="topk", density=1.0))
-    refit = export_ids(lm, ids, ExportSettings(method="topk_refit", density=1.0))
+    full = export_ids(lm, ids, ExportSettings(method="topk", density=1.0, warmup=0))
+    refit = export_ids(lm, ids, ExportSettings(method="topk_refit", density=1.0, warmup=0))
     for name, t in full.weights.items():
         torch.testing.assert_close(refit.weights[name], t)
 
@@ -78,7 +78,7 @@ def test_topk_refit_at_density_one_is_the_full_model(arch):
 def test_topk_refit_bundle_round_trips_and_decodes(tmp_path):
     lm = tiny_model("qwen2")
     base = copy.deepcopy(lm.model)
-    b = export_ids(lm, prompt_ids(), ExportSettings(method="topk_refit", seed=1))
+    b = export_ids(lm, prompt_ids(), ExportSettings(method="topk_refit", seed=1, warmup=0))
     path = write_bundle(b, tmp_path / "r.safetensors")
     opts = DecodeOptions(max_new_tokens=8, stop_at_eos=False)
     want = TorchRuntime(lm, b).generate(opts).token_ids
@@ -101,11 +101,12 @@ def onnx_and_torch_tokens(model, bundle, tmp_path, n=8):
     return via_onnx, via_torch.token_ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["topk_refit", "topk_refit_alloc"])
 def test_refit_bundles_decode_the_same_tokens_through_onnx(tmp_path, method):
     lm = tiny_model("llama")
     base = copy.deepcopy(lm.model)
-    via_onnx, via_torch = onnx_and_torch_tokens(base, export_ids(lm, prompt_ids(), ExportSettings(method=method)),
+    via_onnx, via_torch = onnx_and_torch_tokens(base, export_ids(lm, prompt_ids(), ExportSettings(method=method, warmup=0)),
                                                 tmp_path)
     assert via_onnx == via_torch and len(via_torch) == 8
 
@@ -113,7 +114,7 @@ def test_refit_bundles_decode_the_same_tokens_through_onnx(tmp_path, method):
 @pytest.mark.parametrize("lam", [0.0, -1.0])
 def test_refit_lambda_must_be_positive(lam):
     with pytest.raises(GriffinError, match="refit lambda must be > 0"):
-        ExportSettings(method="topk_refit", refit_lambda=lam)
+        ExportSettings(method="topk_refit", refit_lambda=lam, warmup=0)
 
 
 # -- per-layer budgets (topk_refit_edges, topk_refit_alloc) ----------------------------------------------------
@@ -130,16 +131,17 @@ def test_edge_budgets_keep_the_edge_layers_whole_and_the_total(density):
     assert max(ks[2:29]) - min(ks[2:29]) <= 1
 
 
+@pytest.mark.slow
 def test_topk_refit_edges_bundle_has_full_edge_layers_and_decodes_through_onnx(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tiny import COMMON
+    from tests.helpers import COMMON
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "num_hidden_layers": 5})).eval()
     base = copy.deepcopy(model)
     b = export_ids(from_model(model, identity="tiny-llama5"), prompt_ids(),
-                   ExportSettings(method="topk_refit_edges", density=0.75))
+                   ExportSettings(method="topk_refit_edges", density=0.75, warmup=0))
     assert b.info.k == [64, 64, 24, 24, 64]
     via_onnx, via_torch = onnx_and_torch_tokens(base, b, tmp_path, n=6)
     assert via_onnx == via_torch and len(via_torch) == 6
@@ -152,7 +154,7 @@ def test_bench_times_each_method_and_reads_the_same_total_for_per_layer_widths(t
 
     from griffin_export.evaluation.speed import format_table, run_bench
     from griffin_export.evaluation.report import write_report
-    from tiny import COMMON
+    from tests.helpers import COMMON
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "num_hidden_layers": 5})).eval()
@@ -219,10 +221,10 @@ def test_a_budget_that_cannot_be_met_is_refused(total, min_k):
 def test_topk_refit_alloc_spends_the_uniform_total_unevenly(arch):
     lm = tiny_model(arch)
     ids = prompt_ids(40)
-    uniform = export_ids(lm, ids, ExportSettings(method="topk_refit", density=0.5))
-    alloc = export_ids(lm, ids, ExportSettings(method="topk_refit_alloc", density=0.5))
+    uniform = export_ids(lm, ids, ExportSettings(method="topk_refit", density=0.5, warmup=0))
+    alloc = export_ids(lm, ids, ExportSettings(method="topk_refit_alloc", density=0.5, warmup=0))
     assert sum(alloc.info.k) == sum(uniform.info.k) and len(set(alloc.info.k)) > 1
-    again = export_ids(lm, ids, ExportSettings(method="topk_refit_alloc", density=0.5))
+    again = export_ids(lm, ids, ExportSettings(method="topk_refit_alloc", density=0.5, warmup=0))
     assert again.info.k == alloc.info.k and all(map(torch.equal, again.indices, alloc.indices))
     # each layer keeps a prefix of the same score order, longer or shorter than the uniform one
     for small, big, ku, ka in zip(uniform.indices, alloc.indices, uniform.info.k, alloc.info.k):
@@ -235,8 +237,8 @@ def test_topk_refit_alloc_spends_the_uniform_total_unevenly(arch):
 def test_budgeted_methods_at_density_one_are_the_full_model(arch, method):
     lm = tiny_model(arch)
     ids = prompt_ids()
-    full = export_ids(lm, ids, ExportSettings(method="topk", density=1.0))
-    alloc = export_ids(lm, ids, ExportSettings(method=method, density=1.0))
+    full = export_ids(lm, ids, ExportSettings(method="topk", density=1.0, warmup=0))
+    alloc = export_ids(lm, ids, ExportSettings(method=method, density=1.0, warmup=0))
     assert alloc.info.k == full.info.k
     for name, t in full.weights.items():
         torch.testing.assert_close(alloc.weights[name], t)

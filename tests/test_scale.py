@@ -7,18 +7,18 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import tiny_prompt
+from tests.helpers import class_texts, one_line, run, same, tiny_prompt, write_jsonl
 from griffin_export import ExportSettings, export_prompt, read_bundle
-from griffin_export.classes.aggregate import AGGREGATIONS, Shard, merge
+from griffin_export.classes.aggregate import Shard, merge
+from griffin_export.registry import AGGREGATIONS
 from griffin_export.files.inputs import Prompt
-from griffin_export.classes.build import class_bundle, class_statistic, shard_of
+from griffin_export.classes.build import class_bundle
+from griffin_export.classes.counting import class_statistic, shard_of
 from griffin_export.settings import ClassSettings
 from griffin_export.errors import GriffinError
 from griffin_export.method.export import batch_statistic, prompt_statistic
 from griffin_export.model.tokens import tokenize
 from griffin_export.model.load import Offload, load_model, parse_max_memory
-from clirun import run
-from test_classes import texts, write_jsonl
 
 # 7 prompts split 3 ways: shards of 2, 2 and 3 (uneven)
 N_PROMPTS = 7
@@ -30,11 +30,7 @@ def lm(tiny_dir):
 
 
 def prompts(n: int = N_PROMPTS) -> list[Prompt]:
-    return [Prompt(t, f"p{i}") for i, t in enumerate(texts(n))]
-
-
-def same(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    return [Prompt(t, f"p{i}") for i, t in enumerate(class_texts(n))]
 
 
 def sharded(lm, settings, count: int, order=None):
@@ -79,12 +75,12 @@ def test_sharded_and_merged_equals_one_process(lm, aggregation, method):
 def test_every_class_method_and_aggregation_from_merged_shards():
     """One counted statistic (with the Gram) serves every method; on a 4-layer model, so that
     topk_refit_edges can favour its edge layers, the merged shards select what one process does."""
-    from conftest import _tiny_tokenizer
-    from griffin_export.choices import CLASS_METHODS
+    from tests.helpers import tiny_tokenizer
+    from griffin_export.registry import CLASS_METHODS
     from griffin_export.model.load import from_model
-    from tiny import tiny_model
+    from tests.helpers import tiny_model
 
-    lm4 = from_model(tiny_model("llama", lean=True).model, _tiny_tokenizer(), "tiny-llama-4-layers")
+    lm4 = from_model(tiny_model("llama", lean=True).model, tiny_tokenizer(), "tiny-llama-4-layers")
     counted = ClassSettings("c", method="topk_refit", density=0.9)  # topk_freq counts its top-k at 0.9
     info, stat, _ = class_statistic(lm4, prompts(), counted)
     m_info, m_stat = sharded(lm4, counted, 3, (1, 2, 0))
@@ -99,7 +95,7 @@ def test_every_class_method_and_aggregation_from_merged_shards():
 
 
 def test_class_shard_and_class_merge_commands(tmp_path, tiny_dir, capsys):
-    data = write_jsonl(tmp_path / "x.jsonl", texts(N_PROMPTS))
+    data = write_jsonl(tmp_path / "x.jsonl", class_texts(N_PROMPTS))
     model = tiny_dir("llama")
     code, out, err = run(["class", data, "--name", "c", "--model", model, "-o", tmp_path / "whole.safetensors",
                           "-q"], capsys)
@@ -132,8 +128,8 @@ def test_class_shard_and_class_merge_commands(tmp_path, tiny_dir, capsys):
 def shard_files(tiny_dir, tmp_path_factory):
     """Partial statistics of one run (3 shards), plus odd ones out for the bad-input tests."""
     d = tmp_path_factory.mktemp("shards")
-    data = write_jsonl(d / "x.jsonl", texts(N_PROMPTS))
-    other = write_jsonl(d / "y.jsonl", texts(N_PROMPTS + 1))
+    data = write_jsonl(d / "x.jsonl", class_texts(N_PROMPTS))
+    other = write_jsonl(d / "y.jsonl", class_texts(N_PROMPTS + 1))
     model = str(tiny_dir("llama"))
 
     def part(name, *argv, source=data, shard="1/3"):
@@ -173,7 +169,7 @@ def test_mismatched_or_incomplete_shards_are_refused(shard_files, tmp_path, caps
 
 
 def test_bad_shard_options_and_files(shard_files, tmp_path, tiny_dir, capsys):
-    data = write_jsonl(tmp_path / "x.jsonl", texts(3))
+    data = write_jsonl(tmp_path / "x.jsonl", class_texts(3))
     for shard, message in (("0/3", "shard 0/3: I/N needs 1 <= I <= N"), ("4/3", "shard 4/3: I/N needs 1 <= I <= N"),
                            ("two", "--shard 'two': write it as I/N"), ("1/0", "I/N needs 1 <= I <= N")):
         code, _, err = run(["class", data, "--name", "c", "--shard", shard, "-o", tmp_path / "p.st"], capsys)
@@ -206,7 +202,7 @@ def test_bad_shard_options_and_files(shard_files, tmp_path, tiny_dir, capsys):
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])
 def test_batched_prefill_gives_each_prompts_own_statistic(tiny_dir, arch):
     lm = load_model(str(tiny_dir(arch)), quiet=True)
-    ids = [tokenize(lm, t) for t in texts(5)]  # 8 to 20 tokens: much padding in one batch
+    ids = [tokenize(lm, t) for t in class_texts(5)]  # 8 to 20 tokens: much padding in one batch
     many = batch_statistic(lm, ids, chunk_size=7, gram=True)  # chunks cut through the padding too
     gram = torch.zeros_like(many.gram)
     for one_ids, row in zip(ids, many.rows):
@@ -242,10 +238,11 @@ def _need_ray():
         pytest.skip('ray is not installed: pip install -e ".[ray]"')
 
 
+@pytest.mark.slow
 def test_ray_workers_give_the_single_process_bundle_and_a_dead_worker_fails_cleanly(tmp_path, tiny_dir, capsys,
                                                                                        monkeypatch):
     _need_ray()
-    data = write_jsonl(tmp_path / "x.jsonl", texts(N_PROMPTS))
+    data = write_jsonl(tmp_path / "x.jsonl", class_texts(N_PROMPTS))
     model = tiny_dir("llama")
     common = ["class", data, "--name", "c", "--model", model, "--method", "topk_refit", "-q"]
     code, _, err = run([*common, "-o", tmp_path / "one.safetensors"], capsys)
@@ -263,7 +260,7 @@ def test_ray_workers_give_the_single_process_bundle_and_a_dead_worker_fails_clea
 
 
 def test_ray_options_without_ray_or_without_the_engine(tmp_path, capsys, monkeypatch):
-    data = write_jsonl(tmp_path / "x.jsonl", texts(2))
+    data = write_jsonl(tmp_path / "x.jsonl", class_texts(2))
     code, _, err = run(["class", data, "--name", "c", "--workers", "3", "-o", tmp_path / "c.st"], capsys)
     assert code == 2 and "--address, --workers and --gpus-per-worker are for --engine ray" in err
     real = importlib.util.find_spec
@@ -318,3 +315,60 @@ def test_offload_options(tmp_path, tiny_dir, capsys):
     assert code == 0, err
     a, b = read_bundle(tmp_path / "e.safetensors"), read_bundle(tmp_path / "w.safetensors")
     assert same(a.indices, b.indices) and a.info.base_fingerprint == b.info.base_fingerprint
+
+
+# -- resuming an interrupted count ----------------------------------------------------------------
+
+
+def test_an_interrupted_count_resumes_where_it_stopped(tmp_path, tiny_dir, monkeypatch):
+    """A count checkpointed as it goes and stopped at its fourth prompt continues from the checkpoint:
+    the three prompts it holds are not prefilled again, and the statistic is the one an uninterrupted
+    count gives (the same sums in the same order). The checkpoint goes once the count completes."""
+    from griffin_export.classes import counting
+    from griffin_export.classes.build import count_class
+    from griffin_export.model.load import ModelSource
+    from griffin_export.settings import CountSettings
+
+    data = write_jsonl(tmp_path / "x.jsonl", class_texts(6))
+    settings, source = ClassSettings("c", method="topk_refit"), ModelSource(str(tiny_dir("llama")))
+    whole = count_class([data], settings, source)
+    checkpoint = counting.Checkpoint(tmp_path / ".c.partial", every_s=0)  # saved after every prompt
+    calls, real = [], counting.prompt_statistic
+
+    def stop_at_fourth(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(counting, "prompt_statistic", stop_at_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        count_class([data], settings, source, CountSettings(resume=True), checkpoint=checkpoint)
+    assert counting.read_statistic(checkpoint.path)[0].prompts == 3
+    calls.clear()
+    monkeypatch.setattr(counting, "prompt_statistic", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = count_class([data], settings, source, CountSettings(resume=True), checkpoint=checkpoint)
+    assert len(calls) == 3 and not checkpoint.path.exists()
+    assert (resumed.info.prompts, resumed.info.tokens) == (whole.info.prompts, whole.info.tokens)
+    for name, t in whole.stat.terms().items():
+        assert torch.equal(resumed.stat.terms()[name], t), name
+
+
+def test_a_checkpoint_of_another_count_is_refused(tmp_path, tiny_dir, capsys):
+    from griffin_export.classes import counting
+    from griffin_export.classes.build import count_class
+    from griffin_export.model.load import ModelSource
+    from griffin_export.settings import CountSettings
+
+    a, b = write_jsonl(tmp_path / "a.jsonl", class_texts(3)), write_jsonl(tmp_path / "b.jsonl", class_texts(4))
+    source, checkpoint = ModelSource(str(tiny_dir("llama"))), counting.Checkpoint(tmp_path / ".c.partial", every_s=0)
+    counted = count_class([a], ClassSettings("c"), source)
+    counting.write_statistic(counted.info, counted.stat, checkpoint.path)
+    with pytest.raises(GriffinError, match="holds a count of other prompts"):
+        count_class([b], ClassSettings("c"), source, CountSettings(resume=True), checkpoint=checkpoint)
+    # on the command line: a first `class --resume` leaves nothing once it completes
+    out = tmp_path / "c.safetensors"
+    code, _, err = run(["class", a, "--name", "c", "-o", out, "--model", tiny_dir("llama"), "--resume", "-q"], capsys)
+    assert code == 0 and out.is_file() and not (tmp_path / ".c.safetensors.partial").exists(), err
+    one_line(["class", "--statistic", tmp_path / "x.st", "--name", "c", "-o", tmp_path / "d.st", "--resume"], capsys,
+             "--resume count INPUTs")

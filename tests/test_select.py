@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from griffin_export.errors import GriffinError
-from griffin_export.choices import METHODS
+from griffin_export.registry import METHODS
 from griffin_export.method.selection import k_for, select_all
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_prompt
+from tests.helpers import tiny_prompt
 
 VARIANTS = ("topk,topk_refit,topk_refit_edges,budget:0,greedy,target_only,bias,linear,class_gram,glass,wina,"
             "taylor,taylor_mix,warmup,warm_only:4,warm_mix:4:3,oracle,oracle_gold,sequential,stream,lambda:3")

@@ -399,7 +399,7 @@ def parse_rows(text: str) -> range:
 def arguments(description: str, rows: str) -> argparse.ArgumentParser:
     """The options every dev-row search script shares (this one and warmup_generation.py)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/xsum_dev.jsonl"))
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "data" / "xsum_dev.jsonl"))
     p.add_argument("--model", default=None)
     p.add_argument("--rows", type=parse_rows, default=parse_rows(rows), help="dev rows (0-199), START:STOP")
     p.add_argument("--density", type=float, default=0.5)

@@ -405,5 +405,5 @@ def check_compatible(info: BundleInfo, *, architecture: str, fingerprint: str, i
         raise GriffinError(
             f"{source} belongs to base model {info.base_model} (fingerprint {info.base_fingerprint[:16]}, "
             f"dtype {info.dtype}), not to {identity} (fingerprint {fingerprint[:16]}); "
-            "pass the bundle's base model with --model"
+            "pass the bundle's base model as model=DIR_OR_GGUF"
         )

@@ -19,15 +19,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
 from ..bundle.format import check_format, parse_metadata, str_metadata
-from ..choices import AGGREGATION_SUMMARIES, DEFAULT_AGGREGATION  # noqa: F401  (imported from here too)
 from ..errors import GriffinError
 from ..files.outputs import atomic_output, check_output_path
-from ..settings import check_aggregation_name
 
 STATISTIC_FORMAT = "griffin-class-statistic"
 STATISTIC_VERSION = "2"  # 2: the class's settings, its inputs and the shard (1 is read too)
@@ -115,40 +113,23 @@ class ClassStatistic:
         return out
 
 
-# -- aggregations ------------------------------------------------------------------------
+# -- aggregations: (ClassStatistic) -> class score [L, D_ff] (registry.AGGREGATIONS names them) ----
 
 
-def _mean(st: ClassStatistic) -> torch.Tensor:
+def mean_score(st: ClassStatistic) -> torch.Tensor:
     # each token's activation row has unit norm, so ‖s_p‖² is the prompt's token count and
     # s_p/‖s_p‖ is the per-token RMS: long and short prompts vote alike
     return st.normalized / st.prompts
 
 
-def _topk_freq(st: ClassStatistic) -> torch.Tensor:
+def topk_freq_score(st: ClassStatistic) -> torch.Tensor:
     # the fraction of prompts whose top-k holds the neuron; ties (common with few prompts)
     # broken by `mean`, which is in [0, 1], so scaled by 1/2 it never crosses a count step
-    return (st.in_topk + 0.5 * _mean(st)) / st.prompts
+    return (st.in_topk + 0.5 * mean_score(st)) / st.prompts
 
 
-def _pooled(st: ClassStatistic) -> torch.Tensor:
+def pooled_score(st: ClassStatistic) -> torch.Tensor:
     return st.squared.sqrt()
-
-
-@dataclass(frozen=True)
-class Aggregation:
-    name: str
-    help: str
-    score: Callable[[ClassStatistic], torch.Tensor]  # -> class score [L, D_ff]
-    uses_k: bool = False  # depends on the k the statistic was counted at
-
-
-_SCORES = {"mean": _mean, "topk_freq": _topk_freq, "pooled": _pooled}
-AGGREGATIONS: dict[str, Aggregation] = {name: Aggregation(name, summary, _SCORES[name], uses_k=name == "topk_freq")
-                                        for name, summary in AGGREGATION_SUMMARIES.items()}
-
-
-def check_aggregation(name: str) -> Aggregation:
-    return AGGREGATIONS[check_aggregation_name(name)]
 
 
 # -- shards ------------------------------------------------------------------------------
@@ -169,7 +150,7 @@ class Shard:
     def parse(cls, text: str) -> "Shard":
         i, sep, n = text.partition("/")
         if not (sep and i.strip().isdigit() and n.strip().isdigit()):
-            raise GriffinError(f"--shard {text!r}: write it as I/N, e.g. 2/8 (shards are numbered from 1)")
+            raise GriffinError(f"`shard` {text!r}: write it as I/N, e.g. 2/8 (shards are numbered from 1)")
         return cls(int(i), int(n))
 
     def rows(self, total: int) -> range:
@@ -199,7 +180,7 @@ def _check_shards(infos: list[StatisticInfo]) -> None:
     first = infos[0]
     for n, info in enumerate(infos[1:], start=1):
         for key, what in (("inputs_digest", "other prompts"), ("name", "another class name"),
-                          ("method", "another --method"), ("aggregation", "another --aggregation")):
+                          ("method", "another `method`"), ("aggregation", "another `aggregation`")):
             if getattr(info, key) != getattr(first, key):
                 raise GriffinError(f"{where[n]} was counted on {what} ({key} {getattr(info, key)!r}) than "
                                    f"{where[0]} ({getattr(first, key)!r}); shards of one run must agree")
@@ -243,9 +224,9 @@ def merge(parts: Iterable[tuple[StatisticInfo, ClassStatistic]]) -> tuple[Statis
                                f"{total.num_layers} × {total.d_ff} at k={total.k} (count every shard at one density)")
         if (st.gram is None) != (total.gram is None):
             raise GriffinError(f"{where} {'lacks' if st.gram is None else 'has'} the Gram matrices the first "
-                               f"{'has' if st.gram is None else 'lacks'}; count every shard with the same --method kind")
+                               f"{'has' if st.gram is None else 'lacks'}; count every shard with the same kind of `method`")
         if part_info.chat != info.chat:
-            raise GriffinError(f"{where} was counted {'with' if part_info.chat else 'without'} --chat, the first not")
+            raise GriffinError(f"{where} was counted {'with' if part_info.chat else 'without'} chat=True, the first not")
         for name, t in st.terms().items():
             getattr(total, name).add_(t)
         total.prompts += st.prompts

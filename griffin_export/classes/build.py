@@ -15,35 +15,23 @@ does not depend on their order. The refit methods solve once, on the class's Gra
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
+import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
-import torch
-from tqdm.auto import tqdm
-
+from .. import registry
 from ..bundle.format import Bundle
 from ..errors import GriffinError
-from ..files.inputs import Prompt
-from ..method.budget import edge_budgets
-from ..method.export import (
-    batch_statistic,
-    bundle_from_indices,
-    choose_experts,
-    prompt_statistic,
-)
+from ..files.inputs import Prompt, iter_prompts, survey_prompts
+from ..method.export import bundle_from_indices, choose_experts
 from ..method.selection import k_for
-from ..model.load import LoadedModel
-from ..model.tokens import OVER_CONTEXT, tokenize
-from ..settings import ClassSettings
-from .aggregate import ClassStatistic, Shard, StatisticInfo, check_aggregation
-
-
-def shard_of(prompts: Iterable[Prompt], shard: Shard, total: int) -> Iterator[Prompt]:
-    """The prompts of one shard (a contiguous slice of the `total` prompts)."""
-    rows = shard.rows(total)
-    return itertools.islice(prompts, rows.start, rows.stop)
-
+from ..model.load import LoadedModel, ModelSource
+from ..settings import ClassSettings, CountSettings, plural
+from .aggregate import ClassStatistic, Shard, StatisticInfo, merge, read_statistic
+from .counting import Checkpoint, class_statistic, shard_of
+from .ray_engine import ray_class_statistic, require_ray
 
 # -- the class export --------------------------------------------------------------------
 
@@ -60,118 +48,34 @@ class ClassResult:
         return self.info.skipped
 
 
-def _over_context(lm: LoadedModel, e: GriffinError) -> bool:
-    # tokenize refuses prompts that do not fit with this message (prompts.check_context)
-    return lm.context_length is not None and OVER_CONTEXT in str(e)
-
-
-class ClassCounter:
-    """Folds prompts into a class's statistic: one full prefill per prompt (or per batch of
-    `batch_size`, right-padded), the Gram of the raw activations too for refit methods.
-    Prompts that do not fit the context are skipped and counted, never truncated. A Ray
-    worker holds one of these; `class_statistic` runs one here."""
-
-    def __init__(self, lm: LoadedModel, settings: ClassSettings, *, batch_size: int = 1):
-        if batch_size < 1:
-            raise GriffinError(f"batch size must be >= 1, got {batch_size}")
-        self.lm, self.settings, self.batch_size = lm, settings, batch_size
-        self.stat = ClassStatistic(lm.num_layers, lm.d_ff, k_for(settings.density, lm.d_ff), with_gram=settings.refit)
-        self.info = StatisticInfo(base_model=lm.identity, base_fingerprint=lm.fingerprint,
-                                  architecture=lm.architecture, num_layers=lm.num_layers, d_ff=lm.d_ff,
-                                  k=self.stat.k, chat=settings.chat, name=settings.name, method=settings.method,
-                                  aggregation=settings.aggregation)
-        self.first_skipped: str | None = None
-
-    def feed(self, prompts: Iterable[Prompt], on_prompt=None) -> None:
-        """Count these prompts in; `on_prompt()` after each one read (a progress bar)."""
-        batch: list[torch.Tensor] = []
-        for prompt in prompts:
-            try:
-                ids = tokenize(self.lm, prompt.text, chat=self.settings.chat)
-            except GriffinError as e:
-                if not _over_context(self.lm, e):
-                    raise GriffinError(f"{prompt.where}: {e}") from e
-                self.info.skipped += 1
-                self.first_skipped = self.first_skipped or prompt.where
-            else:
-                batch.append(ids)
-                if len(batch) == self.batch_size:
-                    self._count(batch)
-                    batch = []
-            if on_prompt is not None:
-                on_prompt()
-        if batch:
-            self._count(batch)
-
-    def _count(self, batch: list[torch.Tensor]) -> None:
-        chunk, gram = self.settings.chunk_size, self.settings.refit
-        if len(batch) == 1:
-            # the cache is dropped right here; the Gram ([L, D_ff, D_ff] float32) is folded in and dropped too
-            one, _, _ = prompt_statistic(self.lm, batch[0], chunk_size=chunk, gram=gram)
-            self.stat.add(one.scores(), tokens=batch[0].shape[1], gram=one.gram)
-            return
-        many = batch_statistic(self.lm, batch, chunk_size=chunk, gram=gram)
-        for row, n in zip(many.rows, many.lengths):
-            self.stat.add_scores(row.scores(), n)
-        if many.gram is not None:
-            self.stat.add_gram(many.gram)
-
-    def result(self) -> tuple[StatisticInfo, ClassStatistic, str | None]:
-        self.info.prompts, self.info.tokens = self.stat.prompts, self.stat.tokens
-        return self.info, self.stat, self.first_skipped
-
-
-def class_statistic(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *,
-                    total: int | None = None, progress: bool = False, batch_size: int = 1
-                    ) -> tuple[StatisticInfo, ClassStatistic, str | None]:
-    """The prompts folded into a ClassStatistic here, in this process (ClassCounter).
-    Returns (info, statistic, where the first skipped prompt was)."""
-    counter = ClassCounter(lm, settings, batch_size=batch_size)
-    bar = tqdm(total=total, desc=f"class {settings.name}", unit="prompt", disable=not progress)
-
-    def on_prompt() -> None:
-        if counter.info.skipped:
-            bar.set_postfix(skipped=counter.info.skipped, refresh=False)
-        bar.update(1)
-
-    try:
-        counter.feed(prompts, on_prompt=on_prompt)
-    finally:
-        bar.close()
-    return counter.result()
-
-
 def class_bundle(lm: LoadedModel, info: StatisticInfo, stat: ClassStatistic, settings: ClassSettings, *,
                  source: str = "") -> Bundle:
     """A counted class (class_statistic, or read_statistic/merge of saved shards) -> its bundle."""
     where = info.extra.get("file", "the statistic")
     if stat.prompts == 0:
-        why = f"all {info.skipped} prompts are longer than the model's context" if info.skipped else "no prompts"
+        many = "its one prompt is" if info.skipped == 1 else f"all {info.skipped} prompts are"
+        why = f"{many} longer than the model's context" if info.skipped else "no prompts"
         raise GriffinError(f"class {settings.name!r}: {why}; nothing to export")
     if info.base_fingerprint != lm.fingerprint:
         raise GriffinError(f"{where} was counted on {info.base_model} (fingerprint {info.base_fingerprint[:16]}), "
-                           f"not on {lm.identity}; pass that model with --model")
+                           f"not on {lm.identity}; pass that model as model=DIR_OR_GGUF")
     if info.chat != settings.chat:
-        raise GriffinError(f"{where} was counted {'with' if info.chat else 'without'} --chat; "
-                           f"{'pass' if info.chat else 'drop'} --chat so new prompts are read the same way")
+        raise GriffinError(f"{where} was counted {'with' if info.chat else 'without'} chat=True; "
+                           f"{'pass' if info.chat else 'drop'} chat=True so new prompts are read the same way")
     if settings.refit and stat.gram is None:
         raise GriffinError(f"{settings.method} solves on the class's Gram matrices, and {where} has none (it was "
-                           "counted for a method without a refit); count the prompts again with a refit --method")
-    aggregation = check_aggregation(settings.aggregation)
+                           "counted for a method without a refit); count the prompts again with a refit `method`")
+    aggregation = registry.aggregation(settings.aggregation)
     k = k_for(settings.density, lm.d_ff)
     if aggregation.uses_k and k != stat.k:
         raise GriffinError(f"aggregation {aggregation.name} counts each prompt's top-k, and {where} counted it at "
                            f"k={stat.k} of {lm.d_ff} (density {stat.k / lm.d_ff:.4g}); use that density, or pooled / "
                            "mean, which hold at any density")
     scores = aggregation.score(stat).float()
-    if settings.method == "topk_refit_edges" and k < lm.d_ff and len(set(edge_budgets(lm.num_layers, lm.d_ff, k))) == 1:
-        # per prompt this falls back to uniform widths (so evaluation grids run through); a class
-        # bundle is made one at a time, and a user who asked for the edges is told
-        raise GriffinError(f"topk_refit_edges cannot keep layers 0, 1 and the last whole at density {settings.density}: "
-                           f"{lm.num_layers} layers × k={k} leave too few neurons for the others; use a larger "
-                           "density or topk_refit")
+    # strict: a class bundle is made one at a time, and a user who asked for a per-layer budget the
+    # method cannot meet is told (per prompt it falls back to uniform widths, so evaluation grids run through)
     indices, weights = choose_experts(lm, settings.method, scores, settings.density, settings.seed,
-                                      gram=stat.gram, refit_lambda=settings.refit_lambda)
+                                      gram=stat.gram, refit_lambda=settings.refit_lambda, strict=True)
     extra = {"class": settings.name, "prompts": str(stat.prompts), "skipped": str(info.skipped),
              "aggregation": settings.aggregation}
     if settings.refit:
@@ -193,6 +97,72 @@ def export_class(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSett
     return ClassResult(class_bundle(lm, info, stat, settings, source=source), stat, info, first)
 
 
-# -- experts in place, and the classification mode -----------------------------------------
+# -- counting a class from its inputs or its saved statistics ------------------------------------
 
 
+@dataclass
+class ClassCount:
+    """A class counted (or its saved statistics merged), ready for class_bundle or write_statistic."""
+
+    lm: LoadedModel
+    info: StatisticInfo
+    stat: ClassStatistic
+    first_skipped: str | None = None  # where the first over-context prompt was
+    rows: int = 0  # prompts this count read (a shard's, or all of them)
+
+
+def count_class(inputs: Sequence[str | os.PathLike], settings: ClassSettings, source: ModelSource | None = None,
+                count: CountSettings | None = None, *, checkpoint: Checkpoint | None = None, progress: bool = False,
+                report: Callable[[str], None] | None = None) -> ClassCount:
+    """A class's prompts counted into its statistic: every input read once first (a bad line fails
+    here, not after an hour), the model checked and loaded, then the prompts of `count` (all of them,
+    or one shard) counted here or on Ray. `checkpoint`: where a local count keeps its progress; with
+    count.resume a count continues from it. `report` gets a line before each long step."""
+    source, count = source or ModelSource(), count or CountSettings()
+    report = report or (lambda line: None)
+    if count.engine == "ray":
+        require_ray()
+    survey = survey_prompts(inputs, count.field, count.limit)
+    part = Shard.parse(count.shard) if count.shard else None
+    rows = part.rows(survey.prompts) if part else range(survey.prompts)
+    facts = source.peek()  # the device and the architecture, before any weights
+    if facts.d_ff:
+        k_for(settings.density, facts.d_ff)
+    report(f"{plural(survey.prompts, 'prompt')}{f', shard {part}: {len(rows)} of them' if part else ''}; loading "
+           f"model {source.model or 'default (SmolLM2-135M-Instruct)'} ...")
+    lm = source.load(quiet=not progress)
+    info = StatisticInfo(base_model=lm.identity, base_fingerprint=lm.fingerprint, architecture=lm.architecture,
+                         num_layers=lm.num_layers, d_ff=lm.d_ff, k=k_for(settings.density, lm.d_ff),
+                         inputs_prompts=survey.prompts, inputs_digest=survey.digest, shard=str(part) if part else "",
+                         extra={"source": ", ".join(Path(i).name for i in inputs)})
+    prompts = iter_prompts(inputs, count.field, count.limit)
+    if part:
+        prompts = shard_of(prompts, part, survey.prompts)
+    if count.engine == "ray":
+        counted = ray_class_statistic(source.portable(), prompts, settings, count, fingerprint=lm.fingerprint,
+                                      total=len(rows), progress=progress)
+        counted[0].inputs_prompts, counted[0].inputs_digest, counted[0].shard = survey.prompts, survey.digest, info.shard
+        counted[0].extra.update(info.extra)
+    else:
+        counted = class_statistic(lm, prompts, settings, total=len(rows), progress=progress,
+                                  batch_size=count.batch_size, info=info,
+                                  checkpoint=checkpoint, resume=count.resume)
+    return ClassCount(lm, counted[0], counted[1], counted[2], len(rows))
+
+
+def merge_statistics(paths: Sequence[str | os.PathLike], source: ModelSource | None = None, *, shards: bool = False,
+                     report: Callable[[str], None] | None = None) -> ClassCount:
+    """Saved statistics (class --save-statistic) or, with `shards`, the complete set of one run's
+    partial statistics (class --shard), summed; the model they were counted on (or `source`'s) loaded."""
+    report = report or (lambda line: None)
+    read = [read_statistic(p) for p in paths]
+    if shards:
+        whole = next((p for p, (info, _) in zip(paths, read) if not info.shard), None)
+        if whole is not None:
+            raise GriffinError(f"{whole} is a whole statistic, not a shard of `class --shard I/N`; build from it with "
+                               "griffin-export class --statistic")
+    info, stat = merge(read)  # bad or mismatched files fail here
+    source = dataclasses.replace(source or ModelSource(), model=(source and source.model) or info.base_model)
+    source.peek()
+    report(f"{plural(len(paths), 'statistic')} of {plural(info.prompts, 'prompt')}; loading model {source.model} ...")
+    return ClassCount(source.load(), info, stat, rows=info.prompts + info.skipped)

@@ -4,7 +4,7 @@ the prompts it is sent into its own ClassStatistic; the driver merges the partia
 rounding, in any order).
 
     info, stat, first_skipped = ray_class_statistic(ModelSource(model_dir), prompts, settings,
-                                                    RaySettings(workers=4))
+                                                    CountSettings(engine="ray", workers=4))
 
 Without an address a local Ray cluster is started (and stopped after), so the same call works
 on a laptop and, with `address="ray://head:10001"` or "auto", on a cluster whose nodes have
@@ -14,54 +14,27 @@ prompts are not retried (nothing is written either way).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from tqdm.auto import tqdm
 
 from ..errors import GriffinError
 from ..files.inputs import Prompt
-from ..settings import ClassSettings
+from ..model.load import ModelSource
+from ..settings import ClassSettings, CountSettings
 from .aggregate import ClassStatistic, StatisticInfo, merge
-from .build import ClassCounter
+from .counting import ClassCounter
 
 # GRIFFIN_EXPORT_RAY_FAULT=N makes the first worker exit after N prompts: how the tests show
 # that a dead worker fails the run cleanly (a real crash, not a raised exception)
 FAULT_ENV = "GRIFFIN_EXPORT_RAY_FAULT"
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """What every worker loads: load_model's arguments."""
-
-    model: str | None = None
-    gguf_file: str | None = None
-    dtype: str = "float32"
-
-    def load(self, device: str):
-        from ..model.load import load_model
-
-        return load_model(self.model, gguf_file=self.gguf_file, dtype=self.dtype, device=device, quiet=True)
-
-
-@dataclass(frozen=True)
-class RaySettings:
-    address: str | None = None  # None: start a local cluster for this run
-    workers: int = 2
-    gpus_per_worker: float = 0.0
-    batch_size: int = 1  # each worker's prefill batch
-    prompts_per_task: int = 4  # prompts sent to a worker at a time (2 tasks in flight per worker)
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise GriffinError(f"--workers must be >= 1, got {self.workers}")
-        if not self.gpus_per_worker >= 0:
-            raise GriffinError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
-        if self.batch_size < 1 or self.prompts_per_task < 1:
-            raise GriffinError("batch size and prompts per task must be >= 1")
+PROMPTS_PER_TASK = 4  # prompts sent to a worker at a time (two tasks in flight per worker)
 
 
 def require_ray() -> None:
@@ -77,7 +50,7 @@ class _Worker:
         import torch
 
         torch.set_num_threads(threads)
-        self.lm = source.load(device)
+        self.lm = dataclasses.replace(source, device=device).load()
         self.counter = ClassCounter(self.lm, settings, batch_size=batch_size)
         self.fail_after, self.seen = fail_after, 0
 
@@ -107,7 +80,7 @@ def _tasks(prompts: Iterable[Prompt], size: int) -> Iterator[list[tuple[str, str
 
 
 def ray_class_statistic(source: ModelSource, prompts: Iterable[Prompt], settings: ClassSettings,
-                        ray_settings: RaySettings, *, fingerprint: str, total: int | None = None,
+                        ray_settings: CountSettings, *, fingerprint: str, total: int | None = None,
                         progress: bool = False) -> tuple[StatisticInfo, ClassStatistic, str | None]:
     """The class's statistic counted by `ray_settings.workers` Ray actors, merged here.
     `fingerprint` is the driver's model: every worker must have loaded the same weights."""
@@ -127,7 +100,7 @@ def ray_class_statistic(source: ModelSource, prompts: Iterable[Prompt], settings
             ray.shutdown()
 
 
-def _count(ray, source, prompts, settings, rs: RaySettings, fingerprint, total, progress):
+def _count(ray, source, prompts, settings, rs: CountSettings, fingerprint, total, progress):
     from ray.exceptions import RayActorError, RayTaskError
 
     gpu = rs.gpus_per_worker > 0
@@ -146,7 +119,7 @@ def _count(ray, source, prompts, settings, rs: RaySettings, fingerprint, total, 
                                    f"{fp[:16]} vs {fingerprint[:16]}): every node needs the same model files")
         pending: dict = {}  # object ref -> worker
         idle = [w for w in workers for _ in range(2)]  # two tasks in flight per worker
-        for task in _tasks(prompts, rs.prompts_per_task):
+        for task in _tasks(prompts, PROMPTS_PER_TASK):
             if not idle:
                 bar.update(_finished(ray, pending, idle))
             w = idle.pop(0)

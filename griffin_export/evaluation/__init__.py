@@ -1,1 +1,2 @@
-"""Quality evaluation: metrics, the resumable runner, and the report (tables + plots)."""
+"""Measuring: quality (the resumable runner, metrics, the report with its plots) and speed (speed.py: every
+runtime side by side in one process)."""

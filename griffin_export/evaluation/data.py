@@ -49,7 +49,7 @@ def read_rows(settings: EvalSettings) -> list[EvalRow]:
 def _parse_row(path: Path, i: int, line: str, s: EvalSettings) -> EvalRow:
     where = f"{path}:{i + 1}"
     obj = parse_object(line, where)
-    hint = "; choose one with --prompt-field / --target-field"
+    hint = "; choose one with `prompt_field` / `target_field`"
     texts = [text_field(obj, name, where, hint) for name in (s.prompt_field, s.target_field)]
     max_tokens = obj.get("max_tokens", s.max_tokens)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:

@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..choices import parse_config
 from ..errors import GriffinError
+from ..settings import plural
 from ..method.budget import k_text
 from .metrics import ROUGE_TYPES, Interval, diff_ci, mean_ci, ratio_ci
 from .provenance import versions
-from .settings import PRUNED_PREFILL_PREFIX, bundle_path
+from .settings import PRUNED_PREFILL_PREFIX, bundle_path, parse_config
 
 BENCH_FILE = "bench.json"
 JSON_FILE = "results.json"
@@ -200,7 +200,7 @@ def markdown(report: dict, plots: Sequence[str]) -> str:
             f"Model `{mod['identity']}` ({mod['architecture']}, {mod['dtype']} on {mod['device']}, "
             f"{mod['num_layers']} layers, d_ff {mod['d_ff']}, fingerprint `{mod['fingerprint'][:16]}`). "
             f"Data `{Path(s['data']).name}` rows {s['rows'][0]}:{s['rows'][1]}: "
-            f"{q['done']} of {q['requested']} prompts evaluated"
+            f"{q['done']} of {plural(q['requested'], 'prompt')} evaluated"
             + ("" if q["done"] == q["requested"] else " (**incomplete run**: resume it with the same command)") + ".",
             "",
             "```",

@@ -80,7 +80,7 @@ def read_results(path: Path, *, repair: bool = False) -> tuple[dict, dict[int, d
             raise GriffinError(f"{path}:{n + 1}: not a per-prompt record; the results file is damaged")
         good_end += len(line) + 1
     if header is None:
-        raise GriffinError(f"{path} has no header line; start over with --force")
+        raise GriffinError(f"{path} has no header line; start over with force=True")
     if repair and good_end < len(raw):
         with open(path, "r+b") as f:
             f.truncate(good_end)
@@ -100,7 +100,7 @@ def merge_results(sources: list[str | os.PathLike], out: str | os.PathLike, *, f
     there (the runs are deterministic); every row must end up with the same settings. Returns
     OUT/eval.jsonl."""
     if len(sources) < 2:
-        raise GriffinError("--merge needs at least two result directories")
+        raise GriffinError("a merge needs at least two result directories")
     runs = [(str(d), *read_results(Path(d) / RESULTS_FILE)) for d in sources]
     first_dir, first, _ = runs[0]
     for d, header, _ in runs[1:]:
@@ -138,7 +138,7 @@ def merge_results(sources: list[str | os.PathLike], out: str | os.PathLike, *, f
     out_dir = check_folder(out, create=True)
     path = out_dir / RESULTS_FILE
     if path.exists() and not force:
-        raise GriffinError(f"{path} exists; pass --force to overwrite")
+        raise GriffinError(f"{path} exists; pass force=True to overwrite")
     with atomic_output(path) as tmp:
         lines = [json.dumps(header)] + [json.dumps(merged[r]) for r in rows]
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -153,7 +153,7 @@ def open_results(out_dir: Path, header: dict, force: bool) -> tuple[set[int], "R
         if old.get("key") != header["key"]:
             diff = sorted(k for k in header["key"] if old.get("key", {}).get(k) != header["key"][k])
             raise GriffinError(f"{path} holds results for other settings (differs in: {', '.join(diff)}); "
-                               "pass --force to start over, or choose another -o directory")
+                               "pass force=True to start over, or choose another output directory")
         # the new row range, and the command that asked for it (none from Python: the old one named other rows)
         old = {k: v for k, v in old.items() if k != "command"}
         _rewrite_header(path, {**old, **{k: header[k] for k in ("settings", "command") if k in header}})

@@ -31,25 +31,21 @@ from tqdm.auto import tqdm
 
 from ..bundle.experts import check_bundle, installed
 from ..bundle.format import read_bundle
-from ..choices import REFIT
 from ..errors import GriffinError
 from ..files.outputs import check_folder
-from ..method.export import choose_experts, prompt_statistic, warm_up
-from ..model.arch import FFBlock, ff_blocks, ff_param, magnitude_scores
+from ..method.export import choose_experts, method_scores, precheck, prompt_statistic, warm_up
+from ..model.arch import FFBlock, ff_blocks, ff_param
 from ..model.decoding import Generation, decode, eos_ids
-from ..model.load import LoadedModel
+from ..model.load import LoadedModel, ModelSource
 from ..model.prefill import cache_tensors, forward, prefill, restore_cache
 from ..model.tokens import check_context, tokenize
+from ..registry import METHODS
+from ..settings import plural
 from ..settings import DecodeOptions
 from .data import EvalRow, read_rows
 from .metrics import first_divergence, rouge
 from .results import NOT_GENERATED, open_results, run_header
 from .settings import FULL, PRUNED_PREFILL_PREFIX, EvalSettings, bundle_path
-
-# Methods that rank neurons by a prompt-independent weight score instead of the prompt
-# statistic; mirrors export.layer_scores, which does the same for `magnitude`.
-STATIC_SCORES = {"magnitude": magnitude_scores}
-
 
 # -- methods -------------------------------------------------------------------------------
 
@@ -63,6 +59,7 @@ class Setting:
     density: float
     weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # a bundle's experts
     pruned_prefill: bool = False  # the prompt's prefill runs with the experts too
+    warmup: int = 0  # full-model tokens before the experts take over (selection methods; a bundle has its own)
 
 
 def setting_key(method: str, density: float, warmup: int = 0) -> str:
@@ -80,7 +77,8 @@ def make_settings(lm: LoadedModel, settings: EvalSettings) -> tuple[list[Setting
             setting, hashes[name] = _bundle_setting(lm, name)
             out.append(setting)
         else:
-            out += [Setting(setting_key(name, d, settings.warmup), name, d) for d in settings.densities]
+            out += [Setting(setting_key(name, d, settings.warmup), name, d, warmup=settings.warmup)
+                    for d in settings.densities]
     return out, hashes
 
 
@@ -122,20 +120,19 @@ class Context:
 
     def scores(self, method: str, prompt_scores: torch.Tensor) -> torch.Tensor:
         """[L, D_ff] scores `method` ranks by: the prompt statistic, or a static weight score."""
-        fn = STATIC_SCORES.get(method)
-        if fn is None:
+        if METHODS[method].scores is None:
             return prompt_scores
-        if method not in self._static:
-            self._static[method] = torch.stack([fn(b, self.lm.spec, self.lm.d_ff) for b in self.blocks])
+        if method not in self._static:  # the same for every prompt: computed once
+            self._static[method] = method_scores(self.lm, method, prompt_scores)
         return self._static[method]
 
     def tensors(self, setting: Setting, prompt_scores: torch.Tensor, seed: int,
-                gram: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                gram: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The sliced FF weights of this setting, keyed like a bundle's."""
         if setting.weights is not None:
             return setting.weights
         _, weights = choose_experts(self.lm, setting.method, self.scores(setting.method, prompt_scores),
-                                    setting.density, seed, gram=gram)
+                                    setting.density, seed, gram=gram, ids=ids)
         return weights
 
 
@@ -212,13 +209,13 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
     cont = continuation_ids(lm.tokenizer, row.prompt, s.separator, row.target, ids[0].tolist())
     check_context(lm.context_length, prompt_len, reserve=max(cont.ids.numel(), row.max_tokens), warmup=s.warmup)
     stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=s.chunk_size,
-                                                gram=any(st.method in REFIT for st in settings))
+                                                gram=any(st.method in METHODS and METHODS[st.method].refit for st in settings))
     kv = cache_tensors(cache)
     prefill_s = time.perf_counter() - t0
     # export --warmup: the full model's first tokens join the statistic; pruned generations
     # continue after them (warm_kv), the gold likelihood is still scored from the prompt
     warm, warm_kv, warm_logits = [], kv, last_logits
-    if s.warmup:
+    if any(st.warmup for st in settings):
         warm_cache = fresh_cache(lm.model, kv, prompt_len)
         warm, warm_logits = warm_up(lm, stat, warm_cache, last_logits, s.warmup)
         warm_kv = cache_tensors(warm_cache)
@@ -231,7 +228,7 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
         if on_setting is not None:
             on_setting(setting.key)
         t1 = time.perf_counter()
-        tensors = None if setting.method == FULL else ctx.tensors(setting, prompt_scores, s.seed + row.index, stat.gram)
+        tensors = None if setting.method == FULL else ctx.tensors(setting, prompt_scores, s.seed + row.index, stat.gram, ids)
         with pruned(ctx, tensors):
             own_kv, own_last = kv, last_logits
             if setting.pruned_prefill:
@@ -239,13 +236,13 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
                 own_kv = cache_tensors(own_cache)
             logp = continuation_logprobs(lm.model, own_kv, prompt_len, own_last, cont.ids)
             gen = None
-            if s.generate and tensors is not None and warm:
+            if s.generate and setting.warmup and warm:
                 gen = generate(ctx, warm_kv, prompt_len + len(warm), warm_logits, row, warm)
             elif s.generate:
                 gen = generate(ctx, own_kv, prompt_len, own_last, row)
         k = lm.d_ff if tensors is None else _mean_k(ctx, tensors)
         r = {"method": setting.method, "density": setting.density, "k": k,
-             "warmup": 0 if tensors is None else s.warmup, "gold_ll": float(logp[cont.scored_from:].mean())}
+             "warmup": setting.warmup, "gold_ll": float(logp[cont.scored_from:].mean())}
         if gen is None:
             r.update({name: None for name in NOT_GENERATED})
         else:
@@ -294,3 +291,21 @@ def run_eval(lm: LoadedModel, settings: EvalSettings, out: str | os.PathLike, *,
         writer.append(evaluate_prompt(ctx, row, evals, on_setting=show))
     bar.close()
     return writer.path
+
+
+def evaluate(settings: EvalSettings, out: str | os.PathLike, source: ModelSource | None = None, *,
+             force: bool = False, progress: bool = True, command: str | None = None,
+             report: Callable[[str], None] | None = None) -> Path:
+    """run_eval with its model: the data, the output folder, the device, architecture and densities
+    checked before the model loads."""
+    source = source or ModelSource()
+    read_rows(settings)
+    check_folder(out)
+    precheck(source, settings.densities)
+    if report is not None:
+        n = 1 + sum(1 if bundle_path(m) else len(settings.densities) for m in settings.methods if m != FULL)
+        report(f"{plural(settings.rows[1] - settings.rows[0], 'prompt')} × {plural(n, 'setting')}"
+               f": a prefill and {'a generation' if settings.generate else 'a likelihood'} per setting of each prompt; "
+               "the bar's estimate of the time left is there after the first prompt")
+        report(f"loading model {source.model or 'default (SmolLM2-135M-Instruct)'} ...")
+    return run_eval(source.load(quiet=not progress), settings, out, force=force, progress=progress, command=command)

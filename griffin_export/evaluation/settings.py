@@ -8,9 +8,9 @@ import codecs
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..choices import CHUNK_SIZE, METHODS
 from ..errors import GriffinError
-from ..settings import check_density
+from ..registry import METHODS
+from ..settings import CHUNK_SIZE, WARMUP, check_density
 
 FULL = "full"
 BUNDLE_PREFIX = "bundle:"
@@ -19,7 +19,7 @@ PRUNED_PREFILL_PREFIX = "pruned-prefill:"
 
 
 def known_methods() -> list[str]:
-    """Every name `--methods` accepts: `full`, the selection methods of select.METHODS
+    """Every name `--methods` accepts: `full`, the selection methods of registry.METHODS
     (new ones join there), and fixed experts from a bundle file."""
     return [FULL, *METHODS, f"{BUNDLE_PREFIX}PATH", f"{PRUNED_PREFILL_PREFIX}PATH"]
 
@@ -30,6 +30,18 @@ def bundle_path(method: str) -> str | None:
         if method.startswith(prefix):
             return method[len(prefix):]
     return None
+
+
+# A bench or eval row's config name: the benchmark writes it, the eval report reads it back.
+def config_name(method: str, density: float) -> str:
+    """A bench row's config: the density alone for `topk` (the paper's method), else METHOD@DENSITY."""
+    return f"{density:g}" if method == "topk" else f"{method}@{density:g}"
+
+
+def parse_config(config: str) -> tuple[str, float]:
+    """(method, density) of a config name; ValueError for one that names no density."""
+    method, _, density = config.rpartition("@")
+    return method or "topk", 1.0 if config == "full" else float(density)
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -48,7 +60,9 @@ class EvalSettings:
     max_tokens: int = 64  # when a row has no `max_tokens`
     chunk_size: int = CHUNK_SIZE
     generate: bool = True  # False: gold log-likelihood only (no decoding, no ROUGE), for cheap searches
-    warmup: int = 0  # export --warmup for every selection method (their keys get "+wN")
+    # as export's warm-up, for every selection method (their keys get "+wN"); fixed experts from a bundle and
+    # the full model have none (a bundle's own warm-up belongs to its own prompt)
+    warmup: int = WARMUP
 
     def __post_init__(self) -> None:
         self.rows = tuple(self.rows)
@@ -74,9 +88,6 @@ class EvalSettings:
             raise GriffinError(f"chunk size must be >= 1, got {self.chunk_size}")
         if self.warmup < 0:
             raise GriffinError(f"warm-up must be >= 0 tokens, got {self.warmup}")
-        if self.warmup and any(bundle_path(m) for m in self.methods):
-            raise GriffinError("--warmup applies to selection methods; a bundle's experts have their own "
-                               "(export the bundle with --warmup)")
 
 
 def check_method_name(name: str) -> str:

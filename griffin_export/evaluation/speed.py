@@ -7,35 +7,29 @@ Each "vs full" ratio compares a runtime's pruned decode with the same runtime's 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import resource
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..bundle.format import write_bundle
-from ..choices import RUNTIMES, config_name, parse_config
 from ..errors import GriffinError
 from ..method.budget import k_text
-from ..method.export import export_ids
-from ..model.load import LoadedModel, load_model
-from ..model.prefill import cache_tensors, forward, prefill, restore_cache
+from ..method.export import export_ids, precheck
+from ..model.load import LoadedModel, ModelSource
+from ..model.prefill import cache_tensors, prefill
 from ..model.tokens import check_context, tokenize
-from ..runtime.pytorch import TorchRuntime
-from ..settings import BenchSettings, ExportSettings, QuantSettings
+from ..registry import BENCH_RUNTIMES, bench_runtime
+from ..runtime.timing import BenchContext, BenchRow, median_seconds
+from ..settings import DEFAULT_DATA, BenchSettings, ExportSettings
 from .provenance import machine
+from .settings import config_name, parse_config
 
-DEFAULT_DATA = Path("shared") / "data" / "xsum_dev.jsonl"
-# ONNX runtime rows: (runtime, graph, quantized)
-_ONNX_ROWS = (("onnx", "traced", False), ("onnx-lean", "lean", False), ("onnx-int4", "traced", True),
-              ("onnx-lean-int4", "lean", True))
 
 
 def find_data(data: str | None) -> Path:
@@ -45,10 +39,10 @@ def find_data(data: str | None) -> Path:
             raise GriffinError(f"data file {data} does not exist")
         return path
     here = Path.cwd()
-    for base in (here, *here.parents):
+    for base in (here, *here.parents):  # the repository's copy, from anywhere in the checkout
         if (base / DEFAULT_DATA).is_file():
             return base / DEFAULT_DATA
-    raise GriffinError(f"no --data given and no {DEFAULT_DATA} found above {here}; pass --data FILE.jsonl")
+    raise GriffinError(f"no data given and no {DEFAULT_DATA} found above {here}; pass data=FILE.jsonl")
 
 
 def read_row(path: Path, row: int, field_name: str = "article") -> str:
@@ -76,40 +70,6 @@ def read_elements(model: torch.nn.Module) -> int:
     return total
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _greedy_seconds(step, first: int, n: int, device: torch.device | None = None) -> float:
-    """Seconds of n greedy steps (step: token -> logits [vocab]), the GPU's queue drained at the end."""
-    tok = first
-    t0 = time.perf_counter()
-    for _ in range(n):
-        tok = int(step(tok).argmax())
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def _decode_seconds(model, kv, prompt_len: int, first: int, n: int) -> float:
-    """Time n greedy decode steps from a fresh copy of the prompt's KV."""
-    cache = restore_cache(model, [(k.clone(), v.clone()) for k, v in kv], prompt_len)
-    device = next(model.parameters()).device
-    return _greedy_seconds(lambda t: forward(model, torch.tensor([[t]], device=device), cache)[-1], first, n, device)
-
-
-def _onnx_decode_seconds(rt, kv, prompt_len: int, first: int, n: int) -> float:
-    """The same n greedy steps with ONNX Runtime, from a fresh copy of the prompt's KV."""
-    state = rt.state_from_kv(kv, prompt_len)
-    return _greedy_seconds(lambda t: rt.step(state, t), first, n)
-
-
 def _ff_elements(lm: LoadedModel) -> int:
     """Elements of the full model's FF weights and biases."""
     from ..model.arch import ff_blocks
@@ -121,143 +81,19 @@ def _ff_elements(lm: LoadedModel) -> int:
     return total
 
 
-def _lean_decode_seconds(lean, kv, prompt_len: int, first: int, n: int) -> float:
-    """The same n greedy steps through the lean PyTorch step, from the prompt's KV."""
-    lean.load_cache(kv, prompt_len)
-    return _greedy_seconds(lean.step, first, n, lean.device)
-
-
-def _genai_decode_seconds(model, ids: list[int], n: int) -> float:
-    """n decode steps of onnxruntime-genai's own loop (greedy), after its prefill of the prompt."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n + 2, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    gen.generate_next_token()  # the prompt's forward, wherever og runs it: not timed
-    t0 = time.perf_counter()
-    for _ in range(n):
-        gen.generate_next_token()
-    return time.perf_counter() - t0
-
-
-def _graph_bytes(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.iterdir() if f.name.startswith("model.onnx"))
-
-
-def _onnx_config(lm: LoadedModel, directory: Path, bundle, threads: int | None, provider: str, graph: str,
-                 quantize: QuantSettings | None = None):
-    """Export a graph (the full model's when bundle is None) and open it with ONNX Runtime."""
-    from ..runtime.onnx import OnnxRuntime
-    from ..targets.onnx.export import export_onnx
-
-    export_onnx(lm, directory, bundle, graph=graph, quantize=quantize)
-    # on a GPU the lean graph's decode step is a captured CUDA graph (its buffers are fixed);
-    # the full model's graph prefills through its own session (pruned_prefill: no second session)
-    cuda_graph = graph == "lean" and provider == "cuda"
-    rt = OnnxRuntime(directory, None, provider=provider, threads=threads, cuda_graph=cuda_graph,
-                     pruned_prefill=bundle is None)
-    return rt, _graph_bytes(directory)
-
-
-class _LlamaCpp:
-    """A GGUF in llama.cpp (llama-cpp-python), the prompt evaluated once and its state saved, so
-    each timed run decodes from the same KV as the other runtimes' rows."""
-
-    def __init__(self, path: Path, prompt: list[int], threads: int | None, room: int, log: Path):
-        import llama_cpp
-
-        from ..targets.gguf_export import last_log_line, stderr_to
-
-        n = threads or os.cpu_count() or 1
-        try:
-            with stderr_to(log):  # llama.cpp logs its load from C
-                self.llm = llama_cpp.Llama(str(path), n_ctx=room, n_threads=n, n_threads_batch=n, verbose=False)
-        except ValueError as e:  # llama-cpp-python's word for a file llama.cpp refused
-            raise GriffinError(f"llama.cpp could not load {path.name}: {last_log_line(log) or e}") from None
-        self.llm.eval(prompt)
-        self.state = self.llm.save_state()
-        self.n_vocab = self.llm.n_vocab()
-        self._get_logits = llama_cpp.llama_get_logits  # bound once, outside the timed loop
-
-    def _next(self) -> int:
-        # the last position's logits from the context (without logits_all, Llama.eval leaves
-        # its `scores` at zero)
-        return int(np.argmax(np.ctypeslib.as_array(self._get_logits(self.llm.ctx), shape=(self.n_vocab,))))
-
-    def decode_seconds(self, n: int) -> float:
-        self.llm.load_state(self.state)
-        tok = self._next()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            self.llm.eval([tok])
-            tok = self._next()
-        return time.perf_counter() - t0
-
-
-def _llama_cpp_file(lm: LoadedModel, path: Path, bundle, quant: str, threads: int | None) -> Path:
-    """The GGUF llama.cpp runs for a config: the base GGUF itself when it already has the file type
-    (what a user runs), else the base requantized by llama.cpp; a bundle's pruned GGUF."""
-    from ..targets.gguf_export import (
-        base_gguf,
-        file_type,
-        llama_quantize,
-        write_pruned_gguf,
-    )
-
-    base = base_gguf(lm.identity, None, None)
-    if bundle is not None:
-        return write_pruned_gguf(bundle, base, path, quant, threads=threads)
-    if file_type(base) == quant:
-        return base
-    llama_quantize(base, path, quant, threads)
-    return path
-
-
-def _genai_model(directory: Path, threads: int | None):
-    import onnxruntime_genai as og
-
-    if threads:  # og reads session options from genai_config.json
-        cfg_path = directory / "genai_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-        cfg_path.write_text(json.dumps(cfg, indent=2))
-    return og.Model(str(directory))
-
-
-def _genai_builder_graph(lm: LoadedModel, directory: Path, provider: str) -> Path:
-    """The full model written by onnxruntime-genai's own builder, from the same weights (saved as
-    an HF directory first: the builder loads with from_pretrained)."""
-    import subprocess
-    import sys
-
-    hf = directory / "hf"
-    lm.model.save_pretrained(hf)
-    if lm.tokenizer is not None:
-        lm.tokenizer.save_pretrained(hf)
-    precision = {torch.float32: "fp32", torch.float16: "fp16"}.get(lm.dtype)
-    if precision is None:
-        raise GriffinError(f"the genai rows take float32 or float16 models, not {lm.dtype}")
-    out = directory / "genai-builder"
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", precision,
-           "-e", "cuda" if provider == "cuda" else "cpu"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise GriffinError(f"onnxruntime-genai's builder failed on this model: {tail[0]}")
-    return out
-
-
 def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: str = "float32",
               device: str = "cpu", settings: BenchSettings | None = None, lm: LoadedModel | None = None,
               ids: torch.Tensor | None = None, prompt_source: str | None = None) -> dict:
     """The benchmark on row `settings.row` of the data, or on given prompt `ids` [1, T] (e.g.
-    random tokens for a model with random weights; `prompt_source` then says what they are)."""
+    random tokens for a model with random weights; `prompt_source` then says what they are).
+    Each runtime of `settings.runtimes` gives its rows (registry.RUNTIMES: the module's bench_rows)."""
     s = settings or BenchSettings()
     if s.threads:
         torch.set_num_threads(s.threads)
-    lm = lm or load_model(model, gguf_file=gguf_file, dtype=dtype, device=device, quiet=True)
+    if lm is None:
+        source = ModelSource(model, gguf_file, dtype, device)
+        precheck(source, s.densities)  # the device, the architecture and the densities, before the weights load
+        lm = source.load()
     _ = lm.fingerprint  # hashed once here, not inside the timed export
     if ids is None:
         data = find_data(s.data)
@@ -265,103 +101,54 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
     ids = ids.to(lm.device)
     check_context(lm.context_length, ids.shape[1] + s.new_tokens)
 
-    base = copy.deepcopy(lm.model)  # untouched full model for the plain-prefill baseline
-    full_read, full_ff = read_elements(base), _ff_elements(lm)
+    full_read, full_ff = read_elements(lm.model), _ff_elements(lm)
     export_settings = ExportSettings(density=0.5)
-    # (runtime, config) -> (decode-seconds fn(n), k, bundle bytes, weight elements read per token, graph bytes)
-    configs: dict[tuple[str, str], tuple] = {}
+    # (runtime, config) -> (row, k, bundle bytes, weight elements read per token)
+    configs: dict[tuple[str, str], tuple[BenchRow, list[int] | None, int, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.safetensors"
 
         def export_once():
             write_bundle(export_ids(lm, ids, export_settings), out, force=True)
 
-        prefill_s = median_seconds(lambda: prefill(base, ids), max(1, s.repeats // 2)) if s.time_export else None
+        prefill_s = median_seconds(lambda: prefill(lm.model, ids), max(1, s.repeats // 2)) if s.time_export else None
         export_s = median_seconds(export_once, max(1, s.repeats // 2)) if s.time_export else None
 
-        cache, last = prefill(base, ids)
+        cache, last = prefill(lm.model, ids)
         kv = cache_tensors(cache)
-        first, T = int(last.argmax()), ids.shape[1]
+        T = ids.shape[1]
+        ctx = BenchContext(lm, ids, kv, int(last.argmax()), s, Path(tmp))
         # KV elements one step reads, on average over the timed steps (every cached position of
         # every layer's key and value; a sliding layer's window at most)
         kv_read = sum((k.numel() + v.numel()) / k.shape[2] * min(k.shape[2] + s.new_tokens / 2, T + s.new_tokens / 2)
                       for k, v in kv)
-        prompt = ids[0].tolist()
-        torch_fn = lambda m: lambda n: _decode_seconds(m, kv, T, first, n)  # noqa: E731
-        lean_fn = lambda d: lambda n: _lean_decode_seconds(d, kv, T, first, n)  # noqa: E731
-        onnx_fn = lambda rt: lambda n: _onnx_decode_seconds(rt, kv, T, first, n)  # noqa: E731
-        genai_fn = lambda m: lambda n: _genai_decode_seconds(m, prompt, n)  # noqa: E731
-        lean_room = T + s.new_tokens + 8
 
-        def lean_decoder(model):
-            from ..runtime.lean import LeanDecoder
+        def add(name: str, bundle, k, bundle_bytes: int, read: int) -> None:
+            """Every runtime's rows for one configuration (bundle None: the full model)."""
+            for variant in s.runtimes:
+                for suffix, row in bench_runtime(variant).code().bench_rows(ctx, variant, bundle).items():
+                    configs[(variant, suffix or name)] = (row, k, bundle_bytes, read)
 
-            # compiled (CUDA graphs) on a GPU; eager on the CPU, where compiling measured no faster
-            cuda = lm.device.type == "cuda"
-            return LeanDecoder(copy.deepcopy(model), lean_room, compile=cuda, static_length=lean_room)
-
-        def add(name: str, bundle, k, bundle_bytes: int, read: int, model) -> None:
-            """Every runtime's row for one configuration (bundle None: the full model)."""
-            nonlocal onnx_provider
-            if "torch" in s.runtimes:
-                configs[("torch", name)] = (torch_fn(model), k, bundle_bytes, read, None)
-            if "torch-lean" in s.runtimes:
-                configs[("torch-lean", name)] = (lean_fn(lean_decoder(model)), k, bundle_bytes, read, None)
-            for runtime, graph, quantized in _ONNX_ROWS:
-                genai = runtime == "onnx-lean" and "genai" in s.runtimes
-                if runtime in s.runtimes or genai:
-                    directory = Path(tmp) / f"{runtime}-{name}"
-                    ort_rt, size = _onnx_config(lm, directory, bundle, s.threads, s.onnx_provider, graph,
-                                                s.quantize if quantized else None)
-                    onnx_provider = ort_rt.provider
-                    if runtime in s.runtimes:
-                        configs[(runtime, name)] = (onnx_fn(ort_rt), k, bundle_bytes, read, size)
-                        if bundle is None and s.time_export:  # the full graph's prefill of the prompt
-                            prefill_times[(runtime, name)] = median_seconds(lambda: ort_rt.prefill(ids),
-                                                                          max(1, s.repeats // 2))
-                    if genai:
-                        key = ("genai", name if name != "full" else "lean full")
-                        configs[key] = (genai_fn(_genai_model(directory, s.threads)), k, bundle_bytes, read, size)
-            if "llama.cpp" in s.runtimes:
-                path = _llama_cpp_file(lm, Path(tmp) / f"llama.cpp-{name}.gguf", bundle, s.gguf_quant, s.threads)
-                llm = _LlamaCpp(path, prompt, s.threads, lean_room, Path(tmp) / "llama.cpp.log")
-                configs[("llama.cpp", name)] = (llm.decode_seconds, k, bundle_bytes, read, path.stat().st_size)
-
-        onnx_provider = None
-        prefill_times: dict[tuple[str, str], float] = {}
-        if "genai" in s.runtimes:  # its own builder's full model first: the genai rows' reference
-            graph = _genai_builder_graph(lm, Path(tmp), s.onnx_provider)
-            configs[("genai", "full")] = (genai_fn(_genai_model(graph, s.threads)), None, 0, full_read,
-                                          _graph_bytes(graph))
-        add("full", None, None, 0, full_read, base)
+        add("full", None, None, 0, full_read)
         for method, d in tqdm([(m, d) for m in s.methods for d in s.densities], desc="bundles (and graphs)",
                               leave=False):
             bundle = export_ids(lm, ids, ExportSettings(density=d, method=method))
             write_bundle(bundle, out, force=True)
-            bundle_bytes, name = out.stat().st_size, config_name(method, d)
             read = full_read - full_ff + sum(t.numel() for t in bundle.weights.values())
-            model = None
-            if "torch" in s.runtimes or "torch-lean" in s.runtimes:
-                model = TorchRuntime(LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.identity, lm.spec,
-                                                 lm.fingerprint), bundle, lean=False).lm.model
-                read = read_elements(model)
-            add(name, bundle, bundle.info.k, bundle_bytes, read, model)
+            add(config_name(method, d), bundle, bundle.info.k, out.stat().st_size, read)
+        prefill_times = {key: median_seconds(row.prefill, max(1, s.repeats // 2))
+                         for key, (row, *_) in configs.items() if row.prefill is not None and s.time_export}
 
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
-    for fn, *_ in configs.values():  # warm-up, excluded
-        fn(min(8, s.new_tokens))
-    for _ in tqdm(range(s.repeats), desc="decode repeats", leave=False):
-        for key, (fn, *_) in configs.items():
-            times[key].append(fn(s.new_tokens))
-
-    def reference(runtime: str, name: str) -> str:
-        """The row a config is compared with: the same runtime's full model (genai: our lean full graph
-        under genai for our pruned graphs, so the ratio is the pruning's alone)."""
-        return "lean full" if runtime == "genai" and name not in ("full", "lean full") else "full"
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
+        for row, *_ in configs.values():  # warm-up, excluded
+            row.decode_seconds(min(8, s.new_tokens))
+        for _ in tqdm(range(s.repeats), desc="decode repeats", leave=False):
+            for key, (row, *_) in configs.items():
+                times[key].append(row.decode_seconds(s.new_tokens))
 
     rows = []
-    for (runtime, name), (_, k, size, read, graph_bytes) in configs.items():
-        ref = reference(runtime, name)
+    for (runtime, name), (bench_row, k, size, read) in configs.items():
+        ref = bench_row.vs
         tps = s.new_tokens / statistics.median(times[(runtime, name)])
         full_tps = s.new_tokens / statistics.median(times[(runtime, ref)])
         # per-repeat ratios (each repeat times every config once, side by side): their spread
@@ -375,8 +162,8 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
             row["weight_bytes"] = read * lm.dtype.itemsize
         if len(set(ks)) > 1:  # per-layer widths (e.g. topk_refit_edges): "k" is their mean
             row["k_per_layer"] = ks
-        if graph_bytes is not None:
-            row["graph_bytes"] = graph_bytes
+        if bench_row.file_bytes is not None:
+            row["graph_bytes"] = bench_row.file_bytes
         if (runtime, name) in prefill_times:
             row["prefill_s"] = prefill_times[(runtime, name)]
         if ("llama.cpp", "full") in times:  # the tool users pick instead: llama.cpp on the full GGUF
@@ -385,16 +172,8 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
             row["vs_llama_cpp_quartiles"] = [_quantile(sorted(a / b for a, b in zip(lcpp, times[(runtime, name)])), q)
                                              for q in (0.25, 0.75)]
         rows.append(row)
-    rows.sort(key=lambda row: RUNTIMES.index(row["runtime"]))  # grouped by runtime, full model first
-    onnx_info = {}
-    if onnx_provider is not None:
-        import onnxruntime
-
-        onnx_info = {"onnxruntime": onnxruntime.__version__, "onnx_provider": onnx_provider}
-    if "genai" in s.runtimes:
-        import onnxruntime_genai
-
-        onnx_info["onnxruntime_genai"] = onnxruntime_genai.__version__
+    rows.sort(key=lambda row: list(BENCH_RUNTIMES).index(row["runtime"]))  # grouped by runtime, full model first
+    info = {key: value for row, *_ in configs.values() for key, value in row.info.items()}
     return {
         "model": lm.identity, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).replace("torch.", ""),
         "device": str(lm.device), "machine": machine(), "prompt": prompt_source,
@@ -402,23 +181,9 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         "prefill_s": prefill_s, "export_s": export_s,
         "export_over_prefill": export_s / prefill_s if s.time_export else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "runtimes": list(s.runtimes), **onnx_info, **_quant_info(s),
+        "runtimes": list(s.runtimes), **info,
         "rows": rows,
     }
-
-
-def _quant_info(s: BenchSettings) -> dict:
-    """What the 4-bit rows ran: the int4 settings, llama.cpp's file type and version."""
-    info = {}
-    if any(r.endswith("-int4") for r in s.runtimes):
-        from ..targets.onnx.int4 import describe
-
-        info["int4"] = describe(s.quantize)
-    if "llama.cpp" in s.runtimes:
-        import llama_cpp
-
-        info.update(gguf_quant=s.gguf_quant, llama_cpp_python=llama_cpp.__version__)
-    return info
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -501,7 +266,7 @@ def check_results_dir(directory: str | os.PathLike, force: bool = False) -> tupl
     paths = directory / "bench.json", directory / "bench.md"
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
-        raise GriffinError(f"{', '.join(existing)} exists; pass --force to overwrite")
+        raise GriffinError(f"{', '.join(existing)} exists; pass force=True to overwrite")
     return paths
 
 

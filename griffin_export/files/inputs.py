@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,22 @@ from typing import Iterator, Sequence
 
 from ..errors import GriffinError
 from .jsonl import parse_object, text_field
+
+# Unicode's control characters (category Cc is exactly U+0000-U+001F and U+007F-U+009F) except
+# tab, newline and carriage return, and U+FFFD, which decoders put where bytes made no text.
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
+# Above this share a "prompt" is a binary file read by mistake (3,000 NUL bytes once made a 75 s,
+# 298 MB export). Real text has next to none: the bench data (XSum, man pages, code) has zero,
+# and a log pasted with its colour escapes stays well under it.
+BINARY_SHARE = 0.10
+
+
+def check_text(text: str, name: str) -> None:
+    """Refuse a prompt that is mostly control characters: UTF-8-valid, but not text."""
+    bad = len(_NOT_TEXT.findall(text))
+    if bad > BINARY_SHARE * len(text):
+        raise GriffinError(f"prompt {name} looks binary: {round(100 * bad / len(text))}% of its characters "
+                           "are control characters")
 
 
 def read_prompt(source: str | os.PathLike) -> str:
@@ -35,6 +52,7 @@ def read_prompt(source: str | os.PathLike) -> str:
         raise GriffinError(f"prompt {name} is not valid UTF-8 (byte {e.start})") from None
     if not text.strip():
         raise GriffinError(f"prompt {name} is empty")
+    check_text(text, name)
     return text
 
 
@@ -88,7 +106,8 @@ def _jsonl(path: Path, field: str) -> Iterator[Prompt]:
                 raise GriffinError(f"{where}: not valid UTF-8 (byte {e.start})") from None
             if not line.strip():
                 continue  # blank lines (a trailing newline, say) are not prompts
-            text = text_field(parse_object(line, where), field, where, "; choose one with --field")
+            text = text_field(parse_object(line, where), field, where, "; choose one with `field`")
+            check_text(text, where)
             found = True
             yield Prompt(text, where)
     if not found:

@@ -8,12 +8,22 @@ import json
 from ..errors import GriffinError
 
 
+def json_error_text(e: json.JSONDecodeError) -> str:
+    """'invalid control character at column 25': json's own message, whose position str(e) would
+    give as 'line 1 column 25 (char 24)' (always line 1 here: the file's line is in `where`).
+    Some messages end in a dangling 'at' ('Invalid control character at'), others do not
+    ('Extra data'), so the ' at' is dropped and added back once."""
+    msg = e.msg.removesuffix(" at")
+    return f"{msg[:1].lower()}{msg[1:]} at column {e.colno}"
+
+
 def parse_object(line: str, where: str) -> dict:
     """`where` is "FILE:LINE"."""
     try:
-        obj = json.loads(line)
+        # without its line ending: an unterminated string then says so, not "invalid control character"
+        obj = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        raise GriffinError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        raise GriffinError(f"{where}: not valid JSON ({json_error_text(e)})") from None
     if not isinstance(obj, dict):
         raise GriffinError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj

@@ -21,15 +21,25 @@ def _umask() -> int:
 def check_output_path(path: str | os.PathLike, force: bool) -> Path:
     """Refuse before any heavy work: existing file without --force, missing or unwritable dir."""
     path = Path(path)
-    if path.exists() and not force:
-        raise GriffinError(f"{path} exists; pass --force to overwrite")
-    if path.is_dir():
+    if path.is_dir():  # said first: --force would not help
         raise GriffinError(f"{path} is a directory; give a file name such as {path / 'expert.safetensors'}")
+    if path.exists() and not force:
+        raise GriffinError(f"{path} exists; pass force=True to overwrite")
+    check_writable(_parent_folder(path))
+    return path
+
+
+def _parent_folder(path: Path) -> Path:
+    """The folder an output is made in, refused when it is missing or is a file."""
     parent = path.parent if str(path.parent) else Path(".")
+    for above in (parent, *parent.parents):  # the nearest one that exists says what is wrong
+        if above.exists():
+            if not above.is_dir():
+                raise GriffinError(f"{above} is a file, not a directory: {path} cannot be written under it")
+            break
     if not parent.is_dir():
         raise GriffinError(f"output directory {parent} does not exist")
-    check_writable(parent)
-    return path
+    return parent
 
 
 def check_writable(directory: Path) -> None:
@@ -64,9 +74,9 @@ def check_output_dir(path: str | os.PathLike, force: bool, marker: str) -> Path:
     path = check_folder(path, replaced=True)
     if path.exists() and any(path.iterdir()):  # an empty directory has nothing to lose
         if not force:
-            raise GriffinError(f"{path} exists; pass --force to overwrite")
+            raise GriffinError(f"{path} exists; pass force=True to overwrite")
         if not (path / marker).is_file():
-            raise GriffinError(f"{path} is not empty and holds no {marker}: not replacing it, even with --force")
+            raise GriffinError(f"{path} is not empty and holds no {marker}: not replacing it, even with force=True")
     return path
 
 
@@ -77,9 +87,7 @@ def check_folder(path: str | os.PathLike, create: bool = False, *, replaced: boo
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise GriffinError(f"{path} exists and is not a directory; give a new directory name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise GriffinError(f"output directory {parent} does not exist")
+    parent = _parent_folder(path)
     if create:
         try:
             path.mkdir(exist_ok=True)

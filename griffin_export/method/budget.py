@@ -1,4 +1,6 @@
-"""Per-layer budgets: how many neurons each layer keeps (methods `topk_refit_edges`, `topk_refit_alloc`).
+"""Per-layer budgets: how many neurons each layer keeps. The rules `uniform`, `edges` and
+`refit_error` are the methods' (registry.METHODS names them: `topk_refit_edges` uses edges,
+`topk_refit_alloc` refit_error, the others uniform).
 
 `topk_refit_edges` keeps the first two and the last layer at full width and spreads the rest of
 the same total evenly over the other layers: those layers write the most into the residual
@@ -25,10 +27,14 @@ until the total is what a uniform k would keep.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import GriffinError
+from ..model.arch import ff_blocks
+from ..model.load import LoadedModel
+from ..model.offload import param_values
 
 MIN_FRACTION = 0.125  # no layer keeps fewer than this fraction of its neurons
 STEP = 16  # neurons handed out at a time
@@ -45,6 +51,19 @@ def widths_text(k: list[int], d_ff: int | None = None) -> str:
     if len(set(k)) == 1:
         return f"{k[0]}{of} {'per layer' if d_ff else 'in every layer'}"
     return f"{min(k)}..{max(k)}{of} per layer (total {sum(k)})"
+
+
+def ff_width_text(width: int | list | None, layers: int | None, base: object = None) -> str:
+    """'32/64 per layer × 2 layers', or for per-layer widths the range and then every width."""
+    if width is None:
+        return "?"
+    widths = [int(w) for w in width] if isinstance(width, list) else [int(width)] * int(layers or 1)
+    if base not in (None, ""):  # ours: the base model's width is known
+        text = widths_text(widths, int(base))
+    else:  # widths_text's "64 in every layer" would read badly before "× N layers"
+        text = f"{widths[0]} per layer" if len(set(widths)) == 1 else widths_text(widths)
+    text += f" × {len(widths)} layers"
+    return text + (f": {','.join(map(str, widths))}" if len(set(widths)) > 1 else "")
 
 
 def k_text(row: dict) -> str:
@@ -122,3 +141,40 @@ def refit_budgets(w_downs: list[torch.Tensor], gram: torch.Tensor, scores: torch
     orders = torch.argsort(scores, dim=1, descending=True, stable=True)
     curves = [refit_error_curve(w, gram[i], orders[i], lam) for i, w in enumerate(w_downs)]
     return allocate(curves, k * len(w_downs), min_k=min(k, max(1, round(min_fraction * d))))
+
+
+# -- the rules: (BudgetInputs) -> per-layer k ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetInputs:
+    lm: LoadedModel
+    density: float
+    k: int  # the uniform k of the density
+    scores: torch.Tensor  # [L, D_ff]: what the method ranks by
+    gram: torch.Tensor | None  # [L, D_ff, D_ff]: the prefill's Gram, for refit methods
+    refit_lambda: float
+    ids: torch.Tensor | None = None  # [1, T] the prompt (None for a class): for a rule that needs more of it
+    # refuse a rule that cannot be met instead of falling back to uniform widths: a class bundle is
+    # made one at a time and its user asked for the rule; evaluation grids must run through
+    strict: bool = False
+
+
+def uniform(b: BudgetInputs) -> int:
+    return b.k
+
+
+def edges(b: BudgetInputs) -> list[int]:
+    ks = edge_budgets(b.lm.num_layers, b.lm.d_ff, b.k)
+    if b.strict and b.k < b.lm.d_ff and len(set(ks)) == 1:
+        raise GriffinError(f"topk_refit_edges cannot keep layers 0, 1 and the last whole at density {b.density}: "
+                           f"{b.lm.num_layers} layers × k={b.k} leave too few neurons for the others; use a larger "
+                           "density or topk_refit")
+    return ks
+
+
+def refit_error(b: BudgetInputs) -> list[int]:
+    if b.gram is None:
+        raise ValueError("refit_error budgets need the prefill's Gram matrices")
+    w_downs = [param_values(blk.output) for blk in ff_blocks(b.lm.model, b.lm.spec)]
+    return refit_budgets(w_downs, b.gram, b.scores, b.k, b.refit_lambda)

@@ -9,11 +9,11 @@ from typing import Iterator, Sequence
 import torch
 
 from ..bundle.experts import installed
-from ..choices import CLASS_METHODS
 from ..errors import GriffinError
 from ..model.arch import ff_blocks
 from ..model.load import LoadedModel
 from ..model.prefill import forward, new_cache
+from ..registry import CLASS_METHODS
 from .export import expert_weights
 from .selection import k_for, select_all
 from .statistic import FFStatistic, recording

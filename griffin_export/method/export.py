@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
 import torch
 
 from .. import __version__
-from ..bundle.format import WARMUP_FORMAT_VERSION, Bundle, BundleInfo
-from ..choices import REFIT, REFIT_LAMBDA
-from ..model.arch import ff_blocks, ff_param, magnitude_scores, slice_block
+from ..bundle.format import WARMUP_FORMAT_VERSION, Bundle, BundleInfo, write_bundle
+from ..files.inputs import read_prompt
+from ..files.outputs import check_output_path
+from ..model.arch import ff_blocks, ff_param, slice_block
 from ..model.decoding import decode, eos_ids
-from ..model.load import LoadedModel, dtype_name
+from ..model.load import LoadedModel, ModelFacts, ModelSource, dtype_name
 from ..model.offload import param_values
 from ..model.prefill import forward, new_cache, prefill, take_kv
 from ..model.tokens import check_context, tokenize
-from ..settings import DecodeOptions, ExportSettings
-from .budget import edge_budgets, refit_budgets
+from ..registry import method
+from ..settings import REFIT_LAMBDA, DecodeOptions, ExportSettings
+from .budget import BudgetInputs
 from .refit import refit_down
 from .selection import k_for, select_all
 from .statistic import BatchStatistic, FFStatistic, recording
@@ -72,28 +78,25 @@ def layer_scores(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *
     return method_scores(lm, settings.method, stat.scores()), cache, last_logits
 
 
-def method_scores(lm: LoadedModel, method: str, prompt_scores: torch.Tensor) -> torch.Tensor:
-    """[L, D_ff] scores a method ranks by: the prompt statistic, or `magnitude`'s static weight score."""
-    if method != "magnitude":
-        return prompt_scores
-    return torch.stack([magnitude_scores(b, lm.spec, lm.d_ff) for b in ff_blocks(lm.model, lm.spec)])
+def method_scores(lm: LoadedModel, method_name: str, prompt_scores: torch.Tensor) -> torch.Tensor:
+    """[L, D_ff] scores a method ranks by: the prompt statistic, or the method's own static score."""
+    static = method(method_name).scores
+    return prompt_scores if static is None else static(lm)
 
 
-def choose_experts(lm: LoadedModel, method: str, scores: torch.Tensor, density: float, seed: int, *,
-                   gram: torch.Tensor | None = None, refit_lambda: float = REFIT_LAMBDA,
-                   ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+def choose_experts(lm: LoadedModel, method_name: str, scores: torch.Tensor, density: float, seed: int, *,
+                   gram: torch.Tensor | None = None, refit_lambda: float = REFIT_LAMBDA, strict: bool = False,
+                   ids: torch.Tensor | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Selection and sliced weights of one method: (per-layer indices, FF tensors by name).
-    `scores` [L, D_ff] are what the method ranks by (method_scores); refit methods need `gram`."""
-    k: int | list[int] = k_for(density, lm.d_ff)
-    if method in REFIT and gram is None:
-        raise ValueError(f"{method} needs the prefill's Gram matrices")
-    if method == "topk_refit_edges":
-        k = edge_budgets(lm.num_layers, lm.d_ff, k)
-    elif method == "topk_refit_alloc":
-        w_downs = [param_values(b.output) for b in ff_blocks(lm.model, lm.spec)]
-        k = refit_budgets(w_downs, gram, scores, k, refit_lambda)
-    indices = select_all(scores, k, method, seed)
-    return indices, expert_weights(lm, indices, gram=gram if method in REFIT else None, refit_lambda=refit_lambda)
+    `scores` [L, D_ff] are what the method ranks by (method_scores); refit methods need `gram`.
+    `strict`: refuse a per-layer budget the method cannot meet instead of falling back to uniform;
+    `ids`: the prompt, for a budget rule that reads it."""
+    m = method(method_name)
+    if m.refit and gram is None:
+        raise ValueError(f"{m.name} needs the prefill's Gram matrices")
+    k = m.budget(BudgetInputs(lm, density, k_for(density, lm.d_ff), scores, gram, refit_lambda, ids, strict))
+    indices = select_all(scores, k, m.name, seed)
+    return indices, expert_weights(lm, indices, gram=gram if m.refit else None, refit_lambda=refit_lambda)
 
 
 def expert_weights(lm: LoadedModel, indices: list[torch.Tensor], *, gram: torch.Tensor | None = None,
@@ -145,13 +148,13 @@ def bundle_from_indices(lm: LoadedModel, indices: list[torch.Tensor], settings: 
 def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, progress: bool = False) -> Bundle:
     """The whole GRIFFIN export for token ids [1, T]."""
     check_context(lm.context_length, ids.shape[1], warmup=settings.warmup)
-    refit = settings.method in REFIT
+    refit = method(settings.method).refit
     stat, cache, last_logits = prompt_statistic(lm, ids, chunk_size=settings.chunk_size, gram=refit, progress=progress,
                                                 then=settings.warmup)
     warm, last_logits = warm_up(lm, stat, cache, last_logits, settings.warmup)
     indices, weights = choose_experts(lm, settings.method, method_scores(lm, settings.method, stat.scores()),
                                       settings.density, settings.seed, gram=stat.gram,
-                                      refit_lambda=settings.refit_lambda)
+                                      refit_lambda=settings.refit_lambda, ids=ids)
     extra = {"refit_lambda": str(settings.refit_lambda)} if refit else None
     bundle = bundle_from_indices(lm, indices, settings, prompt_tokens=ids.shape[1], weights=weights, extra=extra)
     bundle.prompt_ids = ids[0].cpu()
@@ -169,3 +172,28 @@ def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, 
 def export_prompt(lm: LoadedModel, text: str, settings: ExportSettings | None = None, *, progress: bool = False) -> Bundle:
     settings = settings or ExportSettings()
     return export_ids(lm, tokenize(lm, text, chat=settings.chat), settings, progress=progress)
+
+
+def precheck(source: ModelSource, densities: Sequence[float] = ()) -> ModelFacts:
+    """What can be refused before any weights load: the device, the architecture (config.json or the
+    GGUF header), and densities that keep no neuron of the model's FF width."""
+    facts = source.peek()
+    if facts.d_ff:
+        for d in densities:
+            k_for(d, facts.d_ff)
+    return facts
+
+
+def export_file(prompt: str | os.PathLike, output: str | os.PathLike, settings: ExportSettings | None = None,
+                source: ModelSource | None = None, *, force: bool = False, progress: bool = False,
+                report: Callable[[str], None] | None = None) -> tuple[Path, Bundle]:
+    """A prompt file (or "-" for stdin) exported to a bundle file, everything that can be refused
+    refused before the model loads: the output, the prompt, the device, the architecture, the density."""
+    settings, source = settings or ExportSettings(), source or ModelSource()
+    check_output_path(output, force)
+    text = read_prompt(prompt)
+    precheck(source, [settings.density])
+    if report is not None:
+        report(f"loading model {source.model or 'default (SmolLM2-135M-Instruct)'} ...")
+    bundle = export_prompt(source.load(quiet=not progress), text, settings, progress=progress)
+    return write_bundle(bundle, output, force=force), bundle

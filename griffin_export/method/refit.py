@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..choices import REFIT_LAMBDA
+from ..settings import REFIT_LAMBDA
 
 
 def refit_down(w_down: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, lam: float = REFIT_LAMBDA) -> torch.Tensor:

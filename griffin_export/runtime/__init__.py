@@ -1,1 +1,3 @@
-"""Runtimes that decode with a bundle: PyTorch here, ONNX Runtime in onnx.py."""
+"""Decoding with a bundle (registry.RUNTIMES): PyTorch (pytorch.py, the lean step in lean.py), ONNX Runtime
+(onnx.py), onnxruntime-genai and llama.cpp (benchmark rows); one generate loop and batching (base.py), answers
+files (answers.py), and what each gives the speed benchmark (timing.py)."""

@@ -15,12 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from tqdm.auto import tqdm
+
+from ..bundle.format import read_metadata
 from ..errors import GriffinError
+from ..files.inputs import iter_prompts
 from ..files.jsonl import parse_object
+from ..files.outputs import check_output_path
 from ..model.decoding import Generation
+from ..settings import DecodeOptions, RuntimeOptions, plural
+from .base import BatchStats, open_runtime
 
 
 def digest(*parts: object) -> str:
@@ -54,7 +63,7 @@ def finished(path: str | os.PathLike, texts: Sequence[str], run: str) -> set[int
                                "the answers file of other inputs")
         if row.get("run") != run:
             raise GriffinError(f"{where}: was generated with another bundle or other decoding settings; resume with "
-                               "the same ones (or --force to start over)")
+                               "the same ones (or force=True to start over)")
         done.add(index)
     return done
 
@@ -77,3 +86,60 @@ class AnswerWriter:
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
+
+
+@dataclass
+class AnswersRun:
+    """What generate_file did: answers written this run, kept from before, their tokens and times."""
+
+    path: Path
+    written: int
+    kept: int
+    stats: BatchStats
+    seconds: float
+
+
+def generate_file(bundle: str | os.PathLike, prompts: str | os.PathLike, output: str | os.PathLike,
+                  options: RuntimeOptions | None = None, decode: DecodeOptions | None = None, *,
+                  field: str = "prompt", batch_size: int = 8, resume: bool = False, force: bool = False,
+                  progress: bool = False, quiet: bool = True, report: Callable[[str], None] | None = None) -> AnswersRun:
+    """Every prompt of a JSONL file (`field` of each line) generated with the bundle's experts,
+    `batch_size` at a time, each answer appended to `output` as it finishes; with `resume`, the
+    answers already in `output` (of the same prompts, bundle and settings) are kept and the rest
+    generated. Every line of the input is checked before any model work."""
+    options, decode = options or RuntimeOptions(), decode or DecodeOptions()
+    if resume and force:
+        raise GriffinError("resume=True keeps the answers in the output, force=True overwrites them: choose one")
+    if options.compile:
+        raise GriffinError("compile=True compiles the batch-1 lean step; batches run it uncompiled")
+    items = list(iter_prompts([prompts], field))
+    texts = [p.text for p in items]
+    meta, _ = read_metadata(bundle)
+    # what makes an answer: the bundle (its metadata names model, experts and settings) and how it decodes
+    run = digest(meta, decode.__dict__, options.pruned_prefill, options.runtime)
+    out = Path(output)
+    done = finished(out, texts, run) if resume and out.exists() else set()
+    if not resume:
+        check_output_path(out, force)
+    todo = [i for i in range(len(items)) if i not in done]
+    if report is not None:
+        report(f"{plural(len(items), 'prompt')}, {len(done)} answered already")
+    rt = open_runtime(bundle, options, new_prompts=True, quiet=quiet)
+    writer = AnswerWriter(out, run, append=resume)
+    stats = BatchStats()
+    bar = tqdm(total=len(todo), desc="generate", unit="prompt", disable=not progress)
+    t0 = time.perf_counter()
+
+    def on_done(j: int, gen: Generation) -> None:
+        i = todo[j]
+        writer.write(i, items[i].where, texts[i], gen)
+        bar.update(1)
+        bar.set_postfix_str(f"{stats.decode_tok_s(time.perf_counter() - t0):.1f} tok/s decoding")
+
+    try:
+        rt.generate_batch([texts[i] for i in todo], decode, batch_size=batch_size, on_done=on_done,
+                          names=[items[i].where for i in todo], stats=stats)
+    finally:
+        bar.close()
+        writer.close()
+    return AnswersRun(out, len(todo), len(done), stats, time.perf_counter() - t0)

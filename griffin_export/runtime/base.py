@@ -11,14 +11,18 @@ batches: `start_batch(list of ids, max_new_tokens)` -> (state, logits [B, vocab]
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from ..bundle.format import Bundle
+from ..bundle.format import Bundle, read_bundle, read_info
 from ..errors import GriffinError
 from ..model.decoding import Continuation, Generation, decode
-from ..settings import DecodeOptions
+from ..registry import runtime
+from ..settings import DecodeOptions, RuntimeOptions, require_runtime
 
 
 def left_padded(batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -33,6 +37,18 @@ def left_padded(batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, 
         ids[b, T - lengths[b]:] = x[0].cpu()
         mask[b, T - lengths[b]:] = 1
     return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+@dataclass
+class BatchStats:
+    """Where a batched generation's time went: the prompts' prefills and the decoding."""
+
+    prefill_s: float = 0.0
+    tokens: int = 0  # decoded so far, by the sequences that finished
+
+    def decode_tok_s(self, elapsed_s: float) -> float:
+        """Tokens per second of decoding, given the seconds since the generation started."""
+        return self.tokens / max(elapsed_s - self.prefill_s, 1e-9)
 
 
 class Runtime:
@@ -83,7 +99,7 @@ class Runtime:
 
     def generate_batch(self, prompts: Sequence[str | torch.Tensor], opts: DecodeOptions | None = None, *,
                        batch_size: int = 8, on_done: Callable[[int, Generation], None] | None = None,
-                       names: Sequence[str] | None = None) -> list[Generation]:
+                       names: Sequence[str] | None = None, stats: BatchStats | None = None) -> list[Generation]:
         """Every prompt (text, or ids [1, T]) prefilled and decoded with the bundle's experts,
         `batch_size` at a time in input order: each batch is prefilled together (left-padded,
         masked), then decoded together; a sequence that finishes (eos, stop string, its token
@@ -91,7 +107,8 @@ class Runtime:
         is each prompt's alone (up to float rounding in near ties); sampling gives every sequence
         its own generator seeded with opts.seed. `on_done(index, generation)` as each finishes.
         Every prompt is checked against the context before any prefill (errors name it by
-        `names[i]`, e.g. "file.jsonl:4", else by index)."""
+        `names[i]`, e.g. "file.jsonl:4", else by index). `stats`, where given, adds up the seconds
+        spent prefilling and decoding and the tokens decoded, as they happen."""
         opts = opts or DecodeOptions()
         if batch_size < 1:
             raise GriffinError(f"batch size must be >= 1, got {batch_size}")
@@ -107,7 +124,10 @@ class Runtime:
         results: list[Generation | None] = [None] * len(ids)
         for first in range(0, len(ids), batch_size):
             rows = list(range(first, min(first + batch_size, len(ids))))
+            t0 = time.perf_counter()
             state, logits = self.start_batch([ids[r] for r in rows], opts.max_new_tokens)
+            if stats is not None:
+                stats.prefill_s += time.perf_counter() - t0
             seqs = {r: Continuation(opts, tokenizer=self.tokenizer, eos=self.eos) for r in rows}
             while rows:
                 keep, tokens = [], []
@@ -115,6 +135,8 @@ class Runtime:
                     tok = seqs[r].advance(logits[j])
                     if tok is None:
                         results[r] = seqs[r].result
+                        if stats is not None:
+                            stats.tokens += len(seqs[r].result.token_ids)
                         if on_done is not None:
                             on_done(r, seqs[r].result)
                     else:
@@ -124,3 +146,26 @@ class Runtime:
                     logits = self.step_batch(state, tokens, keep)
                 rows = [rows[j] for j in keep]
         return results  # type: ignore[return-value]
+
+
+def open_runtime(bundle: str | os.PathLike | Bundle, options: RuntimeOptions | None = None, *,
+                 new_prompts: bool = False, max_new_tokens: int | None = None, quiet: bool = True) -> Runtime:
+    """A bundle on the runtime `options.runtime` names (registry.RUNTIMES, its module's `load`), for
+    generating from the bundle's own prompt or, with new_prompts, from new ones. The bundle is read and
+    checked whole before anything loads (its KV only where it will be used); with max_new_tokens the
+    bundle's own prompt is checked to leave room for them, before the weights load where it can be.
+
+        rt = open_runtime("expert.safetensors", RuntimeOptions(runtime="onnx", graph_dir="expert_onnx/"))
+        print(rt.generate(DecodeOptions(max_new_tokens=64)).text)
+    """
+    options = options or RuntimeOptions()
+    require_runtime(options.runtime, f"the {options.runtime} runtime")
+    source = "bundle" if isinstance(bundle, Bundle) else str(bundle)
+    if not isinstance(bundle, Bundle):
+        info = read_info(bundle)
+        if info.kind == "class" and not new_prompts:
+            raise GriffinError(f"{source} is a class bundle ({info.extra.get('class', '?')}): it has no prompt of its "
+                               "own; give it new prompts")
+        bundle = read_bundle(bundle, load_kv=not (new_prompts or options.pruned_prefill))
+    return runtime(options.runtime).code().load(bundle, options, new_prompts=new_prompts,
+                                               max_new_tokens=max_new_tokens, source=source, quiet=quiet)

@@ -28,17 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GriffinError
-from ..model.arch import (
-    FFBlock,
-    FFSpec,
-    attention_shape,
-    attention_window,
-    ff_blocks,
-    lean_gap,
-    rotary_table,
-    sliding_layers,
-    spec_for,
-)
+from ..model.arch import (FFBlock, FFSpec, attention_shape, attention_window, ff_blocks, lean_gap, rotary_table,
+                          sliding_layers, spec_for)
 
 
 def covers(model: nn.Module) -> bool:

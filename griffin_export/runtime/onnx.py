@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -25,20 +27,14 @@ import numpy as np
 import torch
 
 from ..bundle.format import Bundle, read_bundle
-from ..choices import PROVIDERS
 from ..errors import GriffinError
 from ..model.tokens import check_generation_fits, encode
-from ..settings import one_of
-from ..targets.onnx.graph import (
-    PAST,
-    PRESENT,
-    Graph,
-    GraphInfo,
-    check_graph_bundle,
-    read_graph,
-)
+from ..registry import one_of
+from ..settings import PROVIDERS, RuntimeOptions
+from ..targets.onnx.graph import PAST, PRESENT, Graph, GraphInfo, check_graph_bundle, read_graph
 from ..targets.onnx.int4 import quantize_for_swap
 from .base import Runtime, left_padded
+from .timing import BenchContext, BenchRow, greedy_seconds
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # logits elements one batched prefill run of a lean graph may return (it computes every position's):
@@ -238,7 +234,7 @@ class _LeanSession(_Session):
 
         if length > self.max_length:
             raise GriffinError(f"the cache holds {length} tokens; graph {self.graph.source} has a KV buffer of "
-                               f"{self.max_length} positions (export it with a larger --max-length)")
+                               f"{self.max_length} positions (export it with a larger `max_length`)")
         dtype = _NP_DTYPES[self.graph.info.dtype]
         hosts = []
         for i in range(2 * self.graph.info.num_layers):
@@ -305,7 +301,7 @@ class _LeanSession(_Session):
         end = state.length + s
         if end > self.max_length:
             raise GriffinError(f"{end} tokens do not fit graph {self.graph.source}'s KV buffer of "
-                               f"{self.max_length} positions (export it with a larger --max-length)")
+                               f"{self.max_length} positions (export it with a larger `max_length`)")
         io = self._binding(state)
         if self.static and s == 1:  # the decode step: fixed addresses and shapes, values updated in place
             self._ids.update_inplace(np.ascontiguousarray(ids, dtype=np.int64))
@@ -377,16 +373,18 @@ class OnnxRuntime(Runtime):
         if self.full is not None:
             f = self.full.info
             if f.kind != "full":
-                raise GriffinError(f"{self.full.source} is a {f.kind} graph; prefill needs one exported with --full")
+                raise GriffinError(f"{self.full.source} is a {f.kind} graph; prefill needs a graph of the full model "
+                                   "(griffin-export onnx --full)")
             if (f.base_fingerprint, f.num_layers, f.dtype) != (info.base_fingerprint, info.num_layers, info.dtype):
                 raise GriffinError(f"full graph {self.full.source} is from {f.base_model} ({f.dtype}, fingerprint "
                                    f"{f.base_fingerprint[:16]}); graph {self.graph.source} is from {info.base_model} "
                                    f"({info.dtype}, fingerprint {info.base_fingerprint[:16]})")
             if (f.layout, f.max_length) != (info.layout, info.max_length):
                 raise GriffinError(f"full graph {self.full.source} is {_layout_text(f)}; graph {self.graph.source} is "
-                                   f"{_layout_text(info)}: export both with the same --graph and --max-length")
+                                   f"{_layout_text(info)}: export both with the same `graph` and `max_length`")
         if info.layout == "lean" and info.batch_size != 1:
             raise GriffinError(f"graph {self.graph.source} was built for batch {info.batch_size}; this runtime decodes batch 1")
+        self.requested_provider = provider
         self.provider, self.provider_reason = choose_provider(provider)
         overrides = _overrides(self.graph, bundle) if bundle is not None else None
         if (cuda_graph or static) and info.layout != "lean":
@@ -405,9 +403,12 @@ class OnnxRuntime(Runtime):
         self.eos = set(info.eos_token_ids)
 
     def describe(self) -> str:
+        """The runtime in a line. Why the CUDA provider did not run is said only where a GPU was asked
+        for: on a CPU machine, `auto` choosing the CPU is no news."""
         import onnxruntime as ort
 
-        return f"ONNX Runtime {ort.__version__}, {self.provider} ({self.provider_reason})"
+        why = f" ({self.provider_reason})" if self.requested_provider != "auto" or self.provider == CUDA else ""
+        return f"ONNX Runtime {ort.__version__}, {self.provider}{why}"
 
     # -- cache ------------------------------------------------------------------------------
 
@@ -444,8 +445,8 @@ class OnnxRuntime(Runtime):
         check_generation_fits(prompt_tokens, max_new_tokens, self.graph.info.context_length or None)
         tokens, n = prompt_tokens + max_new_tokens, self.graph.info.max_length
         if n and tokens > n:
-            raise GriffinError(f"prompt + --max-new-tokens is {tokens} tokens; graph {self.graph.source} has a KV "
-                               f"buffer of {n} positions (export it with --max-length {tokens} or more)")
+            raise GriffinError(f"prompt + `max_new_tokens` is {tokens} tokens; graph {self.graph.source} has a KV "
+                               f"buffer of {n} positions (export it with max_length={tokens} or more)")
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -454,8 +455,8 @@ class OnnxRuntime(Runtime):
         session = self._decoder if self.pruned_prefill else self._prefill
         if session is None:
             raise GriffinError("a new prompt (or a bundle without KV) needs the full model for prefill: export it with "
-                               "`griffin-export onnx --full -o DIR` and pass that graph as full=DIR (--onnx-full DIR), "
-                               "or prefill through the experts with pruned_prefill (--pruned-prefill)")
+                               "`griffin-export onnx --full -o DIR` and pass full_graph_dir=DIR, or prefill through the "
+                               "experts with pruned_prefill=True")
         ctx = self.graph.info.context_length
         if ctx and ids.shape[1] + 1 > ctx:
             raise GriffinError(f"prompt has {ids.shape[1]} tokens; the model's context is {ctx} (leave room to generate)")
@@ -491,7 +492,7 @@ class OnnxRuntime(Runtime):
 
     def _start_lean_batch(self, session: _LeanSession, batch: list[torch.Tensor], max_new_tokens: int):
         if self._decoder.static:
-            raise GriffinError("CUDA graphs capture the batch-1 decode step; generate batches without --cuda-graph")
+            raise GriffinError("CUDA graphs capture the batch-1 decode step; generate batches without cuda_graph=True")
         lengths = np.array([int(x.shape[1]) for x in batch], np.int64)
         columns = int(lengths.max()) + max_new_tokens
         # the graph's logits cover every position: bound what one prefill run returns
@@ -578,3 +579,66 @@ def load_onnx_runtime(graph: str | os.PathLike, bundle: str | os.PathLike | Bund
         bundle = read_bundle(bundle, load_kv=not (new_prompts or pruned_prefill))
     return OnnxRuntime(graph, bundle, full=full, provider=provider, threads=threads, source=source,
                        pruned_prefill=pruned_prefill, cuda_graph=cuda_graph)
+
+
+def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, max_new_tokens: int | None = None,
+         source: str = "bundle", quiet: bool = True) -> OnnxRuntime:
+    """The registry's loader (runtime/base.open_runtime). A new prompt needs a prefill, by the full
+    model's graph or through the experts: refused before any session is made (seconds) without one."""
+    if (new_prompts or not bundle.info.has_kv) and options.full_graph_dir is None and not options.pruned_prefill:
+        raise GriffinError("a new prompt (or a bundle without KV) needs the full model for its prefill: export it with "
+                           "`griffin-export onnx --full -o DIR` and pass full_graph_dir=DIR, or prefill through the experts "
+                           "with pruned_prefill=True")
+    rt = load_onnx_runtime(options.graph_dir, bundle, full=options.full_graph_dir, provider=options.provider,
+                           new_prompts=new_prompts, pruned_prefill=options.pruned_prefill, threads=options.threads,
+                           source=source)
+    if not new_prompts and max_new_tokens is not None:
+        rt.check_room(bundle.info.prompt_tokens, max_new_tokens)
+    if not quiet:
+        print(rt.describe(), file=sys.stderr)
+    return rt
+
+
+# -- the speed benchmark's rows (runtime/timing.py) ----------------------------------------------
+
+
+def bench_graph(ctx: BenchContext, bundle: Bundle | None, layout: str, int4: bool) -> Path:
+    """The graph a row runs (the full model's where bundle is None), exported once per benchmark:
+    onnxruntime-genai's rows run the same lean graphs as onnx-lean's."""
+    from ..targets.onnx.export import export_onnx
+
+    def make() -> Path:
+        directory = Path(tempfile.mkdtemp(dir=ctx.tmp, prefix=f"{layout}{'-int4' if int4 else ''}-"))
+        export_onnx(ctx.lm, directory, bundle, graph=layout, quantize=ctx.settings.quantize if int4 else None)
+        return directory
+
+    return ctx.once(("onnx-graph", layout, int4, id(bundle)), make)
+
+
+def graph_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.name.startswith("model.onnx"))
+
+
+def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None) -> dict[str, BenchRow]:
+    """onnx / onnx-lean: the traced / lean graph; -int4: the same with 4-bit MatMuls. On a GPU the
+    lean graph's decode step is a captured CUDA graph (its buffers are fixed); the full model's graph
+    prefills through its own session (pruned_prefill: no second session)."""
+    import onnxruntime
+
+    from ..targets.onnx.int4 import describe
+
+    s = ctx.settings
+    layout, int4 = ("lean" if "lean" in variant else "traced"), variant.endswith("-int4")
+    directory = bench_graph(ctx, bundle, layout, int4)
+    rt = OnnxRuntime(directory, None, provider=s.onnx_provider, threads=s.threads,
+                     cuda_graph=layout == "lean" and s.onnx_provider == "cuda", pruned_prefill=bundle is None)
+
+    def seconds(n: int) -> float:  # from a fresh copy of the prompt's KV
+        state = rt.state_from_kv(ctx.kv, ctx.prompt_len)
+        return greedy_seconds(lambda t: rt.step(state, t), ctx.first, n)
+
+    prefill = (lambda: rt.prefill(ctx.ids)) if bundle is None else None
+    info = {"onnxruntime": onnxruntime.__version__, "onnx_provider": rt.provider}
+    if int4:
+        info["int4"] = describe(s.quantize)
+    return {"": BenchRow(seconds, graph_bytes(directory), prefill, info=info)}

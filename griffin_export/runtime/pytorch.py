@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -14,22 +16,16 @@ import torch
 
 from ..bundle.experts import check_bundle, check_fresh, install
 from ..bundle.format import Bundle, kv_layout_of, read_bundle
-from ..choices import CHUNK_SIZE
 from ..errors import GriffinError
 from ..model.arch import attention_shape, ff_blocks, ff_modules, swapped
 from ..model.decoding import eos_ids
-from ..model.load import LoadedModel, load_model
-from ..model.prefill import (
-    cache_kwarg,
-    cache_tensors,
-    forward,
-    new_cache,
-    prefill,
-    restore_cache,
-)
+from ..model.load import LoadedModel, check_device, load_model, peek_architecture
+from ..model.prefill import cache_kwarg, cache_tensors, forward, new_cache, prefill, restore_cache
 from ..model.tokens import check_context, check_generation_fits, tokenize
+from ..settings import CHUNK_SIZE, RuntimeOptions
 from .base import Runtime, left_padded
 from .lean import LeanBatch, LeanDecoder, covers
+from .timing import BenchContext, BenchRow, greedy_seconds
 
 
 def _check_bundle_tensors(lm: LoadedModel, bundle: Bundle, source: str) -> None:
@@ -205,3 +201,49 @@ def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | 
     keep_full = (new_prompts or bundle.kv is None) and not pruned_prefill
     return TorchRuntime(model, bundle, keep_full=keep_full, source=source, pruned_prefill=pruned_prefill, lean=lean,
                         compile=compile)
+
+
+def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, max_new_tokens: int | None = None,
+         source: str = "bundle", quiet: bool = True) -> TorchRuntime:
+    """The registry's loader (runtime/base.open_runtime): what can be refused without the weights
+    is refused first, the device and, for the bundle's own prompt, its room in the model's context."""
+    check_device(options.device)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    base = options.model or bundle.info.base_model
+    if not new_prompts and max_new_tokens is not None:  # the context is in the config: no weights needed
+        ctx = peek_architecture(base, options.gguf_file).context_length
+        check_generation_fits(bundle.info.prompt_tokens, max_new_tokens, ctx)
+    if not quiet:
+        print(f"loading base model {base} ...", file=sys.stderr)
+    rt = load_runtime(bundle, options.model, gguf_file=options.gguf_file, device=options.device,
+                      new_prompts=new_prompts, pruned_prefill=options.pruned_prefill, lean=options.lean,
+                      compile=options.compile, source=source, quiet=quiet)
+    rt.prepare()  # the lean step's one-time packing, before any timed decode
+    return rt
+
+
+# -- the speed benchmark's rows (runtime/timing.py) ----------------------------------------------
+
+
+def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None) -> dict[str, BenchRow]:
+    """torch: transformers' forward per step; torch-lean: the lean step (compiled on a GPU, where it
+    uses CUDA graphs; eager on a CPU, where compiling measured no faster). Each on its own copy of
+    the full model, with the bundle's experts installed where there is one."""
+    lm = ctx.lm
+    model = LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.identity, lm.spec, lm.fingerprint)
+    if bundle is not None:
+        model = TorchRuntime(model, bundle, lean=False).lm
+    net, device = model.model, model.device
+    if variant == "torch-lean":
+        lean = LeanDecoder(net, ctx.room, compile=device.type == "cuda", static_length=ctx.room)
+
+        def seconds(n: int) -> float:
+            lean.load_cache(ctx.kv, ctx.prompt_len)
+            return greedy_seconds(lean.step, ctx.first, n, lean.device)
+    else:
+        def seconds(n: int) -> float:  # from a fresh copy of the prompt's KV
+            cache = restore_cache(net, [(k.clone(), v.clone()) for k, v in ctx.kv], ctx.prompt_len)
+            return greedy_seconds(lambda t: forward(net, torch.tensor([[t]], device=device), cache)[-1],
+                                  ctx.first, n, device)
+    return {"": BenchRow(seconds)}

@@ -11,6 +11,7 @@ computes with `pruned_prefill=True`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..bundle.format import Bundle, BundleInfo, read_bundle
 from ..errors import GriffinError
 from ..files.outputs import atomic_dir, check_output_dir
 from ..model.arch import spec_for
+from ..method.budget import ff_width_text
 from ..model.load import LoadedModel, load_model
 
 CHECKPOINT_FORMAT = "griffin-checkpoint"
@@ -29,8 +31,8 @@ def uniform_k(info: BundleInfo, source: str, attr: str) -> int:
     if len(set(info.k)) != 1:
         raise GriffinError(
             f"{source}: k differs between layers ({min(info.k)}..{max(info.k)}); a Hugging Face config has one "
-            f"{attr} for every layer, so this bundle cannot become a standalone checkpoint; `griffin-export onnx` "
-            "takes per-layer widths (a GGUF export does not exist yet)"
+            f"{attr} for every layer, so this bundle cannot become a Hugging Face checkpoint; a GGUF "
+            "(`griffin-export checkpoint --gguf`) or an ONNX graph (`griffin-export onnx`) takes per-layer widths"
         )
     return info.k[0]
 
@@ -83,3 +85,83 @@ def write_checkpoint(bundle: str | os.PathLike | Bundle, output: str | os.PathLi
         model = load_model(model or bundle.info.base_model, gguf_file=gguf_file, dtype=bundle.info.dtype,
                            device=device, quiet=quiet)
     return save_checkpoint(model, bundle, output, force=force, source=source)
+
+
+# -- Hugging Face checkpoint directories (checkpoint -o DIR, or any model folder) ---------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _read_config(directory: Path) -> dict:
+    f = directory / "config.json"
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GriffinError(f"{f} is not a readable JSON config: {e}") from None
+    if not isinstance(config, dict):
+        raise GriffinError(f"{f} is not a model config: it holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict:
+    """A model directory: config.json and the weight files' sizes (no weights read), with the
+    provenance block that checkpoint writes into config.json if it came from a bundle."""
+    from ..model.arch import ARCHITECTURES
+
+    directory = Path(path)
+    config = _read_config(directory)
+    arch = config.get("model_type")
+    spec = ARCHITECTURES.get(arch)
+    ff_attr = spec.d_ff_attr if spec else "intermediate_size"  # OPT calls it ffn_dim
+    files = {f.name: f.stat().st_size for f in sorted(directory.iterdir()) if f.suffix in WEIGHT_SUFFIXES}
+    griffin = config.get(CONFIG_KEY)
+    return {
+        "file": str(directory),
+        "format": "hf-checkpoint",
+        "architecture": arch,
+        "dtype": config.get("dtype") or config.get("torch_dtype"),  # transformers 5 / 4 spelling
+        "layers": config.get("num_hidden_layers"),
+        "hidden_size": config.get("hidden_size"),
+        "ff_attr": ff_attr,
+        "ff_width": config.get(ff_attr),  # one number, or one per layer
+        "context_length": config.get(spec.context_attr if spec else "max_position_embeddings"),
+        "weights": {"files": files, "bytes": sum(files.values())},
+        "tokenizer": [n for n in TOKENIZER_FILES if (directory / n).is_file()],
+        "griffin": griffin if isinstance(griffin, dict) else None,
+    }
+
+
+def format_checkpoint(s: dict) -> str:
+    g = s["griffin"] or {}
+    b = g.get("bundle") or {}
+    w = s["weights"]
+    files = ", ".join(f"{name} {size:,} bytes" for name, size in w["files"].items()) or "none found"
+    pruned = " (pruned by griffin-export)" if g else ""
+    lines = [
+        f"{s['file']}: Hugging Face checkpoint{pruned}, {w['bytes']:,} bytes of weights",
+        (f"  architecture {s['architecture'] or '?'}, {s['dtype'] or '?'}, {s['layers'] or '?'} layers, "
+         f"hidden {s['hidden_size'] or '?'}, context {s['context_length'] or '?'}"),
+        f"  FF width     {s['ff_attr']} {ff_width_text(s['ff_width'], s['layers'], g.get('base_d_ff'))}",
+        f"  weights      {files}",
+        f"  tokenizer    {', '.join(s['tokenizer']) or 'none (give one when loading)'}",
+    ]
+    if g:
+        lines += [
+            f"  base model   {g.get('base_model', '?')}",
+            f"  fingerprint  {g.get('base_fingerprint', '?')}",
+            (f"  bundle       {g.get('bundle_file', '?')}: {b.get('kind', 'prompt')} bundle, {b.get('method', '?')}, "
+             f"density {b.get('density', '?')}, {b.get('prompt_tokens', '?')} prompt tokens, "
+             f"griffin-export {b.get('tool_version') or '?'}"),
+        ]
+    return "\n".join(lines)
+
+
+def owns(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def describe(path: str | os.PathLike) -> tuple[dict, str]:
+    """(summary, text) of a model directory from config.json and its files' sizes (griffin-export inspect)."""
+    s = describe_checkpoint(path)
+    return s, format_checkpoint(s)

@@ -18,17 +18,23 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from ..bundle.format import Bundle
-from ..choices import GGUF_QUANTS
+from ..bundle.experts import check_bundle
+from ..bundle.format import Bundle, BundleInfo, read_bundle, read_info
 from ..errors import GriffinError
 from ..files.outputs import atomic_output, check_output_path
+from ..method.budget import ff_width_text
 from ..model.arch import spec_for
-from ..settings import check_gguf_quant, require_llama_cpp
+from ..model.load import load_model, resolve_model
+from ..settings import GGUF_QUANT, GGUF_QUANTS, check_gguf_quant, require_llama_cpp
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 KEY_PREFIX = "griffin."  # the provenance keys this writer adds
 _SKIP = ("GGUF.", "general.architecture", "general.file_type")  # written by GGUFWriter / set below
@@ -38,7 +44,7 @@ def check_architecture(architecture: str) -> None:
     """Refuse, before any work, a bundle whose architecture llama.cpp does not run."""
     if not spec_for(architecture).llama_cpp:
         raise GriffinError(f"llama.cpp does not run {architecture!r} models, so there is no GGUF to write; "
-                           "write a Hugging Face checkpoint (without --gguf) or an ONNX graph instead")
+                           "write a Hugging Face checkpoint or an ONNX graph instead")
 
 
 def _field_value(field):
@@ -168,15 +174,13 @@ def llama_quantize(src: Path, dst: Path, quant: str, threads: int | None = None)
         log.unlink(missing_ok=True)
 
 
-def base_gguf(model: str | None, gguf_file: str | None, info) -> Path:
+def base_gguf(model: str | None, gguf_file: str | None, info: BundleInfo | None) -> Path:
     """The base model's GGUF file, or a one-line refusal for a Hugging Face directory."""
-    from ..model.load import resolve_model
-
     directory, name, _ = resolve_model(model or info.base_model, gguf_file)
     if name is None:
-        raise GriffinError(f"--gguf carries the tokenizer and settings over from a GGUF base model; the base "
+        raise GriffinError(f"a GGUF export carries the tokenizer and settings over from a GGUF base model; the base "
                            f"{model or info.base_model} is a Hugging Face directory (convert it with llama.cpp's "
-                           "convert_hf_to_gguf.py and pass --model FILE.gguf)")
+                           "convert_hf_to_gguf.py and pass model=FILE.gguf)")
     return directory / name
 
 
@@ -198,3 +202,130 @@ def write_pruned_gguf(bundle: Bundle, base: Path, output: str | os.PathLike, qua
                 pruned_gguf_f32(bundle, base, f32, source=source, progress=progress)
                 llama_quantize(f32, tmp, quant, threads)
     return output
+
+
+def export_gguf(bundle: str | os.PathLike, output: str | os.PathLike, *, model: str | None = None,
+                gguf_file: str | None = None, quant: str = GGUF_QUANT, threads: int | None = None, force: bool = False,
+                progress: bool = False, report: Callable[[str], None] | None = None) -> Path:
+    """A bundle file as one pruned GGUF at `output`: its base GGUF (`model`, else the one the bundle
+    records) is checked against the bundle by fingerprint, then written with the bundle's FF weights
+    and quantized by llama.cpp. Everything that can be refused without the model is refused first."""
+    info = read_info(bundle)
+    check_architecture(info.architecture)
+    check_gguf_quant(quant)
+    check_output_path(output, force)
+    if quant != "F32":
+        require_llama_cpp()
+    base = base_gguf(model, gguf_file, info)
+    if report is not None:
+        report(f"checking {base.name} against the bundle ...")
+    lm = load_model(str(base), dtype=info.dtype, quiet=not progress)
+    check_bundle(lm, info, str(bundle))  # the same base model, by fingerprint
+    del lm
+    return write_pruned_gguf(read_bundle(bundle, load_kv=False), base, output, quant, force=force, threads=threads,
+                             source=str(bundle), progress=progress)
+
+
+# -- GGUF files (GGUFReader maps the file and parses the header and tensor table, no tensor data) --
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: Path) -> bool:
+    """By suffix, or by magic for a GGUF named otherwise (a corrupt .gguf is then refused as GGUF)."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False  # the bundle path names what is wrong with it
+
+
+def _gguf_reader(path: Path) -> GGUFReader:
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise GriffinError(f"GGUF file {path} does not exist")
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure of the user's file is a bad input
+        raise GriffinError(f"{path} is not a valid GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                           ) from None
+
+
+def _gguf_file_type(value: int | None) -> str | None:
+    """general.file_type as the name llama.cpp's tools use: 3 -> Q4_1, 0 -> F32."""
+    from gguf import LlamaFileType
+
+    if value is None:
+        return None
+    try:
+        name = LlamaFileType(int(value)).name
+    except ValueError:
+        return f"unknown ({value})"
+    return name.partition("_")[2] or name  # MOSTLY_Q4_1 -> Q4_1, ALL_F32 -> F32
+
+
+def describe_gguf(path: str | os.PathLike) -> dict:
+    """A GGUF file, ours (checkpoint --gguf: with the griffin.* provenance keys) or any other."""
+
+    path = Path(path)
+    reader = _gguf_reader(path)
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    arch = value("general.architecture")
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    return {
+        "file": str(path),
+        "file_bytes": path.stat().st_size,
+        "format": "gguf",
+        "gguf_version": value("GGUF.version"),
+        "architecture": arch,
+        "name": value("general.name"),
+        "file_type": _gguf_file_type(value("general.file_type")),
+        "layers": value(f"{arch}.block_count"),
+        "hidden_size": value(f"{arch}.embedding_length"),
+        "feed_forward_length": value(f"{arch}.feed_forward_length"),  # one number, or one per layer
+        "context_length": value(f"{arch}.context_length"),
+        "metadata_keys": sum(not k.startswith("GGUF.") for k in reader.fields),
+        "tensors": {"count": len(reader.tensors), "bytes": sum(int(t.n_bytes) for t in reader.tensors),
+                    "types": dict(types.most_common())},
+        "griffin": {k.removeprefix(KEY_PREFIX): value(k) for k in reader.fields if k.startswith(KEY_PREFIX)} or None,
+    }
+
+
+def format_gguf(s: dict) -> str:
+    g = s["griffin"] or {}
+    t = s["tensors"]
+    types = ", ".join(f"{name} {n}" for name, n in t["types"].items())
+    pruned = " (pruned by griffin-export)" if g else ""
+    name = f" ({s['name']})" if s["name"] else ""
+    lines = [
+        f"{s['file']}: GGUF v{s['gguf_version']}{pruned}, {s['file_bytes']:,} bytes",
+        (f"  architecture {s['architecture'] or '?'}{name}, file type {s['file_type'] or '?'}, "
+         f"{s['layers'] or '?'} layers, hidden {s['hidden_size'] or '?'}, context {s['context_length'] or '?'}"),
+        f"  FF width     {ff_width_text(s['feed_forward_length'], s['layers'], g.get('base_d_ff'))}",
+        (f"  tensors      {t['count']} tensors, {t['bytes']:,} bytes ({types or 'none'}); "
+         f"{s['metadata_keys']} metadata keys"),
+    ]
+    if g:
+        lines += [
+            f"  base model   {g.get('base_model', '?')}",
+            f"  fingerprint  {g.get('base_fingerprint', '?')}",
+            f"  selection    {g.get('method', '?')}, density {g.get('density', '?')} ({g.get('kind', '?')} bundle)",
+        ]
+    return "\n".join(lines)
+
+
+def owns(path: Path) -> bool:
+    return path.is_file() and is_gguf(path)
+
+
+def describe(path: str | os.PathLike) -> tuple[dict, str]:
+    """(summary, text) of a GGUF file from its header and tensor table (griffin-export inspect)."""
+    s = describe_gguf(path)
+    return s, format_gguf(s)

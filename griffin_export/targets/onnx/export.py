@@ -41,28 +41,16 @@ from torch import nn
 from ... import __version__
 from ...bundle.experts import check_bundle, check_fresh, installed
 from ...bundle.format import Bundle
-from ...choices import LAYOUTS
 from ...errors import GriffinError
 from ...files.outputs import atomic_dir, check_output_dir
 from ...model.arch import attention_shape, ff_blocks, ff_param, sliding_layers, spec_for
 from ...model.decoding import eos_ids
 from ...model.load import LoadedModel, dtype_name
 from ...model.prefill import cache_kwarg
-from ...settings import QuantSettings, one_of
-from .graph import (
-    BATCH,
-    DATA_FILE,
-    INPUT_NAMES,
-    LEAN_FORMAT_VERSION,
-    MODEL_FILE,
-    PAST,
-    PAST_LEN,
-    PRESENT,
-    SEQ,
-    TOTAL_LEN,
-    GraphInfo,
-    read_graph,
-)
+from ...registry import one_of
+from ...settings import LAYOUTS, QuantSettings
+from .graph import (BATCH, DATA_FILE, INPUT_NAMES, LEAN_FORMAT_VERSION, MODEL_FILE, PAST, PAST_LEN, PRESENT, SEQ,
+                    TOTAL_LEN, GraphInfo, read_graph)
 from .int4 import packing_to_text, quantize_proto
 
 # 23: SDPA becomes one ONNX Attention node (GQA-aware) instead of ~15 decomposed ops; with
@@ -167,12 +155,12 @@ def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | Non
 
         max_length = max_length_for(lm, max_length)
     elif max_length is not None:
-        raise GriffinError("--max-length sizes the lean graph's KV buffer; the traced graph's cache grows")
+        raise GriffinError("`max_length` sizes the lean graph's KV buffer; the traced graph's cache grows")
     if bundle is not None:
         check_bundle(lm, bundle.info, source)
         check_fresh(lm)
     if quantize is not None and lm.dtype != torch.float32:
-        raise GriffinError(f"--quantize {quantize.scheme} takes a float32 model; this one is {dtype_name(lm.dtype)}")
+        raise GriffinError(f"quantize={quantize.scheme} takes a float32 model; this one is {dtype_name(lm.dtype)}")
     _ = lm.fingerprint  # hashed before any swap
     bar = tqdm(total=5 if quantize else 4, desc="onnx export", unit="stage", disable=not progress, leave=False)
 
@@ -373,7 +361,7 @@ def export_graph(output: str | os.PathLike, bundle: str | os.PathLike | None = N
     check_output_dir(output, force, MODEL_FILE)  # fail before loading anything
     b = read_bundle(bundle, load_kv=False) if bundle is not None else None
     if b is not None and dtype is not None and dtype != b.info.dtype:
-        raise GriffinError(f"--dtype {dtype}: bundle {bundle} holds {b.info.dtype} weights; its graph has the same dtype")
+        raise GriffinError(f"dtype={dtype}: bundle {bundle} holds {b.info.dtype} weights; its graph has the same dtype")
     lm = load_model(model or (b.info.base_model if b else None), gguf_file=gguf_file,
                     dtype=b.info.dtype if b else (dtype or "float32"), device=device, quiet=not progress)
     path = export_onnx(lm, output, b, force=force, progress=progress, source=str(bundle or "bundle"), graph=graph,

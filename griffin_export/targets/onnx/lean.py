@@ -37,13 +37,7 @@ import numpy as np
 import torch
 
 from ...errors import GriffinError
-from ...model.arch import (
-    attention_shape,
-    attention_window,
-    ff_blocks,
-    lean_gap,
-    rotary_table,
-)
+from ...model.arch import attention_shape, attention_window, ff_blocks, lean_gap, rotary_table
 
 # the graph's symbolic dimensions (onnxruntime-genai's names)
 BATCH, SEQ, TOTAL, MAX_LEN = "batch_size", "sequence_length", "total_sequence_length", "max_sequence_length"
@@ -55,11 +49,11 @@ def check_lean_model(lm) -> None:
     """Refuse a model the lean graph does not cover, naming what is missing."""
     gap = lean_gap(lm.config)
     if gap:
-        raise GriffinError(f"{gap}; export the traced graph (--graph traced)")
+        raise GriffinError(f"{gap}; export the traced graph (graph='traced')")
     head_dim = attention_shape(lm.config)[2]
     if head_dim % 16:  # ONNX Runtime's CPU GroupQueryAttention (its rotary kernel) refuses others
         raise GriffinError(f"the lean ONNX graph needs head_dim a multiple of 16; this model's is {head_dim} "
-                           "(--graph traced)")
+                           "(graph='traced')")
 
 
 def max_length_for(lm, requested: int | None) -> int:
@@ -68,9 +62,9 @@ def max_length_for(lm, requested: int | None) -> int:
     if requested is None:
         return min(ctx, DEFAULT_MAX_LENGTH)
     if requested < 2:
-        raise GriffinError(f"--max-length must be at least 2, got {requested}")
+        raise GriffinError(f"`max_length` must be at least 2, got {requested}")
     if requested > ctx:
-        raise GriffinError(f"--max-length {requested} is past the model's context of {ctx} tokens")
+        raise GriffinError(f"max_length={requested} is past the model's context of {ctx} tokens")
     return requested
 
 
