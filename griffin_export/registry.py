@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from .errors import GriffinError
 
+__all__ = ["AGGREGATIONS", "METHODS", "RUNTIMES", "TARGETS", "Aggregation", "Method", "Ref", "Runtime", "Target"]
+
 _PACKAGE = __name__.rpartition(".")[0]
 
 

@@ -16,6 +16,9 @@ from .errors import GriffinError
 from .registry import (AGGREGATIONS, BENCH_RUNTIMES, CLASS_METHODS, DEFAULT_AGGREGATION, DEFAULT_METHOD,
                        GENERATE_RUNTIMES, METHODS, RUNTIMES, bench_runtime, method, one_of)
 
+__all__ = ["BenchSettings", "ClassSettings", "CountSettings", "DecodeOptions", "ExportSettings", "QuantSettings",
+           "RuntimeOptions"]
+
 DENSITY = 0.5  # fraction of FF neurons kept per layer
 CHUNK_SIZE = 512  # prefill chunk (tokens); the statistic is the same for any chunking
 REFIT_LAMBDA = 1.0  # the refit's ridge strength relative to the mean activation energy; chosen on dev rows 0-5
@@ -98,6 +101,13 @@ def require_llama_cpp():
 
 @dataclass
 class ExportSettings:
+    """How a prompt's experts are chosen (export_prompt, `griffin-export export`): the fraction of FF
+    neurons kept per layer, the selection method (registry.METHODS), the warm-up tokens the full model
+    writes first, whether the bundle keeps the prompt's KV cache.
+
+        ExportSettings(density=0.25, method="topk_refit", warmup=0)   # warmup=0: the paper's method exactly
+    """
+
     density: float = DENSITY
     method: str = DEFAULT_METHOD  # of registry.METHODS
     seed: int = 0
@@ -123,6 +133,12 @@ class ExportSettings:
 
 @dataclass
 class ClassSettings:
+    """How a class's experts are chosen (export_class, `griffin-export class`): its name, how the
+    prompts' statistics are aggregated (registry.AGGREGATIONS), the density and the method.
+
+        ClassSettings("news", aggregation="pooled", density=0.5, method="topk_refit_edges")
+    """
+
     name: str
     aggregation: str = DEFAULT_AGGREGATION  # of registry.AGGREGATIONS
     density: float = DENSITY
@@ -192,6 +208,12 @@ ENGINES = ("local", "ray")
 
 @dataclass
 class DecodeOptions:
+    """How a runtime generates: greedy by default (temperature 0), else temperature + nucleus sampling
+    seeded by `seed`; stop strings end the text (they are cut off), as end of sequence does.
+
+        rt.generate(DecodeOptions(max_new_tokens=64, temperature=0.7, top_p=0.9, stop=["###"]))
+    """
+
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0

@@ -25,6 +25,8 @@ from ..errors import GriffinError
 from ..files.outputs import atomic_output, check_output_path
 from ..model.arch import expected_shapes, ff_param, spec_for
 
+__all__ = ["Bundle", "BundleInfo", "read_bundle", "read_info", "read_metadata", "write_bundle"]
+
 FORMAT = "griffin-expert"
 FORMAT_VERSION = "1"
 # Version 2 = version 1 plus warm-up tokens. Only bundles that have them say "2", so an older
@@ -142,6 +144,14 @@ class BundleInfo:
 
 @dataclass
 class Bundle:
+    """An expert bundle in memory: the kept neurons' FF weights of every layer, and for a prompt's
+    bundle its tokens, KV cache and last logits (a class bundle has none).
+
+        bundle = read_bundle("expert.safetensors")
+        bundle.info.k, bundle.info.base_model        # widths per layer, where it came from
+        bundle.weights["model.layers.0.mlp.down_proj.weight"].shape   # [hidden, k]
+    """
+
     info: BundleInfo
     indices: list[torch.Tensor]  # per layer, int64 [k_i], sorted
     weights: dict[str, torch.Tensor]  # sliced FF tensors by base-model parameter name
@@ -186,6 +196,11 @@ class Bundle:
 
 
 def write_bundle(bundle: Bundle, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write a bundle as one safetensors file, atomically (a temporary file renamed into place); an
+    existing file is refused unless force=True. Returns the path.
+
+        write_bundle(export_prompt(lm, text), "expert.safetensors")
+    """
     from safetensors.torch import save_file
 
     path = check_output_path(path, force)
@@ -238,6 +253,10 @@ def read_metadata(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, tu
 
 
 def read_info(path: str | os.PathLike) -> BundleInfo:
+    """A bundle file's metadata from its header alone (no tensor is read), validated.
+
+        read_info("expert.safetensors").base_model
+    """
     meta, _ = read_metadata(path)
     return BundleInfo.from_metadata(meta, str(path))
 

@@ -33,6 +33,8 @@ from .aggregate import ClassStatistic, Shard, StatisticInfo, merge, read_statist
 from .counting import Checkpoint, class_statistic, shard_of
 from .ray_engine import ray_class_statistic, require_ray
 
+__all__ = ["ClassCount", "ClassResult", "class_bundle", "count_class", "export_class", "merge_statistics"]
+
 # -- the class export --------------------------------------------------------------------
 
 
@@ -90,7 +92,13 @@ def class_bundle(lm: LoadedModel, info: StatisticInfo, stat: ClassStatistic, set
 def export_class(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *,
                  total: int | None = None, progress: bool = False, source: str = "", batch_size: int = 1
                  ) -> ClassResult:
-    """Many prompts -> one class bundle (experts only: no KV, prompt ids or logits)."""
+    """Many prompts -> one class bundle (experts only: no KV, prompt ids or logits), with the statistic
+    it came from (write_statistic saves it; class_bundle makes bundles at other densities from it).
+    The prompts are read as a stream, one full prefill each.
+
+        result = export_class(lm, iter_prompts(["news.jsonl"], field="article"), ClassSettings("news"))
+        write_bundle(result.bundle, "news.safetensors")
+    """
     info, stat, first = class_statistic(lm, prompts, settings, total=total, progress=progress, batch_size=batch_size)
     if source:
         info.extra["source"] = source

@@ -16,6 +16,8 @@ from typing import Iterator, Sequence
 from ..errors import GriffinError
 from .jsonl import parse_object, text_field
 
+__all__ = ["Prompt", "iter_prompts", "read_prompt", "survey_prompts"]
+
 # Unicode's control characters (category Cc is exactly U+0000-U+001F and U+007F-U+009F) except
 # tab, newline and carriage return, and U+FFFD, which decoders put where bytes made no text.
 _NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")

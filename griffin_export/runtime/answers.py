@@ -31,6 +31,8 @@ from ..model.decoding import Generation
 from ..settings import DecodeOptions, RuntimeOptions, plural
 from .base import BatchStats, open_runtime
 
+__all__ = ["AnswersRun", "generate_file"]
+
 
 def digest(*parts: object) -> str:
     h = hashlib.blake2b(digest_size=8)

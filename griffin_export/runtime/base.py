@@ -24,6 +24,8 @@ from ..model.decoding import Continuation, Generation, decode
 from ..registry import runtime
 from ..settings import DecodeOptions, RuntimeOptions, require_runtime
 
+__all__ = ["BatchStats", "Runtime", "open_runtime"]
+
 
 def left_padded(batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompts ids [1, T_b] -> (ids, attention mask, positions), each [B, max T_b] int64 on the

@@ -27,6 +27,8 @@ from .base import Runtime, left_padded
 from .lean import LeanBatch, LeanDecoder, covers
 from .timing import BenchContext, BenchRow, greedy_seconds
 
+__all__ = ["TorchRuntime", "load_runtime"]
+
 
 def _check_bundle_tensors(lm: LoadedModel, bundle: Bundle, source: str) -> None:
     """The bundle's KV layout and vocabulary are the model's (its header alone cannot say)."""
