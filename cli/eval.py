@@ -17,8 +17,11 @@ EVAL = defaults(EvalSettings)
 @click.option("--rows", default=rows_text(EVAL["rows"]), show_default=True, help="row range START:STOP of --data (STOP exclusive)")
 @click.option("--methods", default=list_text(EVAL["methods"]), show_default=True,
               help=f"comma-separated: full, any selection method ({', '.join(METHODS)}), "
-                   "bundle:PATH (fixed experts from a bundle file), or pruned-prefill:PATH (those experts for the "
-                   "prompt's prefill too, like generate --pruned-prefill)")
+                   "bundle:PATH (fixed experts from a bundle file), pruned-prefill:PATH (those experts for the "
+                   "prompt's prefill too, like generate --pruned-prefill), or class experts chosen per prompt and "
+                   "prefilled through: routed:ROUTER (the router's class), guarded:ROUTER (its guard falling back to "
+                   "the full model), oracle:ROUTER (the class best at the gold text), labeled:DIR (the row's own "
+                   "class, --label-field)")
 @click.option("--density", default=list_text(EVAL["densities"]), show_default=True, help="comma-separated densities in (0, 1]")
 @click.option("-o", "--output", required=True, metavar="DIR", help="report directory (created; holds eval.jsonl)")
 @model_options
@@ -33,6 +36,8 @@ EVAL = defaults(EvalSettings)
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads [default: torch's choice]")
 @click.option("--ll-only", is_flag=True,
               help="only the gold log-likelihood (no generation, ROUGE or agreement): fast, for searching settings")
+@click.option("--label-field", default=EVAL["label_field"], show_default=True,
+              help="labeled:DIR: the JSON field holding each row's class (DIR holds a bundle per class, LABEL.safetensors)")
 @click.option("--warmup", default=EVAL["warmup"], show_default=True, metavar="N",
               help="as export --warmup N for every selection method: the full model's first N greedy tokens join "
                    "the statistic and start each pruned generation (setting keys get +wN)")
@@ -43,7 +48,7 @@ EVAL = defaults(EvalSettings)
                    "on the same rows; with --rows only those rows) into DIR, then report")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 def command(data, rows, methods, density, output, model, gguf_file, device, dtype, seed, prompt_field, target_field,
-            separator, max_tokens, chunk_size, threads, ll_only, warmup, force, report_only, merge, quiet):
+            separator, max_tokens, chunk_size, threads, ll_only, label_field, warmup, force, report_only, merge, quiet):
     """Quality of every method × density against the full model, as a report in DIR.
 
     Per prompt: one full-model prefill, then for each setting a teacher-forced gold
@@ -62,6 +67,8 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
       griffin-export eval --data rows.jsonl --rows 200:300 --methods full,topk,bundle:news.safetensors -o r2/
       griffin-export eval --merge half1/ --merge half2/ -o whole/   # two row ranges run side by side
       griffin-export eval --data rows.jsonl --methods full,topk_refit_edges --density 0.5 --warmup 8 -o w8/
+      griffin-export eval --data bench/data/mixed_report.jsonl --prompt-field prompt --target-field reference \\
+          --methods full,routed:classes/router.safetensors,guarded:classes/router.safetensors -o routed/
     """
     require_extra("eval", () if not ll_only or report_only or merge else ("matplotlib",))
     from griffin_export.evaluation.report import write_report
@@ -90,7 +97,7 @@ def command(data, rows, methods, density, output, model, gguf_file, device, dtyp
     settings = EvalSettings(data=data, rows=parse_rows(rows), methods=tuple(parse_list(methods, "methods")),
                             densities=tuple(parse_densities(density)), seed=seed, prompt_field=prompt_field,
                             target_field=target_field, separator=unescape(separator), max_tokens=max_tokens,
-                            chunk_size=chunk_size, generate=not ll_only, warmup=warmup)
+                            chunk_size=chunk_size, generate=not ll_only, warmup=warmup, label_field=label_field)
     use_threads(threads)
     path = evaluate(settings, output, ModelSource(model, gguf_file, dtype, device), force=force, progress=not quiet,
                     command=cmd, report=lambda line: status(line, quiet))

@@ -13,7 +13,7 @@ RUNTIME = defaults(RuntimeOptions)
 
 
 @click.command("generate")
-@click.argument("bundles", metavar="BUNDLE", nargs=-1, required=True)
+@click.argument("bundles", metavar="[BUNDLE]", nargs=-1)
 @recorded_model_options
 @decode_options
 @click.option("--prompt-file", default=None, metavar="FILE", help="a new prompt: full-model prefill, then decode with the bundle's experts")
@@ -38,11 +38,16 @@ RUNTIME = defaults(RuntimeOptions)
               help="--runtime torch: decode through transformers' forward instead of the lean step (runtime/lean.py)")
 @click.option("--compile", "compile_", is_flag=True,
               help="--runtime torch: torch.compile the lean step (CUDA graphs on a GPU; on a CPU it measured no faster)")
+@click.option("--router", default=None, metavar="ROUTER",
+              help="instead of a BUNDLE: class experts per prompt, from a router (griffin-export discover) and the "
+                   "class bundles beside it; each prompt's class, prefilled and decoded through its experts")
+@click.option("--no-guard", is_flag=True,
+              help="--router: every prompt to its nearest class, even one that fits none (else it runs the full model)")
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="print only the generated text")
 def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file,
             prompts_file, field, batch_size, output, resume, force, pruned_prefill, runtime, onnx_dir, onnx_full, eager,
-            compile_, threads, quiet):
+            compile_, router, no_guard, threads, quiet):
     """Decode from BUNDLE with its experts, resuming from the bundle's cached KV.
 
     The base model is the one recorded in the bundle unless --model says otherwise; it must
@@ -61,18 +66,24 @@ def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/ --onnx-full full_onnx/ --prompt-file new.txt
       griffin-export generate news.safetensors --prompts queue.jsonl --batch-size 16 -o answers.jsonl
       griffin-export generate news.safetensors --prompts queue.jsonl -o answers.jsonl --resume   # after an interruption
+      griffin-export generate --router classes/router.safetensors --prompts queue.jsonl -o answers.jsonl
+      griffin-export generate --router classes/router.safetensors --prompt-file new.txt
     """
+    if bool(bundles) == bool(router):
+        raise click.UsageError("give a BUNDLE, or --router for class experts per prompt (one of the two)")
+    if no_guard and not router:
+        raise click.UsageError("--no-guard goes with --router")
     if len(bundles) > 1:  # one run decodes with one bundle's experts: a batch shares its weights
         raise click.UsageError(f"generate takes one BUNDLE, got {len(bundles)}: a batch decodes with one bundle's "
                                "experts (mixing bundles would mix weights); run one generate per bundle")
     from griffin_export.files.inputs import read_prompt
 
-    bundle = bundles[0]
+    bundle = bundles[0] if bundles else None
     opts = DecodeOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop),
                          seed=seed)
     options = RuntimeOptions(runtime=runtime, model=model, gguf_file=gguf_file, device=device,
                              lean=False if eager else None, compile=compile_, graph_dir=onnx_dir, full_graph_dir=onnx_full,
-                             pruned_prefill=pruned_prefill, threads=threads)
+                             router=router, guard=not no_guard, pruned_prefill=pruned_prefill, threads=threads)
     if prompts_file is not None:
         if prompt_file is not None:
             raise click.UsageError("--prompt-file is one prompt, --prompts many: give one of them")
@@ -95,8 +106,10 @@ def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_
     from griffin_export.runtime.base import open_runtime
 
     prompt = read_prompt(prompt_file) if prompt_file else None
-    info = read_info(bundle)
-    if info.kind == "class" and prompt is None:
+    if router and prompt is None:
+        raise GriffinError("a router has no prompt of its own: give one with --prompt-file (or many with --prompts)")
+    info = read_info(bundle) if bundle else None
+    if info is not None and info.kind == "class" and prompt is None:
         raise GriffinError(f"{bundle} is a class bundle ({info.extra.get('class', '?')}): it has no prompt of its "
                            "own; give one with --prompt-file")
     rt = open_runtime(bundle, options, new_prompts=prompt is not None, max_new_tokens=max_new_tokens, quiet=quiet)
@@ -111,5 +124,8 @@ def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_
     # the bundle's warm-up tokens start the output but cost no decoding here
     warm = 0 if prompt is not None else min(rt.bundle.info.warmup_tokens, len(out.token_ids))
     decoded = len(out.token_ids) - warm
+    routed = out.extra
     status(f"[{decoded} tokens in {dt:.2f} s, {decoded / max(dt, 1e-9):.1f} tok/s"
-           + (f", after {warm} warm-up tokens from the bundle" if warm else "") + f", stop: {out.stop_reason}]", quiet)
+           + (f", after {warm} warm-up tokens from the bundle" if warm else "")
+           + (f", class {routed['class']}" + (" (guard: fits no class)" if routed["guarded"] else "") if routed else "")
+           + f", stop: {out.stop_reason}]", quiet)

@@ -56,9 +56,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import bench, checkpoint, classes, eval, export, generate, inspect, onnx
+    from . import bench, checkpoint, classes, discover, eval, export, generate, inspect, onnx
 
-    for module in (export, generate, inspect, bench, classes, checkpoint, eval, onnx):
+    for module in (export, generate, inspect, bench, classes, discover, checkpoint, eval, onnx):
         cli.add_command(module.command)
     cli.add_command(classes.merge_command)
 
@@ -70,13 +70,15 @@ _register()
 _ALIASES = {"graph_dir": "--onnx", "full_graph_dir": "--onnx-full", "lean=False": "--eager", "compile": "--compile"}
 
 
-def cli_words(message: str) -> str:
+def cli_words(message: str, command: click.Command | None = None) -> str:
     """A library error in the command line's words. The library names its parameters as Python
     does (`force=True`, `max_new_tokens`, `engine='ray'`); the same message on the command line says
     `--force`, `--max-new-tokens`, `--engine ray`. A word maps when it is some command's option and
     the library marked it as a parameter: `name=value`, or the name in backquotes (a bare word stays
-    a word: a row's max_tokens field is not the --max-tokens option)."""
-    flags = {p.name: max(p.opts, key=len) for c in _commands() for p in c.params if isinstance(p, click.Option)}
+    a word: a row's max_tokens field is not the --max-tokens option). Only the running `command`'s
+    options map (every command's where none is given): `k=0` neurons is not discover's -k."""
+    commands = [command] if command is not None else list(cli.commands.values())
+    flags = {p.name: max(p.opts, key=len) for c in commands for p in c.params if isinstance(p, click.Option)}
 
     def swap(m: re.Match) -> str:
         if m.group(3):  # `name`
@@ -96,8 +98,11 @@ def cli_words(message: str) -> str:
                   message)
 
 
-def _commands() -> list[click.Command]:
-    return list(cli.commands.values())
+def _command_of(argv: list[str]) -> click.Command | None:
+    """The command an argument list runs (a first word that is no command is export's prompt)."""
+    if not argv or argv[0].startswith("-"):
+        return None
+    return cli.commands.get(argv[0], cli.commands["export"])
 
 
 class Terminated(KeyboardInterrupt):
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="griffin-export", standalone_mode=False)
     except GriffinError as e:
-        click.echo(f"griffin-export: error: {cli_words(str(e))}", err=True)
+        args = list(argv) if argv is not None else sys.argv[1:]
+        click.echo(f"griffin-export: error: {cli_words(str(e), _command_of(args))}", err=True)
         sys.exit(2)
     except click.UsageError as e:
         hint = f" (see {e.ctx.command_path} --help)" if e.ctx else ""

@@ -138,7 +138,7 @@ def k_summary(k: list[int], d_ff: int) -> str:
 
 
 
-EXTRAS = {"eval": (("rouge_score", "rouge-score"), ("matplotlib", "matplotlib")),
+EXTRAS = {"eval": (("rouge_score", "rouge-score"), ("matplotlib", "matplotlib")), "classes": (("sklearn", "scikit-learn"),),
           "onnx": (("onnx", "onnx"), ("onnxruntime", "onnxruntime-gpu"), ("onnxscript", "onnxscript"))}
 
 

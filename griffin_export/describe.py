@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from .bundle.format import BundleInfo, read_metadata, tensor_role
 from .errors import GriffinError
+from .bundle.format import str_metadata
+from .classes.router import ROUTER_FORMAT, bundle_digest, read_router
 from .registry import TARGETS
 from .settings import plural
 from .method.budget import widths_text
@@ -105,6 +107,31 @@ def format_statistic(s: dict) -> str:
     ])
 
 
+def describe_router(path: str | os.PathLike) -> dict:
+    """A router, read and checked (its centroids are small), with each class's bundle beside it."""
+    router = read_router(path)
+    info = router.info
+    bundles = []
+    for name, p, digest in zip(info.classes, router.bundle_paths(), info.bundle_digests):
+        state = "missing" if not p.is_file() else ("ok" if bundle_digest(p) == digest else "changed since")
+        bundles.append({"class": name, "file": p.name, "state": state})
+    return {"file": str(path), "file_bytes": os.path.getsize(path), "metadata": str_metadata(info),
+            "classes": bundles, "thresholds": info.thresholds, "layers": info.layers, "num_layers": info.num_layers}
+
+
+def format_router(s: dict) -> str:
+    m = s["metadata"]
+    lines = [f"{s['file']}: {m['format']} v{m['format_version']} ({m['kind']} router), {s['file_bytes']:,} bytes",
+             f"  base model   {m['base_model']}",
+             f"  fingerprint  {m['base_fingerprint']}",
+             f"  routes by    the first {s['layers']} of {s['num_layers']} layers' FF statistic, cosine to each class "
+             "centroid; the guard falls back below a class's threshold",
+             f"  classes      {len(s['classes'])}:"]
+    for c, t in zip(s["classes"], s["thresholds"]):
+        lines.append(f"    {c['class']:<20} {c['file']:<32} threshold {t:.3f}  bundle {c['state']}")
+    return "\n".join(lines)
+
+
 def inspect_path(path: str | os.PathLike) -> tuple[dict, str]:
     """(summary, text) for a bundle or class statistic (.safetensors), or any target's output."""
     p = Path(path)
@@ -116,6 +143,9 @@ def inspect_path(path: str | os.PathLike) -> tuple[dict, str]:
                            "reads bundles and class statistics (.safetensors), GGUF files, ONNX graphs and checkpoint "
                            "directories")
     meta, entries = read_metadata(path)
+    if meta.get("format") == ROUTER_FORMAT:
+        s = describe_router(path)
+        return s, format_router(s)
     if meta.get("format") == "griffin-class-statistic":
         s = describe_statistic(path, meta, entries)
         return s, format_statistic(s)

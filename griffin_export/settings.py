@@ -72,9 +72,9 @@ def check_gguf_quant(quant: str) -> str:
     return one_of(quant, GGUF_QUANTS, "`quant`")
 
 
-def plural(n: int, noun: str) -> str:
-    """'1 prompt', '3 prompts'."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """'1 prompt', '3 prompts' ('1 class', '3 classes' with nouns='classes')."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
 
 
 def require_runtime(name: str, what: str) -> None:
@@ -203,6 +203,36 @@ class CountSettings:
 ENGINES = ("local", "ray")
 
 
+@dataclass
+class DiscoverSettings:
+    """How classes are found in a mixed log (classes/discover.py): how many (k, or None to choose it by
+    the silhouette among 2..k_max), by which clustering of the prompts' statistics, and the router that
+    sends a new prompt to its class from the first `router_layers` layers of a prefill. `guard_quantile`:
+    a new prompt less like its class than this fraction of the class's own prompts falls back."""
+
+    k: int | None = None
+    k_max: int = 8
+    clustering: str = "kmeans"  # of CLUSTERINGS
+    router_layers: int = 2
+    guard_quantile: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        one_of(self.clustering, CLUSTERINGS, "clustering")
+        if self.k is not None and self.k < 1:
+            raise GriffinError(f"`k` must be >= 1 classes, got {self.k}")
+        if self.k is None and self.k_max < 2:
+            raise GriffinError(f"`k_max` must be >= 2 to choose among, got {self.k_max}")
+        if self.router_layers < 1:
+            raise GriffinError(f"`router_layers` must be >= 1, got {self.router_layers}")
+        if not 0 <= self.guard_quantile < 1:
+            raise GriffinError(f"`guard_quantile` must be in [0, 1), got {self.guard_quantile}")
+
+
+# k-means on the unit-normalized statistics (cosine), or average-linkage agglomeration by cosine distance
+CLUSTERINGS = ("kmeans", "agglomerative")
+
+
 # -- decoding ------------------------------------------------------------------------------
 
 
@@ -250,6 +280,10 @@ class RuntimeOptions:
     graph_dir: str | None = None
     full_graph_dir: str | None = None
     provider: str = "auto"
+    # torch: class experts chosen per prompt by a router (discover), beside its class bundles, instead of
+    # one bundle; the guard sends a prompt that fits no class to the full model
+    router: str | None = None
+    guard: bool = True
     # both: prefill prompts through the experts too (what a standalone pruned checkpoint computes)
     pruned_prefill: bool = False
     threads: int | None = None  # torch / ONNX Runtime threads (None: their own choice)
@@ -261,7 +295,7 @@ class RuntimeOptions:
             raise GriffinError(f"`threads` must be >= 1, got {self.threads}")
         if self.runtime == "onnx" and self.graph_dir is None:
             raise GriffinError("the onnx runtime needs graph_dir=DIR (a graph from `griffin-export onnx BUNDLE -o DIR`)")
-        torch_only = {"model": self.model, "gguf_file": self.gguf_file, "lean": self.lean,
+        torch_only = {"model": self.model, "gguf_file": self.gguf_file, "lean": self.lean, "router": self.router,
                       "compile": self.compile or None, "device": None if self.device == "cpu" else self.device}
         onnx_only = {"graph_dir": self.graph_dir, "full_graph_dir": self.full_graph_dir,
                      "provider": None if self.provider == "auto" else self.provider}
@@ -270,6 +304,9 @@ class RuntimeOptions:
         if given:
             raise GriffinError(f"{', '.join(given)} {'is not an option' if len(given) == 1 else 'are not options'} of "
                                f"the {self.runtime} runtime")
+        if self.router is not None and (self.compile or self.pruned_prefill):
+            raise GriffinError("a router's classes prefill through their experts and decode in batches: compile=True "
+                               "and pruned_prefill=True do not go with `router`")
         if self.lean is False and self.compile:
             raise GriffinError("compile=True compiles the lean step; lean=False turns it off: choose one")
 

@@ -98,6 +98,20 @@ def steps(rt, start, tokens) -> torch.Tensor:
     state, first = start
     return torch.stack([first, *(rt.step(state, t) for t in tokens[:-1])])
 
+def greedy(model, ids: torch.Tensor, n: int, eos: int | None = None) -> list[int]:
+    """n greedy tokens of `model` as it is (no runtime involved), stopping before `eos`."""
+    from griffin_export.model.prefill import forward, prefill
+
+    cache, logits = prefill(model, ids)
+    out: list[int] = []
+    for _ in range(n):
+        tok = int(torch.argmax(logits))
+        if tok == eos:
+            break
+        out.append(tok)
+        logits = forward(model, torch.tensor([[tok]]), cache)[-1]
+    return out
+
 
 def tiny_prompt(n: int = 20) -> str:
     return " ".join(f"w{(7 * i) % (VOCAB - 3)}" for i in range(n))

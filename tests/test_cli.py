@@ -285,12 +285,19 @@ def test_bare_command_prints_the_help_and_succeeds(capsys):
      "--address, --workers and --gpus-per-worker are for --engine ray"),
     # plain words stay words: a data row's max_tokens field is not eval's --max-tokens option
     ("d.jsonl:2: max_tokens must be a positive integer", "d.jsonl:2: max_tokens must be a positive integer"),
-    ("density 0.5 keeps k=0 of 64", "density 0.5 keeps k=0 of 64"),
 ])
 def test_library_errors_name_parameters_and_the_cli_names_its_options(library, cli):
     from griffin_export_cli.main import cli_words
 
     assert cli_words(library) == cli
+
+
+def test_only_the_running_commands_options_are_named():
+    """k=0 neurons on export is no option; on discover, `k` is its -k/--classes."""
+    from griffin_export_cli.main import cli, cli_words
+
+    assert cli_words("density 0.5 keeps k=0 of 64", cli.commands["export"]) == "density 0.5 keeps k=0 of 64"
+    assert cli_words("`k` is 5 classes", cli.commands["discover"]) == "--classes is 5 classes"
 
 
 def test_a_library_error_names_the_parameter(tmp_path):

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from tests.helpers import masked, prompt_ids, rewrite, run, tiny_model, tiny_prompt
+from tests.helpers import greedy, masked, prompt_ids, rewrite, run, tiny_model, tiny_prompt
 from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids, read_bundle, write_bundle
 from griffin_export.bundle.format import read_metadata
 from griffin_export.model.decoding import decode
@@ -17,19 +17,6 @@ from griffin_export.errors import GriffinError
 from griffin_export.model.prefill import forward, prefill
 
 WARM = 6
-
-
-def greedy(model, ids: torch.Tensor, n: int, eos: int | None = None) -> list[int]:
-    """n greedy tokens of `model` as it is (no runtime involved), stopping before `eos`."""
-    cache, logits = prefill(model, ids)
-    out: list[int] = []
-    for _ in range(n):
-        tok = int(torch.argmax(logits))
-        if tok == eos:
-            break
-        out.append(tok)
-        logits = forward(model, torch.tensor([[tok]]), cache)[-1]
-    return out
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "opt", "phi3"])

@@ -60,7 +60,9 @@ def str_metadata(info) -> dict[str, str]:
         value = getattr(info, f.name)
         if f.name == "extra":
             continue
-        if isinstance(value, list):
+        if f.type in _JSON_LISTS:  # names may hold commas: a JSON list
+            value = json.dumps(value)
+        elif isinstance(value, list):
             value = ",".join(map(str, value))
         elif isinstance(value, bool):
             value = "true" if value else "false"
@@ -76,6 +78,21 @@ def check_format(meta: dict[str, str], source: str, fmt: str, versions: tuple[st
     if meta.get("format_version") not in versions:
         raise GriffinError(f"{source} has {what} format version {meta.get('format_version')!r}; this griffin-export "
                            f"reads version {' or '.join(versions)} — re-export the {what} with this version")
+
+
+_JSON_LISTS = {"list[str]": str, "list[float]": float}
+
+
+def _json_list(raw: str, kind: type) -> list:
+    """A JSON list whose every element is a `kind` (ints pass as floats); ValueError otherwise."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(raw) from None
+    ok = isinstance(value, list) and all(isinstance(v, kind) or (kind is float and type(v) is int) for v in value)
+    if not ok:
+        raise ValueError(raw)
+    return [kind(v) for v in value]
 
 
 def parse_metadata(cls, meta: dict[str, str], source: str):
@@ -99,6 +116,8 @@ def parse_metadata(cls, meta: dict[str, str], source: str):
                 values[f.name] = raw == "true"
             elif f.type == "list[int]":
                 values[f.name] = [int(x) for x in raw.split(",")] if raw else []
+            elif f.type in _JSON_LISTS:
+                values[f.name] = _json_list(raw, _JSON_LISTS[f.type])
             else:
                 values[f.name] = raw
         except ValueError:

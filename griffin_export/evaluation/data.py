@@ -21,6 +21,7 @@ class EvalRow:
     target: str
     max_tokens: int
     stop: tuple[str, ...]
+    label: str | None = None  # the row's class (EvalSettings.label_field), where it has one
 
 
 def file_hash(path: Path) -> str:
@@ -58,4 +59,5 @@ def _parse_row(path: Path, i: int, line: str, s: EvalSettings) -> EvalRow:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
         raise GriffinError(f"{where}: stop must be a string or a list of non-empty strings")
-    return EvalRow(i, texts[0], texts[1], max_tokens, tuple(stop))
+    label = obj.get(s.label_field)
+    return EvalRow(i, texts[0], texts[1], max_tokens, tuple(stop), label if isinstance(label, str) else None)

@@ -39,6 +39,7 @@ def run_header(lm: LoadedModel, settings: EvalSettings, bundle_hashes: dict[str,
         "seed": settings.seed, "prompt_field": settings.prompt_field, "target_field": settings.target_field,
         "separator": settings.separator, "max_tokens": settings.max_tokens, "chunk_size": settings.chunk_size,
         "generate": settings.generate, **({"warmup": settings.warmup} if settings.warmup else {}),
+        **({"label_field": settings.label_field} if any(m.startswith("labeled:") for m in settings.methods) else {}),
         "model_fingerprint": lm.fingerprint, "dtype": dtype_name(lm.dtype), "bundles": bundle_hashes,
     }
     return {

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..bundle.experts import check_bundle, installed
 from ..bundle.format import read_bundle
+from ..classes.router import bundle_digest, check_router, read_router, route
 from ..errors import GriffinError
 from ..files.outputs import check_folder
 from ..method.export import choose_experts, method_scores, precheck, prompt_statistic, warm_up
@@ -40,12 +41,11 @@ from ..model.load import LoadedModel, ModelSource
 from ..model.prefill import cache_tensors, forward, prefill, restore_cache
 from ..model.tokens import check_context, tokenize
 from ..registry import METHODS
-from ..settings import plural
-from ..settings import DecodeOptions
+from ..settings import DecodeOptions, plural
 from .data import EvalRow, read_rows
 from .metrics import first_divergence, rouge
 from .results import NOT_GENERATED, open_results, run_header
-from .settings import FULL, PRUNED_PREFILL_PREFIX, EvalSettings, bundle_path
+from .settings import FULL, PRUNED_PREFILL_PREFIX, EvalSettings, bundle_path, class_choice
 
 # -- methods -------------------------------------------------------------------------------
 
@@ -60,6 +60,9 @@ class Setting:
     weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # a bundle's experts
     pruned_prefill: bool = False  # the prompt's prefill runs with the experts too
     warmup: int = 0  # full-model tokens before the experts take over (selection methods; a bundle has its own)
+    # experts chosen per prompt (class_choice): (ctx, row, ids, continuation) -> (weights or None for the full
+    # model, what the row records of the choice)
+    choose: Callable | None = field(default=None, repr=False)
 
 
 def setting_key(method: str, density: float, warmup: int = 0) -> str:
@@ -75,6 +78,9 @@ def make_settings(lm: LoadedModel, settings: EvalSettings) -> tuple[list[Setting
             continue
         if bundle_path(name) is not None:
             setting, hashes[name] = _bundle_setting(lm, name)
+            out.append(setting)
+        elif class_choice(name) is not None:
+            setting, hashes[name] = _class_setting(lm, name, settings)
             out.append(setting)
         else:
             out += [Setting(setting_key(name, d, settings.warmup), name, d, warmup=settings.warmup)
@@ -97,6 +103,53 @@ def _bundle_setting(lm: LoadedModel, name: str) -> tuple[Setting, str]:
     weights = {k: v.to(lm.device) for k, v in bundle.weights.items()}
     return (Setting(name, name, density, weights, pruned_prefill=name.startswith(PRUNED_PREFILL_PREFIX)),
             h.hexdigest())
+
+
+def _class_setting(lm: LoadedModel, name: str, settings: EvalSettings) -> tuple[Setting, str]:
+    """Class experts chosen per prompt (evaluation/settings.CLASS_CHOICES), each prompt prefilled
+    through its class's experts. The classes' weights are read once."""
+    kind, path = class_choice(name)
+    if kind == "labeled":
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise GriffinError(f"labeled:{path} holds no class bundles (.safetensors, one per label)")
+        names, router = [f.stem for f in files], None
+    else:
+        router = read_router(path)
+        check_router(router, lm)
+        names, files = router.info.classes, router.bundle_paths()
+    classes = {}
+    for n, f in zip(names, files):
+        bundle = read_bundle(f, load_kv=False)
+        check_bundle(lm, bundle.info, str(f))
+        classes[n] = {k: v.to(lm.device) for k, v in bundle.weights.items()}
+    digest = hashlib.blake2b("".join(bundle_digest(f) for f in files).encode(), digest_size=16).hexdigest()
+
+    def choose(ctx: Context, row: EvalRow, ids: torch.Tensor, cont: Continuation):
+        if kind == "labeled":
+            if row.label not in classes:
+                raise GriffinError(f"row {row.index}: label {row.label!r} ({settings.label_field}) names no class "
+                                   f"bundle in {path} ({', '.join(classes)})")
+            return classes[row.label], {"class": row.label}
+        if kind == "oracle":  # the class whose experts give the gold text the highest likelihood
+            lls = {n: gold_loglik(ctx, w, ids, cont) for n, w in classes.items()}
+            best = max(lls, key=lls.get)
+            return classes[best], {"class": best, "class_gold_ll": lls}
+        r = route(ctx.lm, router, ids)
+        info = {"class": r.name, "similarity": r.similarity, "guarded": kind == "guarded" and r.guarded}
+        return (None if info["guarded"] else classes[r.name]), info
+
+    density = sum(t.shape[0] for k, t in next(iter(classes.values())).items()
+                  if k.endswith(f"{lm.spec.output}.weight")) / (lm.num_layers * lm.d_ff)  # nominal, of the first class
+    return Setting(name, name, density, pruned_prefill=True, choose=choose), digest
+
+
+def gold_loglik(ctx: Context, weights: dict[str, torch.Tensor], ids: torch.Tensor, cont: Continuation) -> float:
+    """Mean log-likelihood of the gold text with these experts, the prompt prefilled through them."""
+    with installed(ctx.lm, weights):
+        cache, last = prefill(ctx.lm.model, ids, chunk_size=ctx.settings.chunk_size)
+        logp = continuation_logprobs(ctx.lm.model, cache_tensors(cache), ids.shape[1], last, cont.ids)
+    return float(logp[cont.scored_from:].mean())
 
 
 # -- the evaluation of one prompt ------------------------------------------------------------
@@ -228,10 +281,15 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
         if on_setting is not None:
             on_setting(setting.key)
         t1 = time.perf_counter()
-        tensors = None if setting.method == FULL else ctx.tensors(setting, prompt_scores, s.seed + row.index, stat.gram, ids)
+        chosen: dict = {}
+        if setting.choose is not None:
+            tensors, chosen = setting.choose(ctx, row, ids, cont)
+        else:
+            tensors = None if setting.method == FULL else ctx.tensors(setting, prompt_scores, s.seed + row.index,
+                                                                       stat.gram, ids)
         with pruned(ctx, tensors):
             own_kv, own_last = kv, last_logits
-            if setting.pruned_prefill:
+            if setting.pruned_prefill and tensors is not None:
                 own_cache, own_last = prefill(lm.model, ids, chunk_size=s.chunk_size)
                 own_kv = cache_tensors(own_cache)
             logp = continuation_logprobs(lm.model, own_kv, prompt_len, own_last, cont.ids)
@@ -242,7 +300,7 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
                 gen = generate(ctx, own_kv, prompt_len, own_last, row)
         k = lm.d_ff if tensors is None else _mean_k(ctx, tensors)
         r = {"method": setting.method, "density": setting.density, "k": k,
-             "warmup": setting.warmup, "gold_ll": float(logp[cont.scored_from:].mean())}
+             "warmup": setting.warmup, "gold_ll": float(logp[cont.scored_from:].mean()), **chosen}
         if gen is None:
             r.update({name: None for name in NOT_GENERATED})
         else:

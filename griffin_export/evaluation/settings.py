@@ -1,6 +1,7 @@
 """What an evaluation is asked to do: the method names it takes (`full`, selection methods,
-`bundle:PATH`, `pruned-prefill:PATH`), its settings, and the parsing of the CLI's comma lists
-and row ranges. Read by the runner, the report and the CLI."""
+`bundle:PATH`, `pruned-prefill:PATH`, and class experts chosen per prompt: `routed:ROUTER`,
+`guarded:ROUTER`, `oracle:ROUTER`, `labeled:DIR`), its settings, and the parsing of the CLI's comma
+lists and row ranges. Read by the runner, the report and the CLI."""
 
 from __future__ import annotations
 
@@ -18,10 +19,26 @@ BUNDLE_PREFIX = "bundle:"
 PRUNED_PREFILL_PREFIX = "pruned-prefill:"
 
 
+# Class experts chosen per prompt, each prefilled and decoded through them (what a deployment computes):
+# the class a router picks (routed), the same with its guard sending a prompt that fits no class to the full
+# model (guarded), the router's class whose experts give the prompt's gold text the highest likelihood
+# (oracle), and the class the row's label names, a bundle per label in a folder (labeled).
+CLASS_CHOICES = ("routed:", "guarded:", "oracle:", "labeled:")
+
+
 def known_methods() -> list[str]:
     """Every name `--methods` accepts: `full`, the selection methods of registry.METHODS
-    (new ones join there), and fixed experts from a bundle file."""
-    return [FULL, *METHODS, f"{BUNDLE_PREFIX}PATH", f"{PRUNED_PREFILL_PREFIX}PATH"]
+    (new ones join there), fixed experts from a bundle file, and class experts chosen per prompt."""
+    return [FULL, *METHODS, f"{BUNDLE_PREFIX}PATH", f"{PRUNED_PREFILL_PREFIX}PATH",
+            *(f"{c}{'DIR' if c == 'labeled:' else 'ROUTER'}" for c in CLASS_CHOICES)]
+
+
+def class_choice(method: str) -> tuple[str, str] | None:
+    """('routed' | 'guarded' | 'oracle' | 'labeled', the path) of a class-choosing method, else None."""
+    for prefix in CLASS_CHOICES:
+        if method.startswith(prefix):
+            return prefix[:-1], method[len(prefix):]
+    return None
 
 
 def bundle_path(method: str) -> str | None:
@@ -63,6 +80,7 @@ class EvalSettings:
     # as export's warm-up, for every selection method (their keys get "+wN"); fixed experts from a bundle and
     # the full model have none (a bundle's own warm-up belongs to its own prompt)
     warmup: int = WARMUP
+    label_field: str = "kind"  # labeled:DIR reads each row's class from this field
 
     def __post_init__(self) -> None:
         self.rows = tuple(self.rows)
@@ -78,6 +96,11 @@ class EvalSettings:
             path = bundle_path(m)
             if path is not None and not Path(path).is_file():
                 raise GriffinError(f"bundle {path} does not exist")
+            choice = class_choice(m)
+            if choice is not None and not (Path(choice[1]).is_dir() if choice[0] == "labeled" else
+                                           Path(choice[1]).is_file()):
+                raise GriffinError(f"{choice[0]}: {choice[1]} does not exist (a "
+                                   f"{'folder of class bundles' if choice[0] == 'labeled' else 'router'})")
         if not self.densities:
             raise GriffinError("no densities given")
         for d in self.densities:
@@ -93,7 +116,7 @@ class EvalSettings:
 def check_method_name(name: str) -> str:
     if name == FULL or name in METHODS:
         return name
-    if bundle_path(name):
+    if bundle_path(name) or class_choice(name):
         return name
     raise GriffinError(f"unknown method {name!r}; known: {', '.join(known_methods())}")
 

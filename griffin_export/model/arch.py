@@ -153,16 +153,20 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+def sliced_linears(block: FFBlock, spec: FFSpec, tensors: dict[str, torch.Tensor]) -> dict[str, nn.Linear]:
+    """The block's FF linears holding only the kept neurons, {attribute: module}, from a bundle's
+    tensors of this layer (not installed)."""
+    return {name: _linear(tensors[f"{block.prefix}{name}.weight"], tensors.get(f"{block.prefix}{name}.bias"))
+            for name in (*spec.inputs, spec.output)}
+
+
 def install_slice(block: FFBlock, spec: FFSpec, tensors: dict[str, torch.Tensor]) -> None:
     """Swap the block's FF linears for ones holding only the kept neurons.
 
     The full-width modules are dropped, so their weights are freed rather than kept
     beside the sliced copies.
     """
-    for name in (*spec.inputs, spec.output):
-        weight = tensors[f"{block.prefix}{name}.weight"]
-        bias = tensors.get(f"{block.prefix}{name}.bias")
-        setattr(block.owner, name, _linear(weight, bias))
+    put_ff([block], [sliced_linears(block, spec, tensors)])
 
 
 def per_layer(blocks: list[FFBlock], weights: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -181,13 +185,14 @@ def swapped(blocks: list[FFBlock], modules: list[dict[str, nn.Module]]) -> Itera
     """These FF linears in the layers for the block's duration; the ones there before come back after."""
     saved = [{n: getattr(b.owner, n) for n in mods} for b, mods in zip(blocks, modules)]
     try:
-        _put(blocks, modules)
+        put_ff(blocks, modules)
         yield
     finally:
-        _put(blocks, saved)
+        put_ff(blocks, saved)
 
 
-def _put(blocks: list[FFBlock], modules: list[dict[str, nn.Module]]) -> None:
+def put_ff(blocks: list[FFBlock], modules: list[dict[str, nn.Module]]) -> None:
+    """These FF linears in the layers, for good (what `swapped` does for a `with` block)."""
     for block, mods in zip(blocks, modules):
         for name, mod in mods.items():
             setattr(block.owner, name, mod)

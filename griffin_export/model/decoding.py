@@ -25,6 +25,7 @@ class Generation:
     text: str = ""
     stop_reason: str = "length"  # length | eos | stop
     decode_s: float = 0.0  # the decoding loop's time: no prefill, no model preparation
+    extra: dict = field(default_factory=dict)  # what the runtime adds: a routed prompt's class, say
 
 
 def next_token(logits: torch.Tensor, opts: DecodeOptions, gen: torch.Generator) -> int:

@@ -207,6 +207,7 @@ class ModelFacts:
     architecture: str
     d_ff: int | None
     context_length: int | None
+    num_layers: int | None = None
 
 
 def peek_architecture(model: str | None = None, gguf_file: str | None = None) -> ModelFacts:
@@ -227,8 +228,9 @@ def peek_architecture(model: str | None = None, gguf_file: str | None = None) ->
             raise GriffinError(f"cannot read the model config from {identity}: {e}") from None
         arch = str(cfg.get("model_type", ""))
         spec = spec_for(arch)
-        d, ctx = cfg.get(spec.d_ff_attr), cfg.get(spec.context_attr)
-        return ModelFacts(arch, d if isinstance(d, int) else None, ctx if isinstance(ctx, int) else None)
+        d, ctx, n = cfg.get(spec.d_ff_attr), cfg.get(spec.context_attr), cfg.get("num_hidden_layers")
+        return ModelFacts(arch, d if isinstance(d, int) else None, ctx if isinstance(ctx, int) else None,
+                          n if isinstance(n, int) else None)
     from gguf import GGUFReader
 
     try:
@@ -247,7 +249,9 @@ def peek_architecture(model: str | None = None, gguf_file: str | None = None) ->
     arch = GGUF_ARCHITECTURES.get(gguf_arch, gguf_arch)
     spec_for(arch)
     d, ctx = field(f"{gguf_arch}.feed_forward_length"), field(f"{gguf_arch}.context_length")
-    return ModelFacts(arch, int(d) if d is not None else None, int(ctx) if ctx is not None else None)
+    n = field(f"{gguf_arch}.block_count")
+    return ModelFacts(arch, int(d) if d is not None and not hasattr(d, "__len__") else None,
+                      int(ctx) if ctx is not None else None, int(n) if n is not None else None)
 
 
 @dataclass(frozen=True)

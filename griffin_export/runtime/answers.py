@@ -81,7 +81,7 @@ class AnswerWriter:
         if self.f is None:
             self.f = open(self.path, self.mode, encoding="utf-8")
         row = {"index": index, "where": where, "text": gen.text, "tokens": len(gen.token_ids),
-               "stop_reason": gen.stop_reason, "prompt": digest(text), "run": self.run}
+               "stop_reason": gen.stop_reason, **gen.extra, "prompt": digest(text), "run": self.run}
         self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.f.flush()
 
@@ -101,7 +101,7 @@ class AnswersRun:
     seconds: float
 
 
-def generate_file(bundle: str | os.PathLike, prompts: str | os.PathLike, output: str | os.PathLike,
+def generate_file(bundle: str | os.PathLike | None, prompts: str | os.PathLike, output: str | os.PathLike,
                   options: RuntimeOptions | None = None, decode: DecodeOptions | None = None, *,
                   field: str = "prompt", batch_size: int = 8, resume: bool = False, force: bool = False,
                   progress: bool = False, quiet: bool = True, report: Callable[[str], None] | None = None) -> AnswersRun:
@@ -116,9 +116,10 @@ def generate_file(bundle: str | os.PathLike, prompts: str | os.PathLike, output:
         raise GriffinError("compile=True compiles the batch-1 lean step; batches run it uncompiled")
     items = list(iter_prompts([prompts], field))
     texts = [p.text for p in items]
-    meta, _ = read_metadata(bundle)
-    # what makes an answer: the bundle (its metadata names model, experts and settings) and how it decodes
-    run = digest(meta, decode.__dict__, options.pruned_prefill, options.runtime)
+    # what makes an answer: the bundle (its metadata names model, experts and settings) or the router (its
+    # classes' digests), and how it decodes
+    meta, _ = read_metadata(options.router if bundle is None and options.router else bundle)
+    run = digest(meta, decode.__dict__, options.pruned_prefill, options.runtime, *([options.guard] if options.router else []))
     out = Path(output)
     done = finished(out, texts, run) if resume and out.exists() else set()
     if not resume:

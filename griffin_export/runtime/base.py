@@ -12,6 +12,7 @@ batches: `start_batch(list of ids, max_new_tokens)` -> (state, logits [B, vocab]
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -21,6 +22,7 @@ import torch
 from ..bundle.format import Bundle, read_bundle, read_info
 from ..errors import GriffinError
 from ..model.decoding import Continuation, Generation, decode
+from ..model.load import use_threads
 from ..registry import runtime
 from ..settings import DecodeOptions, RuntimeOptions, require_runtime
 
@@ -150,7 +152,7 @@ class Runtime:
         return results  # type: ignore[return-value]
 
 
-def open_runtime(bundle: str | os.PathLike | Bundle, options: RuntimeOptions | None = None, *,
+def open_runtime(bundle: str | os.PathLike | Bundle | None, options: RuntimeOptions | None = None, *,
                  new_prompts: bool = False, max_new_tokens: int | None = None, quiet: bool = True) -> Runtime:
     """A bundle on the runtime `options.runtime` names (registry.RUNTIMES, its module's `load`), for
     generating from the bundle's own prompt or, with new_prompts, from new ones. The bundle is read and
@@ -162,6 +164,18 @@ def open_runtime(bundle: str | os.PathLike | Bundle, options: RuntimeOptions | N
     """
     options = options or RuntimeOptions()
     require_runtime(options.runtime, f"the {options.runtime} runtime")
+    if options.router is not None:  # class experts per prompt: the bundles are the router's
+        if bundle is not None:
+            raise GriffinError("a router brings its class bundles: give a bundle or a `router`, not both")
+        from .routed import load_routed
+
+        if not quiet:
+            print(f"loading the router {options.router} and its classes ...", file=sys.stderr)
+        use_threads(options.threads)
+        return load_routed(options.router, options.model, gguf_file=options.gguf_file, device=options.device,
+                           guard=options.guard, lean=options.lean, quiet=quiet)
+    if bundle is None:
+        raise GriffinError("give a bundle, or a `router` (griffin-export discover) for class experts per prompt")
     source = "bundle" if isinstance(bundle, Bundle) else str(bundle)
     if not isinstance(bundle, Bundle):
         info = read_info(bundle)

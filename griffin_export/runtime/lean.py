@@ -73,6 +73,29 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+@dataclass
+class FFPacks:
+    """One set of FF weights for the lean step, per layer: [gate | up] packed [hidden, 2k], down [k, hidden],
+    and k. The HF linears they came from hold views into them (nothing is held twice), so a set of
+    class experts serves the lean step and transformers' forward (a prefill) alike."""
+
+    gate_up: list[torch.Tensor]
+    down: list[torch.Tensor]
+    widths: list[int]
+
+
+def ff_packs(modules: list[dict[str, nn.Module]], spec: FFSpec) -> FFPacks:
+    """The lean step's packs of these FF linears, {attribute: linear} per layer (arch.ff_modules or
+    arch.sliced_linears); the linears are re-pointed at views into them."""
+    gate_up, down, widths = [], [], []
+    for mods in modules:
+        gate, up = (mods[n] for n in spec.inputs)
+        gate_up.append(_pack(gate, up)[0])
+        down.append(_pack(mods[spec.output])[0])
+        widths.append(mods[spec.output].weight.shape[1])
+    return FFPacks(gate_up, down, widths)
+
+
 class _Layer:
     def __init__(self, layer: nn.Module, block: FFBlock, spec: FFSpec):
         att = layer.self_attn
@@ -121,6 +144,17 @@ class LeanDecoder:
         if compile:  # one graph for every position: the static-shape step (mask, index_copy_)
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self._step = torch.compile(self._forward_static, mode=mode, fullgraph=True, dynamic=False)
+
+    def ff(self) -> FFPacks:
+        """The FF weights the step decodes with now."""
+        return FFPacks([L.w_gate_up for L in self.layers], [L.w_down for L in self.layers],
+                       [L.width for L in self.layers])
+
+    def use_ff(self, packs: FFPacks) -> None:
+        """Decode with these FF weights from the next step on (another class's experts, or the full
+        model's): attention and the head stay as they are."""
+        for L, gate_up, down, width in zip(self.layers, packs.gate_up, packs.down, packs.widths):
+            L.w_gate_up, L.w_down, L.width = gate_up, down, width
 
     def reserve(self, max_length: int) -> None:
         """Buffers (and rotary tables) of at least max_length positions; a compiled step keeps its size."""

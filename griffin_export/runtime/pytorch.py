@@ -45,22 +45,14 @@ def _check_bundle_tensors(lm: LoadedModel, bundle: Bundle, source: str) -> None:
                            f"{want[0]} × {want[1]}")
 
 
-class TorchRuntime(Runtime):
-    """Decodes with a bundle's experts; prefill of a new prompt runs the full model
-    (the GRIFFIN regime) when the full FF weights were kept. With pruned_prefill every
-    prompt (a new one, or the bundle's own instead of its KV) is prefilled through the
-    experts too: what a standalone pruned checkpoint computes."""
+class TorchDecoding(Runtime):
+    """Decoding on a PyTorch model with whatever FF linears are in it: one sequence or a batch,
+    through the lean step (runtime/lean.py) where it covers the architecture, else transformers'
+    forward. TorchRuntime puts one bundle's experts in; runtime/routed.py swaps classes' in and out."""
 
-    def __init__(self, lm: LoadedModel, bundle: Bundle, *, keep_full: bool = False, source: str = "bundle",
-                 pruned_prefill: bool = False, lean: bool | None = None, compile: bool = False):
-        check_fresh(lm)
-        check_bundle(lm, bundle.info, source)
-        self.lm, self.bundle = lm, bundle
-        self.pruned_prefill = pruned_prefill
-        _check_bundle_tensors(lm, bundle, source)
+    def _init_decoding(self, lm: LoadedModel, lean: bool | None, compile: bool) -> None:
+        self.lm = lm
         self.blocks = ff_blocks(lm.model, lm.spec)
-        self._full = ff_modules(self.blocks, lm.spec) if keep_full else None
-        install(lm, bundle.weights)
         self.eos = eos_ids(lm.config, lm.tokenizer)
         # decode steps through the lean step (runtime/lean.py) where it covers the architecture,
         # unless lean=False; lean=True where it does not is an error; compile: torch.compile it
@@ -81,6 +73,84 @@ class TorchRuntime(Runtime):
         """Build the lean step now (else the first generate does: it packs the weights once)."""
         if self._lean_settings is not None and self.lean is None:
             self.lean = LeanDecoder(self.lm.model, 0, **self._lean_settings)
+
+    def _batch_prefill_ff(self) -> AbstractContextManager[None]:
+        """The FF linears a batch's prompts are prefilled with (a `with` block): the ones in the model."""
+        return nullcontext()
+
+    def check_room(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        check_generation_fits(prompt_tokens, max_new_tokens, self.lm.context_length)
+
+    def stepper(self, cache, cached: int, room: int):
+        if self._lean_settings is None:
+            return super().stepper(cache, cached, room)
+        # built here, not in __init__: its packed weights leave the HF modules holding transposed
+        # views, which forward() takes but save_pretrained() does not (checkpoint.py installs
+        # experts through a TorchRuntime and saves)
+        self.prepare()
+        self.lean.reserve(room)  # a warm-up may pass max_new_tokens
+        self.lean.load_cache(cache_tensors(cache), cached)
+        return self.lean.step
+
+    def start_batch(self, batch: list[torch.Tensor], max_new_tokens: int):
+        """Prefill prompts ids [1, T_b] together: left-padded to the longest, masked, positions
+        counted from each prompt's first token (with _batch_prefill_ff's linears). Decoding then runs
+        through the lean step where it covers the model (its batch buffers hold T + max_new_tokens
+        columns), else through transformers' forward."""
+        ids, mask, positions = (t.to(self.lm.device) for t in left_padded(batch))
+        T = ids.shape[1]
+        state = _Batch(new_cache(self.lm.model), mask, positions[:, -1] + 1, T + max_new_tokens)
+        with self._batch_prefill_ff():
+            for s in range(0, T, CHUNK_SIZE):
+                logits = self._forward(ids[:, s:s + CHUNK_SIZE], mask[:, :s + CHUNK_SIZE],
+                                       positions[:, s:s + CHUNK_SIZE], state.cache)
+        return state, logits
+
+    def step_batch(self, state: "_Batch", tokens: list[int], keep: list[int]) -> torch.Tensor:
+        if self._lean_settings is not None:
+            if state.lean is None:  # the prefill's cache copied once into the lean step's batch buffers
+                self.prepare()
+                state.lean = self.lean.start_batch(cache_tensors(state.cache), state.mask, state.next_pos, state.room)
+                state.cache = None
+            return self.lean.step_batch(state.lean, tokens, keep)
+        dev = self.lm.device
+        if len(keep) < state.mask.shape[0]:  # finished sequences leave the batch
+            rows = torch.tensor(keep, device=dev)
+            state.cache.batch_select_indices(rows)
+            state.mask, state.next_pos = state.mask[rows], state.next_pos[rows]
+        state.mask = torch.cat([state.mask, state.mask.new_ones(len(keep), 1)], dim=1)
+        logits = self._forward(torch.tensor(tokens, device=dev)[:, None], state.mask, state.next_pos[:, None],
+                               state.cache)
+        state.next_pos = state.next_pos + 1
+        return logits
+
+    @torch.inference_mode()
+    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        kw = {cache_kwarg(type(self.lm.model)): cache}
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **kw)
+        return out.logits[:, -1].float()  # [B, vocab]
+
+    def step(self, cache, token: int) -> torch.Tensor:
+        """Feed one token through transformers' forward; logits [vocab] for the next."""
+        return forward(self.lm.model, torch.tensor([[token]], device=self.lm.device), cache)[-1]
+
+
+class TorchRuntime(TorchDecoding):
+    """Decodes with a bundle's experts; prefill of a new prompt runs the full model
+    (the GRIFFIN regime) when the full FF weights were kept. With pruned_prefill every
+    prompt (a new one, or the bundle's own instead of its KV) is prefilled through the
+    experts too: what a standalone pruned checkpoint computes."""
+
+    def __init__(self, lm: LoadedModel, bundle: Bundle, *, keep_full: bool = False, source: str = "bundle",
+                 pruned_prefill: bool = False, lean: bool | None = None, compile: bool = False):
+        check_fresh(lm)
+        check_bundle(lm, bundle.info, source)
+        _check_bundle_tensors(lm, bundle, source)
+        self.bundle, self.pruned_prefill = bundle, pruned_prefill
+        self._full = ff_modules(ff_blocks(lm.model, lm.spec), lm.spec) if keep_full else None
+        install(lm, bundle.weights)
+        self._init_decoding(lm, lean, compile)
 
     # -- FF width ---------------------------------------------------------------------
 
@@ -116,62 +186,8 @@ class TorchRuntime(Runtime):
     def tokenize(self, text: str) -> torch.Tensor:
         return tokenize(self.lm, text, chat=self.bundle.info.chat)
 
-    def check_room(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        check_generation_fits(prompt_tokens, max_new_tokens, self.lm.context_length)
-
-    def stepper(self, cache, cached: int, room: int):
-        if self._lean_settings is None:
-            return super().stepper(cache, cached, room)
-        # built here, not in __init__: its packed weights leave the HF modules holding transposed
-        # views, which forward() takes but save_pretrained() does not (checkpoint.py installs
-        # experts through a TorchRuntime and saves)
-        self.prepare()
-        self.lean.reserve(room)  # a warm-up may pass max_new_tokens
-        self.lean.load_cache(cache_tensors(cache), cached)
-        return self.lean.step
-
-    def start_batch(self, batch: list[torch.Tensor], max_new_tokens: int):
-        """Prefill prompts ids [1, T_b] together: left-padded to the longest, masked, positions
-        counted from each prompt's first token; full FF unless pruned_prefill. Decoding then runs
-        through the lean step where it covers the model (its batch buffers hold T + max_new_tokens
-        columns), else through transformers' forward."""
-        ids, mask, positions = (t.to(self.lm.device) for t in left_padded(batch))
-        T = ids.shape[1]
-        state = _Batch(new_cache(self.lm.model), mask, positions[:, -1] + 1, T + max_new_tokens)
-        with nullcontext() if self.pruned_prefill else self._full_ff():
-            for s in range(0, T, CHUNK_SIZE):
-                logits = self._forward(ids[:, s:s + CHUNK_SIZE], mask[:, :s + CHUNK_SIZE],
-                                       positions[:, s:s + CHUNK_SIZE], state.cache)
-        return state, logits
-
-    def step_batch(self, state: "_Batch", tokens: list[int], keep: list[int]) -> torch.Tensor:
-        if self._lean_settings is not None:
-            if state.lean is None:  # the prefill's cache copied once into the lean step's batch buffers
-                self.prepare()
-                state.lean = self.lean.start_batch(cache_tensors(state.cache), state.mask, state.next_pos, state.room)
-                state.cache = None
-            return self.lean.step_batch(state.lean, tokens, keep)
-        dev = self.lm.device
-        if len(keep) < state.mask.shape[0]:  # finished sequences leave the batch
-            rows = torch.tensor(keep, device=dev)
-            state.cache.batch_select_indices(rows)
-            state.mask, state.next_pos = state.mask[rows], state.next_pos[rows]
-        state.mask = torch.cat([state.mask, state.mask.new_ones(len(keep), 1)], dim=1)
-        logits = self._forward(torch.tensor(tokens, device=dev)[:, None], state.mask, state.next_pos[:, None],
-                               state.cache)
-        state.next_pos = state.next_pos + 1
-        return logits
-
-    @torch.inference_mode()
-    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        kw = {cache_kwarg(type(self.lm.model)): cache}
-        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1, **kw)
-        return out.logits[:, -1].float()  # [B, vocab]
-
-    def step(self, cache, token: int) -> torch.Tensor:
-        """Feed one token with the experts through transformers' forward; logits [vocab] for the next."""
-        return forward(self.lm.model, torch.tensor([[token]], device=self.lm.device), cache)[-1]
+    def _batch_prefill_ff(self) -> AbstractContextManager[None]:
+        return nullcontext() if self.pruned_prefill else self._full_ff()
 
 
 @dataclass

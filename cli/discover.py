@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import time
+
+import click
+
+from griffin_export.registry import AGGREGATIONS, CLASS_METHODS
+from griffin_export.settings import CLUSTERINGS, ClassSettings, DiscoverSettings, defaults, plural
+
+from .options import (chunk_option, density_option, dtype_option, human_bytes, model_options, require_extra, status,
+                      threads_option)
+
+CLASS = defaults(ClassSettings)
+FOUND = defaults(DiscoverSettings)
+
+
+@click.command("discover")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("-o", "--output", required=True, metavar="DIR",
+              help="folder to write: a bundle per class, router.safetensors, report.md and report.json")
+@click.option("--name", default="class", show_default=True, help="the classes are named NAME-1, NAME-2, ... by size")
+@click.option("-k", "--classes", "k", type=click.IntRange(min=1), default=None,
+              help="how many classes [default: chosen by the cosine silhouette among 2..--k-max]")
+@click.option("--k-max", default=FOUND["k_max"], show_default=True, type=click.IntRange(min=2),
+              help="the most classes to consider when choosing k")
+@click.option("--clustering", type=click.Choice(CLUSTERINGS), default=FOUND["clustering"], show_default=True,
+              help="kmeans: k-means on the unit-norm statistics; agglomerative: average linkage by cosine distance")
+@click.option("--router-layers", default=FOUND["router_layers"], show_default=True, type=click.IntRange(min=1),
+              help="the router reads the FF statistic of this many first layers (a fraction of a prefill)")
+@click.option("--guard-quantile", default=FOUND["guard_quantile"], show_default=True, type=click.FloatRange(0, 1),
+              help="a new prompt less like its class than this fraction of the class's own prompts falls back "
+                   "to the full model (0: never)")
+@click.option("--save-statistics", default=None, metavar="FILE",
+              help="also keep every prompt's statistic in FILE: discover again from it (--statistics) with another "
+                   "-k or --clustering, without a prefill")
+@click.option("--statistics", default=None, metavar="FILE",
+              help="read the prompts' statistics from a --save-statistics FILE of these INPUTs instead of prefilling")
+@click.option("--field", default="prompt", show_default=True, help="JSONL key holding the prompt text")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="use only the first N prompts")
+@click.option("--aggregation", type=click.Choice(list(AGGREGATIONS)), default=CLASS["aggregation"], show_default=True,
+              help="how a class's prompts' scores become its score (as `class --aggregation`)")
+@model_options
+@dtype_option
+@density_option
+@click.option("--method", type=click.Choice(CLASS_METHODS), default=CLASS["method"], show_default=True,
+              help="neuron selection on each class's score (the topk_refit* methods count each class's prompts "
+                   "once more, for the Gram)")
+@click.option("--seed", default=FOUND["seed"], show_default=True, help="seed of the clustering and the selection")
+@click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
+@chunk_option
+@threads_option
+@click.option("--force", is_flag=True, help="replace an existing output folder")
+@click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary")
+def command(inputs, output, name, k, k_max, clustering, router_layers, guard_quantile, save_statistics, statistics,
+            field, limit, aggregation, model,
+            gguf_file, device, dtype, density, method, seed, chat, chunk_size, threads, force, quiet):
+    """Find the classes of an unlabeled log of prompts, and write a class bundle for each and the
+    router that sends a new prompt to its class.
+
+    INPUT is what `class` reads: JSONL files (one prompt per line, in --field), folders of .txt
+    files, text files. Each prompt gets one full prefill; the prompts are clustered by their FF
+    statistics (which neurons their experts would keep); each cluster becomes a class bundle; the
+    router, beside them, routes a new prompt from its first --router-layers layers, and a guard sends
+    a prompt that fits no class to the full model.
+
+    \b
+    Examples:
+      griffin-export discover bench/data/mixed_dev.jsonl -o classes/
+      griffin-export discover traffic.jsonl -k 4 --method topk_refit -o classes/ --name traffic
+      griffin-export generate --router classes/router.safetensors --prompts queue.jsonl -o answers.jsonl
+      griffin-export inspect classes/router.safetensors
+    """
+    require_extra("classes")
+    from griffin_export.classes.discover import check_discovery_dir, discover, write_discovery
+    from griffin_export.files.outputs import check_output_path
+    from griffin_export.model.load import ModelSource, use_threads
+
+    t0 = time.perf_counter()
+    settings = ClassSettings(name=name, aggregation=aggregation, density=density, method=method, seed=seed,
+                             chunk_size=chunk_size, chat=chat)
+    found = DiscoverSettings(k=k, k_max=k_max, clustering=clustering, router_layers=router_layers,
+                             guard_quantile=guard_quantile, seed=seed)
+    check_discovery_dir(output, force)  # fail before loading anything
+    if save_statistics:
+        check_output_path(save_statistics, force)
+    use_threads(threads)
+    result = discover(inputs, settings, found, ModelSource(model, gguf_file, dtype, device), field=field, limit=limit,
+                      progress=not quiet, report=lambda line: status(line, quiet), statistics=statistics,
+                      save_statistics=save_statistics)
+    out = write_discovery(result, output, force=force)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    r = result.report
+    click.echo(f"wrote {out}/: {plural(r['k'], 'class', 'classes')} from {plural(r['prompts'], 'prompt')} ("
+               + ", ".join(f"{c['name']} {c['prompts']}" for c in r["classes"])
+               + f"), router over {r['router_layers']} layers, {human_bytes(size)}, {time.perf_counter() - t0:.1f} s")

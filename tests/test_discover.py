@@ -1,0 +1,185 @@
+"""Classes discovered in an unlabeled log, the router and the guard, on a tiny model with planted
+classes: prompts of each kind are drawn from a few tokens of their own, so which prompts belong
+together is known, and so is the class a new prompt of a kind belongs to."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from griffin_export.classes.discover import discover, write_discovery
+from griffin_export.classes.router import first_layers, read_router, route
+from griffin_export.method.export import prompt_statistic
+from griffin_export.model.load import ModelSource, load_model
+from griffin_export.runtime.routed import load_routed
+from griffin_export.settings import ClassSettings, DecodeOptions, DiscoverSettings
+from tests.helpers import ARCHS, greedy, one_line, prompt_ids, refused, run, tiny_model
+
+KINDS = {"a": [5, 6, 7, 8], "b": [70, 71, 72, 73]}  # each kind's few tokens
+
+
+def kind_prompt(kind: str, rng: random.Random) -> str:
+    return " ".join(f"w{rng.choice(KINDS[kind])}" for _ in range(rng.randint(20, 40)))
+
+
+def planted_log(path, n: int = 8, seed: int = 0) -> list[str]:
+    """A shuffled JSONL log of n prompts of each kind; returns each line's kind."""
+    rng = random.Random(seed)
+    rows = [(kind, kind_prompt(kind, rng)) for kind in KINDS for _ in range(n)]
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for _, p in rows))
+    return [k for k, _ in rows]
+
+
+@pytest.fixture(scope="module")
+def found(tiny_dir, tmp_path_factory):
+    """The planted log discovered once (k chosen by the silhouette), written to a folder."""
+    root = tmp_path_factory.mktemp("discover")
+    kinds = planted_log(root / "log.jsonl")
+    result = discover([root / "log.jsonl"], ClassSettings("c"), DiscoverSettings(), ModelSource(str(tiny_dir())))
+    out = write_discovery(result, root / "classes")
+    return root, kinds, result, out
+
+
+def test_planted_classes_are_found(found):
+    root, kinds, result, out = found
+    assert result.report["k"] == 2  # the silhouette's choice among 2..8
+    labels = [row["class"] for row in result.report["labels"]]
+    assert len({(k, c) for k, c in zip(kinds, labels)}) == 2  # the partition is the kinds'
+    assert sorted(p.name for p in out.iterdir()) == ["c-1.safetensors", "c-2.safetensors", "report.json", "report.md",
+                                                   "router.safetensors"]
+    assert [c["prompts"] for c in result.report["classes"]] == [8, 8]
+
+
+def test_a_class_found_is_the_class_its_prompts_make(found, tiny_dir):
+    """A discovered class's bundle is the one `class` makes from the same prompts (its statistic is
+    the sum of theirs, kept from the one prefill each)."""
+    from griffin_export.classes.build import export_class
+    from griffin_export.files.inputs import Prompt
+
+    root, kinds, result, _ = found
+    lm = load_model(str(tiny_dir()), quiet=True)
+    texts = [json.loads(line)["prompt"] for line in (root / "log.jsonl").read_text().splitlines()]
+    labels = [row["class"] for row in result.report["labels"]]
+    members = [Prompt(t, str(i)) for i, (t, c) in enumerate(zip(texts, labels)) if c == "c-1"]
+    want = export_class(lm, members, ClassSettings("c-1")).bundle
+    assert all(torch.equal(a, b) for a, b in zip(result.bundles[0].indices, want.indices))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_router_reads_the_first_layers_as_a_full_prefill_does(arch):
+    lm, ids = tiny_model(arch), prompt_ids()
+    full = prompt_statistic(lm, ids)[0].scores()
+    assert torch.equal(first_layers(lm, ids, 1), full[:1])
+
+
+def test_a_new_prompt_of_a_planted_class_is_routed_to_it(found, tiny_dir):
+    root, kinds, result, out = found
+    lm = load_model(str(tiny_dir()), quiet=True)
+    router = read_router(out / "router.safetensors")
+    labels = {k: c["class"] for k, c in zip(kinds, result.report["labels"])}  # each kind's class
+    rng = random.Random(7)
+    for kind in KINDS:
+        for _ in range(5):
+            ids = lm.tokenizer(kind_prompt(kind, rng), return_tensors="pt")["input_ids"]
+            assert route(lm, router, ids).name == labels[kind]
+
+
+def test_the_guard_sends_a_prompt_of_no_class_to_the_full_model(found, tiny_dir):
+    root, kinds, result, out = found
+    rt = load_routed(out / "router.safetensors", str(tiny_dir()))
+    stranger = " ".join(f"w{40 + i % 7}" for i in range(24))  # tokens of neither kind
+    gen = rt.generate(DecodeOptions(max_new_tokens=6), prompt=stranger)
+    assert gen.extra["guarded"] and gen.extra["class"] == "full"
+    full = load_model(str(tiny_dir()), quiet=True)
+    assert gen.token_ids == greedy(full.model, rt.tokenize(stranger), 6, eos=2)
+
+
+def test_prompts_batched_by_class_answer_as_each_alone(found, tiny_dir):
+    root, kinds, result, out = found
+    rt = load_routed(out / "router.safetensors", str(tiny_dir()))
+    rng = random.Random(3)
+    prompts = [kind_prompt(k, rng) for k in ("a", "b", "a", "b", "b")] + [" ".join(["w44"] * 20)]
+    opts = DecodeOptions(max_new_tokens=5)
+    together = rt.generate_batch(prompts, opts, batch_size=2)
+    alone = [rt.generate(opts, prompt=p) for p in prompts]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [g.extra for g in together] == [g.extra for g in alone]
+
+
+def test_generate_with_a_router_writes_each_answers_class(found, tiny_dir, tmp_path, capsys):
+    root, kinds, result, out = found
+    code, _, err = run(["generate", "--router", out / "router.safetensors", "--prompts", root / "log.jsonl",
+                        "-o", tmp_path / "a.jsonl", "--max-new-tokens", "3", "-q"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    labels = [row["class"] for row in result.report["labels"]]
+    assert sorted(r["index"] for r in rows) == list(range(16))
+    assert all(r["routed"] == labels[r["index"]] and "guarded" in r for r in rows)
+    code, out_text, _ = run(["inspect", out / "router.safetensors"], capsys)
+    assert code == 0 and "c-1" in out_text and "bundle ok" in out_text
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def test_k_past_the_prompts_or_below_one_is_refused(tmp_path, tiny_dir, capsys):
+    planted_log(tmp_path / "log.jsonl", n=2)
+    one_line(["discover", tmp_path / "log.jsonl", "-k", "5", "-o", tmp_path / "c", "--model", tiny_dir()], capsys,
+             "`k` is 5 classes; the log has 4 prompts".replace("`k`", "--classes"))
+    one_line(["discover", tmp_path / "log.jsonl", "-k", "0", "-o", tmp_path / "c", "--model", tiny_dir()], capsys,
+             "-k")
+    assert not (tmp_path / "c").exists()
+
+
+def test_over_context_prompts_are_skipped_and_counted(tmp_path, tiny_dir):
+    kinds = planted_log(tmp_path / "log.jsonl", n=3)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": " ".join(["w5"] * 300)}) + "\n")  # past the tiny model's 256 positions
+    result = discover([tmp_path / "log.jsonl"], ClassSettings("c"), DiscoverSettings(k=2), ModelSource(str(tiny_dir())))
+    assert result.report["prompts"] == len(kinds) and result.report["skipped"] == [f"{tmp_path / 'log.jsonl'}:7"]
+
+
+def test_a_router_goes_with_its_model_and_its_bundles_only(found, tiny_dir, tmp_path):
+    import shutil
+
+    root, kinds, result, out = found
+    refused(lambda: load_routed(out / "router.safetensors", str(tiny_dir("llama", seed=1))), "was made on",
+            "not on")
+    moved = tmp_path / "classes"
+    shutil.copytree(out, moved)
+    shutil.copy(moved / "c-1.safetensors", moved / "c-2.safetensors")  # another class's bundle in its place
+    refused(lambda: load_routed(moved / "router.safetensors", str(tiny_dir())), "was not made with",
+            "c-2.safetensors")
+    (moved / "c-1.safetensors").unlink()
+    refused(lambda: load_routed(moved / "router.safetensors", str(tiny_dir())), "c-1.safetensors does not exist")
+
+
+def test_a_damaged_router_is_refused_in_one_line(found, tmp_path):
+    """Truncations, garbage, and metadata that disagrees with the centroids: each one line, nothing run."""
+    from safetensors.torch import load_file, save_file
+
+    from griffin_export.bundle.format import read_metadata
+
+    root, kinds, result, out = found
+    raw = (out / "router.safetensors").read_bytes()
+    meta, _ = read_metadata(out / "router.safetensors")
+    centroids = load_file(str(out / "router.safetensors"))["centroids"]
+    bad = tmp_path / "r.safetensors"
+    cases = [raw[: len(raw) // 2], raw[:7], b"not a router at all" * 10]
+    for case in cases:
+        bad.write_bytes(case)
+        refused(lambda: read_router(bad))
+    for change, tensor in ((("classes", '["x"]'), centroids), (("thresholds", "[2.0, 0.5]"), centroids),
+                           (("layers", "9"), centroids), (("format", "griffin-expert"), centroids),
+                           (("bundles", '["../x.safetensors", "y.safetensors"]'), centroids),
+                           (("classes", '["c-1", 3]'), centroids), ((None, None), centroids * 2),
+                           ((None, None), centroids.to(torch.float16)), ((None, None), centroids.nan_to_num(0) * float("nan"))):
+        m = dict(meta)
+        if change[0]:
+            m[change[0]] = change[1]
+        save_file({"centroids": tensor.contiguous()}, str(bad), metadata=m)
+        refused(lambda: read_router(bad))
