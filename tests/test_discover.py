@@ -183,3 +183,42 @@ def test_a_damaged_router_is_refused_in_one_line(found, tmp_path):
             m[change[0]] = change[1]
         save_file({"centroids": tensor.contiguous()}, str(bad), metadata=m)
         refused(lambda: read_router(bad))
+
+
+def test_eval_scores_class_experts_chosen_per_prompt(found, tiny_dir, tmp_path, capsys):
+    """eval's routed:, guarded:, oracle: and labeled: settings: each row records its class; the oracle's
+    gold likelihood is the best of the classes'; a guarded prompt's row is the full model's; a setting
+    that lands on experts another already ran with reuses its results (the same as computed alone)."""
+    import shutil
+
+    root, kinds, result, out = found
+    texts = [json.loads(line)["prompt"] for line in (root / "log.jsonl").read_text().splitlines()]
+    labels = {k: c["class"] for k, c in zip(kinds, result.report["labels"])}
+    rows = [{"prompt": t, "reference": t.split()[0], "kind": k, "max_tokens": 3} for t, k in zip(texts, kinds)][:6]
+    rows.append({"prompt": " ".join(["w44"] * 24), "reference": "w44", "kind": "a", "max_tokens": 3})  # fits no class
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labeled = tmp_path / "labeled"
+    labeled.mkdir()
+    for kind, name in labels.items():
+        shutil.copy(out / f"{name}.safetensors", labeled / f"{kind}.safetensors")
+    router = out / "router.safetensors"
+
+    def ev(methods, o):
+        code, _, err = run(["eval", "--data", data, "--rows", f"0:{len(rows)}", "--prompt-field", "prompt",
+                            "--target-field", "reference", "--methods", methods, "--model", tiny_dir(), "-q", "-o", o],
+                           capsys)
+        assert code == 0, err
+        return [json.loads(line)["results"] for line in (o / "eval.jsonl").read_text().splitlines()[1:]]
+
+    both = ev(f"full,routed:{router},guarded:{router},oracle:{router},labeled:{labeled}", tmp_path / "a")
+    alone = ev(f"full,guarded:{router}", tmp_path / "b")
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    for i, (r, g) in enumerate(zip(both, alone)):
+        assert strip(r[f"guarded:{router}"]) == strip(g[f"guarded:{router}"])
+        assert r[f"labeled:{labeled}"]["class"] == rows[i]["kind"]
+        lls = r[f"oracle:{router}"]["class_gold_ll"]
+        assert r[f"oracle:{router}"]["gold_ll"] == pytest.approx(max(lls.values()), abs=1e-5)
+        if r[f"guarded:{router}"]["guarded"]:
+            assert r[f"guarded:{router}"]["text"] == r["full"]["text"] and r[f"guarded:{router}"]["identical"]
+    assert both[-1][f"guarded:{router}"]["guarded"]  # the stranger

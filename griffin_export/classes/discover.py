@@ -55,6 +55,7 @@ class LogStatistics:
     scores: torch.Tensor  # [N, L, D_ff] float32, s_p (column norms of the row-normalized activations)
     tokens: list[int]
     prompts: list[Prompt]
+    positions: list[int]  # each kept prompt's place among the inputs' prompts (0-based)
     skipped: list[str] = field(default_factory=list)  # where the prompts longer than the context are
 
 
@@ -70,10 +71,10 @@ def write_log_statistics(log: LogStatistics, lm: LoadedModel, inputs_digest: str
     path = check_output_path(path, force)
     meta = {"format": LOG_FORMAT, "format_version": LOG_VERSION, "base_model": lm.identity,
             "base_fingerprint": lm.fingerprint, "inputs_digest": inputs_digest,
-            "wheres": json.dumps([p.where for p in log.prompts]), "skipped": json.dumps(log.skipped)}
+            "skipped": json.dumps(log.skipped)}
     with atomic_output(path) as tmp:
-        save_file({"scores": log.scores.contiguous(), "tokens": torch.tensor(log.tokens, dtype=torch.int64)}, str(tmp),
-                  metadata=meta)
+        save_file({"scores": log.scores.contiguous(), "tokens": torch.tensor(log.tokens, dtype=torch.int64),
+                   "positions": torch.tensor(log.positions, dtype=torch.int64)}, str(tmp), metadata=meta)
     return path
 
 
@@ -89,8 +90,8 @@ def read_log_statistics(path: str | os.PathLike, lm: LoadedModel, prompts: list[
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             check_format(meta, str(path), LOG_FORMAT, (LOG_VERSION,), "log statistics file")
-            scores, tokens = f.get_tensor("scores"), f.get_tensor("tokens").tolist()
-        wheres, skipped = json.loads(meta["wheres"]), json.loads(meta["skipped"])
+            scores, tokens, positions = (f.get_tensor(n) for n in ("scores", "tokens", "positions"))
+        tokens, positions, skipped = tokens.tolist(), positions.tolist(), json.loads(meta["skipped"])
     except GriffinError:
         raise
     except Exception as e:  # noqa: BLE001 - any parse failure of the user's file
@@ -99,19 +100,18 @@ def read_log_statistics(path: str | os.PathLike, lm: LoadedModel, prompts: list[
         raise GriffinError(f"{path} was computed on {meta.get('base_model')}, not on {lm.identity}")
     if meta.get("inputs_digest") != inputs_digest:
         raise GriffinError(f"{path} was computed on other prompts than these inputs")
-    kept = {p.where: p for p in prompts}
-    if (scores.dtype != torch.float32 or scores.shape[1:] != (lm.num_layers, lm.d_ff) or len(wheres) != len(tokens)
-            or scores.shape[0] != len(wheres) or not set(wheres) <= set(kept)):
+    if (scores.dtype != torch.float32 or scores.shape[1:] != (lm.num_layers, lm.d_ff)
+            or not scores.shape[0] == len(tokens) == len(positions) or not all(0 <= i < len(prompts) for i in positions)):
         raise GriffinError(f"{path}: its statistics do not match the model's layers and FF width or the prompts")
-    return LogStatistics(scores, tokens, [kept[w] for w in wheres], skipped)
+    return LogStatistics(scores, tokens, [prompts[i] for i in positions], positions, skipped)
 
 
 def collect(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *, total: int | None = None,
             progress: bool = False) -> LogStatistics:
     """One full prefill per prompt, keeping each prompt's statistic; over-context prompts are skipped
     and named (never truncated)."""
-    scores, tokens, kept, skipped = [], [], [], []
-    for prompt in tqdm(prompts, total=total, desc="statistics", unit="prompt", disable=not progress):
+    scores, tokens, kept, positions, skipped = [], [], [], [], []
+    for n, prompt in enumerate(tqdm(prompts, total=total, desc="statistics", unit="prompt", disable=not progress)):
         try:
             ids = tokenize(lm, prompt.text, chat=settings.chat)
         except GriffinError as e:
@@ -123,9 +123,10 @@ def collect(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings,
         scores.append(stat.scores())
         tokens.append(int(ids.shape[1]))
         kept.append(prompt)
+        positions.append(n)
     if not kept:
         raise GriffinError(f"no prompt to cluster: all {len(skipped)} are longer than the model's context")
-    return LogStatistics(torch.stack(scores), tokens, kept, skipped)
+    return LogStatistics(torch.stack(scores), tokens, kept, positions, skipped)
 
 
 # -- clustering ---------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ def make_settings(lm: LoadedModel, settings: EvalSettings) -> tuple[list[Setting
     """The settings to evaluate (full first, once) and, per bundle, a hash of its experts."""
     out = [Setting(FULL, FULL, 1.0)]
     hashes: dict[str, str] = {}
+    loaded: dict[str, tuple] = {}  # a router's classes, read once for its routed:, guarded: and oracle: settings
     for name in settings.methods:
         if name == FULL:
             continue
@@ -80,7 +81,7 @@ def make_settings(lm: LoadedModel, settings: EvalSettings) -> tuple[list[Setting
             setting, hashes[name] = _bundle_setting(lm, name)
             out.append(setting)
         elif class_choice(name) is not None:
-            setting, hashes[name] = _class_setting(lm, name, settings)
+            setting, hashes[name] = _class_setting(lm, name, settings, loaded)
             out.append(setting)
         else:
             out += [Setting(setting_key(name, d, settings.warmup), name, d, warmup=settings.warmup)
@@ -105,25 +106,14 @@ def _bundle_setting(lm: LoadedModel, name: str) -> tuple[Setting, str]:
             h.hexdigest())
 
 
-def _class_setting(lm: LoadedModel, name: str, settings: EvalSettings) -> tuple[Setting, str]:
+def _class_setting(lm: LoadedModel, name: str, settings: EvalSettings, loaded: dict[str, tuple]
+                   ) -> tuple[Setting, str]:
     """Class experts chosen per prompt (evaluation/settings.CLASS_CHOICES), each prompt prefilled
-    through its class's experts. The classes' weights are read once."""
+    through its class's experts. The classes' weights are read once per router or folder (`loaded`)."""
     kind, path = class_choice(name)
-    if kind == "labeled":
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            raise GriffinError(f"labeled:{path} holds no class bundles (.safetensors, one per label)")
-        names, router = [f.stem for f in files], None
-    else:
-        router = read_router(path)
-        check_router(router, lm)
-        names, files = router.info.classes, router.bundle_paths()
-    classes = {}
-    for n, f in zip(names, files):
-        bundle = read_bundle(f, load_kv=False)
-        check_bundle(lm, bundle.info, str(f))
-        classes[n] = {k: v.to(lm.device) for k, v in bundle.weights.items()}
-    digest = hashlib.blake2b("".join(bundle_digest(f) for f in files).encode(), digest_size=16).hexdigest()
+    if path not in loaded:
+        loaded[path] = _read_classes(lm, kind, path)
+    router, classes, digest = loaded[path]
 
     def choose(ctx: Context, row: EvalRow, ids: torch.Tensor, cont: Continuation):
         if kind == "labeled":
@@ -142,6 +132,27 @@ def _class_setting(lm: LoadedModel, name: str, settings: EvalSettings) -> tuple[
     density = sum(t.shape[0] for k, t in next(iter(classes.values())).items()
                   if k.endswith(f"{lm.spec.output}.weight")) / (lm.num_layers * lm.d_ff)  # nominal, of the first class
     return Setting(name, name, density, pruned_prefill=True, choose=choose), digest
+
+
+def _read_classes(lm: LoadedModel, kind: str, path: str) -> tuple:
+    """(router or None, {class: weights on the device}, a digest of the class bundles) of a router, or of
+    a folder of bundles named by their labels."""
+    if kind == "labeled":
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise GriffinError(f"labeled:{path} holds no class bundles (.safetensors, one per label)")
+        names, router = [f.stem for f in files], None
+    else:
+        router = read_router(path)
+        check_router(router, lm)
+        names, files = router.info.classes, router.bundle_paths()
+    classes = {}
+    for n, f in zip(names, files):
+        bundle = read_bundle(f, load_kv=False)
+        check_bundle(lm, bundle.info, str(f))
+        classes[n] = {k: v.to(lm.device) for k, v in bundle.weights.items()}
+    return router, classes, hashlib.blake2b("".join(bundle_digest(f) for f in files).encode(),
+                                            digest_size=16).hexdigest()
 
 
 def gold_loglik(ctx: Context, weights: dict[str, torch.Tensor], ids: torch.Tensor, cont: Continuation) -> float:
@@ -277,6 +288,9 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
     results: dict[str, dict] = {}
     full_tokens: list[int] = []
     full_text = ""
+    # settings that land on the same experts the same way give the same results (greedy decoding): a guarded
+    # prompt's row is the full model's, a routed class's the oracle's when they agree, computed once
+    done: dict[tuple, dict] = {}
     for setting in settings:
         if on_setting is not None:
             on_setting(setting.key)
@@ -287,6 +301,15 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
         else:
             tensors = None if setting.method == FULL else ctx.tensors(setting, prompt_scores, s.seed + row.index,
                                                                        stat.gram, ids)
+        same = (id(tensors) if tensors is not None else None, setting.pruned_prefill and tensors is not None,
+                setting.warmup)
+        if same in done and (tensors is not None or setting.method != FULL):
+            r = {**done[same], "method": setting.method, "density": setting.density, **chosen}
+            if tensors is None and s.generate:  # the full model's own row, as another setting: it agrees with itself
+                r.update(agree_rougeL=rouge(full_text, full_text)["rougeL"], first_divergence=len(full_tokens),
+                         identical=True)
+            results[setting.key] = {**r, "seconds": time.perf_counter() - t1}
+            continue
         with pruned(ctx, tensors):
             own_kv, own_last = kv, last_logits
             if setting.pruned_prefill and tensors is not None:
@@ -316,6 +339,7 @@ def evaluate_prompt(ctx: Context, row: EvalRow, settings: list[Setting], *,
                      identical=gen.token_ids == full_tokens)
         r["seconds"] = time.perf_counter() - t1
         results[setting.key] = r
+        done[same] = {k: v for k, v in r.items() if k not in chosen}
     return {"row": row.index, "prompt_tokens": prompt_len, "warmup_tokens": len(warm),
             "target_tokens": int(cont.ids.numel() - cont.scored_from),
             "split_tokenization": cont.split, "prefill_seconds": prefill_s,

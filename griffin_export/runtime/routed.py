@@ -46,17 +46,26 @@ class ExpertSet:
     def __init__(self, lm: LoadedModel, bundles: dict[str, Bundle], *, lean: bool):
         self.lm, self.blocks = lm, ff_blocks(lm.model, lm.spec)
         self.modules: dict[str | None, list[dict]] = {FULL: ff_modules(self.blocks, lm.spec)}
-        for name, bundle in bundles.items():
-            check_bundle(lm, bundle.info, name)
-            layers = per_layer(self.blocks, bundle.weights)
-            self.modules[name] = [sliced_linears(b, lm.spec, {k: v.to(lm.device) for k, v in t.items()})
-                                  for b, t in zip(self.blocks, layers)]
         self.lean = LeanDecoder(lm.model, 0) if lean else None
-        self.packs: dict[str | None, FFPacks] = {}
-        if self.lean is not None:
-            self.packs[FULL] = self.lean.ff()
-            self.packs.update({name: ff_packs(self.modules[name], lm.spec) for name in bundles})
+        self.packs: dict[str | None, FFPacks] = {FULL: self.lean.ff()} if self.lean is not None else {}
         self.active: str | None = FULL
+        for name, bundle in bundles.items():
+            self.add(name, bundle)
+
+    def add(self, name: str, bundle: Bundle) -> None:
+        """One more set of experts (a class's, or a prompt's own), checked against the model."""
+        check_bundle(self.lm, bundle.info, name)
+        layers = per_layer(self.blocks, bundle.weights)
+        self.modules[name] = [sliced_linears(b, self.lm.spec, {k: v.to(self.lm.device) for k, v in t.items()})
+                              for b, t in zip(self.blocks, layers)]
+        if self.lean is not None:
+            self.packs[name] = ff_packs(self.modules[name], self.lm.spec)
+
+    def remove(self, name: str) -> None:
+        if self.active == name:
+            self.activate(FULL)
+        self.modules.pop(name)
+        self.packs.pop(name, None)
 
     def activate(self, name: str | None) -> None:
         """This class's experts (FULL: the full model) in the model and the lean step from now on."""
