@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from griffin_export.classes.discover import Clustering, cluster
+from griffin_export.classes.discover import Clustering, cluster, coverage
 from griffin_export.classes.router import similarities, unit_layers
+from griffin_export.registry import DEFAULT_AGGREGATION
 from griffin_export.settings import DiscoverSettings
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -63,13 +64,17 @@ def main() -> None:
     x = unit_layers(dev).flatten(1)
     x = (x / x.norm(dim=1, keepdim=True)).numpy()
     rows = []
+    k_neurons = dev.shape[2] // 2  # density 0.5
     for clustering in ("kmeans", "agglomerative"):
         for k in range(2, a.k_max + 1):
             c = cluster(dev, DiscoverSettings(k=k, clustering=clustering))
             rows.append({"clustering": clustering, "k": k,
                          "silhouette": float(silhouette_score(x, c.labels, metric="cosine")),
+                         "coverage": coverage(dev, c.labels, k_neurons, DEFAULT_AGGREGATION),
                          "ari_vs_kinds": ari(dev_kinds, c.labels), "sizes": np.bincount(c.labels).tolist()})
-    chosen: Clustering = cluster(dev, DiscoverSettings(k=None, k_max=a.k_max))
+    one_class = coverage(dev, np.zeros(len(dev_kinds), dtype=np.int64), k_neurons, DEFAULT_AGGREGATION)
+    by_silhouette = cluster(dev, DiscoverSettings(k_max=a.k_max, k_criterion="silhouette"))
+    chosen: Clustering = cluster(dev, DiscoverSettings(k_max=a.k_max), k_neurons=k_neurons)
     folds = np.arange(len(dev_kinds)) % a.folds
     depth_rows = []
     for depth in sorted({d for d in DEPTHS if d < dev.shape[1]} | {dev.shape[1]}):
@@ -82,17 +87,20 @@ def main() -> None:
             routed_all[test] = routed
         depth_rows.append({"layers": depth, "cost": depth / dev.shape[1], "agrees_with_full_statistic": float(np.mean(same)),
                            "ari_vs_kinds": ari(dev_kinds, routed_all)})
-    result = {"dev": str(a.dev), "prompts": len(dev_kinds), "clusterings": rows, "chosen_k": chosen.k,
-              "router_depths": depth_rows}
+    result = {"dev": str(a.dev), "prompts": len(dev_kinds), "clusterings": rows, "one_class_coverage": one_class,
+              "chosen_k": chosen.k, "silhouette_k": by_silhouette.k, "router_depths": depth_rows}
     a.output.mkdir(parents=True, exist_ok=True)
     (a.output / "dev.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Discovery choices on {len(dev_kinds)} dev prompts ({a.dev.name})", "",
              f"`python -m bench.discovery_dev STATS -o {a.output}`, STATS from `griffin-export discover {a.dev} "
              "--save-statistics STATS` (the default model, one full prefill per prompt)", "",
-             "| clustering | K | cosine silhouette | ARI vs the kinds | sizes |", "|---|---|---|---|---|"]
-    lines += [f"| {r['clustering']} | {r['k']} | {r['silhouette']:.3f} | {r['ari_vs_kinds']:.3f} | {r['sizes']} |"
-              for r in rows]
-    lines += ["", f"K by the silhouette (k-means): {chosen.k}", "",
+             "Coverage: the mean fraction of a prompt's own top-k neurons (density 0.5) that its class's experts "
+             f"(pooled) keep; one class for all: {one_class:.4f}.", "",
+             "| clustering | K | cosine silhouette | coverage | ARI vs the kinds | sizes |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['clustering']} | {r['k']} | {r['silhouette']:.3f} | {r['coverage']:.4f} | {r['ari_vs_kinds']:.3f} | "
+              f"{r['sizes']} |" for r in rows]
+    lines += ["", f"K chosen (k-means): by the coverage criterion (the fewest classes past which one more keeps less than "
+              f"0.3 % more): {chosen.k}; by the cosine silhouette: {by_silhouette.k}", "",
               f"Router depth, {a.folds}-fold cross-validation on the dev prompts (the classes: k-means, K={chosen.k}):", "",
               "| router layers | cost (of the layers) | same class as the full statistic | ARI of the routed classes vs the kinds |",
               "|---|---|---|---|"]

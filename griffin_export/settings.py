@@ -212,6 +212,11 @@ class DiscoverSettings:
 
     k: int | None = None
     k_max: int = 8
+    # how k is chosen: `coverage`, the fewest classes past which one more keeps less than `min_gain` more of
+    # each prompt's own experts (measured on dev rows: it found the five kinds of the mixed log, where the
+    # silhouette lumped four of them together; bench/discovery_dev.py); or the cosine `silhouette`'s best
+    k_criterion: str = "coverage"  # of K_CRITERIA
+    min_gain: float = 0.003
     clustering: str = "kmeans"  # of CLUSTERINGS
     router_layers: int = 2
     guard_quantile: float = 0.05
@@ -219,6 +224,9 @@ class DiscoverSettings:
 
     def __post_init__(self) -> None:
         one_of(self.clustering, CLUSTERINGS, "clustering")
+        one_of(self.k_criterion, K_CRITERIA, "`k_criterion`")
+        if not 0 <= self.min_gain < 1:
+            raise GriffinError(f"`min_gain` must be in [0, 1), got {self.min_gain}")
         if self.k is not None and self.k < 1:
             raise GriffinError(f"`k` must be >= 1 classes, got {self.k}")
         if self.k is None and self.k_max < 2:
@@ -231,6 +239,7 @@ class DiscoverSettings:
 
 # k-means on the unit-normalized statistics (cosine), or average-linkage agglomeration by cosine distance
 CLUSTERINGS = ("kmeans", "agglomerative")
+K_CRITERIA = ("coverage", "silhouette")
 
 
 # -- decoding ------------------------------------------------------------------------------

@@ -36,10 +36,13 @@ def planted_log(path, n: int = 8, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def found(tiny_dir, tmp_path_factory):
-    """The planted log discovered once (k chosen by the silhouette), written to a folder."""
+    """The planted log discovered once, written to a folder. K by the silhouette: on a 64-neuron model
+    one neuron is 3 % of a layer's experts, too coarse for the coverage criterion's default step (its
+    own test below plants classes in the statistics themselves)."""
     root = tmp_path_factory.mktemp("discover")
     kinds = planted_log(root / "log.jsonl")
-    result = discover([root / "log.jsonl"], ClassSettings("c"), DiscoverSettings(), ModelSource(str(tiny_dir())))
+    result = discover([root / "log.jsonl"], ClassSettings("c"), DiscoverSettings(k_criterion="silhouette"),
+                      ModelSource(str(tiny_dir())))
     out = write_discovery(result, root / "classes")
     return root, kinds, result, out
 
@@ -67,6 +70,19 @@ def test_a_class_found_is_the_class_its_prompts_make(found, tiny_dir):
     members = [Prompt(t, str(i)) for i, (t, c) in enumerate(zip(texts, labels)) if c == "c-1"]
     want = export_class(lm, members, ClassSettings("c-1")).bundle
     assert all(torch.equal(a, b) for a, b in zip(result.bundles[0].indices, want.indices))
+
+
+def test_the_coverage_criterion_finds_the_planted_number_of_classes():
+    """Statistics planted in three groups, each group's prompts sharing most of their top neurons: one
+    class per group keeps nearly all of each prompt's own experts, and a fourth class adds nothing."""
+    from griffin_export.classes.discover import cluster
+
+    g = torch.Generator().manual_seed(0)
+    groups = [torch.rand(2, 400, generator=g) for _ in range(3)]
+    stats = torch.stack([groups[i % 3] * (1 + 0.05 * torch.rand(2, 400, generator=g)) for i in range(30)])
+    found = cluster(stats, DiscoverSettings(k_max=6), k_neurons=200)
+    assert found.k == 3 and len(set(zip(found.labels.tolist(), [i % 3 for i in range(30)]))) == 3
+    assert found.scores[3] - found.scores[2] > 0.003 > found.scores[4] - found.scores[3]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -95,6 +95,27 @@ def _json_list(raw: str, kind: type) -> list:
     return [kind(v) for v in value]
 
 
+def read_file(path: str | os.PathLike, fmt: str, versions: tuple[str, ...], what: str
+              ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, every tensor) of one of the house's safetensors files other than bundles (a class
+    statistic, a router, a log's statistics), its format and version checked; any failure to parse
+    it is one line naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise GriffinError(f"{what} {path} {'is a directory' if path.is_dir() else 'does not exist'}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            check_format(meta, str(path), fmt, versions, what)
+            return meta, {n: f.get_tensor(n) for n in f.keys()}
+    except GriffinError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parse failure of the user's file
+        raise GriffinError(f"{path} is not a readable {what}: {str(e).splitlines()[0] if str(e) else e}") from None
+
+
 def parse_metadata(cls, meta: dict[str, str], source: str):
     """The inverse of str_metadata for dataclass `cls`: typed fields from strings. Fields with
     defaults may be missing; the others must be there and parse."""

@@ -23,7 +23,7 @@ from typing import Iterable
 
 import torch
 
-from ..bundle.format import check_format, parse_metadata, str_metadata
+from ..bundle.format import parse_metadata, read_file, str_metadata
 from ..errors import GriffinError
 from ..files.outputs import atomic_output, check_output_path
 
@@ -248,21 +248,9 @@ def write_statistic(info: StatisticInfo, stat: ClassStatistic, path: str | os.Pa
 
 def read_statistic(path: str | os.PathLike) -> tuple[StatisticInfo, ClassStatistic]:
     """A statistic file, checked: format, shapes, dtypes, finite sums, counts."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise GriffinError(f"statistic {path} {'is a directory' if path.is_dir() else 'does not exist'}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            check_format(meta, str(path), STATISTIC_FORMAT, ("1", STATISTIC_VERSION), "class statistic")
-            info = parse_metadata(StatisticInfo, meta, str(path))
-            tensors = {n: f.get_tensor(n) for n in f.keys()}
-    except GriffinError:
-        raise
-    except Exception as e:
-        raise GriffinError(f"{path} is not a readable class statistic: {e}") from None
+    meta, tensors = read_file(path, STATISTIC_FORMAT, ("1", STATISTIC_VERSION), "class statistic")
+    info = parse_metadata(StatisticInfo, meta, str(path))
     info.extra["file"] = str(path)
     L, D = info.num_layers, info.d_ff
     if info.shard:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..bundle.format import Bundle, check_format, write_bundle
+from ..bundle.format import Bundle, read_file, write_bundle
 from ..errors import GriffinError
 from ..files.inputs import Prompt, iter_prompts, survey_prompts
 from ..files.outputs import atomic_dir, atomic_output, check_output_dir, check_output_path
@@ -35,6 +35,8 @@ from ..method.export import prompt_statistic
 from ..method.selection import k_for
 from ..model.load import LoadedModel, ModelSource
 from ..model.tokens import OVER_CONTEXT, tokenize
+from .. import registry
+from ..registry import DEFAULT_AGGREGATION
 from ..settings import ClassSettings, DiscoverSettings, plural
 from .aggregate import ClassStatistic, StatisticInfo
 from .build import class_bundle
@@ -81,21 +83,13 @@ def write_log_statistics(log: LogStatistics, lm: LoadedModel, inputs_digest: str
 def read_log_statistics(path: str | os.PathLike, lm: LoadedModel, prompts: list[Prompt], inputs_digest: str
                         ) -> LogStatistics:
     """Statistics saved by write_log_statistics, checked against this model and these inputs."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise GriffinError(f"log statistics {path} do not exist")
+    meta, tensors = read_file(path, LOG_FORMAT, (LOG_VERSION,), "log statistics file")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            check_format(meta, str(path), LOG_FORMAT, (LOG_VERSION,), "log statistics file")
-            scores, tokens, positions = (f.get_tensor(n) for n in ("scores", "tokens", "positions"))
+        scores, tokens, positions = (tensors[n] for n in ("scores", "tokens", "positions"))
         tokens, positions, skipped = tokens.tolist(), positions.tolist(), json.loads(meta["skipped"])
-    except GriffinError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any parse failure of the user's file
-        raise GriffinError(f"{path} is not a readable log statistics file: {e}") from None
+    except (KeyError, ValueError):
+        raise GriffinError(f"{path} is not a readable log statistics file: a tensor or key is missing") from None
     if meta.get("base_fingerprint") != lm.fingerprint:
         raise GriffinError(f"{path} was computed on {meta.get('base_model')}, not on {lm.identity}")
     if meta.get("inputs_digest") != inputs_digest:
@@ -136,7 +130,7 @@ def collect(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings,
 class Clustering:
     labels: np.ndarray  # [N] class of each prompt, 0..k-1, classes numbered by size (largest first)
     k: int
-    silhouettes: dict[int, float]  # K -> cosine silhouette, for every K tried (empty when k was given)
+    scores: dict[int, float]  # K -> the criterion (coverage or silhouette), for every K tried (empty when k was given)
 
 
 def require_sklearn():
@@ -156,8 +150,29 @@ def _labels(x: np.ndarray, k: int, clustering: str, seed: int) -> np.ndarray:
     return AgglomerativeClustering(n_clusters=k, metric="cosine", linkage="average").fit_predict(x)
 
 
-def cluster(vectors: torch.Tensor, settings: DiscoverSettings) -> Clustering:
-    """The prompts' classes from their unit-norm-per-layer statistics [N, L, D_ff]."""
+def coverage(scores: torch.Tensor, labels: np.ndarray, k: int, aggregation: str) -> float:
+    """What a clustering keeps of each prompt's own experts: the mean over prompts and layers of the
+    fraction of the prompt's own top-k neurons that its class's experts (the top-k of the class score,
+    `aggregation` of its prompts' statistics) keep too."""
+    score = registry.aggregation(aggregation).score
+    own = torch.topk(scores, k, dim=-1).indices  # [N, L, k]
+    kept = []
+    for c in range(int(labels.max()) + 1):
+        members = np.flatnonzero(labels == c)
+        stat = ClassStatistic(scores.shape[1], scores.shape[2], k)
+        for i in members:
+            stat.add_scores(scores[i], 0)
+        mask = torch.zeros(scores.shape[1:], dtype=torch.bool)
+        mask.scatter_(1, torch.topk(score(stat).float(), k, dim=-1).indices, True)
+        kept += [float(mask.gather(1, own[i]).float().mean()) for i in members]
+    return float(np.mean(kept))
+
+
+def cluster(vectors: torch.Tensor, settings: DiscoverSettings, *, k_neurons: int | None = None,
+            aggregation: str = DEFAULT_AGGREGATION) -> Clustering:
+    """The prompts' classes from their statistics [N, L, D_ff] (compared by cosine, every layer scaled to
+    unit norm). K as given, else chosen by settings.k_criterion among 1..k_max (coverage: of the top
+    `k_neurons` of each prompt, by the classes' `aggregation`) or 2..k_max (silhouette)."""
     require_sklearn()
     from sklearn.metrics import silhouette_score
 
@@ -168,13 +183,22 @@ def cluster(vectors: torch.Tensor, settings: DiscoverSettings) -> Clustering:
         if settings.k > n:
             raise GriffinError(f"`k` is {settings.k} classes; the log has {plural(n, 'prompt')} to cluster")
         k, tried = settings.k, {}
-    else:
+    elif settings.k_criterion == "silhouette":
         top = min(settings.k_max, n - 1)
         if top < 2:
             raise GriffinError(f"choosing k needs at least 3 prompts; the log has {n} (give `k`)")
         tried = {k: float(silhouette_score(x, _labels(x, k, settings.clustering, settings.seed), metric="cosine"))
                  for k in range(2, top + 1)}
         k = max(tried, key=tried.get)
+    else:  # coverage: add classes while one more keeps at least min_gain more of the prompts' own experts
+        kn = k_neurons or vectors.shape[2] // 2
+        tried = {1: coverage(vectors, np.zeros(n, dtype=np.int64), kn, aggregation)}
+        k = 1
+        for nxt in range(2, min(settings.k_max, n) + 1):
+            tried[nxt] = coverage(vectors, _labels(x, nxt, settings.clustering, settings.seed), kn, aggregation)
+            if tried[nxt] - tried[nxt - 1] < settings.min_gain:
+                break
+            k = nxt
     labels = _labels(x, k, settings.clustering, settings.seed)
     order = np.argsort(-np.bincount(labels, minlength=k), kind="stable")  # number classes by size
     labels = np.argsort(order)[labels]
@@ -238,7 +262,7 @@ def discover(inputs: Sequence[str | os.PathLike], settings: ClassSettings, found
         log = collect(lm, iter_prompts(inputs, field, limit), settings, total=survey.prompts, progress=progress)
     if save_statistics is not None:
         write_log_statistics(log, lm, survey.digest, save_statistics, force=True)
-    found_k = cluster(log.scores, found)
+    found_k = cluster(log.scores, found, k_neurons=k_for(settings.density, lm.d_ff), aggregation=settings.aggregation)
     say(f"{plural(found_k.k, 'class', 'classes')} among {plural(len(log.prompts), 'prompt')}")
     names = [f"{settings.name}-{i + 1}" for i in range(found_k.k)]
     infos, stats, bundles = [], [], []
@@ -302,7 +326,8 @@ def summarize(lm: LoadedModel, log: LogStatistics, found_k: Clustering, names: l
                        for o, other in enumerate(names) if o != c},
         })
     return {"prompts": len(log.prompts), "skipped": log.skipped, "k": found_k.k, "clustering": found.clustering,
-            "silhouettes": found_k.silhouettes, "router_layers": found.router_layers,
+            "k_criterion": found.k_criterion if found.k is None else "given", "k_scores": found_k.scores,
+            "router_layers": found.router_layers,
             "router_cost": found.router_layers / lm.num_layers, "guard_quantile": found.guard_quantile,
             "labels": [{"where": p.where, "class": names[int(c)]} for p, c in zip(log.prompts, found_k.labels)],
             "classes": classes}
@@ -333,8 +358,8 @@ def write_discovery(found: Discovery, out: str | os.PathLike, *, force: bool = F
 def report_text(r: dict) -> str:
     lines = [f"# Classes found in {plural(r['prompts'], 'prompt')}", "",
              f"{plural(r['k'], 'class', 'classes')} by {r['clustering']}"
-             + (", K chosen by the cosine silhouette: " + ", ".join(f"K={k}: {s:.3f}" for k, s in r["silhouettes"].items())
-                if r["silhouettes"] else ", K given")
+             + (f", K chosen by the {r['k_criterion']}: " + ", ".join(f"K={k}: {s:.3f}" for k, s in r["k_scores"].items())
+                if r["k_scores"] else ", K given")
              + f". Router: the first {r['router_layers']} layers' statistic ({100 * r['router_cost']:.1f} % of the "
              f"model's layers); guard at the {r['guard_quantile']:g} quantile of each class's own similarities.",
              ""]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..bundle.format import check_format, parse_metadata, str_metadata
+from ..bundle.format import parse_metadata, read_file, str_metadata
 from ..errors import GriffinError
 from ..files.outputs import atomic_output, check_output_path
 from ..model.arch import ff_blocks
@@ -164,22 +164,10 @@ def write_router(router: Router, path: str | os.PathLike, *, force: bool = False
 def read_router(path: str | os.PathLike) -> Router:
     """A router file, checked: format, shapes, finite unit-norm centroids, one name, bundle and
     threshold per class. Its bundles are checked when they are opened (check_router)."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise GriffinError(f"router {path} {'is a directory' if path.is_dir() else 'does not exist'}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            check_format(meta, str(path), ROUTER_FORMAT, (ROUTER_VERSION,), "router")
-            info = parse_metadata(RouterInfo, meta, str(path))
-            names = list(f.keys())
-            centroids = f.get_tensor(CENTROIDS) if CENTROIDS in names else None
-    except GriffinError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any parse failure of the user's file
-        raise GriffinError(f"{path} is not a readable router: {str(e).splitlines()[0] if str(e) else e}") from None
+    meta, tensors = read_file(path, ROUTER_FORMAT, (ROUTER_VERSION,), "router")
+    info = parse_metadata(RouterInfo, meta, str(path))
+    names, centroids = list(tensors), tensors.get(CENTROIDS)
     k = len(info.classes)
     if names != [CENTROIDS] or centroids is None:
         raise GriffinError(f"{path}: a router holds one tensor, {CENTROIDS!r}; found {names}")

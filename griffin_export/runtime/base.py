@@ -101,6 +101,21 @@ class Runtime:
         step = self.stepper(state, cached, max(cached + 1, prompt_tokens + opts.max_new_tokens))
         return decode(step, logits, opts, tokenizer=self.tokenizer, eos=self.eos, prefix=warm, on_text=on_text)
 
+    def checked_ids(self, prompts: Sequence[str | torch.Tensor], opts: DecodeOptions,
+                    names: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """Every prompt's ids [1, T], each checked to leave room for opts.max_new_tokens, before any is
+        generated; an error names the prompt (names[i], e.g. "file.jsonl:4", else its index)."""
+        ids = []
+        for n, p in enumerate(prompts):
+            try:
+                x = self.tokenize(p) if isinstance(p, str) else p
+                self.check_room(x.shape[1], opts.max_new_tokens)
+            except GriffinError as e:
+                name = names[n] if names is not None else f"prompt {n}"
+                raise GriffinError(f"{name}: {e}; no prompt was generated") from None
+            ids.append(x)
+        return ids
+
     def generate_batch(self, prompts: Sequence[str | torch.Tensor], opts: DecodeOptions | None = None, *,
                        batch_size: int = 8, on_done: Callable[[int, Generation], None] | None = None,
                        names: Sequence[str] | None = None, stats: BatchStats | None = None) -> list[Generation]:
@@ -116,15 +131,7 @@ class Runtime:
         opts = opts or DecodeOptions()
         if batch_size < 1:
             raise GriffinError(f"batch size must be >= 1, got {batch_size}")
-        ids = []
-        for n, p in enumerate(prompts):
-            try:
-                x = self.tokenize(p) if isinstance(p, str) else p
-                self.check_room(x.shape[1], opts.max_new_tokens)
-            except GriffinError as e:
-                name = names[n] if names is not None else f"prompt {n}"
-                raise GriffinError(f"{name}: {e}; no prompt was generated") from None
-            ids.append(x)
+        ids = self.checked_ids(prompts, opts, names)
         results: list[Generation | None] = [None] * len(ids)
         for first in range(0, len(ids), batch_size):
             rows = list(range(first, min(first + batch_size, len(ids))))

@@ -137,15 +137,7 @@ class RoutedRuntime(TorchDecoding):
         `batch_size` at a time, in input order within the class; `on_done(index, generation)` as each
         finishes, its `extra` saying the class and whether the guard fired."""
         opts = opts or DecodeOptions()
-        ids = []
-        for n, p in enumerate(prompts):
-            try:
-                x = self.tokenize(p) if isinstance(p, str) else p
-                self.check_room(x.shape[1], opts.max_new_tokens)
-            except GriffinError as e:
-                name = names[n] if names is not None else f"prompt {n}"
-                raise GriffinError(f"{name}: {e}; no prompt was generated") from None
-            ids.append(x)
+        ids = self.checked_ids(prompts, opts, names)
         routes = [self.route(x) for x in ids]
         groups: dict[str | None, list[int]] = {}
         for i, r in enumerate(routes):
