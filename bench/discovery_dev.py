@@ -46,6 +46,29 @@ def nearest(c: torch.Tensor, stats: torch.Tensor) -> np.ndarray:
     return np.array([int(similarities(c, s[: c.shape[1]]).argmax()) for s in stats])
 
 
+def words_router(dev_file: Path, dev: torch.Tensor, labels: np.ndarray, folds: np.ndarray) -> dict:
+    """The router that reads no layer at all: the prompt's words (TF-IDF, unit norm), nearest class
+    centroid by cosine, in the same folds; how often it picks the class the full statistic's nearest
+    centroid gives."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = [json.loads(line)["prompt"] for line in dev_file.read_text().splitlines()]
+    kinds = [json.loads(line)["kind"] for line in dev_file.read_text().splitlines()]
+    same, routed_all = [], np.zeros(len(texts), dtype=np.int64)
+    for f in range(folds.max() + 1):
+        train, test = folds != f, folds == f
+        full = nearest(centroids(dev[train], labels[train], dev.shape[1]), dev[test])
+        vec = TfidfVectorizer(sublinear_tf=True).fit([t for t, keep in zip(texts, train) if keep])
+        x = torch.from_numpy(vec.transform(texts).toarray()).float()
+        c = torch.stack([x[torch.from_numpy(train & (labels == k))].mean(0) for k in range(labels.max() + 1)])
+        c = c / c.norm(dim=1, keepdim=True)
+        routed = (x[torch.from_numpy(test)] @ c.T).argmax(1).numpy()
+        same += (routed == full).tolist()
+        routed_all[test] = routed
+    return {"layers": "words (TF-IDF)", "cost": 0.0, "agrees_with_full_statistic": float(np.mean(same)),
+            "ari_vs_kinds": ari(kinds, routed_all)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("statistics", type=Path, help="the dev log's statistics (discover --save-statistics)")
@@ -87,6 +110,7 @@ def main() -> None:
             routed_all[test] = routed
         depth_rows.append({"layers": depth, "cost": depth / dev.shape[1], "agrees_with_full_statistic": float(np.mean(same)),
                            "ari_vs_kinds": ari(dev_kinds, routed_all)})
+    depth_rows.append(words_router(a.dev, dev, chosen.labels, folds))
     result = {"dev": str(a.dev), "prompts": len(dev_kinds), "clusterings": rows, "one_class_coverage": one_class,
               "chosen_k": chosen.k, "silhouette_k": by_silhouette.k, "router_depths": depth_rows}
     a.output.mkdir(parents=True, exist_ok=True)

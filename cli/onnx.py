@@ -6,12 +6,22 @@ import click
 
 from griffin_export.settings import LAYOUTS, QUANT_SCHEMES
 
-from .options import (DTYPES, human_bytes, int4_changed, int4_options, int4_settings, k_summary, model_options,
-                      require_extra, status)
+from .options import (
+    DTYPES,
+    human_bytes,
+    int4_changed,
+    int4_options,
+    int4_settings,
+    k_summary,
+    model_options,
+    require_extra,
+    set_summary,
+    status,
+)
 
 
 @click.command("onnx")
-@click.argument("bundle", required=False, metavar="[BUNDLE]")
+@click.argument("bundle", required=False, metavar="[BUNDLE|ROUTER]")
 @click.option("-o", "--output", required=True, metavar="DIR", help="directory to write (model.onnx, model.onnx.data, tokenizer)")
 @click.option("--full", is_flag=True, help="export the unpruned model instead of a bundle's experts (same inputs/outputs)")
 @model_options
@@ -49,9 +59,15 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
       griffin-export onnx expert.safetensors -o expert_int4q/ --quantize int4 --block-size 16 --float-lm-head
       griffin-export onnx --full -o pruned_ckpt_onnx/ --model ./pruned-checkpoint-dir
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
+      griffin-export onnx classes/router.safetensors -o deploy_onnx/    # deploy_onnx/{class}/ each
+
+    Given a ROUTER (from `griffin-export discover`), every class's graph is written into one
+    folder under the class's name, with the router and its class bundles copied beside them.
     """
+    from griffin_export.classes.router import is_router
     from griffin_export.errors import GriffinError
     from griffin_export.files.outputs import check_output_dir
+    from griffin_export.targets.class_set import export_class_set
     from griffin_export.targets.onnx.export import DATA_FILE, MODEL_FILE, export_graph
 
     if full == (bundle is not None):
@@ -63,6 +79,12 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
     elif int4_changed(algorithm, block_size, accuracy_level, float_lm_head):
         raise GriffinError("--algorithm, --block-size, --accuracy-level and --float-lm-head go with --quantize int4")
     t0 = time.perf_counter()
+    if bundle is not None and is_router(bundle):
+        export_class_set(bundle, output, "onnx", force=force, report=lambda line: status(line, quiet), model=model,
+                         gguf_file=gguf_file, dtype=dtype, device=device, progress=not quiet, graph=graph,
+                         max_length=max_length, quantize=settings)
+        click.echo(set_summary(output, "onnx", time.perf_counter() - t0))
+        return
     check_output_dir(output, force, MODEL_FILE)  # fail before loading anything
     status(f"exporting {'the full model' if full else bundle} to ONNX ...", quiet)
     path, info = export_graph(output, bundle, model=model, gguf_file=gguf_file, dtype=dtype, device=device,

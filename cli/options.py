@@ -130,6 +130,20 @@ def human_bytes(n: int) -> str:
     return f"{n:.1f} GB"
 
 
+def set_summary(path, target: str, seconds: float) -> str:
+    """The summary line of a class set written by checkpoint/onnx from a router."""
+    from pathlib import Path
+
+    from griffin_export.classes.router import read_router
+    from griffin_export.targets.class_set import ROUTER_FILE, class_output_name
+
+    names = read_router(Path(path) / ROUTER_FILE).info.classes
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    shown = ", ".join(class_output_name(n, target) for n in names)
+    return (f"wrote {path}/: {len(names)} classes as {target} ({shown}), with {ROUTER_FILE} and the class bundles, "
+            f"{human_bytes(size)}, {seconds:.1f} s")
+
+
 def k_summary(k: list[int], d_ff: int) -> str:
     """'k=768/1536 per layer', or for per-layer widths 'k=682..1536/1536 per layer (total 23040)'."""
     from griffin_export.method.budget import widths_text

@@ -205,7 +205,7 @@ class Target:
 
 TARGETS: dict[str, Target] = _table((
     Target("onnx", "an ONNX graph directory: lean or traced, float or 4-bit (griffin-export onnx)",
-           Ref("targets.onnx.export:export_graph"), Ref("targets.onnx.graph:owns"), Ref("targets.onnx.graph:describe")),
+           Ref("targets.onnx.export:write_graph"), Ref("targets.onnx.graph:owns"), Ref("targets.onnx.graph:describe")),
     Target("hf", "a Hugging Face model directory that plain transformers loads (griffin-export checkpoint)",
            Ref("targets.checkpoint:write_checkpoint"), Ref("targets.checkpoint:owns"),
            Ref("targets.checkpoint:describe")),

@@ -139,6 +139,57 @@ def test_generate_with_a_router_writes_each_answers_class(found, tiny_dir, tmp_p
     assert code == 0 and "c-1" in out_text and "bundle ok" in out_text
 
 
+def test_every_class_is_exported_in_one_command_with_the_router_beside(found, tiny_dir, tmp_path, capsys):
+    """checkpoint ROUTER -o DIR: each class's HF directory under its name, made from its own bundle, and
+    the router and bundles copied beside them, so the folder routes as it is; onnx ROUTER likewise."""
+    from griffin_export.targets.onnx.graph import read_graph
+
+    root, kinds, result, out = found
+    code, text, err = run(["checkpoint", out / "router.safetensors", "-o", tmp_path / "deploy", "--model", tiny_dir(),
+                           "-q"], capsys)
+    assert code == 0, err
+    assert "2 classes as hf (c-1, c-2)" in text
+    deploy = tmp_path / "deploy"
+    assert sorted(p.name for p in deploy.iterdir()) == ["c-1", "c-1.safetensors", "c-2", "c-2.safetensors",
+                                                      "router.safetensors"]
+    for name in ("c-1", "c-2"):
+        config = json.loads((deploy / name / "config.json").read_text())
+        assert config["griffin"]["bundle_file"] == f"{name}.safetensors"
+        assert (deploy / f"{name}.safetensors").read_bytes() == (out / f"{name}.safetensors").read_bytes()
+    routed = load_routed(deploy / "router.safetensors", str(tiny_dir()))  # the copied router finds its bundles
+    assert routed.router.info.classes == ["c-1", "c-2"]
+    code, text, err = run(["onnx", out / "router.safetensors", "-o", tmp_path / "deploy_onnx", "--model", tiny_dir(),
+                           "-q"], capsys)
+    assert code == 0, err
+    for name in ("c-1", "c-2"):
+        assert read_graph(tmp_path / "deploy_onnx" / name).info.extra["class"] == name
+
+
+def test_a_class_set_is_refused_before_anything_is_written(found, tiny_dir, tmp_path, capsys):
+    import shutil
+
+    from griffin_export.classes.router import write_router
+
+    root, kinds, result, out = found
+    moved = tmp_path / "classes"
+    shutil.copytree(out, moved)
+    shutil.copy(moved / "c-1.safetensors", moved / "c-2.safetensors")
+    one_line(["checkpoint", moved / "router.safetensors", "-o", tmp_path / "d", "--model", tiny_dir()], capsys,
+             "was not made with", "c-2.safetensors")
+    router = read_router(out / "router.safetensors")
+    router.info.classes = ["../up", "c-2"]
+    write_router(router, tmp_path / "bad.safetensors")
+    for b in ("c-1.safetensors", "c-2.safetensors"):
+        shutil.copy(out / b, tmp_path / b)
+    one_line(["checkpoint", tmp_path / "bad.safetensors", "-o", tmp_path / "d", "--model", tiny_dir()], capsys,
+             "'../up' cannot name a file")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("keep")
+    one_line(["checkpoint", out / "router.safetensors", "-o", tmp_path / "d", "--model", tiny_dir()], capsys,
+             "exists; pass --force")
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["x"]
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

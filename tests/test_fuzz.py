@@ -67,7 +67,9 @@ def join(header: dict, data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data
 
 
-def bundle_mutations(raw: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
+def safetensors_mutations(raw: bytes, rng: random.Random, tensors: int = 40) -> list[tuple[str, bytes]]:
+    """Any of the house's safetensors files: truncations, flipped header and data bytes, junk metadata
+    values, and tensor entries whose dtype, shape or offsets lie."""
     header, data = split(raw)
     hlen = 8 + struct.unpack("<Q", raw[:8])[0]
     out: list[tuple[str, bytes]] = []
@@ -90,7 +92,7 @@ def bundle_mutations(raw: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
             h["__metadata__"][key] = value
             out.append((f"metadata {key}={value!r}", join(h, data)))
     names = [n for n in header if n != "__metadata__"]
-    for name in rng.sample(names, min(40, len(names))):
+    for name in rng.sample(names, min(tensors, len(names))):
         entry = header[name]
         edits = [("dtype", "F16"), ("dtype", "I64"), ("dtype", "BOOL"), ("dtype", "XX"),
                  ("shape", entry["shape"][::-1]), ("shape", [*entry["shape"][:-1], entry["shape"][-1] + 1] if entry["shape"] else [1]),
@@ -101,6 +103,13 @@ def bundle_mutations(raw: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
             h = copy.deepcopy(header)
             h[name][field] = value
             out.append((f"{name} {field}={value}", join(h, data)))
+    return out
+
+
+def bundle_mutations(raw: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
+    header, data = split(raw)
+    out = safetensors_mutations(raw, rng)
+
     # index values and non-finite values, written into the data
     def rewrite(name: str, values: np.ndarray, label: str) -> None:
         start, end = header[name]["data_offsets"]
@@ -230,3 +239,50 @@ def test_mutated_graph_directories_are_refused_or_decode(real, tmp_path):
                 pytest.fail(f"{label}: {type(e).__name__}: {e}")
         shutil.rmtree(d)
     assert outcome["refused"] > 30, outcome
+
+
+@pytest.fixture(scope="module")
+def router(real, tmp_path_factory):
+    """A router over two class bundles of the tiny model (the bundle and one of another prompt)."""
+    from griffin_export.classes.router import Router, RouterInfo, bundle_digest, first_layers, unit_layers, write_router
+
+    lm, path, _ = real
+    root = tmp_path_factory.mktemp("router")
+    other = write_bundle(export_ids(lm, prompt_ids(seed=3), ExportSettings(density=0.5)), root / "b2.safetensors")
+    shutil.copy(path, root / "b1.safetensors")
+    names = ["b1.safetensors", "b2.safetensors"]
+    centroids = torch.stack([unit_layers(first_layers(lm, prompt_ids(seed=s), 2)) for s in (0, 3)])
+    info = RouterInfo(lm.identity, lm.fingerprint, lm.architecture, lm.num_layers, lm.d_ff, 2, ["one", "two"], names,
+                      [bundle_digest(root / n) for n in names], [0.5, 0.5])
+    assert other.exists()
+    return write_router(Router(info, centroids), root / "router.safetensors")
+
+
+def test_mutated_routers_are_refused_or_route(real, router, tmp_path):
+    """A damaged router file: refused in one line, or it routes a prompt to one of its classes."""
+    from griffin_export.classes.router import check_router, read_router, route
+
+    lm = real[0]
+    rng = random.Random(SEED + 1)
+    marker = tmp_path / "pickle-ran"
+    cases = safetensors_mutations(router.read_bytes(), rng)
+    cases += [("a pickle", pickle.dumps(Payload(marker))), ("torch.save", _torch_save(tmp_path, Payload(marker)))]
+    assert len(cases) >= 150
+    outcome = {"refused": 0, "routed": 0}
+    for label, raw in cases:
+        target = router.parent / "m.safetensors"  # beside the bundles, as a router lives
+        target.write_bytes(raw)
+        with deadline(20):
+            try:
+                r = read_router(target)
+                check_router(r, lm)
+                chosen = route(lm, r, prompt_ids())
+                assert chosen.name in r.info.classes and -1.001 <= chosen.similarity <= 1.001, label
+                outcome["routed"] += 1
+            except GriffinError as e:
+                assert "\n" not in str(e), (label, str(e))
+                outcome["refused"] += 1
+            except Exception as e:  # noqa: BLE001 - the failure this test is for
+                pytest.fail(f"{label}: {type(e).__name__}: {e}")
+    assert not marker.exists()
+    assert outcome["refused"] > 100 and outcome["routed"] > 5, outcome

@@ -27,14 +27,15 @@ from pathlib import Path
 
 import torch
 
-from ..bundle.format import parse_metadata, read_file, str_metadata
+from ..bundle.format import parse_metadata, read_file, read_metadata, str_metadata
 from ..errors import GriffinError
 from ..files.outputs import atomic_output, check_output_path
+from ..method.statistic import FFStatistic, recording
 from ..model.arch import ff_blocks
 from ..model.load import LoadedModel
-from ..method.statistic import FFStatistic, recording
 
-__all__ = ["Route", "Router", "RouterInfo", "bundle_digest", "first_layers", "read_router", "route", "write_router"]
+__all__ = ["Route", "Router", "RouterInfo", "bundle_digest", "check_router", "check_router_bundles", "first_layers",
+           "is_router", "read_router", "route", "write_router"]
 
 ROUTER_FORMAT = "griffin-router"
 ROUTER_VERSION = "1"
@@ -161,6 +162,17 @@ def write_router(router: Router, path: str | os.PathLike, *, force: bool = False
     return path
 
 
+def is_router(path: str | os.PathLike) -> bool:
+    """Whether a file is a router (its header says so); anything unreadable is not."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        return read_metadata(p)[0].get("format") == ROUTER_FORMAT
+    except GriffinError:
+        return False
+
+
 def read_router(path: str | os.PathLike) -> Router:
     """A router file, checked: format, shapes, finite unit-norm centroids, one name, bundle and
     threshold per class. Its bundles are checked when they are opened (check_router)."""
@@ -199,6 +211,12 @@ def check_router(router: Router, lm: LoadedModel) -> None:
     if router.info.base_fingerprint != lm.fingerprint:
         raise GriffinError(f"{where} was made on {router.info.base_model} (fingerprint "
                            f"{router.info.base_fingerprint[:16]}), not on {lm.identity}")
+    check_router_bundles(router)
+
+
+def check_router_bundles(router: Router) -> None:
+    """The bundles beside the router are there and are the ones it was made with (no model needed)."""
+    where = str(router.path or "the router")
     for name, path, digest in zip(router.info.classes, router.bundle_paths(), router.info.bundle_digests):
         if not path.is_file():
             raise GriffinError(f"{where}: class {name!r}'s bundle {path} does not exist")

@@ -349,6 +349,11 @@ def check_graph(path: Path) -> None:
         raise RuntimeError(f"exported graph fails onnx.checker: {str(e).splitlines()[0]}") from e
 
 
+def write_graph(bundle: str | os.PathLike, output: str | os.PathLike, **options) -> Path:
+    """The registry's writer (bundle, output, **options) -> path: export_graph for one bundle."""
+    return export_graph(output, bundle, **options)[0]
+
+
 def export_graph(output: str | os.PathLike, bundle: str | os.PathLike | None = None, *, model: str | None = None,
                  gguf_file: str | None = None, dtype: str | None = None, device: str = "cpu", force: bool = False,
                  progress: bool = False, graph: str = "auto", max_length: int | None = None,
