@@ -84,6 +84,43 @@ def test_bad_batch_arguments():
         rt.generate_batch([texts(1)[0], long], names=["q.jsonl:1", "q.jsonl:2"])
 
 
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_rows_that_join_a_running_batch_decode_as_each_alone(arch):
+    """Continuous batching (serve/): prompts that join a running batch between its steps, some longer
+    than what the batch holds and some shorter, while others finish; every row decodes as it would alone
+    (Mistral's sliding window of 8 is shorter than the prompts)."""
+    import torch
+
+    from griffin_export.model.decoding import Continuation
+
+    lm = from_model(tiny_model(arch, lean=True).model, tiny_tokenizer(), f"tiny-{arch}")
+    rt = TorchRuntime(lm, export_prompt(lm, texts()[2], ExportSettings(warmup=0)), keep_full=True)
+    prompts, opts = texts(6), DecodeOptions(max_new_tokens=9)
+    early_stopper(rt, prompts, opts)
+    alone = [rt.generate(opts, prompt=p).token_ids for p in prompts]
+    ids = [rt.tokenize(p) for p in prompts]
+    arrivals = {0: [0, 1], 2: [5], 4: [2, 3], 7: [4]}  # step -> prompts that join then
+    rows, seqs, state, logits = [], {}, None, None
+    for step in range(40):
+        if step in arrivals:
+            new, first = rt.start_batch([ids[i] for i in arrivals[step]], opts.max_new_tokens)
+            seqs.update({i: Continuation(opts, tokenizer=rt.tokenizer, eos=rt.eos) for i in arrivals[step]})
+            state = new if not rows else rt.join_batch(state, new, opts.max_new_tokens)
+            logits = first if not rows else torch.cat([logits, first])
+            rows += arrivals[step]
+        keep, tokens = [], []
+        for j, i in enumerate(rows):
+            tok = seqs[i].advance(logits[j])
+            if tok is not None:
+                keep.append(j)
+                tokens.append(tok)
+        if keep:
+            logits = rt.step_batch(state, tokens, keep)
+        rows = [rows[j] for j in keep]
+    assert rt.joins_batches and [seqs[i].result.token_ids for i in range(6)] == alone
+
+
 @pytest.mark.real_model
 def test_batched_greedy_equals_alone_on_the_default_model(real_lm, tmp_path):
     from griffin_export.files.inputs import Prompt

@@ -6,6 +6,7 @@
 
     batch = lean.start_batch(cache, mask, next_pos, room)   # a left-padded batch's KV [B, ...]
     logits = lean.step_batch(batch, tokens, keep)            # one token per row still decoding
+    batch = lean.join_batches([batch, newcomers], room)      # rows that join a running batch
 
 What it removes from a decode step against transformers' forward: the per-layer Python of
 the HF modules (cache objects, mask building, kwargs plumbing) and the cache's re-allocation.
@@ -206,6 +207,34 @@ class LeanDecoder:
         valid = torch.zeros(B, columns, dtype=torch.bool, device=self.device)
         valid[:, :T] = mask.to(self.device).bool()
         return LeanBatch(ks, vs, valid, next_pos.to(self.device).clone(), T)
+
+    @torch.inference_mode()
+    def join_batches(self, parts: list["LeanBatch"], room: int) -> "LeanBatch":
+        """The rows of several batches in one, in order: how requests join a running batch at a step
+        boundary (continuous batching). Every row keeps its positions and its columns, aligned on the
+        right: the new batch holds the longest row (its prompt after the padding and what it decoded),
+        L columns, so columns no row attends to any more are dropped, then `room` more for the tokens to
+        come. Left of a row's own columns: zeros, masked (a masked NaN would still poison the softmax)."""
+        spans = [p.length - p.valid[:, :p.length].int().argmax(dim=1) for p in parts]  # each row's columns
+        widest = [int(s.max()) for s in spans]
+        L = max(widest)
+        columns = L + max(room, 1)
+        self.reserve(columns)  # the rotary table: a position never passes its column
+        B = sum(p.valid.shape[0] for p in parts)
+        shape = (B, self.kv_heads, columns, self.head_dim)
+        ks = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        vs = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        valid = torch.zeros(B, columns, dtype=torch.bool, device=self.device)
+        first = 0
+        for p, m in zip(parts, widest):
+            rows = slice(first, first + p.valid.shape[0])
+            for out, src in ((ks, p.k), (vs, p.v)):
+                for buf, t in zip(out, src):
+                    buf[rows, :, :L - m].zero_()
+                    buf[rows, :, L - m:L].copy_(t[:, :, p.length - m:p.length])
+            valid[rows, L - m:L] = p.valid[:, p.length - m:p.length]
+            first = rows.stop
+        return LeanBatch(ks, vs, valid, torch.cat([p.next_pos for p in parts]), L)
 
     @torch.inference_mode()
     def step_batch(self, state: "LeanBatch", tokens: list[int], keep: list[int]) -> torch.Tensor:

@@ -106,13 +106,28 @@ class TorchDecoding(Runtime):
                                        positions[:, s:s + CHUNK_SIZE], state.cache)
         return state, logits
 
+    def _lean_batch(self, state: "_Batch") -> LeanBatch:
+        if state.lean is None:  # the prefill's cache copied once into the lean step's batch buffers
+            self.prepare()
+            state.lean = self.lean.start_batch(cache_tensors(state.cache), state.mask, state.next_pos, state.room)
+            state.cache = None
+        return state.lean
+
+    @property
+    def joins_batches(self) -> bool:
+        return self._lean_settings is not None
+
+    def join_batch(self, state: "_Batch", new: "_Batch", room: int) -> "_Batch":
+        """The rows of `new` (a start_batch) after those of a running batch, each keeping its cache:
+        the lean step's batches join (LeanDecoder.join_batches); `room` tokens more for every row."""
+        if not self.joins_batches:
+            super().join_batch(state, new, room)
+        state.lean = self.lean.join_batches([self._lean_batch(state), self._lean_batch(new)], room)
+        return state
+
     def step_batch(self, state: "_Batch", tokens: list[int], keep: list[int]) -> torch.Tensor:
         if self._lean_settings is not None:
-            if state.lean is None:  # the prefill's cache copied once into the lean step's batch buffers
-                self.prepare()
-                state.lean = self.lean.start_batch(cache_tensors(state.cache), state.mask, state.next_pos, state.room)
-                state.cache = None
-            return self.lean.step_batch(state.lean, tokens, keep)
+            return self.lean.step_batch(self._lean_batch(state), tokens, keep)
         dev = self.lm.device
         if len(keep) < state.mask.shape[0]:  # finished sequences leave the batch
             rows = torch.tensor(keep, device=dev)
