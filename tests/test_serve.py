@@ -32,7 +32,7 @@ from griffin_export.runtime.base import Runtime
 from griffin_export.runtime.routed import FULL, load_routed
 from griffin_export.settings import ClassSettings, DecodeOptions, DiscoverSettings, ServeSettings, defaults
 from tests.helpers import ROOT, one_line, refused, tiny_model, tiny_tokenizer
-from tests.test_discover import kind_prompt, planted_log
+from tests.test_discover import planted_log
 
 if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("openai") is None:
     if os.environ.get("CI"):
@@ -53,14 +53,13 @@ CHAT = "{% for m in messages %}w3 {{ m['content'] }} {% endfor %}{% if add_gener
 STRANGER = " ".join(f"w{40 + i % 7}" for i in range(24))  # tokens of neither planted kind: the guard fires
 
 
-@pytest.fixture(scope="module")
-def classes(tmp_path_factory):
-    """The tiny Llama (with a chat template) and the classes discovered in a planted log."""
+def planted_classes(root: Path, *, lean: bool = False) -> SimpleNamespace:
+    """The tiny Llama (head_dim 16 where `lean`, as the lean ONNX graph wants) with a chat template, and the
+    classes discovered in a planted log."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    root = tmp_path_factory.mktemp("serve")
-    lm = tiny_model("llama")
+    lm = tiny_model("llama", lean=lean)
     lm.model.config.eos_token_id = 2
     lm.model.save_pretrained(root / "model")
     tok = tiny_tokenizer()
@@ -72,6 +71,11 @@ def classes(tmp_path_factory):
     prompts = [json.loads(line)["prompt"] for line in (root / "log.jsonl").read_text().splitlines()]
     return SimpleNamespace(root=root, model=str(root / "model"), router=str(out / "router.safetensors"),
                            bundles=sorted(str(p) for p in out.glob("c-*.safetensors")), prompts=prompts, kinds=kinds)
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory):
+    return planted_classes(tmp_path_factory.mktemp("serve"))
 
 
 def settings(classes, **kw) -> ServeSettings:
@@ -653,7 +657,27 @@ def test_llama_cpp_backend_serves_each_class_gguf(real_model_available, tmp_path
     assert len(list((tmp_path / "gguf").glob("k-*.Q4_1.gguf"))) == 2
 
 
-SOAK_SECONDS = float(os.environ.get("GRIFFIN_EXPORT_SOAK_SECONDS", 120))
+@pytest.mark.slow
+def test_onnx_backend_answers_as_the_torch_backend(tmp_path):
+    """Each class's lean graph and the full model's, exported at start; greedy answers equal the PyTorch
+    backend's, alone or sent together (rows joining a running batch)."""
+    lean = planted_classes(tmp_path, lean=True)
+    asks = [dict(model=m, prompt=lean.prompts[i], max_tokens=5 + i % 4, extra_body={"ignore_eos": True})
+            for i, m in enumerate(["auto", "c-1", "c-2", "full", "auto", "auto"])]
+    with start(settings(lean)) as torch_server:
+        want = [client(torch_server).completions.create(**a) for a in asks]
+    with start(settings(lean, backend="onnx", onnx_dir=str(tmp_path / "graphs"))) as running:
+        assert running.served.backend.joins  # lean graphs: continuous batching
+        cli = client(running)
+        alone = [cli.completions.create(**a) for a in asks]
+        with ThreadPoolExecutor(len(asks)) as pool:
+            together = list(pool.map(lambda a: cli.completions.create(**a), asks))
+    assert [(r.choices[0].text, r.griffin) for r in alone] == [(r.choices[0].text, r.griffin) for r in want]
+    assert [r.choices[0].text for r in together] == [r.choices[0].text for r in want]
+    assert len(list((tmp_path / "graphs").iterdir())) == 3  # c-1, c-2, full: found again at the next start
+
+
+SOAK_SECONDS = float(os.environ.get("GRIFFIN_EXPORT_SOAK_SECONDS", "120"))
 SOAK_CLIENTS = 32
 RSS_BOUND_MB = 64  # growth allowed between the first sample after the warm-up and every later one
 

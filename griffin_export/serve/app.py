@@ -86,8 +86,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             ticket = Ticket(engine, ids, opts, ask.model)
         except Overloaded as e:
             shutting = str(e) == SHUTTING_DOWN
-            raise ApiError(503 if shutting else 429, str(e), kind="unavailable_error" if shutting else "rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
+            raise ApiError(503 if shutting else 429, str(e), headers={"Retry-After": "1"},
+                           kind="unavailable_error" if shutting else "rate_limit_error") from None
         rid = new_id(chat)
         if ask.stream:
             return StreamingResponse(_events(ask, rid, n, ticket), media_type="text/event-stream",

@@ -13,13 +13,17 @@ only its FF slices (runtime/routed.ExpertSet), swapped in at a group's turn (a s
 
 from __future__ import annotations
 
-import sys
+import tempfile
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from ..bundle.experts import check_bundle
 from ..bundle.format import Bundle, read_bundle
+from ..classes.router import Router, bundle_digest, check_router, read_router, route
 from ..errors import GriffinError
 from ..model.load import LoadedModel, check_device, load_model, use_threads
 from ..model.tokens import check_context, encode
@@ -197,5 +201,60 @@ def load_torch(settings: ServeSettings, report: Callable[[str], None] | None = N
     return TorchBackend(rt, max_batch=settings.max_batch, identity=rt.lm.identity)
 
 
-def report_to_stderr(line: str) -> None:
-    print(line, file=sys.stderr)
+# -- for the backends that export a file per class (llama.cpp, onnx) ----------------------------------
+
+
+@dataclass
+class Classes:
+    """The classes to serve, as a backend that writes a file per class needs them: each class's bundle and
+    its file's digest (what names its exported file), the router where there is one, and the base model
+    (loaded, checked against the router or each bundle)."""
+
+    lm: LoadedModel
+    router: Router | None
+    bundles: dict[str, Bundle]
+    digests: dict[str, str]
+
+
+def read_classes(settings: ServeSettings, say: Callable[[str], None]) -> Classes:
+    if settings.router is not None:
+        router = read_router(settings.router)
+        paths = dict(zip(router.info.classes, router.bundle_paths()))
+        bundles = {n: read_bundle(p, load_kv=False) for n, p in paths.items()}
+        base = settings.model or router.info.base_model
+    else:
+        router, bundles = None, class_bundles(settings.bundles)
+        paths = dict(zip(bundles, settings.bundles))
+        base = settings.model or next(iter(bundles.values())).info.base_model
+    say(f"loading the base model {base} ...")
+    lm = load_model(base, gguf_file=settings.gguf_file, dtype=next(iter(bundles.values())).info.dtype, quiet=True)
+    if router is not None:
+        check_router(router, lm)
+    for name, bundle in bundles.items():
+        check_bundle(lm, bundle.info, str(paths[name]))
+    return Classes(lm, router, bundles, {n: bundle_digest(p)[:16] for n, p in paths.items()})
+
+
+def export_each(c: Classes, directory: str | None, name: Callable[[str, str], str],
+                write: Callable[[Bundle | None, Path], Path | None], say: Callable[[str], None]) -> tuple[Path, dict]:
+    """Each class's file (and the full model's, bundle None) in `directory` (a temporary folder without one):
+    named by `name(group, digest)` (the bundle file's digest, the model's fingerprint for the full model), so
+    a later start finds it again, and written by `write(bundle, path)` where missing (it may return another
+    path: the base model's own file, say). Returns the folder and {group: path}."""
+    folder = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="griffin-serve-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    for group, bundle in [*c.bundles.items(), (FULL_MODEL, None)]:
+        path = folder / name(group, c.digests[group] if bundle is not None else c.lm.fingerprint[:16])
+        if not path.exists():
+            say(f"writing {path} ...")
+            path = write(bundle, path) or path
+        out[group] = path
+    return folder, out
+
+
+def route_on(lm: LoadedModel, router: Router, guard: bool, ids: torch.Tensor) -> tuple[str, dict]:
+    """A prompt's group from the router on the PyTorch base model's first layers (RoutedRuntime.route's)."""
+    r = route(lm, router, ids.to(lm.device))
+    used = None if guard and r.guarded else r.name
+    return (FULL_MODEL if used is None else used), _route_fields(r, used)

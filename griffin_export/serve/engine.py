@@ -16,7 +16,7 @@ hands the events to asyncio code (serve/app.py turns them into answers and serve
 
     engine = Engine(backend, max_batch=16, max_waiting=256, prefill_tokens=2048).start()
     ticket = Ticket(engine, ids, DecodeOptions(max_new_tokens=64), "auto")     # in an event loop
-    async for kind, value in ticket.events(): ...                                # ("text", piece) ... ("done", Generation)
+    async for kind, value in ticket.events(): ...     # ("text", piece) ..., then ("done", Generation)
 """
 
 from __future__ import annotations

@@ -13,23 +13,19 @@ router. The tokenizer is the base model's, as the GGUF carries it.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..bundle.experts import check_bundle
-from ..classes.router import bundle_digest, check_router, read_router, route
 from ..errors import GriffinError
 from ..model.decoding import eos_ids
-from ..model.load import load_model, use_threads
+from ..model.load import use_threads
 from ..runtime.llama_cpp import gguf_for
-from ..runtime.routed import _route_fields
 from ..settings import ServeSettings
 from ..targets.gguf_export import last_log_line, stderr_to
-from .backends import FULL_MODEL, Backend, class_bundles
+from .backends import FULL_MODEL, Backend, export_each, read_classes, route_on
 
 
 class LlamaCppBackend(Backend):
@@ -57,9 +53,7 @@ class LlamaCppBackend(Backend):
         self.files = files
 
     def route(self, ids: torch.Tensor) -> tuple[str, dict]:
-        r = route(self.lm, self.router, ids.to(self.lm.device))
-        used = None if self.guard and r.guarded else r.name
-        return (FULL_MODEL if used is None else used), _route_fields(r, used)
+        return route_on(self.lm, self.router, self.guard, ids)
 
     def _last_logits(self, llm) -> torch.Tensor:
         raw = np.ctypeslib.as_array(self._logits(llm.ctx), shape=(llm.n_vocab(),))
@@ -87,32 +81,10 @@ def load_llama_cpp(settings: ServeSettings, report: Callable[[str], None] | None
     """Each class's pruned GGUF (written where missing) and the base GGUF, in llama.cpp."""
     say = report or (lambda line: None)
     use_threads(settings.threads)
-    router = read_router(settings.router) if settings.router is not None else None
-    if router is not None:
-        from ..bundle.format import read_bundle
-
-        bundles = {n: read_bundle(p, load_kv=False) for n, p in zip(router.info.classes, router.bundle_paths())}
-        base = settings.model or router.info.base_model
-    else:
-        bundles = class_bundles(settings.bundles)
-        base = settings.model or next(iter(bundles.values())).info.base_model
-    say(f"loading the base model {base} (the tokenizer{', the router' if router else ''}) ...")
-    lm = load_model(base, gguf_file=settings.gguf_file, quiet=True)
-    if router is not None:
-        check_router(router, lm)
-    paths = router.bundle_paths() if router is not None else list(settings.bundles)
-    folder = Path(settings.gguf_dir) if settings.gguf_dir else Path(tempfile.mkdtemp(prefix="griffin-serve-gguf-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    for (name, bundle), path in zip(bundles.items(), paths):
-        check_bundle(lm, bundle.info, str(path))
-        out = folder / f"{name}-{bundle_digest(path)[:16]}.{settings.gguf_quant}.gguf"
-        if not out.is_file():
-            say(f"writing {out} ...")
-            gguf_for(lm, out, bundle, settings.gguf_quant, settings.threads)
-        files[name] = out
-    files[FULL_MODEL] = gguf_for(lm, folder / f"full.{settings.gguf_quant}.gguf", None, settings.gguf_quant,
-                                 settings.threads)
+    c = read_classes(settings, say)
+    folder, files = export_each(c, settings.gguf_dir, lambda group, tag: f"{group}-{tag}.{settings.gguf_quant}.gguf",
+                                lambda bundle, path: gguf_for(c.lm, path, bundle, settings.gguf_quant,
+                                                              settings.threads), say)
     say(f"loading {len(files)} GGUF files in llama.cpp ...")
-    return LlamaCppBackend(lm, files, router=router, guard=settings.guard, threads=settings.threads,
+    return LlamaCppBackend(c.lm, files, router=c.router, guard=settings.guard, threads=settings.threads,
                            log=folder / "llama.cpp.log")

@@ -185,7 +185,8 @@ def _messages(data: dict) -> list[dict]:
             raise ApiError(400, f"`{where}` must be an object, got {_kind(m)}", param=where)
         role = _field(m, "role", str, required=True, where=f"{where}.role")
         if role not in ROLES:
-            raise ApiError(400, f"`{where}.role` must be one of {', '.join(ROLES)}, got {role!r}", param=f"{where}.role")
+            raise ApiError(400, f"`{where}.role` must be one of {', '.join(ROLES)}, got {role!r}",
+                           param=f"{where}.role")
         content = m.get("content")
         if isinstance(content, list):  # content parts: text only
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
