@@ -85,9 +85,11 @@ def test_bad_batch_arguments():
 
 
 
-def decode_with_arrivals(rt, prompts: list[str], opts: DecodeOptions, arrivals: dict[int, list[int]]) -> list[list[int]]:
+def decode_with_arrivals(rt, prompts: list[str], opts: DecodeOptions, arrivals: dict[int, list[int]],
+                         before=lambda i: None) -> list[list[int]]:
     """What serve/engine.py does: prompts join the running batch at the steps `arrivals` names
-    (step -> prompt indices), each row leaves when it is done; every prompt's tokens."""
+    (step -> prompt indices), each row leaves when it is done; every prompt's tokens. `before(i)` is
+    called before prompt i's prefill (to put a class's experts in, say)."""
     import torch
 
     from griffin_export.model.decoding import Continuation
@@ -96,6 +98,7 @@ def decode_with_arrivals(rt, prompts: list[str], opts: DecodeOptions, arrivals: 
     rows, seqs, state, logits = [], {}, None, None
     for step in range(60):
         if step in arrivals:
+            before(arrivals[step][0])
             new, first = rt.start_batch([ids[i] for i in arrivals[step]], opts.max_new_tokens)
             seqs.update({i: Continuation(opts, tokenizer=rt.tokenizer, eos=rt.eos) for i in arrivals[step]})
             state = new if not rows else rt.join_batch(state, new, opts.max_new_tokens)

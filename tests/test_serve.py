@@ -208,6 +208,26 @@ def test_the_engine_batches_requests_and_admits_them_mid_batch_as_each_alone(cla
         served.close()
 
 
+def test_rows_of_different_classes_decode_in_one_batch_as_each_alone(classes):
+    """The lean step's mixed batch: each class's prompts prefilled through its experts, then joined into one
+    running batch (the full model's rows too), every row decoding with its own FF weights."""
+    from griffin_export.serve.backends import ClassRuntime, class_bundles
+    from griffin_export.model.load import load_model
+    from tests.test_batch import decode_with_arrivals
+
+    rt = ClassRuntime(load_model(classes.model, quiet=True), class_bundles(classes.bundles))
+    prompts = classes.prompts[:6] + [STRANGER]
+    which = ["c-1", "c-2", FULL, "c-2", "c-1", "c-1", FULL]
+    arrivals = {0: [0], 1: [1], 2: [2], 3: [3], 5: [4, 5], 6: [6]}  # a prefill is one class's
+    opts = DecodeOptions(max_new_tokens=10, stop_at_eos=False)
+    alone = []
+    for p, c in zip(prompts, which):
+        rt.experts.activate(c)
+        alone.append(Runtime.generate(rt, opts, prompt=p).token_ids)
+    mixed = decode_with_arrivals(rt, prompts, opts, arrivals, before=lambda i: rt.experts.activate(which[i]))
+    assert mixed == alone and len({tuple(t) for t in alone}) > 3
+
+
 def _submit(engine: Engine, ids, opts, model: str, wait: float = 0):
     events: list = []
     done = threading.Event()
@@ -402,10 +422,10 @@ class Fake(Backend):
 
     name = "fake"
 
-    def __init__(self, *, joins: bool = True, max_batch: int = 16, delay: float = 0.002):
+    def __init__(self, *, joins: bool = True, mixes: bool = False, max_batch: int = 16, delay: float = 0.002):
         super().__init__(None, set(), 10_000, ["a", "b"], routes=False, identity="fake")
         self.tokenizer = Words()
-        self.joins, self.max_batch, self.delay = joins, max_batch, delay
+        self.joins, self.mixes, self.max_batch, self.delay = joins, mixes, max_batch, delay
         self.log: list[tuple[str, int]] = []
 
     @staticmethod
@@ -444,6 +464,21 @@ def test_a_short_request_is_not_held_back_by_a_long_one_of_its_class():
     assert _wait(long).token_ids == [(1 + i) % 50 for i in range(300)]
     engine.stop()
     assert engine.stats.joins >= 1 and engine.stats.served == 3
+
+
+def test_a_backend_that_mixes_decodes_every_class_in_one_batch():
+    fake = Fake(mixes=True)
+    engine = Engine(fake, max_batch=4, max_waiting=10, prefill_tokens=100)
+    rs = [ask(engine, "a", n=30), ask(engine, "b", n=30, first=20)]
+    engine.start()
+    while not rs[0].events:
+        time.sleep(0.001)
+    rs.append(ask(engine, "b", n=3, first=40))
+    assert [_wait(r).token_ids[:3] for r in rs] == [[1, 2, 3], [21, 22, 23], [41, 42, 43]]
+    engine.stop()
+    assert ("a", -1) in fake.log and ("b", -1) in fake.log  # each class prefilled through its own experts
+    assert max(n for g, n in fake.log) == 3 and {g for g, n in fake.log if n > 0} == {None}  # stepped together
+    assert engine.stats.joins == 2
 
 
 def test_a_backend_that_cannot_join_starts_a_new_batch_when_none_runs():

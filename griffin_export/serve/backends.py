@@ -63,8 +63,9 @@ class Backend:
     """The interface the engine decodes through; subclasses supply the model calls."""
 
     name = "?"
-    max_batch = 1  # rows one group decodes together
+    max_batch = 1  # rows one batch decodes together
     joins = False  # rows join a running batch at a step boundary (continuous batching)
+    mixes = False  # rows of every group decode in one batch (step's group is then None)
 
     def __init__(self, tokenizer, eos: set[int], context_length: int | None, classes: Sequence[str], *,
                  routes: bool, identity: str):
@@ -103,7 +104,7 @@ class Backend:
     def join(self, group: str, state, new, room: int):
         raise GriffinError(f"the {self.name} backend does not join batches")
 
-    def step(self, group: str, state, tokens: list[int], keep: list[int]) -> torch.Tensor:
+    def step(self, group: str | None, state, tokens: list[int], keep: list[int]) -> torch.Tensor:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -118,7 +119,10 @@ class TorchBackend(Backend):
     def __init__(self, rt: RoutedRuntime, *, max_batch: int, identity: str):
         super().__init__(rt.tokenizer, rt.eos, rt.lm.context_length, [n for n in rt.experts.modules if n],
                          routes=rt.router is not None, identity=identity)
+        # the lean step: rows join running batches, and rows of every class share one (each row keeps the FF
+        # weights it was prefilled with); transformers' forward: a batch per class, as its modules are swapped
         self.rt, self.max_batch, self.joins = rt, max_batch, rt.joins_batches
+        self.mixes = rt.joins_batches
         rt.prepare()
 
     def _use(self, group: str) -> None:
@@ -139,8 +143,9 @@ class TorchBackend(Backend):
         self._use(group)
         return self.rt.join_batch(state, new, room)
 
-    def step(self, group: str, state, tokens: list[int], keep: list[int]) -> torch.Tensor:
-        self._use(group)
+    def step(self, group: str | None, state, tokens: list[int], keep: list[int]) -> torch.Tensor:
+        if group is not None:  # a mixed batch's rows decode with their own experts
+            self._use(group)
         return self.rt.step_batch(state, tokens, keep)
 
     def class_bytes(self) -> dict[str, int]:

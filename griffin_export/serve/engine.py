@@ -1,18 +1,23 @@
 """The serving engine: one worker thread owns the model and decodes every request.
 
-Requests are grouped by what they decode with (a class's experts, or the full model). Each round of
-the worker gives every group with work one turn, so one class cannot starve another:
+Requests are grouped by what they decode with (a class's experts, or the full model), each group with its
+queue. The running batches take a step each per round of the worker:
 
-    admit    waiting requests join the group's running batch at this step boundary (continuous
-             batching; a backend that cannot join starts a new batch only when none runs), up to
-             `max_batch` rows and `prefill_tokens` prompt tokens a turn (one prompt at least)
+    admit    waiting requests join a running batch at this step boundary (continuous batching; a
+             backend that cannot join starts a new batch only when none runs), oldest first, up to
+             `max_batch` rows and `prefill_tokens` prompt tokens a turn (one prompt at least); each
+             group's newcomers are prefilled together, through their own experts
     advance  each row's Continuation picks its token from its logits (stop strings, eos, max_tokens);
              a finished row leaves the batch at once, and so does a row whose client went away
     step     one forward for the rows still decoding
 
-So a long request holds a short one of its class back by one turn's prefill at most, never until it
-finishes. Each request's text goes to its `emit` as it is decoded, from the worker thread; `Ticket`
-hands the events to asyncio code (serve/app.py turns them into answers and server-sent events).
+Where the backend `mixes` (the PyTorch backend on the lean step), there is one running batch for every
+group: rows of different classes decode together, each through its own FF weights, every other weight read
+once per step for all of them. Elsewhere each group has its batch, and the groups take turns step by step,
+so one class cannot starve another. Either way a long request holds a short one back by one turn's prefill
+at most, never until it finishes. Each request's text goes to its `emit` as it is decoded, from the worker
+thread; `Ticket` hands the events to asyncio code (serve/app.py turns them into answers and server-sent
+events).
 
     engine = Engine(backend, max_batch=16, max_waiting=256, prefill_tokens=2048).start()
     ticket = Ticket(engine, ids, DecodeOptions(max_new_tokens=64), "auto")     # in an event loop
@@ -59,6 +64,7 @@ class Request:
     group: str | None = None  # what it decodes with: its class, or "full"
     route: dict = field(default_factory=dict)  # what the answer says of it: class, routed, guarded, ...
     cancelled: bool = False
+    arrival: int = 0  # its place in the order requests reached the worker
 
     def cancel(self) -> None:
         """The client went away: the request leaves its batch (or the queue) at the next step boundary."""
@@ -72,16 +78,15 @@ class _Row:
 
 
 @dataclass
-class _Group:
-    name: str
-    waiting: deque = field(default_factory=deque)
-    rows: list[_Row] = field(default_factory=list)
-    state: object = None  # the backend's batch
-    logits: torch.Tensor | None = None  # [len(rows), vocab]: each row's next token's
+class _Batch:
+    """A running batch: its rows, the backend's state of them, and each row's next token's logits."""
 
-    @property
-    def busy(self) -> bool:
-        return bool(self.rows or self.waiting)
+    rows: list[_Row] = field(default_factory=list)
+    state: object = None
+    logits: torch.Tensor | None = None  # [len(rows), vocab]
+
+
+MIXED = "*"  # the one batch of a backend that mixes groups
 
 
 @dataclass
@@ -101,7 +106,9 @@ class Engine:
         self.backend = backend
         self.max_batch = max(1, min(max_batch, backend.max_batch))
         self.max_waiting, self.prefill_tokens = max_waiting, prefill_tokens
-        self.groups: dict[str, _Group] = {}
+        self.queues: dict[str, deque[Request]] = {}  # each group's waiting requests
+        self.batches: dict[str, _Batch] = {}  # each group's running batch, or the one MIXED batch
+        self._arrivals = 0
         self.stats = EngineStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting = 0  # submitted, not decoding yet
@@ -136,17 +143,21 @@ class Engine:
 
     def status(self) -> dict:
         """Requests decoding and waiting, and the counters so far."""
-        return {"running": sum(len(g.rows) for g in list(self.groups.values())), "waiting": self._waiting,
+        return {"running": sum(len(b.rows) for b in list(self.batches.values())), "waiting": self._waiting,
                 "alive": self._thread is not None and self._thread.is_alive(), **asdict(self.stats)}
 
     # -- the worker thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._take(block=not any(g.busy for g in self.groups.values()))
-            for g in list(self.groups.values()):
-                if g.busy and not self._stop.is_set():
-                    self._turn(g)
+            busy = any(self.queues.values()) or any(b.rows for b in self.batches.values())
+            self._take(block=not busy)
+            if self.backend.mixes:
+                self._turn(MIXED, list(self.queues))
+            else:
+                for g in list(self.queues):
+                    if not self._stop.is_set() and (self.queues[g] or (g in self.batches and self.batches[g].rows)):
+                        self._turn(g, [g])
         self._fail_all(SHUTTING_DOWN)
 
     def _take(self, block: bool) -> None:
@@ -175,7 +186,9 @@ class Engine:
                 return
         else:
             r.group, r.route = r.model, {"class": r.model, "guarded": False}
-        self.groups.setdefault(r.group, _Group(r.group)).waiting.append(r)
+        self._arrivals += 1
+        r.arrival = self._arrivals
+        self.queues.setdefault(r.group, deque()).append(r)
 
     def _leave_queue(self, r: Request, cancelled: bool = False) -> None:
         with self._lock:
@@ -183,62 +196,73 @@ class Engine:
         if cancelled:
             self.stats.cancelled += 1
 
-    def _turn(self, g: _Group) -> None:
+    def _turn(self, key: str, groups: list[str]) -> None:
+        b = self.batches.setdefault(key, _Batch())
         try:
-            self._admit(g)
-            self._advance(g)
+            self._admit(key, b, groups)
+            self._advance(key, b)
         except Exception as e:  # noqa: BLE001 - a backend failure fails this batch, not the server
-            log.exception("decoding %s failed", g.name)
-            for row in g.rows:
+            log.exception("decoding %s failed", key)
+            for row in b.rows:
                 self._fail(row.request, e)
-            g.rows, g.state, g.logits = [], None, None
+            b.rows, b.state, b.logits = [], None, None
 
-    def _admit(self, g: _Group) -> None:
-        free = self.max_batch - len(g.rows)
-        if not g.waiting or free <= 0 or (g.rows and not self.backend.joins):
-            return
-        new: list[Request] = []
-        tokens = 0
-        while g.waiting and len(new) < free:
-            r = g.waiting[0]
-            if r.cancelled:
-                self._leave_queue(g.waiting.popleft(), cancelled=True)
-                continue
-            if new and tokens + r.ids.shape[1] > self.prefill_tokens:
+    def _pick(self, groups: list[str], free: int) -> dict[str, list[Request]]:
+        """The waiting requests to admit now, oldest first, by group; cancelled ones leave the queues."""
+        picked: dict[str, list[Request]] = {}
+        n = tokens = 0
+        while n < free:
+            heads = []
+            for g in groups:
+                q = self.queues.get(g)
+                while q and q[0].cancelled:
+                    self._leave_queue(q.popleft(), cancelled=True)
+                if q:
+                    heads.append((q[0].arrival, g))
+            if not heads:
                 break
-            new.append(g.waiting.popleft())
-            tokens += r.ids.shape[1]
+            g = min(heads)[1]
+            r = self.queues[g][0]
+            if n and tokens + r.ids.shape[1] > self.prefill_tokens:
+                break
+            picked.setdefault(g, []).append(self.queues[g].popleft())
             self._leave_queue(r)
-        if not new:
-            return
-        room = max(r.opts.max_new_tokens for r in new)
-        try:
-            state, logits = self.backend.start(g.name, [r.ids for r in new], room)
-        except Exception as e:  # noqa: BLE001
-            log.exception("prefilling for %s failed", g.name)
-            for r in new:
-                self._fail(r, e)
-            return
-        self.stats.prefills += 1
-        rows = [_Row(r, Continuation(r.opts, tokenizer=self.backend.tokenizer, eos=self.backend.eos,
-                                     on_text=lambda piece, r=r: r.emit(("text", piece)))) for r in new]
-        if g.rows:  # the running batch's rows each need their own remaining tokens' room
-            room = max(room, *(row.request.opts.max_new_tokens - row.seq.i for row in g.rows))
-            g.state = self.backend.join(g.name, g.state, state, room)
-            g.logits = torch.cat([g.logits, logits])
-            self.stats.joins += 1
-        else:
-            g.state, g.logits = state, logits
-        g.rows += rows
+            n, tokens = n + 1, tokens + r.ids.shape[1]
+        return picked
 
-    def _advance(self, g: _Group) -> None:
+    def _admit(self, key: str, b: _Batch, groups: list[str]) -> None:
+        free = self.max_batch - len(b.rows)
+        if free <= 0 or (b.rows and not self.backend.joins):
+            return
+        for g, new in self._pick(groups, free).items():
+            room = max(r.opts.max_new_tokens for r in new)
+            try:
+                state, logits = self.backend.start(g, [r.ids for r in new], room)
+            except Exception as e:  # noqa: BLE001
+                log.exception("prefilling for %s failed", g)
+                for r in new:
+                    self._fail(r, e)
+                continue
+            self.stats.prefills += 1
+            rows = [_Row(r, Continuation(r.opts, tokenizer=self.backend.tokenizer, eos=self.backend.eos,
+                                         on_text=lambda piece, r=r: r.emit(("text", piece)))) for r in new]
+            if b.rows:  # the running rows each need their own remaining tokens' room
+                room = max(room, *(row.request.opts.max_new_tokens - row.seq.i for row in b.rows))
+                b.state = self.backend.join(g, b.state, state, room)
+                b.logits = torch.cat([b.logits, logits])
+                self.stats.joins += 1
+            else:
+                b.state, b.logits = state, logits
+            b.rows += rows
+
+    def _advance(self, key: str, b: _Batch) -> None:
         keep, tokens = [], []
-        for j, row in enumerate(g.rows):
+        for j, row in enumerate(b.rows):
             r = row.request
             if r.cancelled:
                 self.stats.cancelled += 1
                 continue
-            tok = row.seq.advance(g.logits[j])
+            tok = row.seq.advance(b.logits[j])
             if tok is None:
                 gen = row.seq.result
                 gen.extra.update(r.route)
@@ -248,14 +272,14 @@ class Engine:
             else:
                 keep.append(j)
                 tokens.append(tok)
-        g.rows = [g.rows[j] for j in keep]
+        b.rows = [b.rows[j] for j in keep]
         if keep:
             if self._delay:
                 time.sleep(self._delay)
-            g.logits = self.backend.step(g.name, g.state, tokens, keep)
+            b.logits = self.backend.step(None if key == MIXED else key, b.state, tokens, keep)
             self.stats.steps += 1
         else:
-            g.state, g.logits = None, None
+            b.state, b.logits = None, None
 
     def _fail(self, r: Request, e: Exception | str) -> None:
         self.stats.failed += 1
@@ -263,13 +287,14 @@ class Engine:
                                                       f"{type(e).__name__}: {e}")))
 
     def _fail_all(self, why: str) -> None:
-        for g in self.groups.values():
-            for row in g.rows:
+        for b in self.batches.values():
+            for row in b.rows:
                 self._fail(row.request, why)
-            for r in g.waiting:
+            b.rows, b.state, b.logits = [], None, None
+        for q in self.queues.values():
+            for r in q:
                 self._fail(r, why)
-            g.rows, g.state, g.logits = [], None, None
-            g.waiting.clear()
+            q.clear()
         while True:
             try:
                 item = self._inbox.get_nowait()
