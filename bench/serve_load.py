@@ -252,16 +252,20 @@ def main() -> None:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
-    text = report(summaries, levels, models)
-    command = "python -m bench.serve_load " + " ".join(sys.argv[1:])
+    finish("Serving under load", "serve_load", report(summaries, levels, models), t0, ns.output,
+           {"runs": summaries, "settings": vars(ns)})
+
+
+def finish(title: str, script: str, text: str, t0: float, output: str | None, data: dict) -> None:
+    """Print the table; with an output folder, also results.md (the table under its command) and results.json."""
+    command = f"python -m bench.{script} " + " ".join(sys.argv[1:])
     print(text)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
-    if ns.output:
-        out = Path(ns.output)
+    if output:
+        out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"command": command, "runs": summaries,
-                                                      "settings": {k: v for k, v in vars(ns).items()}}, indent=1))
-        (out / "results.md").write_text(f"# Serving under load\n\n`{command}`\n\n{text}\n")
+        (out / "results.json").write_text(json.dumps({"command": command, **data}, indent=1))
+        (out / "results.md").write_text(f"# {title}\n\n`{command}`\n\n{text}\n")
 
 
 if __name__ == "__main__":

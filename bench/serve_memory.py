@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.serve_load import finish
+
 
 def memory_mb() -> dict[str, float]:
     """This process's resident set, and its anonymous part (its own heap: what another process cannot share;
@@ -124,17 +126,8 @@ def main() -> None:
     full = measure("full", bundles[:1], ns.model, ns.threads)
     pruned = measure("pruned", bundles[:1], ns.model, ns.threads)
     rows = [measure("shared", bundles[:n], ns.model, ns.threads) for n in counts]
-    text = table(rows, full, pruned)
-    command = "python -m bench.serve_memory " + " ".join(sys.argv[1:])
-    print(text)
-    print(f"\n({time.perf_counter() - t0:.0f} s)")
-    if ns.output:
-        out = Path(ns.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"command": command, "full": full, "pruned": pruned,
-                                                      "shared": rows}, indent=1))
-        (out / "results.md").write_text(f"# Serving memory\n\n`{command}`\n\n{text}\n")
-
+    finish("Serving memory", "serve_memory", table(rows, full, pruned), t0, ns.output,
+           {"full": full, "pruned": pruned, "shared": rows})
 
 if __name__ == "__main__":
     main()

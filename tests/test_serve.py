@@ -584,6 +584,30 @@ def test_serving_class_bundles_without_a_router_names_the_class_per_request(clas
             cli.completions.create(model="auto", prompt=p, max_tokens=5)
 
 
+def test_the_load_generator_compares_auto_with_full(server, classes, tmp_path, monkeypatch, capsys):
+    from bench import serve_load
+
+    monkeypatch.setattr(sys, "argv", ["serve_load", "--url", server.url, "--api-key", KEY, "--data",
+                                      str(classes.root / "log.jsonl"), "--clients", "1,2", "--repeats", "2",
+                                      "--requests", "3", "--max-tokens", "4", "-o", str(tmp_path)])
+    serve_load.main()
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert len(runs) == 2 * 2 * 2 and all(r["errors"] == 0 and r["requests"] == 3 and r["tokens"] == 12 for r in runs)
+    table = (tmp_path / "results.md").read_text()
+    assert "| 2 | auto |" in table and "auto / full tokens/s" in table and "2 clients / 1 client" in table
+
+
+@pytest.mark.slow
+def test_the_memory_script_measures_one_process_against_one_per_class(classes, tmp_path, monkeypatch):
+    from bench import serve_memory
+
+    monkeypatch.setattr(sys, "argv", ["serve_memory", "--router", classes.router, "--model", classes.model,
+                                      "--counts", "2", "-o", str(tmp_path)])
+    serve_memory.main()
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["shared"][0]["classes"] == 2 and result["full"]["rss_mb"] > result["full"]["anon_mb"] > 0
+
+
 # -- slow: the command under SIGTERM, Ray Serve, llama.cpp, the soak --------------------------------------
 
 
