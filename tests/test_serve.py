@@ -837,4 +837,6 @@ def test_soak_mixed_traffic_with_disconnects(classes):
     assert counts["answered"] == counts["valid"] > 100 and counts["invalid"] and counts["left"], counts
     assert health["running"] == 0 and health["waiting"] == 0 and health["failed"] == 0, health
     warm = [mb for t, mb in rss if t >= SOAK_SECONDS / 5]
+    print(f"soak: {counts}, served {health['served']}, cancelled {health['cancelled']}; resident memory "
+          f"{rss[0][1]:.0f} MB at the start, {min(warm):.0f}-{max(warm):.0f} MB after the warm-up")  # pytest -rP
     assert warm and max(warm) - warm[0] <= RSS_BOUND_MB, rss

@@ -131,7 +131,7 @@ class TorchBackend(Backend):
             self.rt.experts.activate(name)
 
     def route(self, ids: torch.Tensor) -> tuple[str, dict]:
-        r = self.rt.route(ids)
+        r = self.rt.route(ids.to(self.rt.lm.device))
         used = self.rt.choice(r)
         return (FULL_MODEL if used is FULL else used), _route_fields(r, used)
 
