@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ipaddress
+import sys
 
 import click
 
@@ -90,6 +91,7 @@ def command(bundles, router, backend, model, gguf_file, device, no_guard, host, 
     def ready(url: str) -> None:
         click.echo(url if quiet else f"serving on {url} (backend {backend}{', API key required' if api_key else ''}); "
                    "SIGTERM drains, Ctrl-C stops")
+        sys.stdout.flush()  # a pipe or a file sees it now, not when the server stops
 
     serve(settings, report=lambda line: status(line, quiet), ready=ready)
 

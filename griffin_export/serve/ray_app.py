@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
+import signal
+import threading
 from typing import Callable
 
 from ..errors import GriffinError
@@ -55,8 +56,8 @@ def deployment(settings: ServeSettings, *, num_cpus: float = 1.0):
 
 def serve_on_ray(settings: ServeSettings, report: Callable[[str], None] | None = None, *,
                  ready: Callable[[str], None] | None = None) -> None:
-    """Serve on Ray Serve until interrupted (Ctrl-C or SIGTERM: Serve shuts the replicas down gracefully):
-    on the cluster at `settings.address`, else on a local cluster started here."""
+    """Serve on Ray Serve until SIGTERM or Ctrl-C (Serve then shuts the replicas down gracefully): on the
+    cluster at `settings.address`, else on a local cluster started here (and stopped)."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
@@ -76,6 +77,7 @@ def serve_on_ray(settings: ServeSettings, report: Callable[[str], None] | None =
     share = cores / settings.replicas if local else 1.0
     if local and settings.threads is None:
         settings = dataclasses.replace(settings, threads=max(1, int(share)))
+    stop = previous = None
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
         say(f"starting {settings.replicas} replicas ...")
@@ -83,9 +85,15 @@ def serve_on_ray(settings: ServeSettings, report: Callable[[str], None] | None =
                   blocking=False)
         if ready is not None:
             ready(f"http://{settings.host}:{settings.port}")
-        while True:
-            time.sleep(1.0)
+        stop = threading.Event()
+        if threading.current_thread() is threading.main_thread():  # Ray's own handler would kill the process
+            previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.set())
+        while not stop.wait(1.0):
+            pass
+        say("SIGTERM: shutting the replicas down ...")
     finally:
         serve.shutdown()
         if started:
             ray.shutdown()
+        if stop is not None and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
