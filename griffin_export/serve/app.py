@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import GriffinError
@@ -90,8 +91,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                            kind="unavailable_error" if shutting else "rate_limit_error") from None
         rid = new_id(chat)
         if ask.stream:
+            # the background task cancels too where the client left before the stream began
             return StreamingResponse(_events(ask, rid, n, ticket), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     background=BackgroundTask(ticket.cancel))
         return await _whole(request, ask, rid, n, ticket)
 
     async def _whole(request: Request, ask, rid: str, n: int, ticket: Ticket):
