@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,12 +145,15 @@ def start_server(ns) -> tuple[subprocess.Popen, str]:
         if value:
             argv += [flag, str(value)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    # the server's log in a file: a pipe nobody reads would block it once full
+    log = Path(ns.output or tempfile.mkdtemp(prefix="serve-load-")) / "server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 1800  # a backend that exports its files first takes a while
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{proc.stderr.read()[-3000:]}")
+            raise SystemExit(f"the server exited ({log}):\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url
