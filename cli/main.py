@@ -61,9 +61,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import bench, checkpoint, classes, discover, eval, export, generate, inspect, onnx
+    from . import bench, checkpoint, classes, discover, eval, export, generate, inspect, onnx, serve
 
-    for module in (export, generate, inspect, bench, classes, discover, checkpoint, eval, onnx):
+    for module in (export, generate, inspect, bench, classes, discover, checkpoint, eval, onnx, serve):
         cli.add_command(module.command)
     cli.add_command(classes.merge_command)
 
@@ -72,7 +72,8 @@ _register()
 
 
 # Library parameters the command line spells otherwise than as --NAME (the rest map by name)
-_ALIASES = {"graph_dir": "--onnx", "full_graph_dir": "--onnx-full", "lean=False": "--eager", "compile": "--compile"}
+_ALIASES = {"graph_dir": "--onnx", "full_graph_dir": "--onnx-full", "lean=False": "--eager", "compile": "--compile",
+            "drain_s": "--drain-seconds", "bundles": "BUNDLE..."}
 
 
 def cli_words(message: str, command: click.Command | None = None) -> str:

@@ -153,7 +153,8 @@ def k_summary(k: list[int], d_ff: int) -> str:
 
 
 EXTRAS = {"eval": (("rouge_score", "rouge-score"), ("matplotlib", "matplotlib")), "classes": (("sklearn", "scikit-learn"),),
-          "onnx": (("onnx", "onnx"), ("onnxruntime", "onnxruntime-gpu"), ("onnxscript", "onnxscript"))}
+          "onnx": (("onnx", "onnx"), ("onnxruntime", "onnxruntime-gpu"), ("onnxscript", "onnxscript")),
+          "serve": (("fastapi", "fastapi"), ("uvicorn", "uvicorn")), "ray": (("ray", "ray[serve]"),)}
 
 
 def require_extra(extra: str, only: tuple[str, ...] = ()) -> None:

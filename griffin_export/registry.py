@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from .errors import GriffinError
 
-__all__ = ["AGGREGATIONS", "METHODS", "RUNTIMES", "TARGETS", "Aggregation", "Method", "Ref", "Runtime", "Target"]
+__all__ = ["AGGREGATIONS", "METHODS", "RUNTIMES", "SERVE_BACKENDS", "TARGETS", "Aggregation", "Method", "Ref", "Runtime",
+           "ServeBackend", "Target"]
 
 _PACKAGE = __name__.rpartition(".")[0]
 
@@ -212,3 +213,43 @@ TARGETS: dict[str, Target] = _table((
     Target("gguf", "one GGUF file that llama.cpp runs (griffin-export checkpoint --gguf)",
            Ref("targets.gguf_export:export_gguf"), Ref("targets.gguf_export:owns"), Ref("targets.gguf_export:describe")),
 ))
+
+
+# -- serving backends --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServeBackend:
+    """An engine `griffin-export serve` decodes with (serve/backends.py: the interface the serving engine asks).
+
+    load: (ServeSettings, report) -> serve.backends.Backend
+    batching: how one class's requests decode together: continuous (a request joins the running batch at
+        a step boundary), windowed (a batch forms while none runs) or one at a time
+    shares_weights: one copy of the base model's shared weights (attention, embeddings, head) for every class
+    """
+
+    name: str
+    summary: str
+    load: Ref
+    batching: str
+    shares_weights: bool
+    needs: str | None = None  # the Python module it imports: without it, a one-line refusal that says
+    install: str = ""
+
+
+SERVE_BACKENDS: dict[str, ServeBackend] = _table((
+    ServeBackend("torch", "PyTorch: one base model, each class's FF slices swapped in per step; the router and its "
+                 "guard", Ref("serve.backends:load_torch"), "continuous", True),
+    ServeBackend("llama.cpp", "llama.cpp on each class's pruned GGUF (llama-cpp-python): one model per class",
+                 Ref("serve.llama_backend:load_llama_cpp"), "one at a time", False, needs="llama_cpp",
+                 install='llama-cpp-python: pip install -e ".[llama]"'),
+    ServeBackend("onnx", "ONNX Runtime on each class's lean graph (CUDA where a GPU answers): one session per class",
+                 Ref("serve.onnx_backend:load_onnx"), "windowed", False, needs="onnxruntime",
+                 install='onnxruntime: pip install -e ".[onnx]"'),
+))
+# the one backend with the router, shared weights and continuous batching (docs/serving.md, "Backends")
+DEFAULT_SERVE_BACKEND = "torch"
+
+
+def serve_backend(name: str) -> ServeBackend:
+    return SERVE_BACKENDS[one_of(name, SERVE_BACKENDS, "backend")]

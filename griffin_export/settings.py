@@ -14,10 +14,11 @@ from typing import Sequence
 
 from .errors import GriffinError
 from .registry import (AGGREGATIONS, BENCH_RUNTIMES, CLASS_METHODS, DEFAULT_AGGREGATION, DEFAULT_METHOD,
-                       GENERATE_RUNTIMES, METHODS, RUNTIMES, bench_runtime, method, one_of)
+                       DEFAULT_SERVE_BACKEND, GENERATE_RUNTIMES, METHODS, RUNTIMES, SERVE_BACKENDS, bench_runtime,
+                       method, one_of)
 
 __all__ = ["BenchSettings", "ClassSettings", "CountSettings", "DecodeOptions", "ExportSettings", "QuantSettings",
-           "RuntimeOptions"]
+           "RuntimeOptions", "ServeSettings"]
 
 DENSITY = 0.5  # fraction of FF neurons kept per layer
 CHUNK_SIZE = 512  # prefill chunk (tokens); the statistic is the same for any chunking
@@ -318,6 +319,70 @@ class RuntimeOptions:
                                "and pruned_prefill=True do not go with `router`")
         if self.lean is False and self.compile:
             raise GriffinError("compile=True compiles the lean step; lean=False turns it off: choose one")
+
+
+# -- serving -------------------------------------------------------------------------------
+
+SERVE_ENGINES = ("local", "ray")
+
+
+@dataclass
+class ServeSettings:
+    """What `griffin-export serve` serves, on which backend (registry.SERVE_BACKENDS), and how: a router
+    with its class bundles (model "auto" routes) or class bundles named per request; the full model is
+    always served too. Loopback only unless `host` says otherwise; an optional API key (a Bearer token);
+    a request body limit; SIGTERM drains: in-flight requests finish within `drain_s`, new ones get 503.
+
+        ServeSettings(router="classes/router.safetensors", port=8000, api_key="...")
+    """
+
+    router: str | None = None
+    bundles: Sequence[str] = ()
+    backend: str = DEFAULT_SERVE_BACKEND
+    model: str | None = None  # the base model (None: the one the router or bundles record)
+    gguf_file: str | None = None
+    device: str = "cpu"
+    guard: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_batch: int = 16  # rows one class decodes together
+    max_waiting: int = 256  # requests admitted but not decoding yet; past it: 429
+    prefill_tokens: int = 2048  # prompt tokens one class prefills at a step boundary (at least one prompt)
+    max_tokens: int = DecodeOptions.max_new_tokens  # a request that says none: this many, within the context
+    drain_s: float = 30.0
+    threads: int | None = None
+    gguf_dir: str | None = None  # llama.cpp: where the classes' GGUF files are written, or found again
+    gguf_quant: str = GGUF_QUANT
+    onnx_dir: str | None = None  # onnx: where the classes' lean graphs are written, or found again
+    engine: str = "local"  # local | ray (Ray Serve: `replicas` copies, on `address` or a local cluster)
+    replicas: int = 2
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        one_of(self.backend, SERVE_BACKENDS, "backend")
+        one_of(self.engine, SERVE_ENGINES, "engine")
+        if (self.router is None) == (not self.bundles):
+            raise GriffinError("serve a `router` (griffin-export discover) or class `bundles`: one of the two")
+        if not 0 <= self.port <= 65535:
+            raise GriffinError(f"`port` must be in 0..65535 (0: any free port), got {self.port}")
+        for name in ("max_body_bytes", "max_batch", "max_waiting", "prefill_tokens", "max_tokens", "replicas"):
+            if getattr(self, name) < 1:
+                raise GriffinError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not self.drain_s >= 0:
+            raise GriffinError(f"`drain_s` must be >= 0 seconds, got {self.drain_s}")
+        if self.threads is not None and self.threads < 1:
+            raise GriffinError(f"`threads` must be >= 1, got {self.threads}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise GriffinError("an empty `api_key` would let anyone in; give a key or none")
+        check_gguf_quant(self.gguf_quant)
+        if self.engine != "ray" and (self.address is not None or self.replicas != 2):
+            raise GriffinError("`replicas` and `address` are for engine='ray'")
+        if self.backend != "llama.cpp" and (self.gguf_dir is not None or self.gguf_quant != GGUF_QUANT):
+            raise GriffinError("`gguf_dir` and `gguf_quant` are for backend='llama.cpp'")
+        if self.backend != "onnx" and self.onnx_dir is not None:
+            raise GriffinError("`onnx_dir` is for backend='onnx'")
 
 
 # -- 4-bit ONNX graphs ---------------------------------------------------------------------

@@ -84,6 +84,70 @@ def test_bad_batch_arguments():
         rt.generate_batch([texts(1)[0], long], names=["q.jsonl:1", "q.jsonl:2"])
 
 
+
+def decode_with_arrivals(rt, prompts: list[str], opts: DecodeOptions, arrivals: dict[int, list[int]],
+                         before=lambda i: None) -> list[list[int]]:
+    """What serve/engine.py does: prompts join the running batch at the steps `arrivals` names
+    (step -> prompt indices), each row leaves when it is done; every prompt's tokens. `before(i)` is
+    called before prompt i's prefill (to put a class's experts in, say)."""
+    import torch
+
+    from griffin_export.model.decoding import Continuation
+
+    ids = [rt.tokenize(p) for p in prompts]
+    rows, seqs, state, logits = [], {}, None, None
+    for step in range(60):
+        if step in arrivals:
+            before(arrivals[step][0])
+            new, first = rt.start_batch([ids[i] for i in arrivals[step]], opts.max_new_tokens)
+            seqs.update({i: Continuation(opts, tokenizer=rt.tokenizer, eos=rt.eos) for i in arrivals[step]})
+            state = new if not rows else rt.join_batch(state, new, opts.max_new_tokens)
+            logits = first if not rows else torch.cat([logits, first])
+            rows += arrivals[step]
+        keep, tokens = [], []
+        for j, i in enumerate(rows):
+            tok = seqs[i].advance(logits[j])
+            if tok is not None:
+                keep.append(j)
+                tokens.append(tok)
+        if keep:
+            logits = rt.step_batch(state, tokens, keep)
+        rows = [rows[j] for j in keep]
+    return [seqs[i].result.token_ids for i in range(len(prompts))]
+
+
+ARRIVALS = {0: [0, 1], 2: [5], 4: [2, 3], 7: [4]}  # step -> prompts that join then: longer and shorter ones
+
+
+@pytest.mark.parametrize("arch", LEAN_ARCHS)
+def test_rows_that_join_a_running_batch_decode_as_each_alone(arch):
+    """Continuous batching (serve/): prompts that join a running batch between its steps, some longer
+    than what the batch holds and some shorter, while others finish; every row decodes as it would alone
+    (Mistral's sliding window of 8 is shorter than the prompts)."""
+    lm = from_model(tiny_model(arch, lean=True).model, tiny_tokenizer(), f"tiny-{arch}")
+    rt = TorchRuntime(lm, export_prompt(lm, texts()[2], ExportSettings(warmup=0)), keep_full=True)
+    prompts, opts = texts(6), DecodeOptions(max_new_tokens=9)
+    early_stopper(rt, prompts, opts)
+    alone = [rt.generate(opts, prompt=p).token_ids for p in prompts]
+    assert rt.joins_batches and decode_with_arrivals(rt, prompts, opts, ARRIVALS) == alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_rows_that_join_a_running_onnx_batch_decode_as_each_alone(arch, tmp_path):
+    """The same on ONNX Runtime's lean graph (rows stacked, each keeping its buffer row)."""
+    from griffin_export.runtime.onnx import OnnxRuntime
+    from griffin_export.targets.onnx.export import export_onnx
+
+    lm = from_model(tiny_model(arch, lean=True).model, tiny_tokenizer(), f"tiny-{arch}")
+    bundle = export_prompt(lm, texts()[2], ExportSettings(warmup=0))
+    rt = OnnxRuntime(export_onnx(lm, tmp_path / "g", bundle), bundle, provider="cpu", pruned_prefill=True)
+    prompts, opts = texts(6), DecodeOptions(max_new_tokens=9)
+    early_stopper(rt, prompts, opts)
+    alone = [rt.generate(opts, prompt=p).token_ids for p in prompts]
+    assert rt.joins_batches and decode_with_arrivals(rt, prompts, opts, ARRIVALS) == alone
+
+
 @pytest.mark.real_model
 def test_batched_greedy_equals_alone_on_the_default_model(real_lm, tmp_path):
     from griffin_export.files.inputs import Prompt

@@ -6,7 +6,8 @@ any prefill, what cannot fit), `start(ids)` -> (state, first logits) and `step(s
 `stepper` may hand back a faster step for one generation (the lean PyTorch step does). For
 batches: `start_batch(list of ids, max_new_tokens)` -> (state, logits [B, vocab]) and
 `step_batch(state, tokens, keep)` -> logits [len(keep), vocab], where `keep` are the rows
-(of the previous step's) still decoding: finished sequences leave the batch and cost nothing.
+(of the previous step's) still decoding: finished sequences leave the batch and cost nothing;
+where `joins_batches`, `join_batch(state, new, room)` adds a new start_batch's rows to a running one.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ class Runtime:
 
     def step_batch(self, state, tokens: list[int], keep: list[int]) -> torch.Tensor:
         raise NotImplementedError
+
+    # whether join_batch works: rows that join a running batch (continuous batching, serve/)
+    joins_batches = False
+
+    def join_batch(self, state, new, room: int):
+        """A running batch with the rows of `new` (a start_batch) after its own, each keeping its cache,
+        `room` tokens more for every row; the rows' pending logits are the caller's to join."""
+        raise GriffinError(f"{type(self).__name__} does not join batches")
 
     def stepper(self, state, cached: int, room: int) -> Callable[[int], torch.Tensor]:
         """The step for one generation from `state` holding `cached` positions, `room` positions in all."""

@@ -6,6 +6,7 @@
 
     batch = lean.start_batch(cache, mask, next_pos, room)   # a left-padded batch's KV [B, ...]
     logits = lean.step_batch(batch, tokens, keep)            # one token per row still decoding
+    batch = lean.join_batches([batch, newcomers], room)      # rows that join a running batch
 
 What it removes from a decode step against transformers' forward: the per-layer Python of
 the HF modules (cache objects, mask building, kwargs plumbing) and the cache's re-allocation.
@@ -127,6 +128,8 @@ class LeanDecoder:
         spec = spec_for(cfg.model_type)
         self.layers = [_Layer(layer, block, spec) for layer, block in zip(inner.layers, ff_blocks(model, spec))]
         head = model.get_output_embeddings()
+        self.active_ff = FFPacks([L.w_gate_up for L in self.layers], [L.w_down for L in self.layers],
+                                 [L.width for L in self.layers])  # what a batch started now decodes with
         self.head, self.head_bias = _pack(head)  # a tied input embedding becomes the same view
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
@@ -146,15 +149,16 @@ class LeanDecoder:
             self._step = torch.compile(self._forward_static, mode=mode, fullgraph=True, dynamic=False)
 
     def ff(self) -> FFPacks:
-        """The FF weights the step decodes with now."""
-        return FFPacks([L.w_gate_up for L in self.layers], [L.w_down for L in self.layers],
-                       [L.width for L in self.layers])
+        """The FF weights the step decodes with now (one object for as long as they are in use)."""
+        return self.active_ff
 
     def use_ff(self, packs: FFPacks) -> None:
         """Decode with these FF weights from the next step on (another class's experts, or the full
-        model's): attention and the head stay as they are."""
+        model's): attention and the head stay as they are. A batch started from now on keeps them for
+        its rows whatever is in use later (start_batch)."""
         for L, gate_up, down, width in zip(self.layers, packs.gate_up, packs.down, packs.widths):
             L.w_gate_up, L.w_down, L.width = gate_up, down, width
+        self.active_ff = packs
 
     def reserve(self, max_length: int) -> None:
         """Buffers (and rotary tables) of at least max_length positions; a compiled step keeps its size."""
@@ -184,11 +188,12 @@ class LeanDecoder:
         self.length = length
 
     def start_batch(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, next_pos: torch.Tensor,
-                    room: int) -> "LeanBatch":
+                    room: int, ff: FFPacks | None = None) -> "LeanBatch":
         """A batch's decode state from its left-padded prefill: per layer KV [B, kv_heads, n, head_dim]
         (n <= T: a sliding layer may hold only the last n columns), the attention mask [B, T] (0 on
         the padding), each row's next position [B], and `room` columns in all (T + the tokens to
-        come). The compiled step is batch-1; a batch runs eager."""
+        come). The compiled step is batch-1; a batch runs eager. Its rows decode with the FF weights `ff`
+        (those in use now where None) whatever is in use later, so batches of different experts join."""
         B, T = mask.shape
         columns = max(room, T + 1)
         self.reserve(columns)  # the rotary table: a position never passes its column
@@ -205,7 +210,36 @@ class LeanDecoder:
                 out.append(buf)
         valid = torch.zeros(B, columns, dtype=torch.bool, device=self.device)
         valid[:, :T] = mask.to(self.device).bool()
-        return LeanBatch(ks, vs, valid, next_pos.to(self.device).clone(), T)
+        return LeanBatch(ks, vs, valid, next_pos.to(self.device).clone(), T, [ff or self.active_ff] * B)
+
+    @torch.inference_mode()
+    def join_batches(self, parts: list["LeanBatch"], room: int) -> "LeanBatch":
+        """The rows of several batches in one, in order: how requests join a running batch at a step
+        boundary (continuous batching). Every row keeps its positions and its columns, aligned on the
+        right (each with its own FF weights: rows of different classes' experts decode in one batch, every
+        other weight read once for all of them): the new batch holds the longest row (its prompt after the padding and what it decoded),
+        L columns, so columns no row attends to any more are dropped, then `room` more for the tokens to
+        come. Left of a row's own columns: zeros, masked (a masked NaN would still poison the softmax)."""
+        spans = [p.length - p.valid[:, :p.length].int().argmax(dim=1) for p in parts]  # each row's columns
+        widest = [int(s.max()) for s in spans]
+        L = max(widest)
+        columns = L + max(room, 1)
+        self.reserve(columns)  # the rotary table: a position never passes its column
+        B = sum(p.valid.shape[0] for p in parts)
+        shape = (B, self.kv_heads, columns, self.head_dim)
+        ks = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        vs = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        valid = torch.zeros(B, columns, dtype=torch.bool, device=self.device)
+        first = 0
+        for p, m in zip(parts, widest):
+            rows = slice(first, first + p.valid.shape[0])
+            for out, src in ((ks, p.k), (vs, p.v)):
+                for buf, t in zip(out, src):
+                    buf[rows, :, :L - m].zero_()
+                    buf[rows, :, L - m:L].copy_(t[:, :, p.length - m:p.length])
+            valid[rows, L - m:L] = p.valid[:, p.length - m:p.length]
+            first = rows.stop
+        return LeanBatch(ks, vs, valid, torch.cat([p.next_pos for p in parts]), L, [f for p in parts for f in p.ff])
 
     @torch.inference_mode()
     def step_batch(self, state: "LeanBatch", tokens: list[int], keep: list[int]) -> torch.Tensor:
@@ -216,6 +250,7 @@ class LeanDecoder:
             state.k = [t.index_select(0, rows) for t in state.k]
             state.v = [t.index_select(0, rows) for t in state.v]
             state.valid, state.next_pos = state.valid[rows], state.next_pos[rows]
+            state.ff = [state.ff[j] for j in keep]
         n = state.length + 1
         if n > state.valid.shape[1]:
             raise GriffinError(f"the lean decoder's batch buffer of {state.valid.shape[1]} positions is full")
@@ -234,7 +269,11 @@ class LeanDecoder:
 
         pos = state.next_pos
         ids = torch.tensor(tokens, device=self.device)
-        logits = self._layers(self.embed[ids], self.cos[pos][:, None], self.sin[pos][:, None], attend)
+        groups: dict[int, tuple[FFPacks, list[int]]] = {}
+        for j, packs in enumerate(state.ff):
+            groups.setdefault(id(packs), (packs, []))[1].append(j)
+        ff = [(p, None if len(groups) == 1 else torch.tensor(rows, device=self.device)) for p, rows in groups.values()]
+        logits = self._layers(self.embed[ids], self.cos[pos][:, None], self.sin[pos][:, None], attend, ff)
         state.next_pos = pos + 1
         state.length = n
         return logits.float()
@@ -281,10 +320,12 @@ class LeanDecoder:
         return F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale,
                                               enable_gqa=self.heads != self.kv_heads)
 
-    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
+                ff: list[tuple[FFPacks, torch.Tensor | None]] | None = None) -> torch.Tensor:
         """x [B, hidden] through every layer and the head; `attend(layer, q, k, v, scale)` stores
         the new key and value (q [B, heads, head_dim], k and v [B, kv_heads, head_dim]) and returns
-        the attention output [B, heads, 1, head_dim]. cos and sin broadcast over the heads."""
+        the attention output [B, heads, 1, head_dim]. cos and sin broadcast over the heads. `ff`: the
+        FF weights each group of rows decodes with, (packs, its rows, None for all); None: those in use."""
         hd, B = self.head_dim, x.shape[0]
         for i, L in enumerate(self.layers):
             h = _rms(x, L.norm_in, self.eps)
@@ -295,8 +336,19 @@ class LeanDecoder:
             att = attend(i, _rotate(q, cos, sin), _rotate(k, cos, sin), v, L.scaling)
             x = x + _mm(att.reshape(B, -1), L.wo, L.bo)
             h = _rms(x, L.norm_post, self.eps)
-            gate, up = _mm(h, L.w_gate_up).split(L.width, dim=-1)
-            x = x + _mm(F.silu(gate) * up, L.w_down)
+            if ff is None:
+                gate, up = _mm(h, L.w_gate_up).split(L.width, dim=-1)
+                x = x + _mm(F.silu(gate) * up, L.w_down)
+            elif len(ff) == 1:
+                p = ff[0][0]
+                gate, up = _mm(h, p.gate_up[i]).split(p.widths[i], dim=-1)
+                x = x + _mm(F.silu(gate) * up, p.down[i])
+            else:  # each group of rows through its own experts
+                out = torch.empty_like(x)
+                for p, rows in ff:
+                    gate, up = _mm(h.index_select(0, rows), p.gate_up[i]).split(p.widths[i], dim=-1)
+                    out.index_copy_(0, rows, _mm(F.silu(gate) * up, p.down[i]))
+                x = x + out
         return _mm(_rms(x, self.norm, self.eps), self.head, self.head_bias)
 
 
@@ -311,3 +363,4 @@ class LeanBatch:
     valid: torch.Tensor  # [B, columns] bool
     next_pos: torch.Tensor  # [B]
     length: int
+    ff: list[FFPacks]  # [B]: the FF weights each row decodes with (rows of several classes' experts mix)

@@ -276,6 +276,20 @@ class _LeanSession(_Session):
         return KVState([ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _NP_DTYPES[info.dtype]), *self.device)
                         for _ in range(2 * info.num_layers)], 0)
 
+    def join_rows(self, parts: list[list], columns: int) -> list:
+        """Buffers of several batches' rows as one batch's, each `columns` long (cut past, or zero-padded to,
+        what every row holds and will hold: a row's tokens sit at the start of its buffer row)."""
+        import onnxruntime as ort
+
+        def fit(a: np.ndarray) -> np.ndarray:
+            if a.shape[2] >= columns:
+                return a[:, :, :columns]
+            pad = np.zeros((*a.shape[:2], columns - a.shape[2], a.shape[3]), a.dtype)
+            return np.concatenate([a, pad], axis=2)
+
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.concatenate([fit(p[i].numpy()) for p in parts])),
+                                                 *self.device) for i in range(len(parts[0]))]
+
     def stack_rows(self, parts: list[list]) -> list:
         """Buffers of several row groups (each a list of per-layer OrtValues) as one batch's."""
         import onnxruntime as ort
@@ -511,6 +525,19 @@ class OnnxRuntime(Runtime):
         state = KVState(parts[0] if len(parts) == 1 else self._decoder.stack_rows(parts), 0)
         # io stays None: the decoder binds the buffers anew (the prefill may be the full graph's session)
         return _LeanBatch(state, lengths), torch.from_numpy(np.concatenate(logits).astype(np.float32))
+
+    @property
+    def joins_batches(self) -> bool:
+        return self.graph.info.layout == "lean" and not self._decoder.static
+
+    def join_batch(self, state, new, room: int):
+        """A lean graph's batches join: the rows stacked, each keeping its buffer row and length, in buffers
+        of the longest row + `room` columns (at most the graph's KV buffer)."""
+        if not (self.joins_batches and isinstance(state, _LeanBatch)):
+            return super().join_batch(state, new, room)
+        lengths = np.concatenate([state.lengths, new.lengths])
+        columns = min(int(lengths.max()) + room, self._decoder.max_length)
+        return _LeanBatch(KVState(self._decoder.join_rows([state.kv.past, new.kv.past], columns), 0), lengths)
 
     def step_batch(self, state, tokens: list[int], keep: list[int]) -> torch.Tensor:
         if isinstance(state, _LeanBatch):

@@ -24,7 +24,7 @@ from ..model.prefill import cache_kwarg, cache_tensors, forward, new_cache, pref
 from ..model.tokens import check_context, check_generation_fits, tokenize
 from ..settings import CHUNK_SIZE, RuntimeOptions
 from .base import Runtime, left_padded
-from .lean import LeanBatch, LeanDecoder, covers
+from .lean import FFPacks, LeanBatch, LeanDecoder, covers
 from .timing import BenchContext, BenchRow, greedy_seconds
 
 __all__ = ["TorchRuntime", "load_runtime"]
@@ -99,20 +99,39 @@ class TorchDecoding(Runtime):
         columns), else through transformers' forward."""
         ids, mask, positions = (t.to(self.lm.device) for t in left_padded(batch))
         T = ids.shape[1]
-        state = _Batch(new_cache(self.lm.model), mask, positions[:, -1] + 1, T + max_new_tokens)
+        state = _Batch(new_cache(self.lm.model), mask, positions[:, -1] + 1, T + max_new_tokens,
+                       ff=self.lean.active_ff if self.lean is not None else None)
         with self._batch_prefill_ff():
             for s in range(0, T, CHUNK_SIZE):
                 logits = self._forward(ids[:, s:s + CHUNK_SIZE], mask[:, :s + CHUNK_SIZE],
                                        positions[:, s:s + CHUNK_SIZE], state.cache)
         return state, logits
 
+    def _lean_batch(self, state: "_Batch") -> LeanBatch:
+        if state.lean is None:  # the prefill's cache copied once into the lean step's batch buffers
+            self.prepare()
+            state.lean = self.lean.start_batch(cache_tensors(state.cache), state.mask, state.next_pos, state.room,
+                                               state.ff)
+            state.cache = None
+        return state.lean
+
+    @property
+    def joins_batches(self) -> bool:
+        return self._lean_settings is not None
+
+    def join_batch(self, state: "_Batch", new: "_Batch", room: int) -> "_Batch":
+        """The rows of `new` (a start_batch) after those of a running batch, each keeping its cache:
+        the lean step's batches join (LeanDecoder.join_batches); `room` tokens more for every row."""
+        if not self.joins_batches:
+            super().join_batch(state, new, room)
+        parts = [self._lean_batch(state), self._lean_batch(new)]  # (the first builds the lean step)
+        state.lean = self.lean.join_batches(parts, room)
+        return state
+
     def step_batch(self, state: "_Batch", tokens: list[int], keep: list[int]) -> torch.Tensor:
         if self._lean_settings is not None:
-            if state.lean is None:  # the prefill's cache copied once into the lean step's batch buffers
-                self.prepare()
-                state.lean = self.lean.start_batch(cache_tensors(state.cache), state.mask, state.next_pos, state.room)
-                state.cache = None
-            return self.lean.step_batch(state.lean, tokens, keep)
+            batch = self._lean_batch(state)  # (the first builds the lean step)
+            return self.lean.step_batch(batch, tokens, keep)
         dev = self.lm.device
         if len(keep) < state.mask.shape[0]:  # finished sequences leave the batch
             rows = torch.tensor(keep, device=dev)
@@ -197,6 +216,7 @@ class _Batch:
     next_pos: torch.Tensor  # [B]: the position of each sequence's next token
     room: int  # columns a lean batch buffer needs: the padded prompt + max_new_tokens
     lean: LeanBatch | None = None  # decoding through the lean step: its buffers (the cache is dropped)
+    ff: FFPacks | None = None  # the lean step's FF weights in use at the prefill: the rows decode with them
 
 
 def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | None = None, *,
