@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,8 @@ def main() -> None:
         depth_rows.append({"layers": depth, "cost": depth / dev.shape[1], "agrees_with_full_statistic": float(np.mean(same)),
                            "ari_vs_kinds": ari(dev_kinds, routed_all)})
     depth_rows.append(words_router(a.dev, dev, chosen.labels, folds))
-    result = {"dev": str(a.dev), "prompts": len(dev_kinds), "clusterings": rows, "one_class_coverage": one_class,
+    dev_name = os.path.relpath(a.dev)  # as typed from the repository, not this machine's path
+    result = {"dev": dev_name, "prompts": len(dev_kinds), "clusterings": rows, "one_class_coverage": one_class,
               "chosen_k": chosen.k, "silhouette_k": by_silhouette.k, "router_depths": depth_rows}
     a.output.mkdir(parents=True, exist_ok=True)
     (a.output / "dev.json").write_text(json.dumps(result, indent=2) + "\n")

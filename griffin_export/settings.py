@@ -260,6 +260,9 @@ class DecodeOptions:
     stop: Sequence[str] = ()
     seed: int = 0
     stop_at_eos: bool = True
+    # stop strings count only once the text has begun (past its leading whitespace): `eval` answers
+    # this way, since a model often opens its answer with a newline that a "\n" stop would end at once
+    stop_after_text: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:

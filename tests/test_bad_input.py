@@ -155,6 +155,23 @@ def test_decode_streams_pieces_that_add_up_and_never_print_a_stop_string():
     assert out.text == "aba" and "".join(pieces) == "aba" and out.stop_reason == "stop"
 
 
+def test_a_stop_string_after_text_lets_an_answer_open_with_it():
+    """eval's answers: a "\n" stop ends the answer's first line, not the newline it opens with."""
+    from griffin_export.model.decoding import decode
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("\n a"[i] for i in ids)
+
+    tokens = [0, 1, 0, 2, 2, 0, 2]  # "\n \naa\na"
+    for after, want in ((False, ""), (True, "\n \naa")):
+        it = iter(torch.nn.functional.one_hot(torch.tensor(t), 3).float() for t in tokens[1:])
+        first = torch.nn.functional.one_hot(torch.tensor(tokens[0]), 3).float()
+        out = decode(lambda tok: next(it), first, DecodeOptions(max_new_tokens=7, stop=["\n"], stop_after_text=after),
+                     tokenizer=Tok())
+        assert out.text == want and out.stop_reason == "stop", (after, out.text)
+
+
 @pytest.mark.slow
 def test_outputs_are_ordinary_files_that_respect_the_umask(bundle, tmp_path, capsys):
     import os

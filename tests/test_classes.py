@@ -572,3 +572,16 @@ def test_stdlib_functions_make_a_code_class(tmp_path):
         head = ast.parse(r["prompt"] + "\n" + indent + "pass").body[0]  # the prompt ends after the docstring
         assert ast.get_docstring(head) == ast.get_docstring(tree.body[0])
     assert [p.text for p in iter_prompts([out])] == [r["prompt"] for r in rows]  # `class` reads it as is
+
+
+def test_eval_reports_a_class_settings_density_from_its_experts(lm, tmp_path):
+    """eval's labeled:/routed: rows say the classes' density: k of d_ff (0.75 here, not hidden/d_ff)."""
+    from griffin_export import write_bundle
+    from griffin_export.evaluation.runner import _class_setting
+    from griffin_export.evaluation.settings import EvalSettings
+
+    result = export_class(lm, [Prompt(t, str(i)) for i, t in enumerate(class_texts(3))],
+                          ClassSettings("news", density=0.75), source="a.jsonl")
+    write_bundle(result.bundle, tmp_path / "news.safetensors")
+    setting, _ = _class_setting(lm, f"labeled:{tmp_path}", EvalSettings(data="x.jsonl"), {})
+    assert setting.density == 0.75

@@ -38,7 +38,7 @@ def run_header(lm: LoadedModel, settings: EvalSettings, bundle_hashes: dict[str,
         "data_hash": file_hash(data), "methods": list(settings.methods), "densities": list(settings.densities),
         "seed": settings.seed, "prompt_field": settings.prompt_field, "target_field": settings.target_field,
         "separator": settings.separator, "max_tokens": settings.max_tokens, "chunk_size": settings.chunk_size,
-        "generate": settings.generate, **({"warmup": settings.warmup} if settings.warmup else {}),
+        "generate": settings.generate, "stop_after_text": True, **({"warmup": settings.warmup} if settings.warmup else {}),
         **({"label_field": settings.label_field} if any(m.startswith("labeled:") for m in settings.methods) else {}),
         "model_fingerprint": lm.fingerprint, "dtype": dtype_name(lm.dtype), "bundles": bundle_hashes,
     }
@@ -90,7 +90,7 @@ def read_results(path: Path, *, repair: bool = False) -> tuple[dict, dict[int, d
 
 # key fields that must agree for runs to be merged (methods, densities and bundles may differ)
 _MERGE_KEY = ("data_hash", "seed", "prompt_field", "target_field", "separator", "max_tokens", "chunk_size",
-              "generate", "model_fingerprint", "dtype")
+              "generate", "stop_after_text", "model_fingerprint", "dtype")
 
 
 def merge_results(sources: list[str | os.PathLike], out: str | os.PathLike, *, force: bool = False,

@@ -129,7 +129,7 @@ def _class_setting(lm: LoadedModel, name: str, settings: EvalSettings, loaded: d
         info = {"class": r.name, "similarity": r.similarity, "guarded": kind == "guarded" and r.guarded}
         return (None if info["guarded"] else classes[r.name]), info
 
-    density = sum(t.shape[0] for k, t in next(iter(classes.values())).items()
+    density = sum(t.shape[1] for k, t in next(iter(classes.values())).items()
                   if k.endswith(f"{lm.spec.output}.weight")) / (lm.num_layers * lm.d_ff)  # nominal, of the first class
     return Setting(name, name, density, pruned_prefill=True, choose=choose), digest
 
@@ -256,7 +256,7 @@ def generate(ctx: Context, kv, cached: int, last_logits: torch.Tensor, row: Eval
     """Greedy decode from a copy of `kv` (`cached` positions: the prompt, then the `warm` tokens)."""
     model, device = ctx.lm.model, ctx.lm.device
     cache = fresh_cache(model, kv, cached)
-    opts = DecodeOptions(max_new_tokens=row.max_tokens, stop=row.stop)
+    opts = DecodeOptions(max_new_tokens=row.max_tokens, stop=row.stop, stop_after_text=True)
     return decode(lambda tok: forward(model, torch.tensor([[tok]], device=device), cache)[-1], last_logits, opts,
                   tokenizer=ctx.lm.tokenizer, eos=ctx.eos, prefix=warm)
 

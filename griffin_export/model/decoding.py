@@ -91,7 +91,8 @@ class Continuation:
             self.out.token_ids.append(tok)
             if o.stop or self.on_text:
                 text = self.tokenizer.decode(self.out.token_ids, skip_special_tokens=True)
-                cut = min((text.find(s) for s in o.stop if s in text), default=-1)
+                start = len(text) - len(text.lstrip()) if o.stop_after_text else 0
+                cut = min((i for s in o.stop if (i := text.find(s, start)) >= 0), default=-1)
                 if cut >= 0:
                     self.out.text, self.out.stop_reason = text[:cut], "stop"
                     return self._finish(final_text=self.out.text)
