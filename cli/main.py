@@ -67,7 +67,8 @@ _register()
 
 
 # Library parameters the command line spells otherwise than as --NAME (the rest map by name)
-_ALIASES = {"graph_dir": "--onnx", "full_graph_dir": "--onnx-full", "lean=False": "--eager", "compile": "--compile"}
+_ALIASES = {"graph_dir": "--onnx", "full_graph_dir": "--onnx-full", "lean=False": "--eager", "compile": "--compile",
+            "kv_dtypes": "--kv-dtype"}
 
 
 def cli_words(message: str) -> str:

@@ -219,6 +219,8 @@ def test_onnx_runtime_refuses_torch_only_options(bundle, capsys):
     (["onnx", "{b}", "-o", "{tmp}/g", "--graph", "traced", "--kv-dtype", "float16", "-q"],
      "--kv-dtype float16 is the lean graph's choice; the traced graph's cache keeps the weights' dtype (float32)"),
     (["onnx", "{b}", "-o", "{tmp}/g", "--kv-dtype", "half"], "Invalid value for '--kv-dtype'"),
+    (["bench", "--kv-dtype", "bf16"], "unknown --kv-dtype 'bf16'; known: float32, float16, int8"),
+    (["bench", "--kv-dtype", ","], "no KV types given"),
 ])
 def test_bad_kv_types_are_refused_in_one_line(bundle, tmp_path, capsys, argv, message):
     """Before any model loads: the library's RuntimeOptions / export_graph / BenchSettings refuse them."""

@@ -437,12 +437,44 @@ def test_bench_times_every_lean_path_side_by_side():
                   settings=BenchSettings(densities=[0.5], new_tokens=8, repeats=2, runtimes=runtimes, time_export=False))
     got = {(row["runtime"], row["config"]) for row in r["rows"]}
     assert got == {(rt, c) for rt in runtimes for c in ("full", "0.5")}
-    bounds = {row["bound"] for row in r["rows"] if row["config"] == "0.5"}
-    assert len(bounds) == 1 and bounds.pop() > 1  # every runtime reads the same bytes
+    bounds = [row["bound"] for row in r["rows"] if row["config"] == "0.5"]
+    # every runtime reads the same weights: PyTorch's parameters, the graphs' initializers (a few shape
+    # constants more)
+    assert bounds[0] > 1 and bounds == pytest.approx([bounds[0]] * 4, rel=1e-3)
     table = format_table(r)
-    assert "| onnx-lean | density 0.5 | 32 |" in table and "| torch-lean | full model | 64 |" in table
+    assert "| onnx-lean | float32 | density 0.5 | 32 |" in table and "| torch-lean | float32 | full model | 64 |" in table
     assert all(len(row["speedup_quartiles"]) == 2 for row in r["rows"])
     assert np.isfinite([row["decode_tok_s"] for row in r["rows"]]).all()
+
+
+@pytest.mark.slow
+def test_bench_times_each_kv_type_and_bounds_each_row_by_what_it_reads():
+    """--kv-dtype: each lean row at each KV type it takes (torch-lean has no int8: said, not timed); each
+    row's bytes read per token are its weights and its KV at that type, against a measured bandwidth."""
+    from griffin_export.evaluation.speed import format_table, run_bench
+    from griffin_export.settings import BenchSettings
+
+    runtimes = ["torch-lean", "onnx-lean"]
+    r = run_bench(lm=tiny_model("llama", lean=True), ids=prompt_ids(40), prompt_source="random tokens",
+                  settings=BenchSettings(densities=[0.5], new_tokens=8, repeats=2, runtimes=runtimes, time_export=False,
+                                         kv_dtypes=["float32", "float16", "int8"]))
+    rows = {(row["runtime"], row["kv_dtype"], row["config"]): row for row in r["rows"]}
+    assert set(rows) == {(rt, kv, c) for rt, kvs in (("torch-lean", ("float32", "float16")),
+                                                    ("onnx-lean", ("float32", "float16", "int8")))
+                         for kv in kvs for c in ("full", "0.5")}
+    assert r["kv_skipped"] == ["torch-lean int8"] and r["read_bandwidth"] > 1e9
+    assert r["kv_positions"] == 40 + 4  # the prompt and half the timed tokens, on average
+    kv = {k: rows[("onnx-lean", k, "0.5")]["kv_read_bytes"] for k in ("float32", "float16", "int8")}
+    assert kv["float32"] == 2 * kv["float16"] == 4 * kv["int8"] == 4 * 2 * 4 * 2 * 16 * 44  # 4 layers, K and V
+    assert rows[("torch-lean", "float16", "0.5")]["kv_read_bytes"] == kv["float16"]
+    for row in r["rows"]:  # the fraction of the memory limit a row decodes at
+        assert row["memory_fraction"] == pytest.approx(row["decode_tok_s"] / row["limit_tok_s"])
+        assert row["limit_tok_s"] == pytest.approx(r["read_bandwidth"] / (row["weight_read_bytes"] + row["kv_read_bytes"]))
+    with_kv = [rows[("onnx-lean", k, "0.5")]["bound_with_kv"] for k in ("float32", "float16", "int8")]
+    assert with_kv == sorted(with_kv) and with_kv[-1] < rows[("onnx-lean", "int8", "0.5")]["bound"]  # less KV: nearer
+    table = format_table(r)
+    assert "| onnx-lean | int8 | density 0.5 | 32 |" in table and "memory limit:" in table
+    assert "not timed (no such KV type in that runtime): torch-lean int8" in table
 
 
 def test_the_static_shape_step_equals_the_eager_one(lean):

@@ -621,13 +621,15 @@ def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, 
 
 def bench_graph(ctx: BenchContext, bundle: Bundle | None, layout: str, int4: bool, kv_dtype: str | None = None) -> Path:
     """The graph a row runs (the full model's where bundle is None), exported once per benchmark:
-    onnxruntime-genai's rows run the same lean graphs as onnx-lean's."""
+    onnxruntime-genai's rows run the same lean graphs as onnx-lean's. A lean graph's KV buffers hold
+    what the benchmark decodes (ctx.room positions): a step reads only the filled part of a buffer
+    whatever its length, and a benchmark holds many."""
     from ..targets.onnx.export import export_onnx
 
     def make() -> Path:
         directory = Path(tempfile.mkdtemp(dir=ctx.tmp, prefix=f"{layout}{'-int4' if int4 else ''}-"))
         export_onnx(ctx.lm, directory, bundle, graph=layout, quantize=ctx.settings.quantize if int4 else None,
-                    kv_dtype=kv_dtype)
+                    kv_dtype=kv_dtype, max_length=min(ctx.room, ctx.lm.context_length or ctx.room) if layout == "lean" else None)
         return directory
 
     return ctx.once(("onnx-graph", layout, int4, kv_dtype, id(bundle)), make)

@@ -455,7 +455,7 @@ def format_onnx(s: dict) -> str:
     lines.append(f"  FF width     {ff}" + (f" ({s['architecture']} names)" if s["architecture"] else ""))
     q = s.get("quantization")
     if q:
-        from ...settings import KV_DTYPES, QuantSettings
+        from ...settings import QuantSettings
         from .int4 import describe
 
         how = describe(QuantSettings(q["scheme"], q["block_size"], q["accuracy_level"], q["symmetric"], q["lm_head"],

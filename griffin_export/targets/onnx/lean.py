@@ -226,7 +226,7 @@ def build_lean(lm, max_length: int, ff_names: set[str], sliding: list[int], kv_d
         if kv_scales is not None:  # position_ids, attention_bias and head_sink skipped, then the scales
             scales = ["", "", "", *(g.init(KV_SCALE.format(i, t), np.ascontiguousarray(
                 s.reshape(1, kv_heads, 1, head_dim), np.float32)) for t, s in zip(("key", "value"), kv_scales[i]))]
-            quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+            quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
         attn = g.op("GroupQueryAttention", [*gqa_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                             seqlens, total, cos_name, sin_name, *scales],
                     outs=[f"{p}/attn/output_0", f"present.{i}.key", f"present.{i}.value"],
