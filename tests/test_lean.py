@@ -366,7 +366,7 @@ def test_lean_torch_step_equals_the_eager_runtime(lean, arch, which):
 
 @pytest.mark.parametrize("arch", LEAN_ARCHS)
 def test_lean_torch_step_with_a_half_precision_kv(lean, arch):
-    """float16 KV buffers under a float32 model (attention in float16 over them): logits within 2e-3
+    """float16 KV buffers under a float32 model (read in float16, attention in float32): logits within 2e-3
     of the float32 buffers' and the same greedy tokens, one prompt and a batch, the static-shape step
     (what compile and CUDA graphs run) too."""
     e = lean(arch)

@@ -12,9 +12,11 @@ the HF modules (cache objects, mask building, kwargs plumbing) and the cache's r
 A layer is one packed QKV matmul, the rotary from a precomputed table, a write into a
 preallocated KV buffer [1, kv_heads, max_length, head_dim], SDPA over its filled part, one
 packed gate/up matmul. The KV buffers may be float16 under a float32 model (`kv_dtype`): the new key
-and value are rounded to it as they are written, and attention runs in float16 over them (the query
-cast down, the output cast back: SDPA takes one dtype; casting the cache up instead would read the
-half cache and write a float32 copy of it every step). A batch has its own buffers [B, kv_heads, columns, head_dim] in the
+and value are rounded to it as they are written, and each layer's filled part is read in float16 and
+cast to float32 for SDPA (which takes one dtype): the float16 buffer is what memory gives up, one
+layer's float32 copy (a megabyte or two) can stay in the CPU's caches. (SDPA in float16 over the buffer instead measured
+slower on a 2-core Xeon: 0.93× the float32 buffers' tokens/s against 0.99× for the cast, one thread,
+1,774-token prompt.) A batch has its own buffers [B, kv_heads, columns, head_dim] in the
 left-padded layout of the batched prefill (every row writes the same column; a mask hides each
 row's padding, a per-row position drives the rotary); rows that finish are dropped from them. The packed weights are made once and the HF modules' weights become
 views into them, so nothing is held twice. On CUDA the step can be compiled with
@@ -249,8 +251,8 @@ class LeanDecoder:
         return self._layers(self.embed[ids], self.cos[pos], self.sin[pos], attend)
 
     def _sdpa(self, q, keys, values, scale: float, mask) -> torch.Tensor:
-        if keys.dtype != q.dtype:  # a half-precision cache: attention in its dtype
-            return self._sdpa(q.to(keys.dtype), keys, values, scale, mask).to(q.dtype)
+        if keys.dtype != q.dtype:  # a cache of another type: this layer's read cast to the query's
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         return F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale,
                                               enable_gqa=self.heads != self.kv_heads)
 
