@@ -118,7 +118,7 @@ def main() -> None:
     a.output.mkdir(parents=True, exist_ok=True)
     (a.output / "dev.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Discovery choices on {len(dev_kinds)} dev prompts ({a.dev.name})", "",
-             f"`python -m bench.discovery_dev STATS -o {a.output}`, STATS from `griffin-export discover {a.dev} "
+             f"`python -m bench.discovery_dev STATS -o {a.output}`, STATS from `griffin-export discover {dev_name} "
              "--save-statistics STATS` (the default model, one full prefill per prompt)", "",
              "Coverage: the mean fraction of a prompt's own top-k neurons (density 0.5) that its class's experts "
              f"(pooled) keep; one class for all: {one_class:.4f}.", "",

@@ -30,16 +30,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from griffin_export.evaluation.data import read_rows
+from bench.xsum_quality import add_common_args, gold_ll, open_rows
 from griffin_export.evaluation.metrics import diff_ci, mean_ci, ratio_ci, rouge
 from griffin_export.evaluation.runner import continuation_ids
-from griffin_export.evaluation.settings import EvalSettings
 from griffin_export.method.export import export_ids
 from griffin_export.model.load import load_model
 from griffin_export.targets.onnx.export import export_onnx
 from griffin_export.model.tokens import tokenize
 from griffin_export.runtime.onnx import OnnxRuntime
-from griffin_export.settings import DecodeOptions, ExportSettings, QuantSettings
+from griffin_export.settings import DecodeOptions, QuantSettings
 
 
 def parse_variant(text: str, block_size: int, level: int) -> QuantSettings:
@@ -57,41 +56,25 @@ def variant_name(q: QuantSettings) -> str:
             + ("" if q.lm_head else " float head"))
 
 
-def gold_ll(rt: OnnxRuntime, ids: torch.Tensor, cont) -> float:
+def onnx_gold_ll(rt: OnnxRuntime, ids: torch.Tensor, cont) -> float:
     """Mean log p of the gold tokens: full-model prefill of the prompt, then the runtime's steps."""
     state, first = rt.start(ids)
-    logits = [first]
-    for tok in cont.ids[:-1].tolist():
-        logits.append(rt.step(state, tok))
-    logp = torch.log_softmax(torch.stack(logits).float(), -1).gather(1, cont.ids[:, None])[:, 0]
-    return float(logp[cont.scored_from:].mean())
+    return gold_ll(lambda t: rt.step(state, t), first, cont)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--rows", default="200:300")
-    ap.add_argument("--density", type=float, default=0.5)
-    ap.add_argument("--method", default="topk")
-    ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    add_common_args(ap, threads=2)
     ap.add_argument("--block-size", type=int, default=QuantSettings().block_size)
     ap.add_argument("--accuracy-level", type=int, default=QuantSettings().accuracy_level)
     ap.add_argument("--variant", action="append", default=None,
                     help="an int4 setting, level=L,block=B,head=int4|float (repeatable) [default: the defaults]")
     ap.add_argument("--no-full-int4", action="store_true", help="skip the full model's int4 graph")
-    ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args(argv)
-    start, stop = (int(x) for x in a.rows.split(":"))
-    torch.set_num_threads(a.threads)
-    out = Path(a.output)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    done = {json.loads(line)["row"] for line in rows_path.open()} if rows_path.exists() else set()
-    rows = read_rows(EvalSettings(data=a.data, rows=(start, stop), methods=("full",)))
+    rows, rows_path, done, export = open_rows(a)
+    out = rows_path.parent
     lm = load_model(None, quiet=True)
     variants = [parse_variant(v, a.block_size, a.accuracy_level) for v in (a.variant or [""])]
-    export = ExportSettings(density=a.density, method=a.method, warmup=a.warmup)
     tmp = Path(tempfile.mkdtemp(prefix="int4-quality."))
     first = export_ids(lm, tokenize(lm, rows[0].prompt), export)
     graphs = {"full fp32": export_onnx(lm, tmp / "full", None)}
@@ -119,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                     full_text = gen.text
                 rec["results"][name] = {"rougeL": rouge(gen.text, row.target)["rougeL"],
                                         "agree_rougeL": rouge(gen.text, full_text)["rougeL"],
-                                        "gold_ll": gold_ll(rt, ids, cont), "text": gen.text}
+                                        "gold_ll": onnx_gold_ll(rt, ids, cont), "text": gen.text}
             rec["seconds"] = time.perf_counter() - t0
             f.write(json.dumps(rec) + "\n")
             f.flush()

@@ -4,7 +4,8 @@ import click
 
 from griffin_export.evaluation.settings import list_text
 from griffin_export.registry import RUNTIMES
-from griffin_export.settings import DEFAULT_DATA, GGUF_QUANTS, PROVIDERS, BenchSettings, defaults
+from griffin_export.settings import (DEFAULT_DATA, GGUF_QUANTS, KV_DTYPES, LLAMA_KV_TYPE, LLAMA_KV_TYPES, PROVIDERS,
+                                     BenchSettings, defaults)
 
 from .options import dtype_option, int4_options, int4_settings, model_options, require_extra
 
@@ -32,15 +33,20 @@ BENCH = defaults(BenchSettings)
 @int4_options("-int4 rows")
 @click.option("--gguf-quant", type=click.Choice(GGUF_QUANTS), default=BENCH["gguf_quant"], show_default=True,
               help="llama.cpp rows: the GGUF file type of the base and the pruned files")
+@click.option("--kv-dtype", default=None, metavar="LIST",
+              help=f"comma-separated KV cache types ({', '.join(KV_DTYPES)}) to time the rows that have one at "
+                   "(torch-lean: float32, float16; onnx-lean[-int4]: all; llama.cpp: F32, F16, Q8_0) "
+                   f"[default: each runtime's own; llama.cpp's {LLAMA_KV_TYPES[LLAMA_KV_TYPE]} always]")
 @click.option("-o", "--output", default=None, metavar="DIR", help="also write DIR/bench.json and DIR/bench.md")
 @click.option("--force", is_flag=True, help="overwrite an existing DIR/bench.json / bench.md")
 def command(model, gguf_file, device, dtype, density, method, data, row, new_tokens, repeats, threads, runtime, onnx_provider,
-            algorithm, block_size, accuracy_level, float_lm_head, gguf_quant, output, force):
+            algorithm, block_size, accuracy_level, float_lm_head, gguf_quant, kv_dtype, output, force):
     """Decode speed of the full model vs bundles, side by side in one process.
 
     Prints decode tokens/s for the full model and each density, their ratio, the
-    bytes-read bound (with and without the KV read), export time vs a plain prefill,
-    bundle size and peak memory. Every runtime named in --runtime is timed in the same
+    bytes-read bound (with and without the KV read), what each row reads per token (its
+    weights at their own precision, its KV cache at its type) against the machine's measured
+    read bandwidth, export time vs a plain prefill, bundle size and peak memory. Every runtime named in --runtime is timed in the same
     process, interleaved repeat by repeat. `generate` decodes the Llama family through
     the lean paths: time those with --runtime torch-lean,onnx-lean (the default, torch,
     is transformers' forward per step, as `generate --eager`).
@@ -54,6 +60,7 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
       griffin-export bench --runtime torch,torch-lean,onnx,onnx-lean,genai --density 0.5 --repeats 15
       griffin-export bench --runtime torch,onnx --device cuda --dtype float16 --onnx-provider cuda
       griffin-export bench --runtime onnx-lean,onnx-lean-int4,llama.cpp --density 0.5 --threads 2 --repeats 9
+      griffin-export bench --runtime torch-lean,onnx-lean-int4,llama.cpp --kv-dtype float32,float16,int8 --density 0.5
     """
     from griffin_export.evaluation.settings import parse_densities, parse_list
     from griffin_export.evaluation.speed import check_results_dir, format_table, run_bench, write_results
@@ -61,7 +68,8 @@ def command(model, gguf_file, device, dtype, density, method, data, row, new_tok
     settings = BenchSettings(densities=parse_densities(density), methods=parse_list(method, "methods"), data=data,
                              row=row, new_tokens=new_tokens, repeats=repeats, threads=threads,
                              runtimes=parse_list(runtime, "runtimes"), onnx_provider=onnx_provider,
-                             quantize=int4_settings(algorithm, block_size, accuracy_level, float_lm_head), gguf_quant=gguf_quant)
+                             quantize=int4_settings(algorithm, block_size, accuracy_level, float_lm_head), gguf_quant=gguf_quant,
+                             kv_dtypes=None if kv_dtype is None else parse_list(kv_dtype, "KV types"))
     if output is not None:  # refuse an existing result before the long run
         check_results_dir(output, force)
     if any(r.startswith("onnx") or r == "genai" for r in settings.runtimes):  # they export graphs

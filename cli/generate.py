@@ -5,7 +5,7 @@ import sys
 import click
 
 from griffin_export.registry import GENERATE_RUNTIMES
-from griffin_export.settings import DecodeOptions, RuntimeOptions, defaults
+from griffin_export.settings import KV_DTYPES, TORCH_KV_DTYPE, DecodeOptions, RuntimeOptions, defaults
 
 from .options import decode_options, recorded_model_options, status, threads_option
 
@@ -43,11 +43,14 @@ RUNTIME = defaults(RuntimeOptions)
                    "class bundles beside it; each prompt's class, prefilled and decoded through its experts")
 @click.option("--no-guard", is_flag=True,
               help="--router: every prompt to its nearest class, even one that fits none (else it runs the full model)")
+@click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default=None,
+              help=f"--runtime torch: the lean step's KV cache type, float32 or float16 [default: {TORCH_KV_DTYPE}]; "
+                   "--runtime onnx: the graph's own (set at export; another one is refused)")
 @threads_option
 @click.option("-q", "--quiet", is_flag=True, help="print only the generated text")
 def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_p, stop, seed, prompt_file,
             prompts_file, field, batch_size, output, resume, force, pruned_prefill, runtime, onnx_dir, onnx_full, eager,
-            compile_, router, no_guard, threads, quiet):
+            compile_, router, no_guard, kv_dtype, threads, quiet):
     """Decode from BUNDLE with its experts, resuming from the bundle's cached KV.
 
     The base model is the one recorded in the bundle unless --model says otherwise; it must
@@ -63,6 +66,7 @@ def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_
       griffin-export generate news.safetensors --prompt-file new_article.txt   # a class bundle
       griffin-export generate news.safetensors --prompt-file new_article.txt --pruned-prefill
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
+      griffin-export generate expert.safetensors --kv-dtype float16
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/ --onnx-full full_onnx/ --prompt-file new.txt
       griffin-export generate news.safetensors --prompts queue.jsonl --batch-size 16 -o answers.jsonl
       griffin-export generate news.safetensors --prompts queue.jsonl -o answers.jsonl --resume   # after an interruption
@@ -83,7 +87,8 @@ def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_
                          seed=seed)
     options = RuntimeOptions(runtime=runtime, model=model, gguf_file=gguf_file, device=device,
                              lean=False if eager else None, compile=compile_, graph_dir=onnx_dir, full_graph_dir=onnx_full,
-                             router=router, guard=not no_guard, pruned_prefill=pruned_prefill, threads=threads)
+                             router=router, guard=not no_guard, pruned_prefill=pruned_prefill, threads=threads,
+                             kv_dtype=kv_dtype)
     if prompts_file is not None:
         if prompt_file is not None:
             raise click.UsageError("--prompt-file is one prompt, --prompts many: give one of them")

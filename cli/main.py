@@ -73,7 +73,7 @@ _register()
 
 # Library parameters the command line spells otherwise than as --NAME (the rest map by name)
 _ALIASES = {"graph_dir": "--onnx", "full_graph_dir": "--onnx-full", "lean=False": "--eager", "compile": "--compile",
-            "drain_s": "--drain-seconds", "bundles": "BUNDLE..."}
+            "drain_s": "--drain-seconds", "bundles": "BUNDLE...", "kv_dtypes": "--kv-dtype"}
 
 
 def cli_words(message: str, command: click.Command | None = None) -> str:

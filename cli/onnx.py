@@ -4,7 +4,7 @@ import time
 
 import click
 
-from griffin_export.settings import LAYOUTS, QUANT_SCHEMES
+from griffin_export.settings import KV_DTYPE, KV_DTYPES, LAYOUTS, QUANT_SCHEMES
 
 from .options import (
     DTYPES,
@@ -32,13 +32,16 @@ from .options import (
                    "traced: torch.export of the HF model (every architecture); auto: lean where it covers the model")
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
               help="lean graph: KV buffer positions, prompt + generated tokens [default: min(context, 4096)]")
+@click.option("--kv-dtype", type=click.Choice(KV_DTYPES), default=None,
+              help=f"lean graph: the KV cache's type (float16: half the bytes; int8: a quarter, a scale per KV head and "
+                   f"channel measured on a calibration text) [default: {KV_DTYPE}]")
 @click.option("--quantize", type=click.Choice(QUANT_SCHEMES), default=None,
               help="block-wise 4-bit MatMul weights (ONNX Runtime's MatMulNBits quantizer); embedding and norms stay float")
 @int4_options("--quantize")
 @click.option("--force", is_flag=True, help="replace an existing output directory")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary line")
-def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_length, quantize, algorithm, block_size,
-            accuracy_level, float_lm_head, force, quiet):
+def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_length, kv_dtype, quantize, algorithm,
+            block_size, accuracy_level, float_lm_head, force, quiet):
     """Export BUNDLE's pruned decoder (or with --full the whole model) as an ONNX graph.
 
     One graph serves prefill and decode. The lean graph (the default for the Llama family)
@@ -56,6 +59,7 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
       griffin-export onnx --full -o full_onnx/
       griffin-export onnx expert.safetensors -o traced_onnx/ --graph traced
       griffin-export onnx expert.safetensors -o expert_int4/ --quantize int4
+      griffin-export onnx expert.safetensors -o expert_int4_kv8/ --quantize int4 --kv-dtype int8
       griffin-export onnx expert.safetensors -o expert_int4q/ --quantize int4 --block-size 16 --float-lm-head
       griffin-export onnx --full -o pruned_ckpt_onnx/ --model ./pruned-checkpoint-dir
       griffin-export generate expert.safetensors --runtime onnx --onnx expert_onnx/
@@ -89,9 +93,9 @@ def command(bundle, output, full, model, gguf_file, device, dtype, graph, max_le
     status(f"exporting {'the full model' if full else bundle} to ONNX ...", quiet)
     path, info = export_graph(output, bundle, model=model, gguf_file=gguf_file, dtype=dtype, device=device,
                               force=force, progress=not quiet, graph=graph, max_length=max_length,
-                              quantize=settings)
+                              quantize=settings, kv_dtype=kv_dtype)
     size = sum((path / f).stat().st_size for f in (MODEL_FILE, DATA_FILE) if (path / f).exists())
-    layout = f"lean graph (KV buffer {info.max_length})" if info.layout == "lean" else "graph"
+    layout = f"lean graph (KV buffer {info.max_length}, {info.kv})" if info.layout == "lean" else "graph"
     if info.quantization:
         layout += f", {info.quantization} ({info.quant_algorithm}, block {info.quant_block_size})"
     click.echo(f"wrote {path}: {info.kind} {info.architecture} {layout}, {k_summary(info.k, info.d_ff)} × "

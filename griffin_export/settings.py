@@ -44,6 +44,18 @@ QUANT_ALGORITHM = "rtn"
 QUANT_BLOCK_SIZE = 32  # as llama.cpp's Q4_0/Q4_1 blocks
 QUANT_ACCURACY_LEVEL = 4  # MatMulNBits with int8 activations: ONNX Runtime's fast CPU path
 
+# The lean decode paths' KV cache type (`griffin-export onnx/generate/bench --kv-dtype`): float32, float16
+# (half the bytes a step reads from the cache), int8 (a quarter: ONNX Runtime's GroupQueryAttention with a
+# float32 scale per KV head and channel; the lean ONNX graphs only). Each path's default was chosen by
+# measuring speed and quality (docs/speed.md, "KV cache types").
+KV_DTYPES = ("float32", "float16", "int8")
+KV_DTYPE = "float32"  # the lean ONNX graphs' (`griffin-export onnx`), for a float32 model (a float16 one keeps its own)
+TORCH_KV_DTYPES = ("float32", "float16")  # the lean PyTorch step's (runtime/lean.py)
+TORCH_KV_DTYPE = "float32"  # for a float32 model; a half-precision model's cache keeps its dtype
+# what llama.cpp calls them (its context's type_k / type_v): the bench's llama.cpp rows take the same names
+LLAMA_KV_TYPES = {"float32": "F32", "float16": "F16", "int8": "Q8_0"}
+LLAMA_KV_TYPE = "float16"  # llama.cpp's own default (F16)
+
 # `griffin-export checkpoint --gguf --quant` (targets/gguf_export.py): llama.cpp file types (F32: no quantizer)
 GGUF_QUANTS = ("Q4_1", "Q4_K_M", "Q8_0", "F16", "F32")
 GGUF_QUANT = "Q4_1"  # the default model's own type
@@ -71,6 +83,14 @@ def check_density(density: float) -> float:
 
 def check_gguf_quant(quant: str) -> str:
     return one_of(quant, GGUF_QUANTS, "`quant`")
+
+
+def check_kv_dtype(kv_dtype: str, where: tuple[str, ...] = KV_DTYPES, what: str = "") -> str:
+    """kv_dtype if it is one of KV_DTYPES (and of `where`, the ones a path takes: `what` names it)."""
+    one_of(kv_dtype, KV_DTYPES, "`kv_dtype`")
+    if kv_dtype not in where:
+        raise GriffinError(f"kv_dtype={kv_dtype!r} is not a KV type of {what}; it takes {', '.join(where)}")
+    return kv_dtype
 
 
 def plural(n: int, noun: str, nouns: str | None = None) -> str:
@@ -300,10 +320,21 @@ class RuntimeOptions:
     # both: prefill prompts through the experts too (what a standalone pruned checkpoint computes)
     pruned_prefill: bool = False
     threads: int | None = None  # torch / ONNX Runtime threads (None: their own choice)
+    # the KV cache's type: torch, the lean step's (None: TORCH_KV_DTYPE); onnx, the graph's own (exported
+    # with it: a different one given here is refused)
+    kv_dtype: str | None = None
 
     def __post_init__(self) -> None:
         one_of(self.runtime, GENERATE_RUNTIMES, "runtime")
         one_of(self.provider, PROVIDERS, "provider")
+        if self.kv_dtype is not None:
+            if self.runtime == "torch":
+                check_kv_dtype(self.kv_dtype, TORCH_KV_DTYPES, "the lean PyTorch step")
+            else:
+                check_kv_dtype(self.kv_dtype)
+            if self.lean is False:
+                raise GriffinError("`kv_dtype` is the lean step's; lean=False decodes through transformers' forward, "
+                                   "whose cache keeps the weights' dtype")
         if self.threads is not None and self.threads < 1:
             raise GriffinError(f"`threads` must be >= 1, got {self.threads}")
         if self.runtime == "onnx" and self.graph_dir is None:
@@ -433,6 +464,10 @@ class BenchSettings:
     quantize: QuantSettings = field(default_factory=QuantSettings)  # the -int4 rows' quantization
     gguf_quant: str = GGUF_QUANT  # the llama.cpp rows' file type, base and pruned alike
     time_export: bool = True  # also time export vs a plain prefill (writes the bundle each repeat)
+    # the KV types the rows that have a choice are timed at (torch-lean, onnx-lean[-int4], llama.cpp), each
+    # where the runtime takes it; None: each at its default. llama.cpp's default (F16) is always timed too:
+    # every row's "vs llama.cpp" compares with it
+    kv_dtypes: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.runtimes:
@@ -451,3 +486,8 @@ class BenchSettings:
             method(m)
         for d in self.densities:  # refused here, before the model loads, not after the first timings
             check_density(d)
+        if self.kv_dtypes is not None:
+            if not self.kv_dtypes:
+                raise GriffinError(f"`kv_dtypes` names no KV type; known: {', '.join(KV_DTYPES)}")
+            for kv in self.kv_dtypes:
+                check_kv_dtype(kv)

@@ -228,6 +228,28 @@ def test_onnx_runtime_refuses_torch_only_options(bundle, capsys):
              "--model, --eager are not options of the onnx runtime")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "{b}", "--kv-dtype", "int8"], "--kv-dtype int8 is not a KV type of the lean PyTorch step; it takes "
+                                                  "float32, float16"),
+    (["generate", "{b}", "--kv-dtype", "float16", "--eager"], "--kv-dtype is the lean step's; --eager decodes"),
+    (["generate", "{b}", "--kv-dtype", "bf16"], "Invalid value for '--kv-dtype'"),
+    (["onnx", "{b}", "-o", "{tmp}/g", "--graph", "traced", "--kv-dtype", "float16", "-q"],
+     "--kv-dtype float16 is the lean graph's choice; the traced graph's cache keeps the weights' dtype (float32)"),
+    (["onnx", "{b}", "-o", "{tmp}/g", "--kv-dtype", "half"], "Invalid value for '--kv-dtype'"),
+    (["bench", "--kv-dtype", "bf16"], "unknown --kv-dtype 'bf16'; known: float32, float16, int8"),
+    (["bench", "--kv-dtype", ","], "no KV types given"),
+])
+def test_bad_kv_types_are_refused_in_one_line(bundle, tmp_path, capsys, argv, message):
+    """Before any model loads: the library's RuntimeOptions / export_graph / BenchSettings refuse them."""
+    from griffin_export.model import load as models
+
+    before = {p.name for p in tmp_path.iterdir()}
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(models, "load_model", lambda *a, **k: pytest.fail("load_model was called"))
+        one_line([a.format(b=bundle, tmp=tmp_path) for a in argv], capsys, message)
+    assert not leftovers(tmp_path, before)
+
+
 def test_streaming_holds_back_only_what_could_begin_a_stop_string():
     from griffin_export.model.decoding import decode
 

@@ -423,15 +423,18 @@ def test_cli_bad_input_is_one_line(exported, tmp_path, capsys, argv, message):
 def test_bench_results_are_written_as_json_and_markdown(tmp_path):
     from griffin_export.evaluation.speed import format_table, write_results
 
-    row = lambda rt, cfg, k, tps: {"runtime": rt, "config": cfg, "k": k, "decode_tok_s": tps,  # noqa: E731
-                                   "speedup": 1.0, "bound": 1.0, "bundle_bytes": 0, "weight_bytes": 1}
+    row = lambda rt, cfg, k, tps: {"runtime": rt, "kv_dtype": "float32", "config": cfg, "k": k,  # noqa: E731
+                                   "decode_tok_s": tps, "speedup": 1.0, "bound": 1.0, "bundle_bytes": 0,
+                                   "weight_read_bytes": 1e6, "kv_read_bytes": 1e6, "limit_tok_s": 10.0,
+                                   "memory_fraction": 1.25}
     r = {"model": "m", "dtype": "float32", "device": "cpu", "machine": {"cpu": "c", "torch_threads": 2},
          "prompt": "row 0 of d.jsonl", "prompt_tokens": 9, "new_tokens": 8, "repeats": 1, "export_s": 1.0,
          "prefill_s": 1.0, "export_over_prefill": 1.0, "peak_rss_bytes": 1, "onnxruntime": "1.x",
          "onnx_provider": CPU, "rows": [row("torch", "full", 64, 10.0), row("onnx", "full", 64, 12.5)]}
     js, md = write_results(r, tmp_path / "out")
     assert json.loads(js.read_text())["rows"][1]["runtime"] == "onnx"
-    assert "| onnx | full model | 64 | 12.5 |" in md.read_text() and md.read_text() == format_table(r) + "\n"
+    assert "| onnx | float32 | full model | 64 | 12.5 |" in md.read_text() and md.read_text() == format_table(r) + "\n"
+    assert "| 2.0 | 1.00× | — | 10 | 125 % |" in md.read_text()  # MB read, bounds, the memory limit and its fraction
     refused(lambda: write_results(r, tmp_path / "out"), "exists; pass force=True")
     write_results(r, tmp_path / "out", force=True)
 

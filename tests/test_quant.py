@@ -147,7 +147,10 @@ def test_bench_times_int4_rows_beside_the_float_ones():
     assert {(row["runtime"], row["config"]) for row in r["rows"]} == {(x, c) for x in runtimes for c in ("full", "0.5")}
     int4 = {row["config"]: row for row in r["rows"] if row["runtime"] == "onnx-lean-int4"}
     lean = {row["config"]: row for row in r["rows"] if row["runtime"] == "onnx-lean"}
-    assert int4["0.5"]["vs"] == "full" and "weight_bytes" not in int4["0.5"] and "weight_bytes" in lean["0.5"]
+    assert int4["0.5"]["vs"] == "full"
+    # what a step reads: the 4-bit blocks with their scales, against the float32 weights
+    assert int4["full"]["weight_read_bytes"] < 0.5 * lean["full"]["weight_read_bytes"]
+    assert 1 < int4["0.5"]["bound"] and int4["0.5"]["weight_read_bytes"] < int4["full"]["weight_read_bytes"]
     assert int4["full"]["graph_bytes"] < lean["full"]["graph_bytes"]  # 4-bit weights are smaller
     assert "block 16" in r["int4"] and "-int4 rows: MatMulNBits int4, rtn, block 16" in format_table(r)
 
@@ -157,17 +160,23 @@ def test_bench_times_int4_rows_beside_the_float_ones():
 def test_bench_times_llama_cpp_on_the_base_and_the_pruned_gguf(real_lm):
     from griffin_export.evaluation.speed import format_table, run_bench
 
-    # Q8_0: the base (Q4_1) is requantized by llama.cpp for the full row; two densities, two files
+    # Q8_0: the base (Q4_1) is requantized by llama.cpp for the full row; two densities, two files; the KV
+    # cache at Q8_0 (int8) and at llama.cpp's default F16 (every row's "vs llama.cpp" reference)
     r = run_bench(lm=real_lm, ids=prompt_ids(40, seed=2) + 10, prompt_source="random tokens",
                   settings=BenchSettings(densities=[0.25, 0.5], new_tokens=4, repeats=1, runtimes=["llama.cpp"],
-                                         time_export=False, gguf_quant="Q8_0"))
-    rows = {row["config"]: row for row in r["rows"]}
-    assert set(rows) == {"full", "0.25", "0.5"} and r["gguf_quant"] == "Q8_0"
-    assert rows["full"]["vs_llama_cpp"] == 1.0 and rows["0.5"]["vs_llama_cpp"] == pytest.approx(rows["0.5"]["speedup"])
+                                         time_export=False, gguf_quant="Q8_0", kv_dtypes=["int8"]))
+    rows = {(row["kv_label"], row["config"]): row for row in r["rows"]}
+    assert set(rows) == {(kv, c) for kv in ("F16", "Q8_0") for c in ("full", "0.25", "0.5")} and r["gguf_quant"] == "Q8_0"
+    f16 = {c: rows[("F16", c)] for c in ("full", "0.25", "0.5")}
+    assert f16["full"]["vs_llama_cpp"] == 1.0 and f16["0.5"]["vs_llama_cpp"] == pytest.approx(f16["0.5"]["speedup"])
     # the pruned GGUFs are smaller; Q8_0 is larger than the Q4_1 base (~105 MB)
-    assert rows["0.25"]["graph_bytes"] < rows["0.5"]["graph_bytes"] < rows["full"]["graph_bytes"]
-    assert rows["full"]["graph_bytes"] > 130e6
-    assert "| llama.cpp | density 0.5 | 768 |" in format_table(r) and "vs llama.cpp" in format_table(r)
+    assert f16["0.25"]["graph_bytes"] < f16["0.5"]["graph_bytes"] < f16["full"]["graph_bytes"]
+    assert f16["full"]["graph_bytes"] > 130e6
+    # what a step reads: every tensor but the token embedding, which the output head leaves to one row (or,
+    # tied, is the head); a Q8_0 cache reads 34 bytes per 32 values, F16 64
+    assert 0.5 * f16["full"]["graph_bytes"] < f16["full"]["weight_read_bytes"] <= f16["full"]["graph_bytes"]
+    assert rows[("Q8_0", "0.5")]["kv_read_bytes"] == pytest.approx(f16["0.5"]["kv_read_bytes"] * 34 / 64)
+    assert "| llama.cpp | F16 | density 0.5 | 768 |" in format_table(r) and "vs llama.cpp" in format_table(r)
 
 
 @pytest.mark.slow

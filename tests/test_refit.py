@@ -169,7 +169,8 @@ def test_bench_times_each_method_and_reads_the_same_total_for_per_layer_widths(t
     assert edges["k_per_layer"] == [64, 64, 24, 24, 64]
     assert edges["bound"] == pytest.approx(topk["bound"]) and topk["bound"] > 1.0
     table = format_table(r)
-    assert "| torch | topk_refit_edges density 0.75 | 48 (24..64) |" in table and "| torch | density 0.75 | 48 |" in table
+    assert ("| torch | float32 | topk_refit_edges density 0.75 | 48 (24..64) |" in table
+            and "| torch | float32 | density 0.75 | 48 |" in table)
     (tmp_path / "bench.json").write_text(json.dumps(r))
     write_report(tmp_path)  # the report reads such rows: table and one speed curve per runtime and method
     assert (tmp_path / "speed.png").is_file() and "topk_refit_edges@0.75 | 48 (24..64)" in (tmp_path / "results.md").read_text()

@@ -25,8 +25,8 @@ from ..model.load import LoadedModel, ModelSource
 from ..model.prefill import cache_tensors, prefill
 from ..model.tokens import check_context, tokenize
 from ..registry import BENCH_RUNTIMES, bench_runtime
-from ..runtime.timing import BenchContext, BenchRow, median_seconds
-from ..settings import DEFAULT_DATA, BenchSettings, ExportSettings
+from ..runtime.timing import KV_VALUE_BYTES, BenchContext, BenchRow, median_seconds
+from ..settings import DEFAULT_DATA, LLAMA_KV_TYPE, BenchSettings, ExportSettings
 from .provenance import machine
 from .settings import config_name, parse_config
 
@@ -70,6 +70,28 @@ def read_elements(model: torch.nn.Module) -> int:
     return total
 
 
+# the read bandwidth the bound columns divide by: one sum over a buffer larger than the caches most
+# CPUs have, with the benchmark's threads, the best of BANDWIDTH_REPEATS after BANDWIDTH_WARMUP
+BANDWIDTH_BYTES = 1 << 30
+BANDWIDTH_REPEATS, BANDWIDTH_WARMUP = 10, 3
+
+
+def read_bandwidth(nbytes: int = BANDWIDTH_BYTES) -> float:
+    """Bytes per second torch reads with its current threads: float32 sums of an nbytes tensor (a
+    streaming read, as a decode step's weights are), the fastest of BANDWIDTH_REPEATS."""
+    import time
+
+    t = torch.ones(nbytes // 4)
+    for _ in range(BANDWIDTH_WARMUP):  # pages touched, clocks up
+        t.sum()
+    best = float("inf")
+    for _ in range(BANDWIDTH_REPEATS):
+        t0 = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
 def _ff_elements(lm: LoadedModel) -> int:
     """Elements of the full model's FF weights and biases."""
     from ..model.arch import ff_blocks
@@ -102,9 +124,11 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
     check_context(lm.context_length, ids.shape[1] + s.new_tokens)
 
     full_read, full_ff = read_elements(lm.model), _ff_elements(lm)
+    model_dtype = str(lm.dtype).replace("torch.", "")
     export_settings = ExportSettings(density=0.5)
-    # (runtime, config) -> (row, k, bundle bytes, weight elements read per token)
-    configs: dict[tuple[str, str], tuple[BenchRow, list[int] | None, int, int]] = {}
+    # (runtime, KV type, config) -> (row, k, bundle bytes, weight elements read per token)
+    configs: dict[tuple[str, str, str], tuple[BenchRow, list[int] | None, int, int]] = {}
+    skipped: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.safetensors"
 
@@ -122,12 +146,17 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         # every layer's key and value; a sliding layer's window at most)
         kv_read = sum((k.numel() + v.numel()) / k.shape[2] * min(k.shape[2] + s.new_tokens / 2, T + s.new_tokens / 2)
                       for k, v in kv)
+        kv_positions = T + s.new_tokens / 2
 
         def add(name: str, bundle, k, bundle_bytes: int, read: int) -> None:
-            """Every runtime's rows for one configuration (bundle None: the full model)."""
+            """Every runtime's rows for one configuration (bundle None: the full model), at each KV type."""
             for variant in s.runtimes:
-                for suffix, row in bench_runtime(variant).code().bench_rows(ctx, variant, bundle).items():
-                    configs[(variant, suffix or name)] = (row, k, bundle_bytes, read)
+                code = bench_runtime(variant).code()
+                for kv in _kv_dtypes(variant, getattr(code, "BENCH_KV_DTYPES", {}).get(variant), s.kv_dtypes, skipped):
+                    rows = code.bench_rows(ctx, variant, bundle) if kv == "" else \
+                        code.bench_rows(ctx, variant, bundle, kv_dtype=kv)
+                    for suffix, row in rows.items():
+                        configs[(variant, row.kv or model_dtype, suffix or name)] = (row, k, bundle_bytes, read)
 
         add("full", None, None, 0, full_read)
         for method, d in tqdm([(m, d) for m in s.methods for d in s.densities], desc="bundles (and graphs)",
@@ -139,40 +168,54 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         prefill_times = {key: median_seconds(row.prefill, max(1, s.repeats // 2))
                          for key, (row, *_) in configs.items() if row.prefill is not None and s.time_export}
 
-        times: dict[tuple[str, str], list[float]] = {key: [] for key in configs}
+        times: dict[tuple[str, str, str], list[float]] = {key: [] for key in configs}
         for row, *_ in configs.values():  # warm-up, excluded
             row.decode_seconds(min(8, s.new_tokens))
+        bandwidth = [read_bandwidth()]  # before and after the repeats: the machine's best of the two
         for _ in tqdm(range(s.repeats), desc="decode repeats", leave=False):
             for key, (row, *_) in configs.items():
                 times[key].append(row.decode_seconds(s.new_tokens))
+        bandwidth.append(read_bandwidth())
 
+    def weights(key) -> float:  # bytes of weights one step of this row reads
+        row, _, _, read = configs[key]
+        return row.weight_bytes if row.weight_bytes is not None else read * lm.dtype.itemsize
+
+    limit = max(bandwidth)
+    lcpp_ref = ("llama.cpp", LLAMA_KV_TYPE, "full")  # the tool users pick instead: llama.cpp, full GGUF, own KV
     rows = []
-    for (runtime, name), (bench_row, k, size, read) in configs.items():
-        ref = bench_row.vs
-        tps = s.new_tokens / statistics.median(times[(runtime, name)])
-        full_tps = s.new_tokens / statistics.median(times[(runtime, ref)])
+    for key, (bench_row, k, size, read) in configs.items():
+        runtime, kv, name = key
+        ref = (runtime, kv, bench_row.vs)
+        tps = s.new_tokens / statistics.median(times[key])
+        full_tps = s.new_tokens / statistics.median(times[ref])
         # per-repeat ratios (each repeat times every config once, side by side): their spread
-        per_repeat = sorted(a / b for a, b in zip(times[(runtime, ref)], times[(runtime, name)]))
+        per_repeat = sorted(a / b for a, b in zip(times[ref], times[key]))
+        kv_bytes = kv_read * KV_VALUE_BYTES[bench_row.kv_label or kv]
+        w, w_ref = weights(key), weights(ref)
         ks = k or [lm.d_ff]
-        row = {"runtime": runtime, "config": name, "k": round(sum(ks) / len(ks)), "decode_tok_s": tps,
-               "speedup": tps / full_tps, "bound": full_read / read,
-               "bound_with_kv": (full_read + kv_read) / (read + kv_read), "bundle_bytes": size, "vs": ref,
+        row = {"runtime": runtime, "kv_dtype": kv, "config": name, "k": round(sum(ks) / len(ks)), "decode_tok_s": tps,
+               "speedup": tps / full_tps, "bound": w_ref / w, "bound_with_kv": (w_ref + kv_bytes) / (w + kv_bytes),
+               "weight_read_bytes": w, "kv_read_bytes": kv_bytes, "limit_tok_s": limit / (w + kv_bytes),
+               "memory_fraction": tps * (w + kv_bytes) / limit, "bundle_bytes": size, "vs": bench_row.vs,
                "speedup_quartiles": [_quantile(per_repeat, 0.25), _quantile(per_repeat, 0.75)]}
-        if not (runtime.endswith("-int4") or runtime == "llama.cpp"):  # 4-bit rows: see graph_bytes
-            row["weight_bytes"] = read * lm.dtype.itemsize
+        if bench_row.kv_label:
+            row["kv_label"] = bench_row.kv_label
         if len(set(ks)) > 1:  # per-layer widths (e.g. topk_refit_edges): "k" is their mean
             row["k_per_layer"] = ks
         if bench_row.file_bytes is not None:
             row["graph_bytes"] = bench_row.file_bytes
-        if (runtime, name) in prefill_times:
-            row["prefill_s"] = prefill_times[(runtime, name)]
-        if ("llama.cpp", "full") in times:  # the tool users pick instead: llama.cpp on the full GGUF
-            lcpp = times[("llama.cpp", "full")]
-            row["vs_llama_cpp"] = statistics.median(lcpp) / statistics.median(times[(runtime, name)])
-            row["vs_llama_cpp_quartiles"] = [_quantile(sorted(a / b for a, b in zip(lcpp, times[(runtime, name)])), q)
+        if key in prefill_times:
+            row["prefill_s"] = prefill_times[key]
+        if lcpp_ref in times:
+            lcpp = times[lcpp_ref]
+            row["vs_llama_cpp"] = statistics.median(lcpp) / statistics.median(times[key])
+            row["vs_llama_cpp_quartiles"] = [_quantile(sorted(a / b for a, b in zip(lcpp, times[key])), q)
                                              for q in (0.25, 0.75)]
         rows.append(row)
-    rows.sort(key=lambda row: list(BENCH_RUNTIMES).index(row["runtime"]))  # grouped by runtime, full model first
+    # grouped by runtime, then KV type, full model first
+    rows.sort(key=lambda row: (list(BENCH_RUNTIMES).index(row["runtime"]), KV_ORDER.index(row["kv_dtype"])
+                               if row["kv_dtype"] in KV_ORDER else len(KV_ORDER)))
     info = {key: value for row, *_ in configs.values() for key, value in row.info.items()}
     return {
         "model": lm.identity, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).replace("torch.", ""),
@@ -182,8 +225,28 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
         "export_over_prefill": export_s / prefill_s if s.time_export else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "runtimes": list(s.runtimes), **info,
+        "read_bandwidth": limit, "read_bandwidth_runs": bandwidth, "kv_positions": kv_positions,
+        "kv_skipped": sorted(skipped),
         "rows": rows,
     }
+
+
+KV_ORDER = ("float32", "bfloat16", "float16", "int8")
+
+
+def _kv_dtypes(variant: str, takes: tuple[str, ...] | None, requested: list[str] | None, skipped: set[str]) -> list:
+    """The KV types a runtime variant is timed at: "" where it has no choice (its model's dtype);
+    else each requested type it takes (None: its own default), and llama.cpp's default besides (the
+    reference of every row's "vs llama.cpp")."""
+    if takes is None:
+        return [""]
+    if requested is None:
+        return [None]
+    out = [kv for kv in requested if kv in takes]
+    skipped.update(f"{variant} {kv}" for kv in requested if kv not in takes)
+    if variant == "llama.cpp" and LLAMA_KV_TYPE not in out:
+        out.insert(0, LLAMA_KV_TYPE)
+    return out
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -210,11 +273,20 @@ def format_table(r: dict) -> str:
     if "gguf_quant" in r:
         lines[-1:-1] = [f"llama.cpp rows: {r['gguf_quant']} GGUF files (llama-cpp-python {r['llama_cpp_python']}); "
                         "'vs llama.cpp' compares with llama.cpp on the full model's GGUF"]
+    if "read_bandwidth" in r:
+        runs = " / ".join(f"{b / 1e9:.1f}" for b in r["read_bandwidth_runs"])
+        lines[-1:-1] = [(f"memory limit: {r['read_bandwidth'] / 1e9:.1f} GB/s read ({m['torch_threads']} threads, a "
+                         f"float32 sum over 1 GiB, before / after the repeats: {runs} GB/s); each row reads its weights "
+                         f"at their own precision and the KV of {r['kv_positions']:.0f} positions at its KV type, per "
+                         "token; 'of limit' = decode tok/s × MB read ÷ the bandwidth")]
+    if r.get("kv_skipped"):
+        lines[-1:-1] = [f"not timed (no such KV type in that runtime): {', '.join(r['kv_skipped'])}"]
     lcpp = any("vs_llama_cpp" in row for row in r["rows"])
     lines += [
-        "| runtime | config | k / layer | decode tok/s | vs full | (quartiles of repeats) | "
-        + ("vs llama.cpp | (quartiles) | " if lcpp else "") + "bytes-read bound | bound with KV | bundle size |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if lcpp else ""),
+        "| runtime | KV | config | k / layer | decode tok/s | vs full | (quartiles of repeats) | "
+        + ("vs llama.cpp | (quartiles) | " if lcpp else "")
+        + "MB read / token | bytes-read bound | bound with KV | memory-limit tok/s | of limit | bundle size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if lcpp else ""),
     ]
     for row in r["rows"]:
         kv = f"{row['bound_with_kv']:.2f}×" if "bound_with_kv" in row else "—"
@@ -222,9 +294,14 @@ def format_table(r: dict) -> str:
         if lcpp:
             q = row["vs_llama_cpp_quartiles"]
             vs = f"{row['vs_llama_cpp']:.2f}× | {q[0]:.2f}–{q[1]:.2f} | "
-        lines.append(f"| {row.get('runtime', 'torch')} | {config_label(row['config'])} | {k_text(row)} | "
-                     f"{row['decode_tok_s']:.1f} | {row['speedup']:.2f}× | {_quartiles(row)} | {vs}{row['bound']:.2f}× | "
-                     f"{kv} | {_size(row)} |")
+        mb = lim = frac = "—"
+        if "weight_read_bytes" in row:
+            mb = f"{(row['weight_read_bytes'] + row['kv_read_bytes']) / 1e6:.1f}"
+            lim, frac = f"{row['limit_tok_s']:.0f}", f"{100 * row['memory_fraction']:.0f} %"
+        lines.append(f"| {row.get('runtime', 'torch')} | {row.get('kv_label') or row.get('kv_dtype', '—')} | "
+                     f"{config_label(row['config'])} | {k_text(row)} | "
+                     f"{row['decode_tok_s']:.1f} | {row['speedup']:.2f}× | {_quartiles(row)} | {vs}{mb} | "
+                     f"{row['bound']:.2f}× | {kv} | {lim} | {frac} | {_size(row)} |")
     lines.append("")
     if r["export_s"] is not None:
         lines.append(f"export (prefill + statistic + selection + write, density 0.5): {r['export_s']:.2f} s; "

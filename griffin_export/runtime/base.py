@@ -189,7 +189,7 @@ def open_runtime(bundle: str | os.PathLike | Bundle | None, options: RuntimeOpti
             print(f"loading the router {options.router} and its classes ...", file=sys.stderr)
         use_threads(options.threads)
         return load_routed(options.router, options.model, gguf_file=options.gguf_file, device=options.device,
-                           guard=options.guard, lean=options.lean, quiet=quiet)
+                           guard=options.guard, lean=options.lean, quiet=quiet, kv_dtype=options.kv_dtype)
     if bundle is None:
         raise GriffinError("give a bundle, or a `router` (griffin-export discover) for class experts per prompt")
     source = "bundle" if isinstance(bundle, Bundle) else str(bundle)

@@ -15,6 +15,7 @@ import torch
 from ..bundle.format import Bundle
 from ..errors import GriffinError
 from ..model.load import LoadedModel
+from ..targets.onnx.graph import step_read_bytes
 from .onnx import bench_graph, graph_bytes
 from .timing import BenchContext, BenchRow
 
@@ -76,9 +77,11 @@ def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None) -> dict[s
 
     def row(directory: Path, vs: str = "full") -> BenchRow:
         model = open_model(directory, s.threads)
-        return BenchRow(lambda n: decode_seconds(model, prompt, n), graph_bytes(directory), vs=vs, info=info)
+        return BenchRow(lambda n: decode_seconds(model, prompt, n), graph_bytes(directory), vs=vs, info=info,
+                        weight_bytes=step_read_bytes(directory))
 
-    ours = bench_graph(ctx, bundle, "lean", False)
+    # the KV in the weights' dtype, as its builder's graph keeps it
+    ours = bench_graph(ctx, bundle, "lean", False, str(ctx.lm.dtype).replace("torch.", ""))
     if bundle is not None:
         return {"": row(ours, vs="lean full")}
     return {"": row(builder_graph(ctx.lm, ctx.tmp, s.onnx_provider)), "lean full": row(ours)}

@@ -30,9 +30,10 @@ from ..bundle.format import Bundle, read_bundle
 from ..errors import GriffinError
 from ..model.tokens import check_generation_fits, encode
 from ..registry import one_of
-from ..settings import PROVIDERS, RuntimeOptions
-from ..targets.onnx.graph import PAST, PRESENT, Graph, GraphInfo, check_graph_bundle, read_graph
+from ..settings import KV_DTYPES, PROVIDERS, RuntimeOptions
+from ..targets.onnx.graph import PAST, PRESENT, Graph, GraphInfo, check_graph_bundle, read_graph, step_read_bytes
 from ..targets.onnx.int4 import quantize_for_swap
+from ..targets.onnx.lean import quantize_kv
 from .base import Runtime, left_padded
 from .timing import BenchContext, BenchRow, greedy_seconds
 
@@ -41,6 +42,7 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # 2**26 float32 = 256 MB, e.g. two 512-token prompts of a 49k vocabulary
 PREFILL_LOGITS = 1 << 26
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+_KV_NP_DTYPES = {**_NP_DTYPES, "int8": np.int8}  # a lean graph's KV buffers (GraphInfo.kv)
 
 
 # -- provider ------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ class _LeanSession(_Session):
         if length > self.max_length:
             raise GriffinError(f"the cache holds {length} tokens; graph {self.graph.source} has a KV buffer of "
                                f"{self.max_length} positions (export it with a larger `max_length`)")
-        dtype = _NP_DTYPES[self.graph.info.dtype]
+        dtype = _KV_NP_DTYPES[self.graph.info.kv]
         hosts = []
         for i in range(2 * self.graph.info.num_layers):
             buf = np.zeros(self._shape, dtype)
@@ -273,7 +275,7 @@ class _LeanSession(_Session):
         info = self.graph.info
         shape = (batch, info.kv_heads, min(columns, self.max_length), info.head_dim)
         # one array per buffer: on the CPU an OrtValue wraps the numpy array's memory, not a copy
-        return KVState([ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _NP_DTYPES[info.dtype]), *self.device)
+        return KVState([ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _KV_NP_DTYPES[info.kv]), *self.device)
                         for _ in range(2 * info.num_layers)], 0)
 
     def join_rows(self, parts: list[list], columns: int) -> list:
@@ -338,7 +340,7 @@ class _LeanSession(_Session):
 
 
 def _layout_text(info: GraphInfo) -> str:
-    return f"a lean graph (KV buffer {info.max_length})" if info.layout == "lean" else "a traced graph"
+    return f"a lean graph (KV buffer {info.max_length}, {info.kv})" if info.layout == "lean" else "a traced graph"
 
 
 def _overrides(graph: Graph, bundle: Bundle) -> dict[str, np.ndarray]:
@@ -393,9 +395,14 @@ class OnnxRuntime(Runtime):
                 raise GriffinError(f"full graph {self.full.source} is from {f.base_model} ({f.dtype}, fingerprint "
                                    f"{f.base_fingerprint[:16]}); graph {self.graph.source} is from {info.base_model} "
                                    f"({info.dtype}, fingerprint {info.base_fingerprint[:16]})")
-            if (f.layout, f.max_length) != (info.layout, info.max_length):
+            if (f.layout, f.max_length, f.kv) != (info.layout, info.max_length, info.kv):
                 raise GriffinError(f"full graph {self.full.source} is {_layout_text(f)}; graph {self.graph.source} is "
-                                   f"{_layout_text(info)}: export both with the same `graph` and `max_length`")
+                                   f"{_layout_text(info)}: export both with the same `graph`, `max_length` and "
+                                   "`kv_dtype`")
+            if any(not (np.array_equal(a, c) and np.array_equal(b, d))
+                   for (a, b), (c, d) in zip(self.full.kv_scales(), self.graph.kv_scales())):
+                raise GriffinError(f"full graph {self.full.source} and graph {self.graph.source} scale their int8 KV "
+                                   "caches differently (exported from different models?): export both from one model")
         if info.layout == "lean" and info.batch_size != 1:
             raise GriffinError(f"graph {self.graph.source} was built for batch {info.batch_size}; this runtime decodes batch 1")
         self.requested_provider = provider
@@ -436,8 +443,9 @@ class OnnxRuntime(Runtime):
         if len(kv) != info.num_layers:
             raise GriffinError(f"the KV cache has {len(kv)} layers; the graph has {info.num_layers}")
         arrays = []
+        scales = self.graph.kv_scales()
         for i, pair in enumerate(kv):
-            for t in pair:
+            for j, t in enumerate(pair):
                 arr = _numpy(t)
                 if arr.ndim != 4 or arr.shape[0] != 1 or (arr.shape[1], arr.shape[3]) != (info.kv_heads, info.head_dim):
                     raise GriffinError(f"layer {i}'s KV cache has shape {list(arr.shape)}; the graph takes "
@@ -450,6 +458,10 @@ class OnnxRuntime(Runtime):
                 if n < length and info.layout == "traced":
                     pad = np.zeros((*arr.shape[:2], length - n, arr.shape[3]), arr.dtype)
                     arr = np.concatenate([pad, arr], axis=2)
+                if scales:  # converted once, here, to the graph's KV type
+                    arr = quantize_kv(arr, scales[i][j])
+                elif info.kv != info.dtype:
+                    arr = arr.astype(_KV_NP_DTYPES[info.kv])
                 arrays.append(np.ascontiguousarray(arr))
         return self._decoder.from_arrays(arrays, length)
 
@@ -616,6 +628,11 @@ def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, 
         raise GriffinError("a new prompt (or a bundle without KV) needs the full model for its prefill: export it with "
                            "`griffin-export onnx --full -o DIR` and pass full_graph_dir=DIR, or prefill through the experts "
                            "with pruned_prefill=True")
+    if options.kv_dtype is not None:  # the graph's type is fixed at export: a different one is refused, not ignored
+        have = read_graph(options.graph_dir).info.kv
+        if have != options.kv_dtype:
+            raise GriffinError(f"graph {options.graph_dir} keeps its KV cache in {have}; kv_dtype={options.kv_dtype!r} "
+                               "needs a graph exported with that KV type")
     rt = load_onnx_runtime(options.graph_dir, bundle, full=options.full_graph_dir, provider=options.provider,
                            new_prompts=new_prompts, pruned_prefill=options.pruned_prefill, threads=options.threads,
                            source=source)
@@ -629,34 +646,42 @@ def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, 
 # -- the speed benchmark's rows (runtime/timing.py) ----------------------------------------------
 
 
-def bench_graph(ctx: BenchContext, bundle: Bundle | None, layout: str, int4: bool) -> Path:
+def bench_graph(ctx: BenchContext, bundle: Bundle | None, layout: str, int4: bool, kv_dtype: str | None = None) -> Path:
     """The graph a row runs (the full model's where bundle is None), exported once per benchmark:
-    onnxruntime-genai's rows run the same lean graphs as onnx-lean's."""
+    onnxruntime-genai's rows run the same lean graphs as onnx-lean's. A lean graph's KV buffers hold
+    what the benchmark decodes (ctx.room positions): a step reads only the filled part of a buffer
+    whatever its length, and a benchmark holds many."""
     from ..targets.onnx.export import export_onnx
 
     def make() -> Path:
         directory = Path(tempfile.mkdtemp(dir=ctx.tmp, prefix=f"{layout}{'-int4' if int4 else ''}-"))
-        export_onnx(ctx.lm, directory, bundle, graph=layout, quantize=ctx.settings.quantize if int4 else None)
+        export_onnx(ctx.lm, directory, bundle, graph=layout, quantize=ctx.settings.quantize if int4 else None,
+                    kv_dtype=kv_dtype, max_length=min(ctx.room, ctx.lm.context_length or ctx.room) if layout == "lean" else None)
         return directory
 
-    return ctx.once(("onnx-graph", layout, int4, id(bundle)), make)
+    return ctx.once(("onnx-graph", layout, int4, kv_dtype, id(bundle)), make)
 
 
 def graph_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.iterdir() if f.name.startswith("model.onnx"))
 
 
-def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None) -> dict[str, BenchRow]:
-    """onnx / onnx-lean: the traced / lean graph; -int4: the same with 4-bit MatMuls. On a GPU the
-    lean graph's decode step is a captured CUDA graph (its buffers are fixed); the full model's graph
-    prefills through its own session (pruned_prefill: no second session)."""
+BENCH_KV_DTYPES = {"onnx-lean": KV_DTYPES, "onnx-lean-int4": KV_DTYPES}  # runtime/timing.py
+
+
+def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None, kv_dtype: str | None = None
+               ) -> dict[str, BenchRow]:
+    """onnx / onnx-lean: the traced / lean graph; -int4: the same with 4-bit MatMuls; the lean graphs'
+    KV buffers of kv_dtype (None: settings.KV_DTYPE). On a GPU the lean graph's decode step is a
+    captured CUDA graph (its buffers are fixed); the full model's graph prefills through its own
+    session (pruned_prefill: no second session)."""
     import onnxruntime
 
     from ..targets.onnx.int4 import describe
 
     s = ctx.settings
     layout, int4 = ("lean" if "lean" in variant else "traced"), variant.endswith("-int4")
-    directory = bench_graph(ctx, bundle, layout, int4)
+    directory = bench_graph(ctx, bundle, layout, int4, kv_dtype)
     rt = OnnxRuntime(directory, None, provider=s.onnx_provider, threads=s.threads,
                      cuda_graph=layout == "lean" and s.onnx_provider == "cuda", pruned_prefill=bundle is None)
 
@@ -668,4 +693,5 @@ def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None) -> dict[s
     info = {"onnxruntime": onnxruntime.__version__, "onnx_provider": rt.provider}
     if int4:
         info["int4"] = describe(s.quantize)
-    return {"": BenchRow(seconds, graph_bytes(directory), prefill, info=info)}
+    return {"": BenchRow(seconds, graph_bytes(directory), prefill, info=info, weight_bytes=step_read_bytes(rt.graph.path),
+                         kv=rt.graph.info.kv)}

@@ -22,7 +22,7 @@ from ..model.decoding import eos_ids
 from ..model.load import LoadedModel, check_device, load_model, peek_architecture
 from ..model.prefill import cache_kwarg, cache_tensors, forward, new_cache, prefill, restore_cache
 from ..model.tokens import check_context, check_generation_fits, tokenize
-from ..settings import CHUNK_SIZE, RuntimeOptions
+from ..settings import CHUNK_SIZE, TORCH_KV_DTYPE, TORCH_KV_DTYPES, RuntimeOptions, check_kv_dtype
 from .base import Runtime, left_padded
 from .lean import FFPacks, LeanBatch, LeanDecoder, covers
 from .timing import BenchContext, BenchRow, greedy_seconds
@@ -50,7 +50,7 @@ class TorchDecoding(Runtime):
     through the lean step (runtime/lean.py) where it covers the architecture, else transformers'
     forward. TorchRuntime puts one bundle's experts in; runtime/routed.py swaps classes' in and out."""
 
-    def _init_decoding(self, lm: LoadedModel, lean: bool | None, compile: bool) -> None:
+    def _init_decoding(self, lm: LoadedModel, lean: bool | None, compile: bool, kv_dtype: str | None = None) -> None:
         self.lm = lm
         self.blocks = ff_blocks(lm.model, lm.spec)
         self.eos = eos_ids(lm.config, lm.tokenizer)
@@ -62,7 +62,11 @@ class TorchDecoding(Runtime):
             raise GriffinError(f"the lean PyTorch step covers the Llama family; this is a {lm.architecture} model")
         if compile and not lean:
             raise GriffinError("compile needs the lean PyTorch step (the Llama family)")
-        self._lean_settings = dict(compile=compile, static_length=lm.context_length) if lean else None
+        if kv_dtype is not None and not lean:
+            raise GriffinError(f"`kv_dtype` is the lean PyTorch step's (the Llama family); this {lm.architecture} model "
+                               "decodes through transformers' forward, whose cache keeps the weights' dtype")
+        self._lean_settings = dict(compile=compile, static_length=lm.context_length,
+                                   kv_dtype=lean_kv_dtype(lm.dtype, kv_dtype)) if lean else None
         self.lean: LeanDecoder | None = None  # built at the first generate: it re-points the model's weights
 
     @property
@@ -162,14 +166,15 @@ class TorchRuntime(TorchDecoding):
     experts too: what a standalone pruned checkpoint computes."""
 
     def __init__(self, lm: LoadedModel, bundle: Bundle, *, keep_full: bool = False, source: str = "bundle",
-                 pruned_prefill: bool = False, lean: bool | None = None, compile: bool = False):
+                 pruned_prefill: bool = False, lean: bool | None = None, compile: bool = False,
+                 kv_dtype: str | None = None):
         check_fresh(lm)
         check_bundle(lm, bundle.info, source)
         _check_bundle_tensors(lm, bundle, source)
         self.bundle, self.pruned_prefill = bundle, pruned_prefill
         self._full = ff_modules(ff_blocks(lm.model, lm.spec), lm.spec) if keep_full else None
         install(lm, bundle.weights)
-        self._init_decoding(lm, lean, compile)
+        self._init_decoding(lm, lean, compile, kv_dtype)
 
     # -- FF width ---------------------------------------------------------------------
 
@@ -209,6 +214,14 @@ class TorchRuntime(TorchDecoding):
         return nullcontext() if self.pruned_prefill else self._full_ff()
 
 
+def lean_kv_dtype(dtype: torch.dtype, kv_dtype: str | None) -> torch.dtype:
+    """The lean step's KV buffers' dtype: kv_dtype's, else settings.TORCH_KV_DTYPE under a float32
+    model (a half-precision model's cache keeps its dtype)."""
+    if kv_dtype is not None:
+        return getattr(torch, check_kv_dtype(kv_dtype, TORCH_KV_DTYPES, "the lean PyTorch step"))
+    return getattr(torch, TORCH_KV_DTYPE) if dtype == torch.float32 else dtype
+
+
 @dataclass
 class _Batch:
     cache: object  # transformers' cache: the prefill's, then transformers' decode steps'
@@ -222,7 +235,7 @@ class _Batch:
 def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | None = None, *,
                  gguf_file: str | None = None, device: str = "cpu", new_prompts: bool = False,
                  quiet: bool = True, pruned_prefill: bool = False, lean: bool | None = None,
-                 compile: bool = False, source: str | None = None) -> TorchRuntime:
+                 compile: bool = False, source: str | None = None, kv_dtype: str | None = None) -> TorchRuntime:
     """Base model + bundle -> TorchRuntime. `model` defaults to the bundle's recorded base model.
 
     With new_prompts (or a bundle without KV) the full FF weights stay in memory for the
@@ -238,7 +251,7 @@ def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | 
                            device=device, quiet=quiet)
     keep_full = (new_prompts or bundle.kv is None) and not pruned_prefill
     return TorchRuntime(model, bundle, keep_full=keep_full, source=source, pruned_prefill=pruned_prefill, lean=lean,
-                        compile=compile)
+                        compile=compile, kv_dtype=kv_dtype)
 
 
 def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, max_new_tokens: int | None = None,
@@ -256,7 +269,7 @@ def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, 
         print(f"loading base model {base} ...", file=sys.stderr)
     rt = load_runtime(bundle, options.model, gguf_file=options.gguf_file, device=options.device,
                       new_prompts=new_prompts, pruned_prefill=options.pruned_prefill, lean=options.lean,
-                      compile=options.compile, source=source, quiet=quiet)
+                      compile=options.compile, source=source, quiet=quiet, kv_dtype=options.kv_dtype)
     rt.prepare()  # the lean step's one-time packing, before any timed decode
     return rt
 
@@ -264,21 +277,28 @@ def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, 
 # -- the speed benchmark's rows (runtime/timing.py) ----------------------------------------------
 
 
-def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None) -> dict[str, BenchRow]:
+BENCH_KV_DTYPES = {"torch-lean": TORCH_KV_DTYPES}  # runtime/timing.py
+
+
+def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None, kv_dtype: str | None = None
+               ) -> dict[str, BenchRow]:
     """torch: transformers' forward per step; torch-lean: the lean step (compiled on a GPU, where it
-    uses CUDA graphs; eager on a CPU, where compiling measured no faster). Each on its own copy of
-    the full model, with the bundle's experts installed where there is one."""
+    uses CUDA graphs; eager on a CPU, where compiling measured no faster), its KV buffers of kv_dtype.
+    Each on its own copy of the full model, with the bundle's experts installed where there is one."""
     lm = ctx.lm
     model = LoadedModel(copy.deepcopy(lm.model), lm.tokenizer, lm.identity, lm.spec, lm.fingerprint)
     if bundle is not None:
         model = TorchRuntime(model, bundle, lean=False).lm
     net, device = model.model, model.device
     if variant == "torch-lean":
-        lean = LeanDecoder(net, ctx.room, compile=device.type == "cuda", static_length=ctx.room)
+        lean = LeanDecoder(net, ctx.room, compile=device.type == "cuda", static_length=ctx.room,
+                           kv_dtype=lean_kv_dtype(lm.dtype, kv_dtype))
 
         def seconds(n: int) -> float:
             lean.load_cache(ctx.kv, ctx.prompt_len)
             return greedy_seconds(lean.step, ctx.first, n, lean.device)
+
+        return {"": BenchRow(seconds, kv=str(lean.kv_dtype).replace("torch.", ""))}
     else:
         def seconds(n: int) -> float:  # from a fresh copy of the prompt's KV
             cache = restore_cache(net, [(k.clone(), v.clone()) for k, v in ctx.kv], ctx.prompt_len)

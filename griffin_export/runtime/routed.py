@@ -43,10 +43,10 @@ class ExpertSet:
     at a time (`activate`): a swap of modules, no copy; the attention weights, embeddings and head are
     held once for all. The lean step, where it covers the model, swaps its FF packs alike."""
 
-    def __init__(self, lm: LoadedModel, bundles: dict[str, Bundle], *, lean: bool):
+    def __init__(self, lm: LoadedModel, bundles: dict[str, Bundle], *, lean: bool, kv_dtype: torch.dtype | None = None):
         self.lm, self.blocks = lm, ff_blocks(lm.model, lm.spec)
         self.modules: dict[str | None, list[dict]] = {FULL: ff_modules(self.blocks, lm.spec)}
-        self.lean = LeanDecoder(lm.model, 0) if lean else None
+        self.lean = LeanDecoder(lm.model, 0, kv_dtype=kv_dtype) if lean else None
         self.packs: dict[str | None, FFPacks] = {FULL: self.lean.ff()} if self.lean is not None else {}
         self.active: str | None = FULL
         for name, bundle in bundles.items():
@@ -85,14 +85,16 @@ class ExpertSet:
 class RoutedRuntime(TorchDecoding):
     """Generates for any prompt with its class's experts (router + guard), batching each class's prompts."""
 
-    def __init__(self, lm: LoadedModel, router: Router, *, guard: bool = True, lean: bool | None = None):
+    def __init__(self, lm: LoadedModel, router: Router, *, guard: bool = True, lean: bool | None = None,
+                 kv_dtype: str | None = None):
         check_router(router, lm)
         self.router, self.guard = router, guard
         self.bundle = None
-        self._init_decoding(lm, lean, compile=False)
+        self._init_decoding(lm, lean, compile=False, kv_dtype=kv_dtype)
         bundles = {name: read_bundle(path, load_kv=False)
                    for name, path in zip(router.info.classes, router.bundle_paths())}
-        self.experts = ExpertSet(lm, bundles, lean=self._lean_settings is not None)
+        lean_on = self._lean_settings is not None
+        self.experts = ExpertSet(lm, bundles, lean=lean_on, kv_dtype=self._lean_settings["kv_dtype"] if lean_on else None)
         self.lean = self.experts.lean
 
     def tokenize(self, text: str) -> torch.Tensor:
@@ -165,11 +167,11 @@ def _route_fields(r: Route, used: str | None) -> dict:
 
 def load_routed(router: str | os.PathLike | Router, model: LoadedModel | str | None = None, *,
                 gguf_file: str | None = None, device: str = "cpu", guard: bool = True, lean: bool | None = None,
-                quiet: bool = True) -> RoutedRuntime:
+                quiet: bool = True, kv_dtype: str | None = None) -> RoutedRuntime:
     """A router file (with its class bundles beside it) on its base model (the one it records unless
     `model` says otherwise; checked by fingerprint, and the bundles by digest)."""
     if not isinstance(router, Router):
         router = read_router(router)
     if not isinstance(model, LoadedModel):
         model = load_model(model or router.info.base_model, gguf_file=gguf_file, device=device, quiet=quiet)
-    return RoutedRuntime(model, router, guard=guard, lean=lean)
+    return RoutedRuntime(model, router, guard=guard, lean=lean, kv_dtype=kv_dtype)

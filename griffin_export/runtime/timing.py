@@ -1,7 +1,12 @@
 """What a runtime gives the speed benchmark (evaluation/speed.py): for one configuration (the full
 model, or a bundle), a decoder that times n greedy steps from the prompt's KV cache. Every runtime
 module has `bench_rows(ctx, variant, bundle) -> {config suffix: BenchRow}`; the benchmark builds
-the context once and interleaves every row's repeats, so the runtimes only say how they decode."""
+the context once and interleaves every row's repeats, so the runtimes only say how they decode.
+
+A runtime whose variants keep their KV cache in a type of their choosing lists them in
+`BENCH_KV_DTYPES` ({variant: the KV types it takes}) and takes `kv_dtype=` in bench_rows (None: its
+default); each row says what one decode step reads (its weights at their own precision, its KV
+type), so the benchmark can bound each row by what it reads."""
 
 from __future__ import annotations
 
@@ -46,6 +51,10 @@ class BenchContext:
         return self.made[key]
 
 
+# bytes one cached key or value element takes, by KV type (llama.cpp's Q8_0: 32 int8 and a float16 scale)
+KV_VALUE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0, "F32": 4.0, "F16": 2.0, "Q8_0": 34 / 32}
+
+
 @dataclass
 class BenchRow:
     decode_seconds: Callable[[int], float]  # n greedy steps from the prompt's KV -> seconds
@@ -53,6 +62,11 @@ class BenchRow:
     prefill: Callable[[], object] | None = None  # one prefill of the prompt, where the row's prefill is timed
     vs: str = "full"  # the config this row's speed-up is measured against (the same runtime's)
     info: dict[str, object] = field(default_factory=dict)  # what ran it (versions, provider), for the header
+    # what one decode step reads: the weights at their own precision (None: the model's parameters at its
+    # dtype, as PyTorch holds them), and the KV cache's type ("": the model's dtype) and bytes per value
+    weight_bytes: int | None = None
+    kv: str = ""
+    kv_label: str = ""  # the KV type in the runtime's own words, where they differ (llama.cpp: F16, Q8_0)
 
 
 def greedy_seconds(step: Callable[[int], torch.Tensor], first: int, n: int, device: torch.device | None = None) -> float:

@@ -48,7 +48,7 @@ from ...model.decoding import eos_ids
 from ...model.load import LoadedModel, dtype_name
 from ...model.prefill import cache_kwarg
 from ...registry import one_of
-from ...settings import LAYOUTS, QuantSettings
+from ...settings import KV_DTYPE, LAYOUTS, QuantSettings, check_kv_dtype
 from .graph import (BATCH, DATA_FILE, INPUT_NAMES, LEAN_FORMAT_VERSION, MODEL_FILE, PAST, PAST_LEN, PRESENT, SEQ,
                     TOTAL_LEN, GraphInfo, read_graph)
 from .int4 import packing_to_text, quantize_proto
@@ -107,10 +107,11 @@ def ff_weight_names(lm: LoadedModel) -> list[str]:
     return names
 
 
-def graph_info(lm: LoadedModel, bundle: Bundle | None, max_length: int = 0) -> GraphInfo:
+def graph_info(lm: LoadedModel, bundle: Bundle | None, max_length: int = 0, kv_dtype: str = KV_DTYPE) -> GraphInfo:
     _, kv_heads, head_dim = attention_shape(lm.config)
     widths = ff_widths(lm)
-    lean = dict(layout="lean", max_length=max_length, batch_size=1, format_version=LEAN_FORMAT_VERSION) if max_length else {}
+    lean = dict(layout="lean", max_length=max_length, batch_size=1, format_version=LEAN_FORMAT_VERSION,
+                kv_dtype=kv_dtype) if max_length else {}
     common = dict(base_model=lm.identity, base_fingerprint=lm.fingerprint, architecture=lm.architecture,
                   dtype=dtype_name(lm.dtype), num_layers=lm.num_layers, d_ff=lm.d_ff, hidden_size=lm.hidden_size,
                   k=widths, kv_heads=kv_heads, head_dim=head_dim, sliding_layers=sliding_layers(lm.model),
@@ -141,21 +142,29 @@ def choose_layout(lm: LoadedModel, graph: str) -> str:
 
 def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | None = None, *,
                 force: bool = False, progress: bool = False, source: str = "bundle", graph: str = "auto",
-                max_length: int | None = None, quantize: QuantSettings | None = None) -> Path:
+                max_length: int | None = None, quantize: QuantSettings | None = None,
+                kv_dtype: str | None = None) -> Path:
     """Write OUTPUT/model.onnx (+ model.onnx.data and the tokenizer): the decoder with the
     bundle's experts, or the model as loaded when `bundle` is None. `graph`: the lean decoder
-    (onnx_lean.py; with a KV buffer of `max_length` positions) where the architecture has one
-    (auto), or the traced one. `quantize`: block-wise 4-bit MatMuls (onnx_quant.py). Returns OUTPUT."""
+    (onnx_lean.py; with a KV buffer of `max_length` positions and of type `kv_dtype`, None:
+    settings.KV_DTYPE for a float32 model, a float16 model's own dtype) where the architecture has one
+    (auto), or the traced one (its cache keeps the weights' dtype). `quantize`: block-wise 4-bit MatMuls (onnx_quant.py). Returns OUTPUT."""
     from tqdm.auto import tqdm
 
     out = check_output_dir(output, force, MODEL_FILE)
+    if kv_dtype is not None:
+        check_kv_dtype(kv_dtype)
     layout = choose_layout(lm, graph)
     if layout == "lean":
         from .lean import max_length_for
 
         max_length = max_length_for(lm, max_length)
+        kv_dtype = kv_dtype or (KV_DTYPE if lm.dtype == torch.float32 else dtype_name(lm.dtype))
     elif max_length is not None:
         raise GriffinError("`max_length` sizes the lean graph's KV buffer; the traced graph's cache grows")
+    elif kv_dtype is not None and kv_dtype != dtype_name(lm.dtype):
+        raise GriffinError(f"kv_dtype={kv_dtype!r} is the lean graph's choice; the traced graph's cache keeps the "
+                           f"weights' dtype ({dtype_name(lm.dtype)})")
     if bundle is not None:
         check_bundle(lm, bundle.info, source)
         check_fresh(lm)
@@ -168,13 +177,19 @@ def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | Non
         bar.set_postfix_str(name)
         bar.refresh()
 
+    scales = None
+    if layout == "lean" and kv_dtype == "int8":  # on the model as loaded: every graph of it gets the same
+        from .lean import kv_scales
+
+        stage("int8 KV scales")
+        scales = kv_scales(lm)
     with atomic_dir(out) as tmp, (installed(lm, bundle.weights) if bundle else contextlib.nullcontext()):
-        info = graph_info(lm, bundle, max_length if layout == "lean" else 0)
+        info = graph_info(lm, bundle, max_length if layout == "lean" else 0, kv_dtype or KV_DTYPE)
         if bundle is not None and info.k != bundle.info.k:  # the swap went wrong: a bug, not bad input
             raise RuntimeError(f"installed widths {info.k} differ from the bundle's k {bundle.info.k}")
         if layout == "lean":
             stage("build (lean graph)")
-            _export_lean(lm, info, tmp)
+            _export_lean(lm, info, tmp, scales)
             bar.update(2)
         else:
             stage("trace (torch.export)")
@@ -198,13 +213,13 @@ def export_onnx(lm: LoadedModel, output: str | os.PathLike, bundle: Bundle | Non
     return out
 
 
-def _export_lean(lm: LoadedModel, info: GraphInfo, directory: Path) -> None:
+def _export_lean(lm: LoadedModel, info: GraphInfo, directory: Path, scales) -> None:
     """The lean graph, its external weights and onnxruntime-genai's genai_config.json."""
     import onnx
 
     from .lean import build_lean, genai_config, write_genai_config
 
-    proto, facts = build_lean(lm, info.max_length, set(ff_weight_names(lm)), info.sliding_layers)
+    proto, facts = build_lean(lm, info.max_length, set(ff_weight_names(lm)), info.sliding_layers, info.kv, scales)
     if (facts["kv_heads"], facts["head_dim"]) != (info.kv_heads, info.head_dim):  # a bug, not bad input
         raise RuntimeError(f"lean graph KV layout {facts} differs from the model's cache ({info.kv_heads}, {info.head_dim})")
     onnx.helper.set_model_props(proto, info.to_metadata())
@@ -357,19 +372,25 @@ def write_graph(bundle: str | os.PathLike, output: str | os.PathLike, **options)
 def export_graph(output: str | os.PathLike, bundle: str | os.PathLike | None = None, *, model: str | None = None,
                  gguf_file: str | None = None, dtype: str | None = None, device: str = "cpu", force: bool = False,
                  progress: bool = False, graph: str = "auto", max_length: int | None = None,
-                 quantize: QuantSettings | None = None) -> tuple[Path, GraphInfo]:
+                 quantize: QuantSettings | None = None, kv_dtype: str | None = None) -> tuple[Path, GraphInfo]:
     """What `griffin-export onnx` does: load the base model (the bundle's recorded one unless
     `model` is given) and export the bundle's graph, or the full model's when `bundle` is None."""
     from ...bundle.format import read_bundle
     from ...model.load import load_model
 
     check_output_dir(output, force, MODEL_FILE)  # fail before loading anything
+    if kv_dtype is not None:
+        check_kv_dtype(kv_dtype)
     b = read_bundle(bundle, load_kv=False) if bundle is not None else None
     if b is not None and dtype is not None and dtype != b.info.dtype:
         raise GriffinError(f"dtype={dtype}: bundle {bundle} holds {b.info.dtype} weights; its graph has the same dtype")
+    weights = b.info.dtype if b is not None else (dtype or "float32")
+    if graph == "traced" and kv_dtype not in (None, weights):  # export_onnx says so too, after the load
+        raise GriffinError(f"kv_dtype={kv_dtype!r} is the lean graph's choice; the traced graph's cache keeps the "
+                           f"weights' dtype ({weights})")
     lm = load_model(model or (b.info.base_model if b else None), gguf_file=gguf_file,
                     dtype=b.info.dtype if b else (dtype or "float32"), device=device, quiet=not progress)
     path = export_onnx(lm, output, b, force=force, progress=progress, source=str(bundle or "bundle"), graph=graph,
-                       max_length=max_length, quantize=quantize)
+                       max_length=max_length, quantize=quantize, kv_dtype=kv_dtype)
     return path, read_graph(path).info
 

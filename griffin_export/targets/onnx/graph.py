@@ -17,7 +17,7 @@ from ...bundle.format import check_format, parse_metadata, str_metadata
 from ...errors import GriffinError
 from ...method.budget import widths_text
 from ...model.arch import ff_param, spec_for
-from ...settings import QuantSettings
+from ...settings import KV_DTYPES, QuantSettings
 from .int4 import Packed, packing_from_text, param_shapes
 
 GRAPH_FORMAT = "griffin-onnx"
@@ -28,6 +28,7 @@ DATA_FILE = "model.onnx.data"
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 PAST = "past_key_values.{}.{}"  # layer, key|value
 PRESENT = "present.{}.{}"
+KV_SCALE = "kv_scale.{}.{}"  # layer, key|value: an int8 KV buffer's scales [1, kv_heads, 1, head_dim] (lean.py)
 
 
 def kv_io_parts(name: str) -> tuple[str, int, str] | None:
@@ -70,6 +71,9 @@ class GraphInfo:
     layout: str = "traced"  # "traced" (this module) or "lean" (onnx_lean.py)
     max_length: int = 0  # lean: KV buffer positions (prompt + generated tokens); 0 = grows (traced)
     batch_size: int = 0  # lean: the batch its buffers are allocated for; 0 = any (traced)
+    # the KV buffers' type (lean graphs: float32, float16 or int8, targets/onnx/lean.py); "" = the weights' dtype
+    # (traced graphs, and lean graphs written before the KV type was a choice)
+    kv_dtype: str = ""
     # block-wise 4-bit weights (onnx_quant.py); "" = float weights
     quantization: str = ""
     quant_block_size: int = 0
@@ -83,6 +87,11 @@ class GraphInfo:
     def to_metadata(self) -> dict[str, str]:
         return str_metadata(self)
 
+    @property
+    def kv(self) -> str:
+        """The KV cache's type: kv_dtype, else the weights' dtype."""
+        return self.kv_dtype or self.dtype
+
     def quant_settings(self) -> QuantSettings | None:
         if not self.quantization:
             return None
@@ -95,6 +104,9 @@ class GraphInfo:
         info = parse_metadata(cls, meta, source)
         if info.layout not in ("traced", "lean") or (info.layout == "lean") != (info.format_version == LEAN_FORMAT_VERSION):
             raise GriffinError(f"{source}: graph layout {info.layout!r} does not match format version {info.format_version}")
+        if info.kv_dtype and (info.kv_dtype not in KV_DTYPES or info.layout != "lean"):
+            raise GriffinError(f"{source}: metadata kv_dtype={info.kv_dtype!r} is not a KV type this version reads "
+                               f"({', '.join(KV_DTYPES)}, lean graphs)")
         return info
 
 
@@ -114,9 +126,18 @@ class Graph:
     packing: dict[str, Packed] = field(default_factory=dict)  # quantized graphs: weight -> parameters in it
     # every parameter's shape as the graph holds it: a float initializer, or packed into a quantized weight
     param_shapes: dict[str, list[int]] = field(default_factory=dict)
+    _scales: list | None = field(default=None, repr=False)
 
     def param_shape(self, name: str) -> list[int] | None:
         return self.param_shapes.get(name)
+
+    def kv_scales(self) -> list[tuple]:
+        """An int8 KV cache's scales: per layer (key, value) float32 arrays [1, kv_heads, 1, head_dim]."""
+        if self.info.kv != "int8":
+            return []
+        if self._scales is None:
+            self._scales = _read_kv_scales(self.path, self.info.num_layers)
+        return self._scales
 
     @property
     def source(self) -> str:
@@ -198,6 +219,33 @@ def read_graph(path: str | os.PathLike) -> Graph:
     return Graph(path, info, inits, widths, external, vocab, packing, shapes)
 
 
+def step_read_bytes(path: str | os.PathLike) -> int:
+    """Bytes of weights one decode step of a graph reads, at their own precision (4-bit blocks with
+    their scales and zero points): every initializer a node reads whole. Left out: tables a step
+    reads one row of, the embedding (a Gather's data, unless the tied head reads it too) and the
+    rotary cos/sin caches of GroupQueryAttention."""
+    proto = load_proto(graph_file(path))
+    g = proto.graph
+    whole: set[str] = set()
+    for node in g.node:
+        for j, name in enumerate(node.input):
+            if (node.op_type == "Gather" and j == 0) or (node.op_type == "GroupQueryAttention" and j in (7, 8)):
+                continue
+            whole.add(name)
+    return sum(_tensor_bytes(t) for t in g.initializer if t.name in whole)
+
+
+def _read_kv_scales(path: Path, layers: int) -> list[tuple]:
+    """The int8 KV scales from the graph (its external data read for these tensors alone)."""
+    from onnx import numpy_helper
+
+    proto = load_proto(path)
+    wanted = {KV_SCALE.format(i, t) for i in range(layers) for t in ("key", "value")}
+    arrays = {t.name: numpy_helper.to_array(t, base_dir=str(path.parent)) for t in proto.graph.initializer
+              if t.name in wanted}
+    return [(arrays[KV_SCALE.format(i, "key")], arrays[KV_SCALE.format(i, "value")]) for i in range(layers)]
+
+
 def _read_packing(info: GraphInfo, inits: dict, external: set[str], path: Path) -> dict[str, Packed]:
     """A quantized graph's packing, checked against its initializers (each quantized tensor
     there and external, so a bundle can be swapped in)."""
@@ -221,11 +269,22 @@ def _check_lean(proto, info: GraphInfo, inits: dict[str, tuple[int, list[int]]],
     if info.batch_size < 1:
         raise GriffinError(f"{path}: metadata batch_size={info.batch_size} is not a batch")
     shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    names = {1: "float32", 10: "float16", 3: "int8"}  # onnx TensorProto element types
+    types = {i.name: names.get(i.type.tensor_type.elem_type, _onnx_dtype(i.type.tensor_type.elem_type))
+             for i in proto.graph.input}
+    scale = [1, info.kv_heads, 1, info.head_dim]
     for layer in range(info.num_layers):
         shape = shapes.get(PAST.format(layer, "key"))
         if shape is None or len(shape) != 4 or shape[1] != info.kv_heads or shape[3] != info.head_dim:
             raise GriffinError(f"{path}: metadata says {info.num_layers} layers of {info.kv_heads} KV heads × "
                                f"head_dim {info.head_dim}; input {PAST.format(layer, 'key')} is {shape}")
+        for kind in ("key", "value"):
+            name = PAST.format(layer, kind)
+            if types.get(name) != info.kv:
+                raise GriffinError(f"{path}: metadata says a {info.kv} KV cache; input {name} is {types.get(name)}")
+            if info.kv == "int8" and inits.get(KV_SCALE.format(layer, kind), (0, None))[1] != scale:
+                raise GriffinError(f"{path}: an int8 KV cache needs scales {KV_SCALE.format(layer, kind)} of shape "
+                                   f"{scale}; the graph has {inits.get(KV_SCALE.format(layer, kind), (0, 'none'))[1]}")
 
 
 def check_graph_bundle(graph: Graph, bundle_info, bundle_source: str) -> None:
@@ -403,6 +462,9 @@ def format_onnx(s: dict) -> str:
                                      q["algorithm"]))
         lines.append(f"  quantized    {q['scheme']} MatMulNBits: {q['quantized_weights']} weights ({q['quantized_params']} "
                      f"parameters), {how}")
+    if m.get("kv_dtype"):
+        scaled = ", a float32 scale per KV head and channel (kv_scale.{i}.key/value)" if m["kv_dtype"] == "int8" else ""
+        lines.append(f"  KV cache     {m['kv_dtype']}{scaled}")
     lines.append("  inputs:")
     lines += _io_lines(s["inputs"])
     lines.append("  outputs:")

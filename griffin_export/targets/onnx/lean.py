@@ -26,6 +26,13 @@ builder's, and the directory carries a genai_config.json, so onnxruntime-genai l
 
 Covers the Llama family of the adapter table (arch.FFSpec.lean): Llama, Mistral, Qwen2 (QKV
 biases), Qwen3 (per-head q/k RMSNorm before the rotary). Other architectures keep the traced graph.
+
+The KV buffers may be of another type than the weights (`kv_dtype`, GroupQueryAttention's T_CACHE):
+float16 (the new key and value rounded to it as they are written, attention over the half buffer
+with a float32 query), or int8 with a float32 scale per KV head and channel (k_quant_type and
+v_quant_type PER_CHANNEL, kv_cache_bit_width 8: a value is stored as round(x / scale), clipped to
+±127). The scales are initializers `kv_scale.{i}.key` / `.value` [1, kv_heads, 1, head_dim], chosen
+at export (kv_scales below); a runtime quantizes a float cache it is handed with the same ones.
 """
 
 from __future__ import annotations
@@ -38,11 +45,19 @@ import torch
 
 from ...errors import GriffinError
 from ...model.arch import attention_shape, attention_window, ff_blocks, lean_gap, rotary_table
+from .graph import KV_SCALE
 
 # the graph's symbolic dimensions (onnxruntime-genai's names)
 BATCH, SEQ, TOTAL, MAX_LEN = "batch_size", "sequence_length", "total_sequence_length", "max_sequence_length"
 MS_DOMAIN = "com.microsoft"
 DEFAULT_MAX_LENGTH = 4096  # KV buffer positions when --max-length is not given (capped by the context)
+INT8_MAX = 127
+# an int8 KV channel's scale: the largest |value| it takes on the calibration text, times this, over 127:
+# room for prompts that go further than the text does (clipping costs more than coarser steps). Chosen on
+# XSum dev rows 43, 136, 71 (1,804, 1,661, 1,562 tokens), the default model, mean KL divergence from the
+# float32 KV's next-token distribution over 32 teacher-forced steps: margin 1: 0.28 / 0.21 / 0.12;
+# 1.5: 0.16 / 0.075 / 0.044; 3: 0.022 / 0.007 / 0.003; 4: 0.010 / 0.011 / 0.004; 6: 0.018 / 0.027 / 0.011
+INT8_MARGIN = 4.0
 
 
 def check_lean_model(lm) -> None:
@@ -66,6 +81,42 @@ def max_length_for(lm, requested: int | None) -> int:
     if requested > ctx:
         raise GriffinError(f"max_length={requested} is past the model's context of {ctx} tokens")
     return requested
+
+
+def kv_scales(lm, margin: float = INT8_MARGIN) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer (key, value) scales [kv_heads, head_dim] of an int8 KV cache for `lm` (the model as
+    loaded, no experts installed): each channel's largest |value| on calibration.CALIBRATION_TEXT
+    (on seeded random tokens for a model without a tokenizer), times `margin`, over 127. The text
+    goes through in chunks no longer than a sliding window, so a windowed layer's cache (which keeps
+    only its window) shows every position once."""
+    from ...model.prefill import cache_tensors, forward, new_cache
+    from .calibration import CALIBRATION_TEXT
+
+    if lm.tokenizer is not None:
+        ids = lm.tokenizer(CALIBRATION_TEXT, return_tensors="pt").input_ids
+    else:
+        vocab = int(lm.model.get_input_embeddings().weight.shape[0])
+        ids = torch.randint(0, vocab, (1, 512), generator=torch.Generator().manual_seed(0))
+    if lm.context_length:
+        ids = ids[:, :lm.context_length - 1]
+    ids = ids.to(lm.device)
+    chunk = min(attention_window(lm.config) or 512, 512)
+    cache = new_cache(lm.model)
+    top: list[list[torch.Tensor]] | None = None
+    for start in range(0, ids.shape[1], chunk):
+        n = min(chunk, ids.shape[1] - start)
+        forward(lm.model, ids[:, start:start + n], cache)
+        # the chunk's positions are the last n of every layer's cache
+        now = [[t[:, :, -n:].detach().float().abs().amax(dim=(0, 2)) for t in pair] for pair in cache_tensors(cache)]
+        top = now if top is None else [[torch.maximum(a, b) for a, b in zip(x, y)] for x, y in zip(top, now)]
+    scale = np.float32(margin / INT8_MAX)
+    return [tuple(np.maximum(t.cpu().numpy(), 1e-6).astype(np.float32) * scale for t in pair) for pair in top]
+
+
+def quantize_kv(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """A float KV tensor [B, kv_heads, n, head_dim] as the int8 GroupQueryAttention stores it with
+    scale [1, kv_heads, 1, head_dim]: round(x / scale), clipped to ±127."""
+    return np.clip(np.rint(x.astype(np.float32) / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
 
 
 class _Graph:
@@ -102,9 +153,18 @@ class _Graph:
         return self.one("Transpose", [src], perm=[1, 0])
 
 
-def build_lean(lm, max_length: int, ff_names: set[str], sliding: list[int]):
+def kv_elem(kv_dtype: str, weights: int) -> int:
+    """The onnx element type of the KV buffers: kv_dtype's ("float32", "float16", "int8")."""
+    from onnx import TensorProto
+
+    return {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}.get(kv_dtype, weights)
+
+
+def build_lean(lm, max_length: int, ff_names: set[str], sliding: list[int], kv_dtype: str = "float32",
+               kv_scales: list[tuple[np.ndarray, np.ndarray]] | None = None):
     """The lean decoder of `lm` (its experts installed, if any) as an onnx ModelProto; every
-    initializer named after the model's parameter. Returns (proto, layout facts)."""
+    initializer named after the model's parameter. KV buffers of `kv_dtype`; int8 takes each
+    layer's (key, value) scales [kv_heads, head_dim]. Returns (proto, layout facts)."""
     from onnx import TensorProto, helper
 
     check_lean_model(lm)
@@ -114,6 +174,9 @@ def build_lean(lm, max_length: int, ff_names: set[str], sliding: list[int]):
     if dtype not in (torch.float32, torch.float16):
         raise GriffinError(f"the ONNX graph takes float32 or float16 weights, not {dtype}")
     elem = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.FLOAT16
+    kv_type = kv_elem(kv_dtype, elem)
+    if (kv_dtype == "int8") != (kv_scales is not None):
+        raise RuntimeError("int8 KV buffers need their scales, and only they")  # the exporter's bug
     heads, kv_heads, head_dim = attention_shape(cfg)
     eps = float(cfg.rms_norm_eps)
     window = attention_window(cfg)
@@ -158,12 +221,18 @@ def build_lean(lm, max_length: int, ff_names: set[str], sliding: list[int]):
                       _head_norm(g, ks, param(att.k_norm.weight), head_dim, eps, f"{p}/attn/k_norm"), vs]
         # ORT's local_window_size counts as transformers' sliding_window does (tested on Mistral)
         left = window if window and i in sliding else -1
+        quant: dict = {}
+        scales: list[str] = []
+        if kv_scales is not None:  # position_ids, attention_bias and head_sink skipped, then the scales
+            scales = ["", "", "", *(g.init(KV_SCALE.format(i, t), np.ascontiguousarray(
+                s.reshape(1, kv_heads, 1, head_dim), np.float32)) for t, s in zip(("key", "value"), kv_scales[i]))]
+            quant = {"k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL", "kv_cache_bit_width": 8}
         attn = g.op("GroupQueryAttention", [*gqa_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                                            seqlens, total, cos_name, sin_name],
+                                            seqlens, total, cos_name, sin_name, *scales],
                     outs=[f"{p}/attn/output_0", f"present.{i}.key", f"present.{i}.value"],
                     domain=MS_DOMAIN, name=f"{p}/attn/GroupQueryAttention", num_heads=heads,
                     kv_num_heads=kv_heads, scale=float(att.scaling), do_rotary=1, rotary_interleaved=0,
-                    local_window_size=left)[0]
+                    local_window_size=left, **quant)[0]
         o = g.one("MatMul", [attn, g.weight_t(param(att.o_proj.weight))], name=f"{p}/attn/o_proj")
         if att.o_proj.bias is not None:
             o = g.one("Add", [o, param(att.o_proj.bias)])
@@ -190,8 +259,8 @@ def build_lean(lm, max_length: int, ff_names: set[str], sliding: list[int]):
     outputs = [helper.make_tensor_value_info("logits", elem, [BATCH, SEQ, int(head.weight.shape[0])])]
     for i in range(len(layers)):
         for t in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{t}", elem, kv_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{t}", elem, kv_shape))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{t}", kv_type, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{t}", kv_type, kv_shape))
     from onnx import numpy_helper
 
     initializers = [numpy_helper.from_array(arr, name) for name, arr in g.inits.items()]
