@@ -5,7 +5,7 @@ import time
 import click
 
 from griffin_export.registry import AGGREGATIONS, CLASS_METHODS
-from griffin_export.settings import CLUSTERINGS, ClassSettings, DiscoverSettings, defaults, plural
+from griffin_export.settings import CLUSTERINGS, K_CRITERIA, ClassSettings, DiscoverSettings, defaults, plural
 
 from .options import (chunk_option, density_option, dtype_option, human_bytes, model_options, require_extra, status,
                       threads_option)
@@ -20,9 +20,13 @@ FOUND = defaults(DiscoverSettings)
               help="folder to write: a bundle per class, router.safetensors, report.md and report.json")
 @click.option("--name", default="class", show_default=True, help="the classes are named NAME-1, NAME-2, ... by size")
 @click.option("-k", "--classes", "k", type=click.IntRange(min=1), default=None,
-              help="how many classes [default: chosen by the cosine silhouette among 2..--k-max]")
+              help="how many classes [default: chosen by --k-criterion among 1..--k-max]")
 @click.option("--k-max", default=FOUND["k_max"], show_default=True, type=click.IntRange(min=2),
               help="the most classes to consider when choosing k")
+@click.option("--k-criterion", type=click.Choice(K_CRITERIA), default=FOUND["k_criterion"], show_default=True,
+              help="how k is chosen: coverage, the fewest classes past which one more keeps under 0.3 % more of each "
+                   "prompt's own experts; silhouette, the cosine silhouette's best of 2..--k-max (on the mixed dev "
+                   "log it lumped four kinds into one class)")
 @click.option("--clustering", type=click.Choice(CLUSTERINGS), default=FOUND["clustering"], show_default=True,
               help="kmeans: k-means on the unit-norm statistics; agglomerative: average linkage by cosine distance")
 @click.option("--router-layers", default=FOUND["router_layers"], show_default=True, type=click.IntRange(min=1),
@@ -51,7 +55,7 @@ FOUND = defaults(DiscoverSettings)
 @threads_option
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary")
-def command(inputs, output, name, k, k_max, clustering, router_layers, guard_quantile, save_statistics, statistics,
+def command(inputs, output, name, k, k_max, k_criterion, clustering, router_layers, guard_quantile, save_statistics, statistics,
             field, limit, aggregation, model,
             gguf_file, device, dtype, density, method, seed, chat, chunk_size, threads, force, quiet):
     """Find the classes of an unlabeled log of prompts, and write a class bundle for each and the
@@ -78,7 +82,7 @@ def command(inputs, output, name, k, k_max, clustering, router_layers, guard_qua
     t0 = time.perf_counter()
     settings = ClassSettings(name=name, aggregation=aggregation, density=density, method=method, seed=seed,
                              chunk_size=chunk_size, chat=chat)
-    found = DiscoverSettings(k=k, k_max=k_max, clustering=clustering, router_layers=router_layers,
+    found = DiscoverSettings(k=k, k_max=k_max, k_criterion=k_criterion, clustering=clustering, router_layers=router_layers,
                              guard_quantile=guard_quantile, seed=seed)
     check_discovery_dir(output, force)  # fail before loading anything
     if save_statistics:

@@ -227,7 +227,7 @@ ENGINES = ("local", "ray")
 @dataclass
 class DiscoverSettings:
     """How classes are found in a mixed log (classes/discover.py): how many (k, or None to choose it by
-    the silhouette among 2..k_max), by which clustering of the prompts' statistics, and the router that
+    `k_criterion` among 1..k_max), by which clustering of the prompts' statistics, and the router that
     sends a new prompt to its class from the first `router_layers` layers of a prefill. `guard_quantile`:
     a new prompt less like its class than this fraction of the class's own prompts falls back."""
 

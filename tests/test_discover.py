@@ -193,6 +193,17 @@ def test_a_class_set_is_refused_before_anything_is_written(found, tiny_dir, tmp_
 # -- bad input ---------------------------------------------------------------------------------
 
 
+def test_the_command_chooses_k_by_the_criterion_it_is_given(tmp_path, tiny_dir, capsys):
+    """--k-criterion reaches the library: the silhouette finds the two planted kinds, and the report says
+    which criterion chose K."""
+    planted_log(tmp_path / "log.jsonl")
+    code, _, err = run(["discover", tmp_path / "log.jsonl", "--k-criterion", "silhouette", "-o", tmp_path / "c",
+                        "--model", tiny_dir(), "-q"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["k_criterion"] == "silhouette" and report["k"] == 2
+
+
 def test_k_past_the_prompts_or_below_one_is_refused(tmp_path, tiny_dir, capsys):
     planted_log(tmp_path / "log.jsonl", n=2)
     one_line(["discover", tmp_path / "log.jsonl", "-k", "5", "-o", tmp_path / "c", "--model", tiny_dir()], capsys,

@@ -6,7 +6,7 @@ GRIFFIN statistic s_p [L, D_ff]. Its representation for clustering is s_p with e
 unit norm (classes/router.unit_layers): two prompts are alike as far as their layers' statistics point
 the same way, every layer with one vote; cosine similarity over it is the mean of the layers' cosines.
 The prompts are clustered by cosine (k-means on the unit vectors, or average-linkage agglomeration; K
-given, or the silhouette's best of 2..k_max). A cluster's class statistic is the sum of its prompts'
+given, or chosen by coverage or the silhouette: settings.DiscoverSettings.k_criterion). A cluster's class statistic is the sum of its prompts'
 (aggregate.ClassStatistic, exactly what `class` counts over them), so its class bundle needs no second
 prefill, except for a refit method, whose Gram is counted on the cluster's prompts in a second pass.
 The router's centroids are the clusters' means of the first `router_layers` layers.
