@@ -7,8 +7,16 @@ import click
 from griffin_export.registry import AGGREGATIONS, CLASS_METHODS
 from griffin_export.settings import CLUSTERINGS, K_CRITERIA, ClassSettings, DiscoverSettings, defaults, plural
 
-from .options import (chunk_option, density_option, dtype_option, human_bytes, model_options, require_extra, status,
-                      threads_option)
+from .options import (
+    chunk_option,
+    density_option,
+    dtype_option,
+    human_bytes,
+    model_options,
+    require_extra,
+    status,
+    threads_option,
+)
 
 CLASS = defaults(ClassSettings)
 FOUND = defaults(DiscoverSettings)
@@ -16,8 +24,9 @@ FOUND = defaults(DiscoverSettings)
 
 @click.command("discover")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("-o", "--output", required=True, metavar="DIR",
-              help="folder to write: a bundle per class, router.safetensors, report.md and report.json")
+@click.option("-o", "--output", default=None, metavar="DIR",
+              help="folder to write: a bundle per class, router.safetensors, report.md and report.json [required, "
+                   "except with --shard]")
 @click.option("--name", default="class", show_default=True, help="the classes are named NAME-1, NAME-2, ... by size")
 @click.option("-k", "--classes", "k", type=click.IntRange(min=1), default=None,
               help="how many classes [default: chosen by --k-criterion among 1..--k-max]")
@@ -37,8 +46,12 @@ FOUND = defaults(DiscoverSettings)
 @click.option("--save-statistics", default=None, metavar="FILE",
               help="also keep every prompt's statistic in FILE: discover again from it (--statistics) with another "
                    "-k or --clustering, without a prefill")
-@click.option("--statistics", default=None, metavar="FILE",
-              help="read the prompts' statistics from a --save-statistics FILE of these INPUTs instead of prefilling")
+@click.option("--statistics", multiple=True, metavar="FILE",
+              help="read the prompts' statistics from a --save-statistics FILE of these INPUTs instead of prefilling; "
+                   "repeat it for every shard's file of one --shard split")
+@click.option("--shard", default=None, metavar="I/N",
+              help="count only the I-th of N slices of the prompts into --save-statistics FILE (no clustering): "
+                   "N machines split a long log, then `discover --statistics` every shard's file clusters them all")
 @click.option("--field", default="prompt", show_default=True, help="JSONL key holding the prompt text")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="use only the first N prompts")
 @click.option("--aggregation", type=click.Choice(list(AGGREGATIONS)), default=CLASS["aggregation"], show_default=True,
@@ -55,8 +68,8 @@ FOUND = defaults(DiscoverSettings)
 @threads_option
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary")
-def command(inputs, output, name, k, k_max, k_criterion, clustering, router_layers, guard_quantile, save_statistics, statistics,
-            field, limit, aggregation, model,
+def command(inputs, output, name, k, k_max, k_criterion, clustering, router_layers, guard_quantile, save_statistics,
+            statistics, shard, field, limit, aggregation, model,
             gguf_file, device, dtype, density, method, seed, chat, chunk_size, threads, force, quiet):
     """Find the classes of an unlabeled log of prompts, and write a class bundle for each and the
     router that sends a new prompt to its class.
@@ -73,15 +86,32 @@ def command(inputs, output, name, k, k_max, k_criterion, clustering, router_laye
       griffin-export discover traffic.jsonl -k 4 --method topk_refit -o classes/ --name traffic
       griffin-export generate --router classes/router.safetensors --prompts queue.jsonl -o answers.jsonl
       griffin-export inspect classes/router.safetensors
+      # a long log on two machines: each counts a half, then one clusters both halves
+      griffin-export discover traffic.jsonl --shard 1/2 --save-statistics part1.safetensors
+      griffin-export discover traffic.jsonl --shard 2/2 --save-statistics part2.safetensors
+      griffin-export discover traffic.jsonl --statistics part1.safetensors --statistics part2.safetensors -o classes/
     """
     require_extra("classes")
-    from griffin_export.classes.discover import check_discovery_dir, discover, write_discovery
+    from griffin_export.classes.discover import check_discovery_dir, discover, discover_shard, write_discovery
     from griffin_export.files.outputs import check_output_path
     from griffin_export.model.load import ModelSource, use_threads
 
     t0 = time.perf_counter()
     settings = ClassSettings(name=name, aggregation=aggregation, density=density, method=method, seed=seed,
                              chunk_size=chunk_size, chat=chat)
+    if shard is not None:
+        if save_statistics is None or output is not None or statistics:
+            raise click.UsageError("--shard counts one slice of the prompts into --save-statistics FILE; "
+                                   "give it without -o and --statistics")
+        use_threads(threads)
+        log = discover_shard(inputs, settings, shard, save_statistics, ModelSource(model, gguf_file, dtype, device),
+                             field=field, limit=limit, progress=not quiet, force=force)
+        click.echo(f"wrote {save_statistics}: shard {shard}, {plural(len(log.prompts), 'prompt')}"
+                   + (f" ({len(log.skipped)} over the context, skipped)" if log.skipped else "")
+                   + f", {time.perf_counter() - t0:.1f} s")
+        return
+    if output is None:
+        raise click.UsageError("Missing option '-o' / '--output'.")
     found = DiscoverSettings(k=k, k_max=k_max, k_criterion=k_criterion, clustering=clustering, router_layers=router_layers,
                              guard_quantile=guard_quantile, seed=seed)
     check_discovery_dir(output, force)  # fail before loading anything
@@ -89,7 +119,7 @@ def command(inputs, output, name, k, k_max, k_criterion, clustering, router_laye
         check_output_path(save_statistics, force)
     use_threads(threads)
     result = discover(inputs, settings, found, ModelSource(model, gguf_file, dtype, device), field=field, limit=limit,
-                      progress=not quiet, report=lambda line: status(line, quiet), statistics=statistics,
+                      progress=not quiet, report=lambda line: status(line, quiet), statistics=list(statistics) or None,
                       save_statistics=save_statistics)
     out = write_discovery(result, output, force=force)
     size = sum(f.stat().st_size for f in out.iterdir())

@@ -204,6 +204,47 @@ def test_the_command_chooses_k_by_the_criterion_it_is_given(tmp_path, tiny_dir, 
     assert report["k_criterion"] == "silhouette" and report["k"] == 2
 
 
+def test_a_log_counted_in_shards_discovers_as_one_run(tmp_path, tiny_dir, capsys):
+    """discover --shard I/N on each slice, then --statistics every shard's file: the same statistics, so
+    the same classes and router as one run over the whole log (the shards given in any order)."""
+    from safetensors.torch import load_file
+
+    planted_log(tmp_path / "log.jsonl", n=5)  # 10 prompts: shards of 4 and 3 and 3
+    common = ["--model", tiny_dir(), "-q", "--k-criterion", "silhouette"]
+    assert run(["discover", tmp_path / "log.jsonl", "--save-statistics", tmp_path / "whole.safetensors",
+                "-o", tmp_path / "one", *common], capsys)[0] == 0
+    for i in (1, 2, 3):
+        code, out, err = run(["discover", tmp_path / "log.jsonl", "--shard", f"{i}/3",
+                              "--save-statistics", tmp_path / f"part{i}.safetensors", *common], capsys)
+        assert code == 0 and f"shard {i}/3" in out, err
+    parts = [x for i in (3, 1, 2) for x in ("--statistics", tmp_path / f"part{i}.safetensors")]
+    assert run(["discover", tmp_path / "log.jsonl", *parts, "-o", tmp_path / "sharded", *common], capsys)[0] == 0
+    whole = load_file(tmp_path / "whole.safetensors")
+    joined = torch.cat([load_file(tmp_path / f"part{i}.safetensors")["scores"] for i in (1, 2, 3)])
+    assert torch.equal(whole["scores"], joined)
+    a, b = load_file(tmp_path / "one" / "router.safetensors"), load_file(tmp_path / "sharded" / "router.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_incomplete_or_mixed_set_of_shards_is_refused(tmp_path, tiny_dir, capsys):
+    planted_log(tmp_path / "log.jsonl", n=2)
+    model = ["--model", tiny_dir(), "-q"]
+    for i in (1, 2):
+        run(["discover", tmp_path / "log.jsonl", "--shard", f"{i}/2", "--save-statistics", tmp_path / f"p{i}", *model],
+            capsys)
+    run(["discover", tmp_path / "log.jsonl", "--shard", "1/3", "--save-statistics", tmp_path / "q1", *model], capsys)
+    log, out = tmp_path / "log.jsonl", tmp_path / "c"
+    stats = lambda *names: [x for n in names for x in ("--statistics", tmp_path / n)]  # noqa: E731
+    one_line(["discover", log, *stats("p1"), "-o", out, *model], capsys, "shard 2/2 of the statistics is missing")
+    one_line(["discover", log, *stats("p1", "p1", "p2"), "-o", out, *model], capsys, "shard 1/2 is given twice")
+    one_line(["discover", log, *stats("p1", "p2", "q1"), "-o", out, *model], capsys, "2 ways and 3 ways")
+    one_line(["discover", log, "--shard", "1/2", "-o", out, *model], capsys, "--shard", "--save-statistics")
+    one_line(["discover", log, "--shard", "5/5", "--save-statistics", tmp_path / "r", *model], capsys,
+             "the log has 4 prompts")
+    one_line(["discover", log, "--shard", "0/2", "--save-statistics", tmp_path / "r", *model], capsys, "1 <= I <= N")
+    assert not out.exists() and not (tmp_path / "r").exists()
+
+
 def test_k_past_the_prompts_or_below_one_is_refused(tmp_path, tiny_dir, capsys):
     planted_log(tmp_path / "log.jsonl", n=2)
     one_line(["discover", tmp_path / "log.jsonl", "-k", "5", "-o", tmp_path / "c", "--model", tiny_dir()], capsys,

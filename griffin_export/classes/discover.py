@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import registry
 from ..bundle.format import Bundle, read_file, write_bundle
 from ..errors import GriffinError
 from ..files.inputs import Prompt, iter_prompts, survey_prompts
@@ -35,15 +36,14 @@ from ..method.export import prompt_statistic
 from ..method.selection import k_for
 from ..model.load import LoadedModel, ModelSource
 from ..model.tokens import OVER_CONTEXT, tokenize
-from .. import registry
 from ..registry import DEFAULT_AGGREGATION
 from ..settings import ClassSettings, DiscoverSettings, plural
-from .aggregate import ClassStatistic, StatisticInfo
+from .aggregate import ClassStatistic, Shard, StatisticInfo
 from .build import class_bundle
-from .counting import class_statistic
+from .counting import class_statistic, shard_of
 from .router import Router, RouterInfo, bundle_digest, similarities, unit_layers, write_router
 
-__all__ = ["Discovery", "discover", "write_discovery"]
+__all__ = ["Discovery", "discover", "discover_shard", "write_discovery"]
 
 REPRESENTATIVES = 3  # prompts shown per class in the report: the nearest to its centroid
 ROUTER_FILE = "router.safetensors"
@@ -59,6 +59,7 @@ class LogStatistics:
     prompts: list[Prompt]
     positions: list[int]  # each kept prompt's place among the inputs' prompts (0-based)
     skipped: list[str] = field(default_factory=list)  # where the prompts longer than the context are
+    shard: str = ""  # "I/N": the statistics of the I-th of N slices of the prompts only (discover --shard)
 
 
 LOG_FORMAT = "griffin-log-statistics"
@@ -73,7 +74,7 @@ def write_log_statistics(log: LogStatistics, lm: LoadedModel, inputs_digest: str
     path = check_output_path(path, force)
     meta = {"format": LOG_FORMAT, "format_version": LOG_VERSION, "base_model": lm.identity,
             "base_fingerprint": lm.fingerprint, "inputs_digest": inputs_digest,
-            "skipped": json.dumps(log.skipped)}
+            "skipped": json.dumps(log.skipped), "shard": log.shard}
     with atomic_output(path) as tmp:
         save_file({"scores": log.scores.contiguous(), "tokens": torch.tensor(log.tokens, dtype=torch.int64),
                    "positions": torch.tensor(log.positions, dtype=torch.int64)}, str(tmp), metadata=meta)
@@ -97,15 +98,48 @@ def read_log_statistics(path: str | os.PathLike, lm: LoadedModel, prompts: list[
     if (scores.dtype != torch.float32 or scores.shape[1:] != (lm.num_layers, lm.d_ff)
             or not scores.shape[0] == len(tokens) == len(positions) or not all(0 <= i < len(prompts) for i in positions)):
         raise GriffinError(f"{path}: its statistics do not match the model's layers and FF width or the prompts")
-    return LogStatistics(scores, tokens, [prompts[i] for i in positions], positions, skipped)
+    return LogStatistics(scores, tokens, [prompts[i] for i in positions], positions, skipped, meta.get("shard", ""))
+
+
+def read_log_parts(paths: Sequence[str | os.PathLike], lm: LoadedModel, prompts: list[Prompt], inputs_digest: str
+                   ) -> LogStatistics:
+    """One whole statistics file, or every shard of one split (`discover --shard I/N`, each 1..N once),
+    joined in the prompts' order."""
+    parts = [read_log_statistics(p, lm, prompts, inputs_digest) for p in paths]
+    if len(parts) == 1 and not parts[0].shard:
+        return parts[0]
+    whole = [str(p) for p, part in zip(paths, parts) if not part.shard]
+    if whole:
+        raise GriffinError(f"{whole[0]} holds every prompt's statistics, the others one shard's; give one or the other")
+    shards = [Shard.parse(part.shard) for part in parts]
+    counts = sorted({s.count for s in shards})
+    if len(counts) > 1:
+        raise GriffinError(f"the statistics split the prompts {' and '.join(f'{c} ways' for c in counts)}; "
+                           "give the shards of one split")
+    seen: dict[int, str] = {}
+    for s, p in zip(shards, paths):
+        if s.index in seen:
+            raise GriffinError(f"shard {s} is given twice ({seen[s.index]} and {p})")
+        seen[s.index] = str(p)
+    missing = [f"{i}/{counts[0]}" for i in range(1, counts[0] + 1) if i not in seen]
+    if missing:
+        raise GriffinError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of the statistics "
+                           f"{'are' if len(missing) > 1 else 'is'} missing: their prompts would be left out")
+    order = sorted(range(len(parts)), key=lambda n: shards[n].index)
+    joined = [parts[n] for n in order]
+    positions = [i for part in joined for i in part.positions]
+    return LogStatistics(torch.cat([part.scores for part in joined]), [t for part in joined for t in part.tokens],
+                         [p for part in joined for p in part.prompts], positions,
+                         [w for part in joined for w in part.skipped])
 
 
 def collect(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *, total: int | None = None,
-            progress: bool = False) -> LogStatistics:
+            progress: bool = False, first: int = 0) -> LogStatistics:
     """One full prefill per prompt, keeping each prompt's statistic; over-context prompts are skipped
-    and named (never truncated)."""
+    and named (never truncated). `first`: the first prompt's place among the inputs' (a shard's)."""
     scores, tokens, kept, positions, skipped = [], [], [], [], []
-    for n, prompt in enumerate(tqdm(prompts, total=total, desc="statistics", unit="prompt", disable=not progress)):
+    for n, prompt in enumerate(tqdm(prompts, total=total, desc="statistics", unit="prompt", disable=not progress),
+                               start=first):
         try:
             ids = tokenize(lm, prompt.text, chat=settings.chat)
         except GriffinError as e:
@@ -234,13 +268,14 @@ def class_of(lm: LoadedModel, log: LogStatistics, members: np.ndarray, settings:
 def discover(inputs: Sequence[str | os.PathLike], settings: ClassSettings, found: DiscoverSettings | None = None,
              source: ModelSource | None = None, *, field: str = "prompt", limit: int | None = None,
              progress: bool = False, report: Callable[[str], None] | None = None,
-             statistics: str | os.PathLike | None = None, save_statistics: str | os.PathLike | None = None
-             ) -> Discovery:
+             statistics: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+             save_statistics: str | os.PathLike | None = None) -> Discovery:
     """Classes found in the prompts of `inputs` (read as `class` reads them): one prefill each, the
     clustering, a class bundle per cluster (named settings.name-1, -2, ... by size), the router and a
     report (sizes, representative prompts, the neurons each class shares with the others).
     `save_statistics` keeps every prompt's statistic in a file; `statistics` reads them from one
-    instead of prefilling (another k or clustering of the same log costs seconds)."""
+    instead of prefilling (another k or clustering of the same log costs seconds), or from every
+    shard's file of one split (discover_shard)."""
     found, source = found or DiscoverSettings(), source or ModelSource()
     say = report or (lambda line: None)
     require_sklearn()
@@ -257,7 +292,8 @@ def discover(inputs: Sequence[str | os.PathLike], settings: ClassSettings, found
     if found.router_layers > lm.num_layers:
         raise GriffinError(f"`router_layers` is {found.router_layers}; the model has {lm.num_layers} layers")
     if statistics is not None:
-        log = read_log_statistics(statistics, lm, list(iter_prompts(inputs, field, limit)), survey.digest)
+        paths = [statistics] if isinstance(statistics, (str, os.PathLike)) else list(statistics)
+        log = read_log_parts(paths, lm, list(iter_prompts(inputs, field, limit)), survey.digest)
     else:
         log = collect(lm, iter_prompts(inputs, field, limit), settings, total=survey.prompts, progress=progress)
     if save_statistics is not None:
@@ -285,6 +321,27 @@ def discover(inputs: Sequence[str | os.PathLike], settings: ClassSettings, found
         bundles.append(class_bundle(lm, info, stat, one, source=info.extra["source"]))
     router = make_router(lm, log, found_k, names, found, settings.chat)
     return Discovery(names, bundles, infos, stats, router, summarize(lm, log, found_k, names, bundles, router, found))
+
+
+def discover_shard(inputs: Sequence[str | os.PathLike], settings: ClassSettings, shard: str,
+                   save_statistics: str | os.PathLike, source: ModelSource | None = None, *, field: str = "prompt",
+                   limit: int | None = None, progress: bool = False, force: bool = False) -> LogStatistics:
+    """The statistics of one slice of the log's prompts (`shard` "I/N"), written to `save_statistics`:
+    N machines each count one slice, and `discover(..., statistics=[every shard's file])` clusters them
+    all, as one run over the whole log would."""
+    part = Shard.parse(shard)
+    survey = survey_prompts(inputs, field, limit)
+    if part.count > survey.prompts:
+        raise GriffinError(f"`shard` {part}: the log has {plural(survey.prompts, 'prompt')}; split it at most "
+                           f"{survey.prompts} ways")
+    check_output_path(save_statistics, force)
+    lm = (source or ModelSource()).load(quiet=not progress)
+    rows = part.rows(survey.prompts)
+    log = collect(lm, shard_of(iter_prompts(inputs, field, limit), part, survey.prompts), settings, total=len(rows),
+                  progress=progress, first=rows.start)
+    log.shard = str(part)
+    write_log_statistics(log, lm, survey.digest, save_statistics, force=force)
+    return log
 
 
 def make_router(lm: LoadedModel, log: LogStatistics, found_k: Clustering, names: list[str], found: DiscoverSettings,
