@@ -108,7 +108,7 @@ def command(bundles, model, gguf_file, device, max_new_tokens, temperature, top_
         raise click.UsageError("-o, --resume and --force are for --prompts")
     from griffin_export.bundle.format import read_info
     from griffin_export.errors import GriffinError
-    from griffin_export.runtime.base import open_runtime
+    from griffin_export.runtime.opening import open_runtime
 
     prompt = read_prompt(prompt_file) if prompt_file else None
     if router and prompt is None:

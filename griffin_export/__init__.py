@@ -29,7 +29,7 @@ _API = {
     "LoadedModel": "model.load", "from_model": "model.load", "load_model": "model.load",
     "TorchRuntime": "runtime.pytorch", "load_runtime": "runtime.pytorch",
     "ClassSettings": "settings", "export_class": "classes.build", "iter_prompts": "files.inputs",
-    "RuntimeOptions": "settings", "open_runtime": "runtime.base", "generate_file": "runtime.answers",
+    "RuntimeOptions": "settings", "open_runtime": "runtime.opening", "generate_file": "runtime.answers",
     "ModelSource": "model.load",
 }
 __all__ = sorted(_API)

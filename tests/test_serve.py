@@ -42,9 +42,10 @@ if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("open
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
+from griffin_export.serve.assemble import build  # noqa: E402
 from griffin_export.serve.backends import Backend  # noqa: E402
 from griffin_export.serve.engine import STEP_DELAY_ENV, Engine, Overloaded, Request  # noqa: E402
-from griffin_export.serve.server import build, start  # noqa: E402
+from griffin_export.serve.server import start  # noqa: E402
 
 KEY = "test-key"
 LIMIT = 8192  # the test servers' body limit
@@ -211,8 +212,8 @@ def test_the_engine_batches_requests_and_admits_them_mid_batch_as_each_alone(cla
 def test_rows_of_different_classes_decode_in_one_batch_as_each_alone(classes):
     """The lean step's mixed batch: each class's prompts prefilled through its experts, then joined into one
     running batch (the full model's rows too), every row decoding with its own FF weights."""
-    from griffin_export.serve.backends import ClassRuntime, class_bundles
     from griffin_export.model.load import load_model
+    from griffin_export.serve.backends import ClassRuntime, class_bundles
     from tests.test_batch import decode_with_arrivals
 
     rt = ClassRuntime(load_model(classes.model, quiet=True), class_bundles(classes.bundles))

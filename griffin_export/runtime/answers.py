@@ -29,7 +29,8 @@ from ..files.jsonl import parse_object
 from ..files.outputs import check_output_path
 from ..model.decoding import Generation
 from ..settings import DecodeOptions, RuntimeOptions, plural
-from .base import BatchStats, open_runtime
+from .base import BatchStats
+from .opening import open_runtime
 
 __all__ = ["AnswersRun", "generate_file"]
 

@@ -622,7 +622,7 @@ def load_onnx_runtime(graph: str | os.PathLike, bundle: str | os.PathLike | Bund
 
 def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, max_new_tokens: int | None = None,
          source: str = "bundle", quiet: bool = True) -> OnnxRuntime:
-    """The registry's loader (runtime/base.open_runtime). A new prompt needs a prefill, by the full
+    """The registry's loader (runtime/opening.open_runtime). A new prompt needs a prefill, by the full
     model's graph or through the experts: refused before any session is made (seconds) without one."""
     if (new_prompts or not bundle.info.has_kv) and options.full_graph_dir is None and not options.pruned_prefill:
         raise GriffinError("a new prompt (or a bundle without KV) needs the full model for its prefill: export it with "

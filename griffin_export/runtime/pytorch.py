@@ -256,7 +256,7 @@ def load_runtime(bundle: str | os.PathLike | Bundle, model: LoadedModel | str | 
 
 def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, max_new_tokens: int | None = None,
          source: str = "bundle", quiet: bool = True) -> TorchRuntime:
-    """The registry's loader (runtime/base.open_runtime): what can be refused without the weights
+    """The registry's loader (runtime/opening.open_runtime): what can be refused without the weights
     is refused first, the device and, for the bundle's own prompt, its room in the model's context."""
     check_device(options.device)
     if options.threads:

@@ -1,6 +1,6 @@
 """The same app on Ray Serve: replicas across machines, Serve's proxy spreading the requests among them.
 
-Each replica builds what `griffin-export serve` builds (server.build: the backend, its engine, the app)
+Each replica builds what `griffin-export serve` builds (assemble.build: the backend, its engine, the app)
 and hands Serve the app; Serve runs it behind its own HTTP proxy. A replica's batches are its own: the
 proxy sends each replica up to `max_batch` * 2 requests at a time, so its batches can fill.
 
@@ -24,7 +24,7 @@ from typing import Callable
 
 from ..errors import GriffinError
 from ..settings import ServeSettings
-from .server import build
+from .assemble import build
 
 
 class GriffinReplica:
