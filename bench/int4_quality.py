@@ -30,15 +30,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bench.xsum_quality import add_common_args, gold_ll, open_rows
-from griffin_export.evaluation.metrics import diff_ci, mean_ci, ratio_ci, rouge
+from bench.xsum_quality import (
+    add_common_args,
+    fmt,
+    gold_ll,
+    intervals,
+    open_rows,
+    paired_diffs,
+    read_recs,
+    write_summary,
+)
+from griffin_export.evaluation.metrics import ratio_ci, rouge
 from griffin_export.evaluation.runner import continuation_ids
 from griffin_export.method.export import export_ids
 from griffin_export.model.load import load_model
-from griffin_export.targets.onnx.export import export_onnx
 from griffin_export.model.tokens import tokenize
 from griffin_export.runtime.onnx import OnnxRuntime
 from griffin_export.settings import DecodeOptions, QuantSettings
+from griffin_export.targets.onnx.export import export_onnx
 
 
 def parse_variant(text: str, block_size: int, level: int) -> QuantSettings:
@@ -110,29 +119,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def summarize(out: Path, a) -> None:
-    recs = [json.loads(line) for line in (out / "rows.jsonl").open()]
-    col = lambda name, key: [r["results"][name][key] for r in recs]  # noqa: E731
+    recs, names, col = read_recs(out)
     summary = {"rows": len(recs), "args": vars(a), "settings": {}}
-    names = list(recs[0]["results"])
     lines = [f"{len(recs)} XSum rows ({a.rows}), {a.method} density {a.density:g}, warm-up {a.warmup}; "
              "int4 Ln bB: accuracy_level n, block B; 95 % bootstrap intervals", "",
              "| setting | ROUGE-L | vs full fp32 ROUGE-L | agreement with full fp32 (ROUGE-L) | gold log-lik / token |",
              "|---|---|---|---|---|"]
-    fmt = lambda i: f"{i.mean:.3f} [{i.low:.3f}, {i.high:.3f}]"  # noqa: E731
     for name in names:
-        s = {"rougeL": mean_ci(col(name, "rougeL")), "ratio": ratio_ci(col(name, "rougeL"), col("full fp32", "rougeL")),
-             "agree": mean_ci(col(name, "agree_rougeL")), "gold_ll": mean_ci(col(name, "gold_ll"))}
+        s = {**intervals(col, name), "ratio": ratio_ci(col(name, "rougeL"), col("full fp32", "rougeL"))}
         summary["settings"][name] = {k: v.as_dict() for k, v in s.items()}
         lines.append(f"| {name} | {fmt(s['rougeL'])} | {fmt(s['ratio'])} | {fmt(s['agree'])} | {fmt(s['gold_ll'])} |")
     for name in (n for n in names if n.startswith("pruned int4")):
-        lines += ["", f"paired difference, {name} - pruned fp32:"]
-        for key in ("rougeL", "agree_rougeL", "gold_ll"):
-            d = diff_ci(col(name, key), col("pruned fp32", key))
-            summary.setdefault("diffs", {}).setdefault(name, {})[key] = d.as_dict()
-            lines.append(f"- {key}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        summary.setdefault("diffs", {})[name], diff_lines = paired_diffs(col, name, "pruned fp32")
+        lines += ["", *diff_lines]
+    write_summary(out, summary, lines)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bench.xsum_quality import add_common_args, gold_ll, open_rows
-from griffin_export.evaluation.metrics import diff_ci, mean_ci, rouge
+from bench.xsum_quality import (
+    add_common_args,
+    fmt,
+    gold_ll,
+    intervals,
+    open_rows,
+    paired_diffs,
+    read_recs,
+    write_summary,
+)
+from griffin_export.evaluation.metrics import rouge
 from griffin_export.evaluation.runner import continuation_ids
 from griffin_export.method.export import export_ids
 from griffin_export.model.decoding import decode, eos_ids
@@ -174,19 +183,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def summarize(out: Path, a) -> None:
-    recs = [json.loads(line) for line in (out / "rows.jsonl").open()]
-    col = lambda name, key: [r["results"][name][key] for r in recs]  # noqa: E731
-    names = list(recs[0]["results"])
+    recs, names, col = read_recs(out)
     summary = {"rows": len(recs), "args": vars(a), "settings": {}, "diffs": {}}
     lines = [f"{len(recs)} XSum rows ({a.rows}), {a.method} density {a.density:g}, warm-up {a.warmup}, "
              f"{a.threads} threads; 95 % bootstrap intervals; agreement: ROUGE-L with the same runtime's float32-KV "
              "output (llama.cpp: its default F16, on the full model)", "",
              "| setting | ROUGE-L | agreement with its reference KV | gold log-lik / token | s / row |",
              "|---|---|---|---|---|"]
-    fmt = lambda i: f"{i.mean:.3f} [{i.low:.3f}, {i.high:.3f}]"  # noqa: E731
     for name in names:
-        s = {"rougeL": mean_ci(col(name, "rougeL")), "agree": mean_ci(col(name, "agree_rougeL")),
-             "gold_ll": mean_ci(col(name, "gold_ll"))}
+        s = intervals(col, name)
         secs = float(np.mean([r["seconds"][name] for r in recs]))
         summary["settings"][name] = {**{k: v.as_dict() for k, v in s.items()}, "seconds_per_row": secs}
         lines.append(f"| {name} | {fmt(s['rougeL'])} | {fmt(s['agree'])} | {fmt(s['gold_ll'])} | {secs:.1f} |")
@@ -194,17 +199,12 @@ def summarize(out: Path, a) -> None:
         ref = REFERENCE[family(name)]
         if name == ref:
             continue
-        lines += ["", f"paired difference, {name} − {ref}:"]
-        for key in ("rougeL", "agree_rougeL", "gold_ll"):
-            d = diff_ci(col(name, key), col(ref, key))
-            summary["diffs"].setdefault(name, {})[key] = d.as_dict()
-            lines.append(f"- {key}: {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]")
+        summary["diffs"][name], diff_lines = paired_diffs(col, name, ref, digits=4)
+        lines += ["", *diff_lines]
         same = sum(r["results"][name]["text"] == r["results"][ref]["text"] for r in recs)
         summary["diffs"][name]["same_text_rows"] = same
         lines.append(f"- the same text as {ref} in {same} of {len(recs)} rows")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_summary(out, summary, lines)
 
 
 if __name__ == "__main__":

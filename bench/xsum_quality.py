@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from griffin_export.evaluation.data import read_rows
+from griffin_export.evaluation.metrics import diff_ci, mean_ci
 from griffin_export.evaluation.settings import EvalSettings
 from griffin_export.settings import ExportSettings
 
@@ -44,3 +45,38 @@ def gold_ll(step, first: torch.Tensor, cont) -> float:
         logits.append(step(tok))
     logp = torch.log_softmax(torch.stack(logits).float(), -1).gather(1, cont.ids[:, None])[:, 0]
     return float(logp[cont.scored_from:].mean())
+
+
+def read_recs(out: Path) -> tuple[list[dict], list[str], object]:
+    """(OUT/rows.jsonl's records, their settings' names, col(name, key): one metric of one setting over
+    the rows)."""
+    recs = [json.loads(line) for line in (out / "rows.jsonl").open()]
+    return recs, list(recs[0]["results"]), lambda name, key: [r["results"][name][key] for r in recs]
+
+
+def fmt(i) -> str:
+    """An interval as the tables print it: mean [low, high]."""
+    return f"{i.mean:.3f} [{i.low:.3f}, {i.high:.3f}]"
+
+
+def intervals(col, name: str) -> dict:
+    """ROUGE-L, agreement and gold log-likelihood of one setting, each with its bootstrap interval."""
+    return {"rougeL": mean_ci(col(name, "rougeL")), "agree": mean_ci(col(name, "agree_rougeL")),
+            "gold_ll": mean_ci(col(name, "gold_ll"))}
+
+
+def paired_diffs(col, name: str, ref: str, digits: int = 3) -> tuple[dict, list[str]]:
+    """name − ref per row, paired (ROUGE-L, agreement, gold log-likelihood): the summary's dict and lines."""
+    out, lines = {}, [f"paired difference, {name} − {ref}:"]
+    for key in ("rougeL", "agree_rougeL", "gold_ll"):
+        d = diff_ci(col(name, key), col(ref, key))
+        out[key] = d.as_dict()
+        lines.append(f"- {key}: {d.mean:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]")
+    return out, lines
+
+
+def write_summary(out: Path, summary: dict, lines: list[str]) -> None:
+    """OUT/summary.json and summary.md, and the table printed."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

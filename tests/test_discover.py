@@ -235,7 +235,7 @@ def test_an_incomplete_or_mixed_set_of_shards_is_refused(tmp_path, tiny_dir, cap
     run(["discover", tmp_path / "log.jsonl", "--shard", "1/3", "--save-statistics", tmp_path / "q1", *model], capsys)
     log, out = tmp_path / "log.jsonl", tmp_path / "c"
     stats = lambda *names: [x for n in names for x in ("--statistics", tmp_path / n)]  # noqa: E731
-    one_line(["discover", log, *stats("p1"), "-o", out, *model], capsys, "shard 2/2 of the statistics is missing")
+    one_line(["discover", log, *stats("p1"), "-o", out, *model], capsys, "shard 2/2 is missing")
     one_line(["discover", log, *stats("p1", "p1", "p2"), "-o", out, *model], capsys, "shard 1/2 is given twice")
     one_line(["discover", log, *stats("p1", "p2", "q1"), "-o", out, *model], capsys, "2 ways and 3 ways")
     one_line(["discover", log, "--shard", "1/2", "-o", out, *model], capsys, "--shard", "--save-statistics")

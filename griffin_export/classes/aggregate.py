@@ -184,11 +184,17 @@ def _check_shards(infos: list[StatisticInfo]) -> None:
             if getattr(info, key) != getattr(first, key):
                 raise GriffinError(f"{where[n]} was counted on {what} ({key} {getattr(info, key)!r}) than "
                                    f"{where[0]} ({getattr(first, key)!r}); shards of one run must agree")
-    shards = [Shard.parse(i.shard) for i in infos]
+    check_shard_set([Shard.parse(i.shard) for i in infos], where, "merge the shards of one run",
+                    "the merge would leave out their prompts")
+
+
+def check_shard_set(shards: list[Shard], where: list[str], one_split: str, left_out: str) -> None:
+    """Shards that make one whole: one split (the same N), every shard 1..N exactly once; `where` names
+    each, `one_split` and `left_out` end the messages for shards of two splits and missing shards."""
     counts = {s.count for s in shards}
     if len(counts) > 1:
         raise GriffinError(f"the shards split the prompts {' and '.join(f'{c} ways' for c in sorted(counts))}; "
-                           "merge the shards of one run")
+                           f"{one_split}")
     seen: dict[int, str] = {}
     for s, w in zip(shards, where):
         if s.index in seen:
@@ -197,7 +203,7 @@ def _check_shards(infos: list[StatisticInfo]) -> None:
     missing = [f"{i}/{shards[0].count}" for i in range(1, shards[0].count + 1) if i not in seen]
     if missing:
         raise GriffinError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                           f"{'are' if len(missing) > 1 else 'is'} missing: the merge would leave out their prompts")
+                           f"{'are' if len(missing) > 1 else 'is'} missing: {left_out}")
 
 
 # -- merging and files -------------------------------------------------------------------

@@ -38,7 +38,7 @@ from ..model.load import LoadedModel, ModelSource
 from ..model.tokens import OVER_CONTEXT, tokenize
 from ..registry import DEFAULT_AGGREGATION
 from ..settings import ClassSettings, DiscoverSettings, plural
-from .aggregate import ClassStatistic, Shard, StatisticInfo
+from .aggregate import ClassStatistic, Shard, StatisticInfo, check_shard_set
 from .build import class_bundle
 from .counting import class_statistic, shard_of
 from .router import Router, RouterInfo, bundle_digest, similarities, unit_layers, write_router
@@ -112,19 +112,7 @@ def read_log_parts(paths: Sequence[str | os.PathLike], lm: LoadedModel, prompts:
     if whole:
         raise GriffinError(f"{whole[0]} holds every prompt's statistics, the others one shard's; give one or the other")
     shards = [Shard.parse(part.shard) for part in parts]
-    counts = sorted({s.count for s in shards})
-    if len(counts) > 1:
-        raise GriffinError(f"the statistics split the prompts {' and '.join(f'{c} ways' for c in counts)}; "
-                           "give the shards of one split")
-    seen: dict[int, str] = {}
-    for s, p in zip(shards, paths):
-        if s.index in seen:
-            raise GriffinError(f"shard {s} is given twice ({seen[s.index]} and {p})")
-        seen[s.index] = str(p)
-    missing = [f"{i}/{counts[0]}" for i in range(1, counts[0] + 1) if i not in seen]
-    if missing:
-        raise GriffinError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of the statistics "
-                           f"{'are' if len(missing) > 1 else 'is'} missing: their prompts would be left out")
+    check_shard_set(shards, [str(p) for p in paths], "give the shards of one split", "their prompts would be left out")
     order = sorted(range(len(parts)), key=lambda n: shards[n].index)
     joined = [parts[n] for n in order]
     positions = [i for part in joined for i in part.positions]
