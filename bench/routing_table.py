@@ -75,6 +75,31 @@ def routing(records: dict[int, dict], kinds: dict[int, str], keys: list[str]) ->
     return lines + ["", f"Each kind's class (where most of its prompts go): {kind_class}", ""]
 
 
+def paired(records: dict[int, dict], kinds: dict[int, str], keys: list[str]) -> list[str]:
+    """The targets' comparisons, paired per prompt: discovered classes (+ router, + guard) against the
+    hand-labeled classes, per kind; and what the guard recovers on the prompts it fires on."""
+    find = lambda prefix: next((k for k in keys if k.startswith(prefix)), None)  # noqa: E731
+    labeled, routed, guarded = find("labeled:"), find("routed:"), find("guarded:")
+    if not (labeled and routed):
+        return []
+    lines = ["### against the hand-labeled classes (paired differences)", "",
+             "| kind | setting | ROUGE-L − labeled | gold ll − labeled | agreement − labeled |", "|---|---|---|---|---|"]
+    for kind in [None, *sorted(set(kinds.values()))]:
+        rows = [r["results"] for i, r in sorted(records.items()) if kind is None or kinds[i] == kind]
+        for key in (k for k in (routed, guarded) if k):
+            cells = [interval(diff_ci([r[key][m] for r in rows], [r[labeled][m] for r in rows]))
+                     for m in ("rougeL", "gold_ll", "agree_rougeL")]
+            lines.append(f"| {kind or 'all'} | {label(key)} | " + " | ".join(cells) + " |")
+    if guarded:
+        fired = [r["results"] for r in records.values() if r["results"][guarded].get("guarded")]
+        if fired:
+            lines += ["", f"On the {len(fired)} prompts the guard fired on (they run the full model), guard − router:"]
+            for m, what in (("rougeL", "ROUGE-L"), ("gold_ll", "gold ll"), ("agree_rougeL", "agreement")):
+                d = diff_ci([r[guarded][m] for r in fired], [r[routed][m] for r in fired])
+                lines.append(f"- {what}: {interval(d)}")
+    return lines + [""]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("eval_dir", type=Path)
@@ -89,6 +114,7 @@ def main() -> None:
     for kind in [None, *sorted({kinds[i] for i in records})]:
         lines += table(records, kinds, keys, kind)
     lines += routing(records, kinds, keys)
+    lines += paired(records, kinds, keys)
     text = "\n".join(lines)
     print(text)
     if a.output:
