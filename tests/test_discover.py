@@ -254,6 +254,14 @@ def test_k_past_the_prompts_or_below_one_is_refused(tmp_path, tiny_dir, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_cluster_left_empty_is_refused(tmp_path, tiny_dir, capsys):
+    """Four copies of one prompt cannot make two classes: k-means leaves one empty; refused, nothing written."""
+    (tmp_path / "log.jsonl").write_text((json.dumps({"prompt": "w5 w6 w7 w8 w5"}) + "\n") * 4)
+    one_line(["discover", tmp_path / "log.jsonl", "-k", "2", "-o", tmp_path / "c", "--model", tiny_dir(), "-q"], capsys,
+             "left 1 of 2 classes empty", "smaller --classes")
+    assert not (tmp_path / "c").exists()
+
+
 def test_over_context_prompts_are_skipped_and_counted(tmp_path, tiny_dir):
     kinds = planted_log(tmp_path / "log.jsonl", n=3)
     with open(tmp_path / "log.jsonl", "a") as f:
@@ -341,3 +349,27 @@ def test_eval_scores_class_experts_chosen_per_prompt(found, tiny_dir, tmp_path, 
         if r[f"guarded:{router}"]["guarded"]:
             assert r[f"guarded:{router}"]["text"] == r["full"]["text"] and r[f"guarded:{router}"]["identical"]
     assert both[-1][f"guarded:{router}"]["guarded"]  # the stranger
+
+
+def test_class_experts_are_checked_against_the_model_as_loaded():
+    """A tied embedding (the default model's): building the lean step moves the head's storage, which the
+    model's fingerprint reads, so an ExpertSet on a fresh model takes the fingerprint before it (serving
+    bundles without a router was refused: 'belongs to base model X, not to X')."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from griffin_export.method.export import export_ids
+    from griffin_export.model.load import from_model
+    from griffin_export.runtime.routed import ExpertSet
+    from griffin_export.settings import ExportSettings
+    from tests.helpers import COMMON
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**COMMON, "tie_word_embeddings": True}),
+                                             dtype=torch.float32).eval()
+    exporter = from_model(copy.deepcopy(model), identity="tiny-tied")
+    bundle = export_ids(exporter, prompt_ids(), ExportSettings(density=0.5, warmup=0))
+    fresh = from_model(model, identity="tiny-tied")  # its fingerprint not taken yet
+    experts = ExpertSet(fresh, {"c": bundle}, lean=True)
+    assert experts.lean is not None and fresh.fingerprint == exporter.fingerprint
