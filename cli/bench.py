@@ -23,7 +23,7 @@ BENCH = defaults(BenchSettings)
 @click.option("--row", default=BENCH["row"], show_default=True, help="row of --data used as the prompt")
 @click.option("--new-tokens", default=BENCH["new_tokens"], show_default=True, help="decode steps timed per repeat")
 @click.option("--repeats", default=BENCH["repeats"], show_default=True, help="timed repeats (median reported), after one warm-up")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch (and ONNX Runtime) threads [default: their choice]")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads, and ONNX Runtime's [default: torch every core but one, ONNX Runtime its choice]")
 @click.option("--runtime", default=list_text(BENCH["runtimes"]), show_default=True,
               help="comma-separated runtimes: " + "; ".join(f"{name} = {summary}" for r in RUNTIMES.values()
                                                            for name, summary in r.variants.items())

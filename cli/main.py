@@ -10,8 +10,8 @@ import sys
 import click
 
 # OpenMP threads that spin while they wait for work take the other cores from whatever else runs there,
-# and their own process slows most: on a busy 2-core machine `generate` decoded 0.5 tok/s with torch's two
-# threads spinning, 7.5 tok/s with them waiting passively (docs/speed.md). Set before torch loads.
+# and their own process slows most: on a 2-core machine with another job, `generate` decoded at 0.52x
+# with torch's two threads spinning against passive ones (docs/speed.md#threads). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from griffin_export import __version__  # noqa: E402

@@ -93,8 +93,8 @@ def int4_changed(algorithm: str, block_size: int, accuracy_level: int, float_lm_
 
 def threads_option(f):
     return click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-                        help="torch and ONNX Runtime threads [default: one per core]; on a machine that runs other "
-                             "work, fewer threads than cores decode far faster")(f)
+                        help="torch threads, and ONNX Runtime's where it runs [default: every core but one, 1 on 2 "
+                             "cores: measured fastest on a 2-core machine shared with another job; docs/speed.md]")(f)
 
 
 def dtype_option(f):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -91,6 +92,15 @@ def check_kv_dtype(kv_dtype: str, where: tuple[str, ...] = KV_DTYPES, what: str 
     if kv_dtype not in where:
         raise GriffinError(f"kv_dtype={kv_dtype!r} is not a KV type of {what}; it takes {', '.join(where)}")
     return kv_dtype
+
+
+def default_threads() -> int:
+    """torch's threads when none are asked for: every core but one (one on two cores). Measured on the
+    2-core machine (bench/threads.py, docs/speed.md#threads): with another job running, one thread decoded
+    1.10x as fast as two and exported as fast; two threads that spin between parallel regions fell to
+    0.52x; on a quiet machine one thread decoded 1.13x as fast as two passive ones and exported 0.90x.
+    Leaving a core to the rest of the machine is what kept the busy case from collapsing."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def plural(n: int, noun: str, nouns: str | None = None) -> str:
@@ -319,7 +329,7 @@ class RuntimeOptions:
     guard: bool = True
     # both: prefill prompts through the experts too (what a standalone pruned checkpoint computes)
     pruned_prefill: bool = False
-    threads: int | None = None  # torch / ONNX Runtime threads (None: their own choice)
+    threads: int | None = None  # torch threads (None: default_threads()); ONNX Runtime's (None: its own choice)
     # the KV cache's type: torch, the lean step's (None: TORCH_KV_DTYPE); onnx, the graph's own (exported
     # with it: a different one given here is refused)
     kv_dtype: str | None = None

@@ -21,7 +21,7 @@ from ..bundle.format import write_bundle
 from ..errors import GriffinError
 from ..method.budget import k_text
 from ..method.export import export_ids, precheck
-from ..model.load import LoadedModel, ModelSource
+from ..model.load import LoadedModel, ModelSource, use_threads
 from ..model.prefill import cache_tensors, prefill
 from ..model.tokens import check_context, tokenize
 from ..registry import BENCH_RUNTIMES, bench_runtime
@@ -110,8 +110,7 @@ def run_bench(model: str | None = None, *, gguf_file: str | None = None, dtype: 
     random tokens for a model with random weights; `prompt_source` then says what they are).
     Each runtime of `settings.runtimes` gives its rows (registry.RUNTIMES: the module's bench_rows)."""
     s = settings or BenchSettings()
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    use_threads(s.threads)
     if lm is None:
         source = ModelSource(model, gguf_file, dtype, device)
         precheck(source, s.densities)  # the device, the architecture and the densities, before the weights load

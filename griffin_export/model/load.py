@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import GriffinError
+from ..settings import default_threads
 from .arch import GGUF_ARCHITECTURES, FFSpec, d_ff, ff_blocks, spec_for
 from .offload import execution_device, materialized
 
@@ -351,9 +352,9 @@ def load_model(
 
 
 def use_threads(threads: int | None) -> None:
-    """torch's intra-op threads for this process (None: leave its default, one per core)."""
-    if threads:
-        torch.set_num_threads(threads)
+    """torch's intra-op threads for this process (None: settings.default_threads(), every core but one).
+    The library's functions that take no `threads` leave the process's setting as it is."""
+    torch.set_num_threads(threads or default_threads())
 
 
 @dataclass(frozen=True)

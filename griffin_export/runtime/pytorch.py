@@ -19,7 +19,7 @@ from ..bundle.format import Bundle, kv_layout_of, read_bundle
 from ..errors import GriffinError
 from ..model.arch import attention_shape, ff_blocks, ff_modules, swapped
 from ..model.decoding import eos_ids
-from ..model.load import LoadedModel, check_device, load_model, peek_architecture
+from ..model.load import LoadedModel, check_device, load_model, peek_architecture, use_threads
 from ..model.prefill import cache_kwarg, cache_tensors, forward, new_cache, prefill, restore_cache
 from ..model.tokens import check_context, check_generation_fits, tokenize
 from ..settings import CHUNK_SIZE, TORCH_KV_DTYPE, TORCH_KV_DTYPES, RuntimeOptions, check_kv_dtype
@@ -259,8 +259,7 @@ def load(bundle: Bundle, options: RuntimeOptions, *, new_prompts: bool = False, 
     """The registry's loader (runtime/opening.open_runtime): what can be refused without the weights
     is refused first, the device and, for the bundle's own prompt, its room in the model's context."""
     check_device(options.device)
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    use_threads(options.threads)
     base = options.model or bundle.info.base_model
     if not new_prompts and max_new_tokens is not None:  # the context is in the config: no weights needed
         ctx = peek_architecture(base, options.gguf_file).context_length
