@@ -7,11 +7,22 @@ from pathlib import Path
 import click
 
 from griffin_export.registry import AGGREGATIONS, CLASS_METHODS
-from griffin_export.settings import ENGINES
 from griffin_export.settings import ClassSettings, CountSettings, defaults, plural
 
-from .options import (chunk_option, density_option, dtype_option, human_bytes, k_summary, model_options, offload_from,
-                      offload_options, recorded_model_options, status, threads_option)
+from .options import (
+    chunk_option,
+    density_option,
+    dtype_option,
+    human_bytes,
+    k_summary,
+    model_options,
+    offload_from,
+    offload_options,
+    ray_options,
+    recorded_model_options,
+    status,
+    threads_option,
+)
 
 CLASS = defaults(ClassSettings)
 COUNT = defaults(CountSettings)
@@ -47,14 +58,7 @@ _METHOD_HELP = ("neuron selection on the class score; the topk_refit* methods al
                    "griffin-export class-merge sums the N parts into the bundle")
 @click.option("--batch-size", default=COUNT["batch_size"], show_default=True, type=click.IntRange(min=1),
               help="prompts per prefill (right-padded; the statistic is the unbatched one)")
-@click.option("--engine", type=click.Choice(ENGINES), default=COUNT["engine"], show_default=True,
-              help="count here, or on a Ray cluster (a pool of workers, each loading the model once)")
-@click.option("--address", default=None, metavar="ADDR",
-              help="with --engine ray: the cluster to join (e.g. auto, ray://head:10001) [default: a local cluster]")
-@click.option("--workers", default=COUNT["workers"], show_default=True, type=click.IntRange(min=1),
-              help="with --engine ray: actors")
-@click.option("--gpus-per-worker", default=COUNT["gpus_per_worker"], show_default=True, type=click.FloatRange(min=0),
-              help="with --engine ray: GPUs per actor (0 = CPU workers)")
+@ray_options("count")
 @click.option("--seed", default=CLASS["seed"], show_default=True, help="seed for sample / topk_sample")
 @click.option("--chat", is_flag=True, help="wrap each prompt in the model's chat template")
 @chunk_option

@@ -5,7 +5,15 @@ import time
 import click
 
 from griffin_export.registry import AGGREGATIONS, CLASS_METHODS
-from griffin_export.settings import CLUSTERINGS, K_CRITERIA, ClassSettings, DiscoverSettings, defaults, plural
+from griffin_export.settings import (
+    CLUSTERINGS,
+    K_CRITERIA,
+    ClassSettings,
+    CountSettings,
+    DiscoverSettings,
+    defaults,
+    plural,
+)
 
 from .options import (
     chunk_option,
@@ -13,6 +21,7 @@ from .options import (
     dtype_option,
     human_bytes,
     model_options,
+    ray_options,
     require_extra,
     status,
     threads_option,
@@ -52,6 +61,7 @@ FOUND = defaults(DiscoverSettings)
 @click.option("--shard", default=None, metavar="I/N",
               help="count only the I-th of N slices of the prompts into --save-statistics FILE (no clustering): "
                    "N machines split a long log, then `discover --statistics` every shard's file clusters them all")
+@ray_options("prefill the prompts")
 @click.option("--field", default="prompt", show_default=True, help="JSONL key holding the prompt text")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="use only the first N prompts")
 @click.option("--aggregation", type=click.Choice(list(AGGREGATIONS)), default=CLASS["aggregation"], show_default=True,
@@ -69,7 +79,7 @@ FOUND = defaults(DiscoverSettings)
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("-q", "--quiet", is_flag=True, help="no progress, only the summary")
 def command(inputs, output, name, k, k_max, k_criterion, clustering, router_layers, guard_quantile, save_statistics,
-            statistics, shard, field, limit, aggregation, model,
+            statistics, shard, engine, address, workers, gpus_per_worker, field, limit, aggregation, model,
             gguf_file, device, dtype, density, method, seed, chat, chunk_size, threads, force, quiet):
     """Find the classes of an unlabeled log of prompts, and write a class bundle for each and the
     router that sends a new prompt to its class.
@@ -90,6 +100,7 @@ def command(inputs, output, name, k, k_max, k_criterion, clustering, router_laye
       griffin-export discover traffic.jsonl --shard 1/2 --save-statistics part1.safetensors
       griffin-export discover traffic.jsonl --shard 2/2 --save-statistics part2.safetensors
       griffin-export discover traffic.jsonl --statistics part1.safetensors --statistics part2.safetensors -o classes/
+      griffin-export discover traffic.jsonl --engine ray --workers 8 -o classes/      # prefills on a Ray cluster
     """
     require_extra("classes")
     from griffin_export.classes.discover import check_discovery_dir, discover, discover_shard, write_discovery
@@ -99,6 +110,9 @@ def command(inputs, output, name, k, k_max, k_criterion, clustering, router_laye
     t0 = time.perf_counter()
     settings = ClassSettings(name=name, aggregation=aggregation, density=density, method=method, seed=seed,
                              chunk_size=chunk_size, chat=chat)
+    count = CountSettings(engine=engine, address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+    if engine == "ray" and (shard is not None or statistics):
+        raise click.UsageError("--engine ray prefills the INPUTs; --shard and --statistics are without it")
     if shard is not None:
         if save_statistics is None or output is not None or statistics:
             raise click.UsageError("--shard counts one slice of the prompts into --save-statistics FILE; "
@@ -120,7 +134,7 @@ def command(inputs, output, name, k, k_max, k_criterion, clustering, router_laye
     use_threads(threads)
     result = discover(inputs, settings, found, ModelSource(model, gguf_file, dtype, device), field=field, limit=limit,
                       progress=not quiet, report=lambda line: status(line, quiet), statistics=list(statistics) or None,
-                      save_statistics=save_statistics)
+                      save_statistics=save_statistics, engine=count)
     out = write_discovery(result, output, force=force)
     size = sum(f.stat().st_size for f in out.iterdir())
     r = result.report

@@ -7,7 +7,15 @@ import shlex
 import click
 from click.core import ParameterSource
 
-from griffin_export.settings import QUANT_ALGORITHMS, DecodeOptions, ExportSettings, QuantSettings, defaults
+from griffin_export.settings import (
+    ENGINES,
+    QUANT_ALGORITHMS,
+    CountSettings,
+    DecodeOptions,
+    ExportSettings,
+    QuantSettings,
+    defaults,
+)
 
 # Option defaults are the settings dataclasses' (griffin_export/settings.py, torch-free)
 EXPORT = defaults(ExportSettings)
@@ -89,6 +97,27 @@ def int4_changed(algorithm: str, block_size: int, accuracy_level: int, float_lm_
     values, not a QuantSettings: that would refuse a bad --block-size before saying it needs --quantize."""
     return (algorithm, block_size, accuracy_level, not float_lm_head) != (
         QUANT["algorithm"], QUANT["block_size"], QUANT["accuracy_level"], QUANT["lm_head"])
+
+
+def ray_options(what: str):
+    """--engine, --address, --workers, --gpus-per-worker: where the prompts' prefills run (`what` they do)."""
+    count = defaults(CountSettings)
+
+    def add(f):
+        for option in reversed([
+            click.option("--engine", type=click.Choice(ENGINES), default=count["engine"], show_default=True,
+                         help=f"{what} here, or on a Ray cluster (a pool of workers, each loading the model once)"),
+            click.option("--address", default=None, metavar="ADDR",
+                         help="with --engine ray: the cluster to join (e.g. auto, ray://head:10001) "
+                              "[default: a local cluster]"),
+            click.option("--workers", default=count["workers"], show_default=True, type=click.IntRange(min=1),
+                         help="with --engine ray: actors"),
+            click.option("--gpus-per-worker", default=count["gpus_per_worker"], show_default=True,
+                         type=click.FloatRange(min=0), help="with --engine ray: GPUs per actor (0 = CPU workers)"),
+        ]):
+            f = option(f)
+        return f
+    return add
 
 
 def threads_option(f):

@@ -254,6 +254,7 @@ def test_k_past_the_prompts_or_below_one_is_refused(tmp_path, tiny_dir, capsys):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # scikit-learn's own word for it
 def test_a_cluster_left_empty_is_refused(tmp_path, tiny_dir, capsys):
     """Four copies of one prompt cannot make two classes: k-means leaves one empty; refused, nothing written."""
     (tmp_path / "log.jsonl").write_text((json.dumps({"prompt": "w5 w6 w7 w8 w5"}) + "\n") * 4)
@@ -373,3 +374,26 @@ def test_class_experts_are_checked_against_the_model_as_loaded():
     fresh = from_model(model, identity="tiny-tied")  # its fingerprint not taken yet
     experts = ExpertSet(fresh, {"c": bundle}, lean=True)
     assert experts.lean is not None and fresh.fingerprint == exporter.fingerprint
+
+
+@pytest.mark.slow
+def test_ray_workers_discover_what_one_process_does(tmp_path, tiny_dir, capsys):
+    """discover --engine ray: each worker prefills a slice of the log; the statistics, and so the
+    classes and the router, are the single process's."""
+    from safetensors.torch import load_file
+
+    from tests.test_scale import _need_ray
+
+    _need_ray()
+    planted_log(tmp_path / "log.jsonl", n=5)
+    common = ["discover", tmp_path / "log.jsonl", "--model", tiny_dir(), "-q", "--k-criterion", "silhouette"]
+    for name, extra in (("one", []), ("ray", ["--engine", "ray", "--workers", "2"])):
+        code, _, err = run([*common, *extra, "--save-statistics", tmp_path / f"{name}.safetensors",
+                            "-o", tmp_path / name], capsys)
+        assert code == 0, err
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "ray.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in ("scores", "tokens", "positions"))
+    a, b = load_file(tmp_path / "one" / "router.safetensors"), load_file(tmp_path / "ray" / "router.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one_line([*common, "--engine", "ray", "--shard", "1/2", "--save-statistics", tmp_path / "p"], capsys,
+             "--engine ray prefills the INPUTs")

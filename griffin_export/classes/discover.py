@@ -17,6 +17,7 @@ The router's centroids are the clusters' means of the first `router_layers` laye
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from ..method.selection import k_for
 from ..model.load import LoadedModel, ModelSource
 from ..model.tokens import OVER_CONTEXT, tokenize
 from ..registry import DEFAULT_AGGREGATION
-from ..settings import ClassSettings, DiscoverSettings, plural
+from ..settings import ClassSettings, CountSettings, DiscoverSettings, plural
 from .aggregate import ClassStatistic, Shard, StatisticInfo, check_shard_set
 from .build import class_bundle
 from .counting import class_statistic, shard_of
@@ -113,12 +114,52 @@ def read_log_parts(paths: Sequence[str | os.PathLike], lm: LoadedModel, prompts:
         raise GriffinError(f"{whole[0]} holds every prompt's statistics, the others one shard's; give one or the other")
     shards = [Shard.parse(part.shard) for part in parts]
     check_shard_set(shards, [str(p) for p in paths], "give the shards of one split", "their prompts would be left out")
-    order = sorted(range(len(parts)), key=lambda n: shards[n].index)
-    joined = [parts[n] for n in order]
-    positions = [i for part in joined for i in part.positions]
-    return LogStatistics(torch.cat([part.scores for part in joined]), [t for part in joined for t in part.tokens],
-                         [p for part in joined for p in part.prompts], positions,
-                         [w for part in joined for w in part.skipped])
+    return join_logs([parts[n] for n in sorted(range(len(parts)), key=lambda n: shards[n].index)])
+
+
+def join_logs(parts: list[LogStatistics]) -> LogStatistics:
+    """Slices' statistics, in the order given (the prompts' order), as one log's."""
+    return LogStatistics(torch.cat([part.scores for part in parts]), [t for part in parts for t in part.tokens],
+                         [p for part in parts for p in part.prompts], [i for part in parts for i in part.positions],
+                         [w for part in parts for w in part.skipped])
+
+
+class _LogWorker:
+    """A Ray actor for discovery: the model, loaded once, and the statistics of the slice of prompts it is sent."""
+
+    def __init__(self, source: ModelSource, settings: ClassSettings, threads: int, device: str):
+        torch.set_num_threads(threads)
+        self.lm = dataclasses.replace(source, device=device).load()
+        self.settings = settings
+
+    def fingerprint(self) -> str:
+        return self.lm.fingerprint
+
+    def collect(self, prompts: list[tuple[str, str]], first: int) -> LogStatistics:
+        return collect(self.lm, (Prompt(text, where) for text, where in prompts), self.settings, first=first)
+
+
+def ray_collect(source: ModelSource, prompts: list[Prompt], settings: ClassSettings, rs: CountSettings,
+                fingerprint: str) -> LogStatistics:
+    """Every prompt's statistic computed by `rs.workers` Ray actors, a contiguous slice each, joined here:
+    what `collect` gives in one process. `fingerprint`: the driver's model, which every worker must match."""
+    from .ray_engine import check_fingerprints, ray_cluster, worker_errors, worker_threads
+
+    n = min(rs.workers, len(prompts))
+    with ray_cluster(rs) as ray:
+        actor = ray.remote(_LogWorker).options(num_cpus=1, num_gpus=rs.gpus_per_worker, max_restarts=0)
+        device = "cuda" if rs.gpus_per_worker else "cpu"
+        workers = [actor.remote(source, settings, worker_threads(rs), device) for _ in range(n)]
+        try:
+            with worker_errors("computing the prompts' statistics"):
+                check_fingerprints(ray, workers, fingerprint)
+                rows = [Shard(i + 1, n).rows(len(prompts)) for i in range(n)]
+                parts = ray.get([w.collect.remote([(p.text, p.where) for p in prompts[r.start:r.stop]], r.start)
+                                 for w, r in zip(workers, rows)])
+        finally:
+            for w in workers:
+                ray.kill(w)
+    return join_logs(parts)
 
 
 def collect(lm: LoadedModel, prompts: Iterable[Prompt], settings: ClassSettings, *, total: int | None = None,
@@ -257,13 +298,14 @@ def discover(inputs: Sequence[str | os.PathLike], settings: ClassSettings, found
              source: ModelSource | None = None, *, field: str = "prompt", limit: int | None = None,
              progress: bool = False, report: Callable[[str], None] | None = None,
              statistics: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-             save_statistics: str | os.PathLike | None = None) -> Discovery:
+             save_statistics: str | os.PathLike | None = None, engine: CountSettings | None = None) -> Discovery:
     """Classes found in the prompts of `inputs` (read as `class` reads them): one prefill each, the
     clustering, a class bundle per cluster (named settings.name-1, -2, ... by size), the router and a
     report (sizes, representative prompts, the neurons each class shares with the others).
     `save_statistics` keeps every prompt's statistic in a file; `statistics` reads them from one
     instead of prefilling (another k or clustering of the same log costs seconds), or from every
-    shard's file of one split (discover_shard)."""
+    shard's file of one split (discover_shard). `engine` (engine="ray") computes the statistics on Ray
+    workers, a slice of the prompts each."""
     found, source = found or DiscoverSettings(), source or ModelSource()
     say = report or (lambda line: None)
     require_sklearn()
@@ -282,6 +324,9 @@ def discover(inputs: Sequence[str | os.PathLike], settings: ClassSettings, found
     if statistics is not None:
         paths = [statistics] if isinstance(statistics, (str, os.PathLike)) else list(statistics)
         log = read_log_parts(paths, lm, list(iter_prompts(inputs, field, limit)), survey.digest)
+    elif engine is not None and engine.engine == "ray":
+        say(f"statistics on Ray, {plural(engine.workers, 'worker')} ...")
+        log = ray_collect(source, list(iter_prompts(inputs, field, limit)), settings, engine, lm.fingerprint)
     else:
         log = collect(lm, iter_prompts(inputs, field, limit), settings, total=survey.prompts, progress=progress)
     if save_statistics is not None:

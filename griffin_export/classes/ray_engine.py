@@ -14,6 +14,7 @@ prompts are not retried (nothing is written either way).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -79,62 +80,84 @@ def _tasks(prompts: Iterable[Prompt], size: int) -> Iterator[list[tuple[str, str
         yield task
 
 
-def ray_class_statistic(source: ModelSource, prompts: Iterable[Prompt], settings: ClassSettings,
-                        ray_settings: CountSettings, *, fingerprint: str, total: int | None = None,
-                        progress: bool = False) -> tuple[StatisticInfo, ClassStatistic, str | None]:
-    """The class's statistic counted by `ray_settings.workers` Ray actors, merged here.
-    `fingerprint` is the driver's model: every worker must have loaded the same weights."""
+@contextlib.contextmanager
+def ray_cluster(rs: CountSettings) -> Iterator[object]:
+    """The `ray` module, joined to `rs.address` or to a local cluster started for this run (and stopped
+    after); a Ray session already open is used as it is."""
     require_ray()
     import ray
 
     started = not ray.is_initialized()
     if started:
-        local = ray_settings.address is None
-        ray.init(address=ray_settings.address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR, configure_logging=True,
-                 num_cpus=max(ray_settings.workers, os.cpu_count() or 1) if local else None)
+        local = rs.address is None
+        ray.init(address=rs.address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                 configure_logging=True, num_cpus=max(rs.workers, os.cpu_count() or 1) if local else None)
     try:
-        return _count(ray, source, prompts, settings, ray_settings, fingerprint, total, progress)
+        yield ray
     finally:
         if started:
             ray.shutdown()
 
 
-def _count(ray, source, prompts, settings, rs: CountSettings, fingerprint, total, progress):
+def worker_threads(rs: CountSettings) -> int:
+    """A local cluster shares this machine's cores among the workers; on a cluster each gets its one CPU slot."""
+    return max(1, (os.cpu_count() or 1) // rs.workers) if rs.address is None and not rs.gpus_per_worker else 1
+
+
+def check_fingerprints(ray, workers: list, fingerprint: str) -> None:
+    for fp in ray.get([w.fingerprint.remote() for w in workers]):
+        if fp != fingerprint:
+            raise GriffinError("a Ray worker loaded other weights than this process (fingerprint "
+                               f"{fp[:16]} vs {fingerprint[:16]}): every node needs the same model files")
+
+
+@contextlib.contextmanager
+def worker_errors(what: str) -> Iterator[None]:
+    """A worker's failure as one line: a GriffinError it raised (a bad prompt, named), or its death."""
     from ray.exceptions import RayActorError, RayTaskError
 
-    gpu = rs.gpus_per_worker > 0
-    # a local cluster shares this machine's cores among the workers; on a cluster each gets its one CPU slot
-    threads = max(1, (os.cpu_count() or 1) // rs.workers) if rs.address is None and not gpu else 1
-    actor = ray.remote(_Worker).options(num_cpus=1, num_gpus=rs.gpus_per_worker, max_restarts=0)
-    fault = os.environ.get(FAULT_ENV)
-    workers = [actor.remote(source, settings, rs.batch_size, threads, "cuda" if gpu else "cpu",
-                            int(fault) if fault and i == 0 else None) for i in range(rs.workers)]
-    bar = tqdm(total=total, desc=f"class {settings.name} (ray, {rs.workers} workers)", unit="prompt",
-               disable=not progress)
     try:
-        for fp in ray.get([w.fingerprint.remote() for w in workers]):
-            if fp != fingerprint:
-                raise GriffinError("a Ray worker loaded other weights than this process (fingerprint "
-                                   f"{fp[:16]} vs {fingerprint[:16]}): every node needs the same model files")
-        pending: dict = {}  # object ref -> worker
-        idle = [w for w in workers for _ in range(2)]  # two tasks in flight per worker
-        for task in _tasks(prompts, PROMPTS_PER_TASK):
-            if not idle:
-                bar.update(_finished(ray, pending, idle))
-            w = idle.pop(0)
-            pending[w.feed.remote(task)] = w
-        while pending:
-            bar.update(_finished(ray, pending, idle))
-        parts = ray.get([w.result.remote() for w in workers])
+        yield
     except RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, GriffinError):
             raise GriffinError(str(cause)) from None  # a bad prompt, named by file and line
-        raise GriffinError(f"a Ray worker failed while counting prompts: {str(cause or e).splitlines()[0]}") from None
+        raise GriffinError(f"a Ray worker failed while {what}: {str(cause or e).splitlines()[0]}") from None
     except RayActorError as e:
-        raise GriffinError("a Ray worker died while counting prompts (its process exited: out of memory, or "
+        raise GriffinError(f"a Ray worker died while {what} (its process exited: out of memory, or "
                            f"killed?); prompts are not retried and nothing was written [{type(e).__name__}]") from None
+
+
+def ray_class_statistic(source: ModelSource, prompts: Iterable[Prompt], settings: ClassSettings,
+                        ray_settings: CountSettings, *, fingerprint: str, total: int | None = None,
+                        progress: bool = False) -> tuple[StatisticInfo, ClassStatistic, str | None]:
+    """The class's statistic counted by `ray_settings.workers` Ray actors, merged here.
+    `fingerprint` is the driver's model: every worker must have loaded the same weights."""
+    with ray_cluster(ray_settings) as ray:
+        return _count(ray, source, prompts, settings, ray_settings, fingerprint, total, progress)
+
+
+def _count(ray, source, prompts, settings, rs: CountSettings, fingerprint, total, progress):
+    gpu = rs.gpus_per_worker > 0
+    actor = ray.remote(_Worker).options(num_cpus=1, num_gpus=rs.gpus_per_worker, max_restarts=0)
+    fault = os.environ.get(FAULT_ENV)
+    workers = [actor.remote(source, settings, rs.batch_size, worker_threads(rs), "cuda" if gpu else "cpu",
+                            int(fault) if fault and i == 0 else None) for i in range(rs.workers)]
+    bar = tqdm(total=total, desc=f"class {settings.name} (ray, {rs.workers} workers)", unit="prompt",
+               disable=not progress)
+    try:
+        with worker_errors("counting prompts"):
+            check_fingerprints(ray, workers, fingerprint)
+            pending: dict = {}  # object ref -> worker
+            idle = [w for w in workers for _ in range(2)]  # two tasks in flight per worker
+            for task in _tasks(prompts, PROMPTS_PER_TASK):
+                if not idle:
+                    bar.update(_finished(ray, pending, idle))
+                w = idle.pop(0)
+                pending[w.feed.remote(task)] = w
+            while pending:
+                bar.update(_finished(ray, pending, idle))
+            parts = ray.get([w.result.remote() for w in workers])
     finally:
         bar.close()
         for w in workers:
