@@ -353,9 +353,9 @@ def test_eval_scores_class_experts_chosen_per_prompt(found, tiny_dir, tmp_path, 
 
 
 def test_class_experts_are_checked_against_the_model_as_loaded():
-    """A tied embedding (the default model's): building the lean step moves the head's storage, which the
-    model's fingerprint reads, so an ExpertSet on a fresh model takes the fingerprint before it (serving
-    bundles without a router was refused: 'belongs to base model X, not to X')."""
+    """A tied embedding (the default model's): building the lean step packs the head into a new buffer; the
+    embedding becomes the same view, so the model's fingerprint read afterwards is the one it had as loaded
+    (it had untied them: serving bundles without a router was refused, 'belongs to base model X, not to X')."""
     import copy
 
     from transformers import AutoModelForCausalLM, LlamaConfig

@@ -136,7 +136,10 @@ class LeanDecoder:
         head = model.get_output_embeddings()
         self.active_ff = FFPacks([L.w_gate_up for L in self.layers], [L.w_down for L in self.layers],
                                  [L.width for L in self.layers])  # what a batch started now decodes with
-        self.head, self.head_bias = _pack(head)  # a tied input embedding becomes the same view
+        tied = head.weight is inner.embed_tokens.weight
+        self.head, self.head_bias = _pack(head)
+        if tied:  # the input embedding becomes the same view: held once, and the model's fingerprint unchanged
+            inner.embed_tokens.weight = head.weight
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         p = self.embed

@@ -46,9 +46,6 @@ class ExpertSet:
     def __init__(self, lm: LoadedModel, bundles: dict[str, Bundle], *, lean: bool, kv_dtype: torch.dtype | None = None):
         self.lm, self.blocks = lm, ff_blocks(lm.model, lm.spec)
         self.modules: dict[str | None, list[dict]] = {FULL: ff_modules(self.blocks, lm.spec)}
-        # the fingerprint hashes the weights as loaded; the lean step re-points a tied embedding's storage,
-        # so it is taken first (bundles added later are checked against it)
-        lm.fingerprint  # noqa: B018
         self.lean = LeanDecoder(lm.model, 0, kv_dtype=kv_dtype) if lean else None
         self.packs: dict[str | None, FFPacks] = {FULL: self.lean.ff()} if self.lean is not None else {}
         self.active: str | None = FULL
