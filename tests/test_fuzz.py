@@ -14,6 +14,7 @@ import signal
 import struct
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -144,6 +145,25 @@ class Payload:
         return (Path.write_text, (self.marker, "ran"))
 
 
+def refused_or(cases: list[tuple[str, bytes]], target: Path, use: Callable[[str, Path], None], used: str
+               ) -> dict[str, int]:
+    """Each mutated file written to `target`, then read and used: refused in one line (a GriffinError), or
+    `use` succeeds; any other exception, or a hang past 20 s, fails the test. Returns the counts of each."""
+    outcome = {"refused": 0, used: 0}
+    for label, raw in cases:
+        target.write_bytes(raw)
+        with deadline(20):
+            try:
+                use(label, target)
+                outcome[used] += 1
+            except GriffinError as e:
+                assert "\n" not in str(e), (label, str(e))
+                outcome["refused"] += 1
+            except Exception as e:  # noqa: BLE001 - the failure this test is for
+                pytest.fail(f"{label}: {type(e).__name__}: {e}")
+    return outcome
+
+
 def test_mutated_bundles_are_refused_or_decode(real, tmp_path):
     lm, path, _ = real
     rng = random.Random(SEED)
@@ -153,22 +173,14 @@ def test_mutated_bundles_are_refused_or_decode(real, tmp_path):
     cases.append(("torch.save", _torch_save(tmp_path, Payload(marker))))
     cases.append(("pickle after a valid header", path.read_bytes()[:100] + pickle.dumps(Payload(marker))))
     assert len(cases) >= 250
-    outcome = {"refused": 0, "decoded": 0}
-    target = tmp_path / "m.safetensors"
-    for label, raw in cases:
-        target.write_bytes(raw)
-        with deadline(20):
-            try:
-                bundle = read_bundle(target)
-                model = LoadedModel(copy.deepcopy(lm.model), None, lm.identity, lm.spec, lm.fingerprint)
-                tokens = TorchRuntime(model, bundle, lean=False).generate(OPTS).token_ids
-                assert tokens and all(0 <= t < VOCAB for t in tokens), label
-                outcome["decoded"] += 1
-            except GriffinError as e:
-                assert "\n" not in str(e), (label, str(e))
-                outcome["refused"] += 1
-            except Exception as e:  # noqa: BLE001 - the failure this test is for
-                pytest.fail(f"{label}: {type(e).__name__}: {e}")
+
+    def decode(label: str, target: Path) -> None:
+        bundle = read_bundle(target)
+        model = LoadedModel(copy.deepcopy(lm.model), None, lm.identity, lm.spec, lm.fingerprint)
+        tokens = TorchRuntime(model, bundle, lean=False).generate(OPTS).token_ids
+        assert tokens and all(0 <= t < VOCAB for t in tokens), label
+
+    outcome = refused_or(cases, tmp_path / "m.safetensors", decode, "decoded")
     assert not marker.exists()
     assert outcome["refused"] > 150 and outcome["decoded"] > 10, outcome
 
@@ -268,21 +280,14 @@ def test_mutated_routers_are_refused_or_route(real, router, tmp_path):
     cases = safetensors_mutations(router.read_bytes(), rng)
     cases += [("a pickle", pickle.dumps(Payload(marker))), ("torch.save", _torch_save(tmp_path, Payload(marker)))]
     assert len(cases) >= 150
-    outcome = {"refused": 0, "routed": 0}
-    for label, raw in cases:
-        target = router.parent / "m.safetensors"  # beside the bundles, as a router lives
-        target.write_bytes(raw)
-        with deadline(20):
-            try:
-                r = read_router(target)
-                check_router(r, lm)
-                chosen = route(lm, r, prompt_ids())
-                assert chosen.name in r.info.classes and -1.001 <= chosen.similarity <= 1.001, label
-                outcome["routed"] += 1
-            except GriffinError as e:
-                assert "\n" not in str(e), (label, str(e))
-                outcome["refused"] += 1
-            except Exception as e:  # noqa: BLE001 - the failure this test is for
-                pytest.fail(f"{label}: {type(e).__name__}: {e}")
+
+    def routes(label: str, target: Path) -> None:
+        r = read_router(target)
+        check_router(r, lm)
+        chosen = route(lm, r, prompt_ids())
+        assert chosen.name in r.info.classes and -1.001 <= chosen.similarity <= 1.001, label
+
+    # beside the bundles, as a router lives
+    outcome = refused_or(cases, router.parent / "m.safetensors", routes, "routed")
     assert not marker.exists()
     assert outcome["refused"] > 100 and outcome["routed"] > 5, outcome
