@@ -17,7 +17,6 @@ The router's centroids are the clusters' means of the first `router_layers` laye
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from ..settings import ClassSettings, CountSettings, DiscoverSettings, plural
 from .aggregate import ClassStatistic, Shard, StatisticInfo, check_shard_set
 from .build import class_bundle
 from .counting import class_statistic, shard_of
+from .ray_engine import ModelWorker, check_fingerprints, ray_cluster, worker_errors, worker_threads
 from .router import Router, RouterInfo, bundle_digest, similarities, unit_layers, write_router
 
 __all__ = ["Discovery", "discover", "discover_shard", "write_discovery"]
@@ -124,16 +124,12 @@ def join_logs(parts: list[LogStatistics]) -> LogStatistics:
                          [w for part in parts for w in part.skipped])
 
 
-class _LogWorker:
-    """A Ray actor for discovery: the model, loaded once, and the statistics of the slice of prompts it is sent."""
+class _LogWorker(ModelWorker):
+    """A Ray actor for discovery: the model and the statistics of the slice of prompts it is sent."""
 
     def __init__(self, source: ModelSource, settings: ClassSettings, threads: int, device: str):
-        torch.set_num_threads(threads)
-        self.lm = dataclasses.replace(source, device=device).load()
+        super().__init__(source, threads, device)
         self.settings = settings
-
-    def fingerprint(self) -> str:
-        return self.lm.fingerprint
 
     def collect(self, prompts: list[tuple[str, str]], first: int) -> LogStatistics:
         return collect(self.lm, (Prompt(text, where) for text, where in prompts), self.settings, first=first)
@@ -143,8 +139,6 @@ def ray_collect(source: ModelSource, prompts: list[Prompt], settings: ClassSetti
                 fingerprint: str) -> LogStatistics:
     """Every prompt's statistic computed by `rs.workers` Ray actors, a contiguous slice each, joined here:
     what `collect` gives in one process. `fingerprint`: the driver's model, which every worker must match."""
-    from .ray_engine import check_fingerprints, ray_cluster, worker_errors, worker_threads
-
     n = min(rs.workers, len(prompts))
     with ray_cluster(rs) as ray:
         actor = ray.remote(_LogWorker).options(num_cpus=1, num_gpus=rs.gpus_per_worker, max_restarts=0)

@@ -43,20 +43,28 @@ def require_ray() -> None:
         raise GriffinError('ray is not installed: --engine ray needs the [ray] extra (pip install -e ".[ray]")')
 
 
-class _Worker:
-    """One Ray actor: the model, loaded once, and a ClassCounter of the prompts it was sent."""
+class ModelWorker:
+    """A Ray actor's model, loaded once, with `threads` torch threads on `device`; its fingerprint, which
+    the driver checks against its own (check_fingerprints)."""
 
-    def __init__(self, source: ModelSource, settings: ClassSettings, batch_size: int, threads: int,
-                 device: str, fail_after: int | None):
+    def __init__(self, source: ModelSource, threads: int, device: str):
         import torch
 
         torch.set_num_threads(threads)
         self.lm = dataclasses.replace(source, device=device).load()
-        self.counter = ClassCounter(self.lm, settings, batch_size=batch_size)
-        self.fail_after, self.seen = fail_after, 0
 
     def fingerprint(self) -> str:
         return self.lm.fingerprint
+
+
+class _Worker(ModelWorker):
+    """One Ray actor for `class`: the model and a ClassCounter of the prompts it was sent."""
+
+    def __init__(self, source: ModelSource, settings: ClassSettings, batch_size: int, threads: int,
+                 device: str, fail_after: int | None):
+        super().__init__(source, threads, device)
+        self.counter = ClassCounter(self.lm, settings, batch_size=batch_size)
+        self.fail_after, self.seen = fail_after, 0
 
     def feed(self, prompts: list[tuple[str, str]]) -> int:
         if self.fail_after is not None and self.seen + len(prompts) > self.fail_after:
