@@ -35,7 +35,7 @@ BENCH = defaults(BenchSettings)
               help="llama.cpp rows: the GGUF file type of the base and the pruned files")
 @click.option("--kv-dtype", default=None, metavar="LIST",
               help=f"comma-separated KV cache types ({', '.join(KV_DTYPES)}) to time the rows that have one at "
-                   "(torch-lean: float32, float16; onnx-lean[-int4]: all; llama.cpp: F32, F16, Q8_0) "
+                   "(torch-lean: float32, float16; onnx-lean[-int4], genai: all; llama.cpp: F32, F16, Q8_0) "
                    f"[default: each runtime's own; llama.cpp's {LLAMA_KV_TYPES[LLAMA_KV_TYPE]} always]")
 @click.option("-o", "--output", default=None, metavar="DIR", help="also write DIR/bench.json and DIR/bench.md")
 @click.option("--force", is_flag=True, help="overwrite an existing DIR/bench.json / bench.md")

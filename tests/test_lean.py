@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import ARCHS, LEAN_ARCHS, decode_tokens, prompt_ids, refused, run, steps, tiny_model, tiny_prompt
+from tests.helpers import (ARCHS, LEAN_ARCHS, decode_tokens, prompt_ids, refused, run, steps, tiny_model, tiny_prompt,
+                           tiny_tokenizer)
 from griffin_export import DecodeOptions, ExportSettings, TorchRuntime, export_ids
 from griffin_export.model.load import LoadedModel
 from griffin_export.targets.onnx.export import export_onnx
@@ -316,27 +317,47 @@ def test_cli_onnx_lean_and_generate(tmp_path, tiny_dir, capsys, monkeypatch):
 # -- onnxruntime-genai ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None,
-                    reason="onnxruntime-genai is not installed (pip install --no-deps onnxruntime-genai)")
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_onnxruntime_genai_runs_the_lean_graph(lean, arch):
-    """og.Model(DIR) on an exported graph: its own greedy loop gives the PyTorch runtime's tokens
-    for the prompt (prefill through the experts: og knows nothing of the bundle's KV)."""
+def genai_tokens(directory, ids: torch.Tensor, n: int) -> list[int]:
+    """og.Model(DIR)'s own greedy loop: n tokens after the prompt."""
     import onnxruntime_genai as og
 
-    e = lean(arch)
-    model = og.Model(str(e.pruned))
+    model = og.Model(str(directory))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=e.ids.shape[1] + 12, do_sample=False)
+    params.set_search_options(max_length=ids.shape[1] + n, do_sample=False)
     gen = og.Generator(model, params)
-    gen.append_tokens(e.ids[0].tolist())
+    gen.append_tokens(ids[0].tolist())
     got = []
     while not gen.is_done():
         gen.generate_next_token()
         got.append(int(gen.get_next_tokens()[0]))
+    return got
+
+
+needs_genai = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None,
+                                 reason="onnxruntime-genai is not installed (pip install --no-deps onnxruntime-genai)")
+
+
+@needs_genai
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_onnxruntime_genai_runs_the_lean_graph(lean, arch):
+    """og.Model(DIR) on an exported graph: its own greedy loop gives the PyTorch runtime's tokens
+    for the prompt (prefill through the experts: og knows nothing of the bundle's KV)."""
+    e = lean(arch)
     want = eager(arch, e.half, pruned_prefill=True).generate(
         DecodeOptions(max_new_tokens=12, stop_at_eos=False), ids=e.ids).token_ids
-    assert got == want
+    assert genai_tokens(e.pruned, e.ids, 12) == want
+
+
+@needs_genai
+@pytest.mark.parametrize("kv", ["float16", "int8"])
+def test_onnxruntime_genai_runs_the_lean_graph_with_a_smaller_kv_cache(lean, kv, tmp_path):
+    """og allocates its cache from the graph's KV input types: a float16 or int8 graph runs as it is
+    (the bench's genai rows at each --kv-dtype) and gives our ONNX runtime's tokens on that graph."""
+    e = lean("llama")
+    graph = export_onnx(e.lm, tmp_path / kv, e.half, max_length=64, kv_dtype=kv)
+    want = OnnxRuntime(graph, provider="cpu", pruned_prefill=True).generate(
+        DecodeOptions(max_new_tokens=12, stop_at_eos=False), ids=e.ids).token_ids
+    assert genai_tokens(graph, e.ids, 12) == want
 
 
 # -- the lean PyTorch step -----------------------------------------------------------------------
@@ -454,14 +475,22 @@ def test_bench_times_each_kv_type_and_bounds_each_row_by_what_it_reads():
     from griffin_export.evaluation.speed import format_table, run_bench
     from griffin_export.settings import BenchSettings
 
-    runtimes = ["torch-lean", "onnx-lean"]
-    r = run_bench(lm=tiny_model("llama", lean=True), ids=prompt_ids(40), prompt_source="random tokens",
+    genai = importlib.util.find_spec("onnxruntime_genai") is not None
+    runtimes = ["torch-lean", "onnx-lean"] + (["genai"] if genai else [])
+    lm = tiny_model("llama", lean=True)
+    lm.tokenizer = tiny_tokenizer()  # onnxruntime-genai's builder (the genai full row) loads one
+    r = run_bench(lm=lm, ids=prompt_ids(40), prompt_source="random tokens",
                   settings=BenchSettings(densities=[0.5], new_tokens=8, repeats=2, runtimes=runtimes, time_export=False,
                                          kv_dtypes=["float32", "float16", "int8"]))
     rows = {(row["runtime"], row["kv_dtype"], row["config"]): row for row in r["rows"]}
-    assert set(rows) == {(rt, kv, c) for rt, kvs in (("torch-lean", ("float32", "float16")),
-                                                    ("onnx-lean", ("float32", "float16", "int8")))
-                         for kv in kvs for c in ("full", "0.5")}
+    want = {(rt, kv, c) for rt, kvs in (("torch-lean", ("float32", "float16")), ("onnx-lean", ("float32", "float16", "int8")))
+            for kv in kvs for c in ("full", "0.5")}
+    if genai:  # its builder's graph at its own KV type only; our lean graphs at each, against our lean full graph
+        want |= {("genai", "float32", "full")} | {("genai", kv, c) for kv in ("float32", "float16", "int8")
+                                                  for c in ("lean full", "0.5")}
+        assert rows[("genai", "int8", "0.5")]["vs"] == "lean full"
+        assert rows[("genai", "int8", "0.5")]["kv_read_bytes"] == rows[("onnx-lean", "int8", "0.5")]["kv_read_bytes"]
+    assert set(rows) == want
     assert r["kv_skipped"] == ["torch-lean int8"] and r["read_bandwidth"] > 1e9
     assert r["kv_positions"] == 40 + 4  # the prompt and half the timed tokens, on average
     kv = {k: rows[("onnx-lean", k, "0.5")]["kv_read_bytes"] for k in ("float32", "float16", "int8")}

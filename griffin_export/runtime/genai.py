@@ -15,6 +15,7 @@ import torch
 from ..bundle.format import Bundle
 from ..errors import GriffinError
 from ..model.load import LoadedModel
+from ..settings import KV_DTYPES
 from ..targets.onnx.graph import step_read_bytes
 from .onnx import bench_graph, graph_bytes
 from .timing import BenchContext, BenchRow
@@ -66,22 +67,32 @@ def builder_graph(lm: LoadedModel, directory: Path, provider: str) -> Path:
     return out
 
 
-def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None) -> dict[str, BenchRow]:
-    """The full model: its builder's graph ("full") and our lean graph ("lean full"); a bundle: our
-    lean graph, measured against our lean full graph, so its ratio is the pruning's alone."""
+def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None, kv_dtype: str | None = None
+               ) -> dict[str, BenchRow]:
+    """The full model: its builder's graph ("full", its KV in the weights' dtype, so only at that KV
+    type) and our lean graph ("lean full"); a bundle: our lean graph, measured against our lean full
+    graph, so its ratio is the pruning's alone. Our lean graphs' KV buffers are of kv_dtype (None:
+    the weights' dtype): og allocates its cache from the graph's input types, so it runs them as
+    they are."""
     import onnxruntime_genai
 
     s = ctx.settings
     prompt = ctx.ids[0].tolist()
     info = {"onnxruntime_genai": onnxruntime_genai.__version__}
+    own = str(ctx.lm.dtype).replace("torch.", "")
+    kv = kv_dtype or own
 
-    def row(directory: Path, vs: str = "full") -> BenchRow:
+    def row(directory: Path, kv: str, vs: str) -> BenchRow:
         model = open_model(directory, s.threads)
         return BenchRow(lambda n: decode_seconds(model, prompt, n), graph_bytes(directory), vs=vs, info=info,
-                        weight_bytes=step_read_bytes(directory))
+                        weight_bytes=step_read_bytes(directory), kv=kv)
 
-    # the KV in the weights' dtype, as its builder's graph keeps it
-    ours = bench_graph(ctx, bundle, "lean", False, str(ctx.lm.dtype).replace("torch.", ""))
+    ours = bench_graph(ctx, bundle, "lean", False, kv)
     if bundle is not None:
-        return {"": row(ours, vs="lean full")}
-    return {"": row(builder_graph(ctx.lm, ctx.tmp, s.onnx_provider)), "lean full": row(ours)}
+        return {"": row(ours, kv, "lean full")}
+    if kv != own:  # the builder's graph has no such KV: our lean full graph is this KV type's reference
+        return {"lean full": row(ours, kv, "lean full")}
+    return {"": row(builder_graph(ctx.lm, ctx.tmp, s.onnx_provider), own, "full"), "lean full": row(ours, kv, "full")}
+
+
+BENCH_KV_DTYPES = {"genai": KV_DTYPES}  # runtime/timing.py
