@@ -271,7 +271,8 @@ def format_table(r: dict) -> str:
         lines[-1:-1] = [f"-int4 rows: MatMulNBits int4, {r['int4']}"]
     if "gguf_quant" in r:
         lines[-1:-1] = [f"llama.cpp rows: {r['gguf_quant']} GGUF files (llama-cpp-python {r['llama_cpp_python']}); "
-                        "'vs llama.cpp' compares with llama.cpp on the full model's GGUF"]
+                        "flash attention with a Q8_0 cache only (it needs it), F16 and F32 without (llama-cpp-python's "
+                        "default); 'vs llama.cpp' compares with llama.cpp on the full model's GGUF, F16 cache"]
     if "read_bandwidth" in r:
         runs = " / ".join(f"{b / 1e9:.1f}" for b in r["read_bandwidth_runs"])
         lines[-1:-1] = [(f"memory limit: {r['read_bandwidth'] / 1e9:.1f} GB/s read ({m['torch_threads']} threads, a "

@@ -3,8 +3,10 @@ the base GGUF at the same file type: what a CPU user runs instead of this projec
 
 Its KV cache type is the context's (type_k / type_v; a GGUF file does not carry one): F16 by
 default, F32, or Q8_0 (blocks of 32 int8 with a float16 scale each, chosen per block as the cache is
-written). A quantized V cache needs flash attention; the rows run with flash attention at every KV
-type, so they differ in the cache alone."""
+written). A quantized V cache needs flash attention, so the Q8_0 rows run with it; the F16 and F32
+rows run without, llama-cpp-python's default and the faster here (F16, 2 threads, the full Q4_1 model:
+61.8 against 56.5 tok/s at 1,774 prompt tokens, 72.8 against 70.4 at 999; docs/speed.md), so the F16
+row every other row is compared with is llama.cpp at its best."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from ..settings import LLAMA_KV_TYPE, LLAMA_KV_TYPES
 from ..targets.gguf_export import base_gguf, file_type, last_log_line, llama_quantize, stderr_to, write_pruned_gguf
 from .timing import BenchContext, BenchRow
 
+QUANTIZED_V = {"Q8_0"}  # KV types llama.cpp takes only with flash attention ("quantized V cache requires flash_attn")
+
 
 class LlamaCpp:
     """A GGUF in llama.cpp, the prompt evaluated once and its state saved, so each timed run decodes
@@ -31,11 +35,12 @@ class LlamaCpp:
         import llama_cpp
 
         n = threads or os.cpu_count() or 1
-        kv = getattr(llama_cpp, f"GGML_TYPE_{LLAMA_KV_TYPES[kv_dtype]}")
+        name = LLAMA_KV_TYPES[kv_dtype]
+        kv = getattr(llama_cpp, f"GGML_TYPE_{name}")
         try:
             with stderr_to(log):  # llama.cpp logs its load from C
                 self.llm = llama_cpp.Llama(str(path), n_ctx=room, n_threads=n, n_threads_batch=n, verbose=False,
-                                           type_k=kv, type_v=kv, flash_attn=True)
+                                           type_k=kv, type_v=kv, flash_attn=name in QUANTIZED_V)
         except ValueError as e:  # llama-cpp-python's word for a file llama.cpp refused
             raise GriffinError(f"llama.cpp could not load {path.name}: {last_log_line(log) or e}") from None
         self.llm.eval(prompt)
