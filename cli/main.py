@@ -11,8 +11,14 @@ import click
 
 # OpenMP threads that spin while they wait for work take the other cores from whatever else runs there,
 # and their own process slows most: on a 2-core machine with another job, `generate` decoded at 0.52x
-# with torch's two threads spinning against passive ones (docs/speed.md#threads). Set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# with torch's two threads spinning against passive ones (docs/speed.md#threads). Except in `bench`,
+# which times each runtime at its fastest on a quiet machine: passive threads there cost torch's rows
+# about half their speed and llama.cpp's (its OpenMP, the same library, meets at a barrier per op)
+# about two thirds; it keeps OpenMP's own default (spin a moment, then sleep), not ACTIVE, whose
+# threads spin on through the ONNX Runtime rows timed in between. One policy per process, read when
+# OpenMP loads with torch.
+if sys.argv[1:2] != ["bench"]:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from griffin_export import __version__  # noqa: E402
 from griffin_export.errors import GriffinError

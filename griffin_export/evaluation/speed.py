@@ -258,7 +258,8 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 def format_table(r: dict) -> str:
     m = r["machine"]
     lines = [
-        f"model {r['model']} ({r['dtype']}, {r['device']}), {m['cpu']}, {m['torch_threads']} torch threads",
+        f"model {r['model']} ({r['dtype']}, {r['device']}), {m['cpu']}, {m['torch_threads']} torch threads"
+        + (f", OMP_WAIT_POLICY={m.get('omp_wait_policy') or 'unset'}" if "omp_wait_policy" in m else ""),
         f"prompt: {r['prompt']} ({r['prompt_tokens']} tokens); "
         f"decode {r['new_tokens']} tokens, median of {r['repeats']} interleaved repeats",
         "",
