@@ -15,7 +15,7 @@ import click
 # which times each runtime at its fastest on a quiet machine: passive threads there cost torch's rows
 # about half their speed and llama.cpp's (its OpenMP, the same library, meets at a barrier per op)
 # about two thirds; it keeps OpenMP's own default (spin a moment, then sleep), not ACTIVE, whose
-# threads spin on through the ONNX Runtime rows timed in between. One policy per process, read when
+# threads spin on through the ONNX Runtime rows timed in between (a run with it was twice as slow). One policy per process, read when
 # OpenMP loads with torch.
 if sys.argv[1:2] != ["bench"]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
