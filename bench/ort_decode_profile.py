@@ -16,6 +16,7 @@ import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,6 +36,38 @@ def steps_per_second(rt: OnnxRuntime, ids: torch.Tensor, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def profiled(make: Callable[[], OnnxRuntime], prefix: Path) -> OnnxRuntime:
+    """make() with ONNX Runtime's profiler on in every session it opens (the runtime builds its sessions
+    from ort.SessionOptions()), writing to files named `prefix`*."""
+    import onnxruntime as ort
+
+    class Profiled(ort.SessionOptions):
+        def __init__(self):
+            super().__init__()
+            self.enable_profiling = True
+            self.profile_file_prefix = str(prefix)
+
+    plain_options, ort.SessionOptions = ort.SessionOptions, Profiled
+    try:
+        return make()
+    finally:
+        ort.SessionOptions = plain_options
+
+
+def decoder_profile(rt: OnnxRuntime) -> tuple[list[float], dict[str, float], dict[str, int]]:
+    """The decode session's profile so far: each run's duration, and the nodes' time and count by operator
+    (microseconds, summed over the runs)."""
+    events = json.load(open(rt._decoder.sess.end_profiling()))
+    runs = [e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    by_op, count = defaultdict(float), defaultdict(int)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] += e["dur"]
+            count[op] += 1
+    return runs, by_op, count
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true")
@@ -42,7 +75,6 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=1000)
     p.add_argument("--steps", type=int, default=16)
     a = p.parse_args()
-    import onnxruntime as ort
 
     provider = "cpu" if a.tiny else "cuda"
     lm = random_model(TINY if a.tiny else LLAMA2_7B, None, torch.float32 if a.tiny else torch.float16,
@@ -52,26 +84,9 @@ def main() -> None:
     plain = steps_per_second(OnnxRuntime(a.graph, None, full=a.graph, provider=provider), ids, 2 * a.steps)
     print(f"{lm.identity}, {provider} provider: {plain * 1e3:.2f} ms per decode step (no profiling)")
 
-    class Profiled(ort.SessionOptions):  # the runtime builds its sessions from ort.SessionOptions()
-        def __init__(self):
-            super().__init__()
-            self.enable_profiling = True
-            self.profile_file_prefix = str(Path(a.graph) / "ortprofile")
-
-    plain_options, ort.SessionOptions = ort.SessionOptions, Profiled
-    try:
-        rt = OnnxRuntime(a.graph, None, full=a.graph, provider=provider)
-    finally:
-        ort.SessionOptions = plain_options
+    rt = profiled(lambda: OnnxRuntime(a.graph, None, full=a.graph, provider=provider), Path(a.graph) / "ortprofile")
     steps_per_second(rt, ids, a.steps)
-    events = json.load(open(rt._decoder.sess.end_profiling()))
-    runs = [e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
-    by_op, count = defaultdict(float), defaultdict(int)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            op = e.get("args", {}).get("op_name", "?")
-            by_op[op] += e["dur"]
-            count[op] += 1
+    runs, by_op, count = decoder_profile(rt)
     n = len(runs)  # the decode session's runs: warm-up and timed steps (prefill ran in the full session)
     print(f"profiled: {n} runs, median {statistics.median(runs) / 1e3:.2f} ms per run; "
           f"{sum(count.values()) / n:.0f} nodes per run; host-side node time {sum(by_op.values()) / n / 1e3:.2f} ms per run")
