@@ -14,7 +14,7 @@ import torch
 
 from ..bundle.format import Bundle
 from ..errors import GriffinError
-from ..model.load import LoadedModel
+from ..model.load import LoadedModel, dtype_name
 from ..settings import KV_DTYPES
 from ..targets.onnx.graph import step_read_bytes
 from .onnx import bench_graph, graph_bytes
@@ -79,7 +79,7 @@ def bench_rows(ctx: BenchContext, variant: str, bundle: Bundle | None, kv_dtype:
     s = ctx.settings
     prompt = ctx.ids[0].tolist()
     info = {"onnxruntime_genai": onnxruntime_genai.__version__}
-    own = str(ctx.lm.dtype).replace("torch.", "")
+    own = dtype_name(ctx.lm.dtype)
     kv = kv_dtype or own
 
     def row(directory: Path, kv: str, vs: str) -> BenchRow:
